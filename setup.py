@@ -1,0 +1,54 @@
+"""Packaging for tpcomp-megatron.
+
+`kernels/` is a top-level folder in the repository but installs as `tpcomp_megatron.kernels`:
+a top-level module named `kernels` would collide with an unrelated PyPI package.
+"""
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["tpcomp_megatron", "tpcomp_megatron.*"])
+packages += ["tpcomp_megatron.kernels"] + [
+    "tpcomp_megatron.kernels." + p for p in find_packages(where="kernels")
+]
+
+setup(
+    name="tpcomp-megatron",
+    version="0.1.0",
+    description="Compressed tensor-parallel communication for Megatron-core inference",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"tpcomp_megatron.kernels": "kernels"},
+    install_requires=[
+        # torch first in install order matters on CPU machines: see README.
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.20",
+        # megatron-core uses these without declaring them (dist_checkpointing hangs without psutil).
+        "psutil>=5.9",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        # Triton ships with CUDA builds of torch; CPU machines need it for TRITON_INTERPRET=1 tests.
+        "triton": ["triton>=3.0"],
+        "tools": [
+            "transformers>=4.46",
+            "gguf>=0.10",
+            "accelerate>=0.30",
+            "sentencepiece>=0.2",
+            "matplotlib>=3.7",
+        ],
+        "test": [
+            "pytest>=7.4",
+            "pytest-timeout>=2.2",
+            "triton>=3.0",
+            "transformers>=4.46",
+            "gguf>=0.10",
+            "accelerate>=0.30",
+            "sentencepiece>=0.2",
+        ],
+    },
+    entry_points={"console_scripts": []},
+)

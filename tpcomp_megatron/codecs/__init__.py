@@ -1,0 +1,32 @@
+"""Codecs: what a compressed payload is (reference implementations)."""
+
+from __future__ import annotations
+
+from ..calibration import OutlierParams
+from .base import REDUCED, SUPPORTED_DTYPES, Codec
+from .block import BlockCodec
+from .formats import FORMATS, ElementFormat
+from .outlier import HybridCodec, StaticOutlierCodec
+from .spec import BLOCK_SIZES, BlockSpec, CodecSpec, OutlierSpec, parse_codec_spec
+
+
+def make_codec(spec: CodecSpec | str, params: OutlierParams | None = None) -> Codec:
+    """Build the codec of a spec; outlier codecs need the layer's calibrated `params`."""
+    if isinstance(spec, str):
+        spec = parse_codec_spec(spec)
+        if spec is None:
+            raise ValueError("spec 'none' has no codec: compression is off")
+    if isinstance(spec, BlockSpec):
+        return BlockCodec(spec)
+    if isinstance(spec, OutlierSpec):
+        if params is None:
+            raise ValueError(f"codec {spec} needs a calibration file (tools/calibrate.py); none was given")
+        return StaticOutlierCodec(spec, params) if spec.base is None else HybridCodec(spec, params)
+    raise ValueError(f"not a codec spec: {spec!r}")
+
+
+__all__ = [
+    "BLOCK_SIZES", "FORMATS", "REDUCED", "SUPPORTED_DTYPES", "BlockCodec", "BlockSpec", "Codec",
+    "CodecSpec", "ElementFormat", "HybridCodec", "OutlierParams", "OutlierSpec",
+    "StaticOutlierCodec", "make_codec", "parse_codec_spec",
+]

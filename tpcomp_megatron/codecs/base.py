@@ -1,0 +1,77 @@
+"""What every codec provides: a fixed-size uint8 payload per row, and its inverse.
+
+A codec encodes a `[rows, hidden]` tensor (bf16, fp16 or fp32) into ONE contiguous uint8 tensor
+`[rows, row_bytes(hidden)]`, data and scales together, so that a single collective moves it and
+any range of rows is a contiguous byte range (the reduce-scatter splits payloads by rows).
+
+`source` names whose static parameters apply: rank r's own partial sum (0 <= r < world) or
+`REDUCED` (the full sum, requantized in the middle of the two-shot all-reduce). Dynamic codecs
+ignore it.
+
+These methods are the float32 PyTorch reference. `tpcomp_megatron.ops` dispatches CUDA tensors
+to the fused Triton kernels, which are tested bit-for-bit against these.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+
+REDUCED = -1
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class Codec(ABC):
+    """A reference codec. Subclasses are immutable after construction."""
+
+    spec: object
+
+    @abstractmethod
+    def row_bytes(self, hidden: int) -> int:
+        """Payload bytes of one row of `hidden` values."""
+
+    @abstractmethod
+    def ineligible(self, hidden: int) -> str | None:
+        """Why a row of `hidden` values cannot be encoded, or None when it can."""
+
+    @abstractmethod
+    def bits_per_value(self, hidden: int) -> float:
+        """Payload bits per value, scales included."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, *, source: int = 0) -> torch.Tensor:
+        """`[rows, hidden]` -> `[rows, row_bytes]` uint8."""
+
+    @abstractmethod
+    def decode_f32(self, payload: torch.Tensor, hidden: int, *, source: int = 0) -> torch.Tensor:
+        """`[rows, row_bytes]` uint8 -> `[rows, hidden]` float32."""
+
+    def decode(self, payload: torch.Tensor, hidden: int, *, source: int = 0,
+               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return self.decode_f32(payload, hidden, source=source).to(dtype)
+
+    def decode_sum_f32(self, payloads: torch.Tensor, hidden: int,
+                       sources: Sequence[int] | None = None) -> torch.Tensor:
+        """`[n, rows, row_bytes]` -> float32 sum over the n payloads, added in index order
+        starting from +0.0 (the kernels use the same order, so results match bit for bit)."""
+        sources = range(payloads.shape[0]) if sources is None else sources
+        acc = torch.zeros(payloads.shape[1], hidden, dtype=torch.float32, device=payloads.device)
+        for p, src in zip(payloads, sources):
+            acc = acc + self.decode_f32(p, hidden, source=src)
+        return acc
+
+    def decode_sum(self, payloads: torch.Tensor, hidden: int, sources: Sequence[int] | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return self.decode_sum_f32(payloads, hidden, sources).to(dtype)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError for a tensor this codec cannot encode."""
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{self.spec}: dtype {x.dtype} not supported; use one of {SUPPORTED_DTYPES}")
+        if x.dim() != 2:
+            raise ValueError(f"{self.spec}: expected a [rows, hidden] tensor, got shape {tuple(x.shape)}")
+        why = self.ineligible(x.shape[1])
+        if why:
+            raise ValueError(f"{self.spec}: {why}")

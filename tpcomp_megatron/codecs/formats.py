@@ -1,0 +1,144 @@
+"""Element formats of the block codecs and their reference (pure PyTorch, float32) arithmetic.
+
+Every format stores a value as a sign-magnitude code of `bits` bits: the top bit is the sign
+(set when the input is < 0, so -0.0 encodes as +0), the other bits are the magnitude code.
+
+* Floating-point formats (E`e`M`m`, bias 2**(e-1)-1, no infinities): magnitude code
+  `c = exp_field << m | mantissa`; exp_field 0 is subnormal. Every code is a finite value except
+  in FP8 E4M3, whose all-ones code (0x7F) is NaN and is never produced (saturation stops at 448).
+* Integer formats: symmetric, magnitude code = |round(v)| clamped to 2**(bits-1)-1 (INT4: -7..7).
+
+Rounding is round-to-nearest, ties to even, and saturating. Quantization works on a value `v`
+that the caller already divided by the block scale. The magnitude code has a closed form for all
+floating-point formats: with `e = max(floor(log2|v|), emin)`, `q = rne(|v| * 2**(m-e))`,
+`code = (e - emin) * 2**m + q`, capped at the largest finite code. (A `q` that rounds up to
+2**(m+1) lands exactly on the first code of the next binade, so no special case is needed.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ElementFormat:
+    """One element format. `emax` is the exponent of the largest value (OCP MX `emax_elem`)."""
+
+    name: str
+    bits: int
+    ebits: int = 0  # 0 for integer formats
+    mbits: int = 0
+
+    @property
+    def is_int(self) -> bool:
+        return self.ebits == 0
+
+    @property
+    def bias(self) -> int:
+        return (1 << (self.ebits - 1)) - 1
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal value (also the exponent step of subnormals)."""
+        return 1 - self.bias
+
+    @property
+    def max_code(self) -> int:
+        """Largest magnitude code that is a finite value."""
+        top = (1 << (self.bits - 1)) - 1
+        if self.is_int:
+            return top
+        return top - 1 if self.name == "fp8_e4m3" else top
+
+    @property
+    def max_value(self) -> float:
+        return float(self.code_to_value(torch.tensor([self.max_code]))[0])
+
+    @property
+    def emax(self) -> int:
+        """floor(log2(max_value)): OCP MX shared-exponent rule uses floor(log2 amax) - emax."""
+        return int(torch.tensor(self.max_value).log2().floor())
+
+    def code_to_value(self, mag: torch.Tensor) -> torch.Tensor:
+        """Magnitude code (integer tensor) -> non-negative float32 value."""
+        mag = mag.to(torch.int32)
+        if self.is_int:
+            return mag.to(torch.float32)
+        exp_field = mag >> self.mbits
+        mant = (mag & ((1 << self.mbits) - 1)).to(torch.float32)
+        normal = exp_field > 0
+        significand = torch.where(normal, mant + (1 << self.mbits), mant)
+        exp = torch.where(normal, exp_field, torch.ones_like(exp_field)) - self.bias - self.mbits
+        return torch.ldexp(significand, exp.to(torch.float32))
+
+    def value_to_code(self, v: torch.Tensor) -> torch.Tensor:
+        """float32 values (already divided by the scale) -> sign-magnitude codes as uint8."""
+        v = v.to(torch.float32)
+        a = v.abs()
+        if self.is_int:
+            mag = torch.round(a).clamp(max=self.max_code)  # torch.round is ties-to-even
+        else:
+            # frexp: a = f * 2**k with f in [0.5, 1), so floor(log2 a) = k - 1 (exact, no log2).
+            _, k = torch.frexp(a)
+            # frexp(0) gives k = 0; zero belongs to the subnormal binade (e = emin).
+            e = torch.where(a > 0, k.to(torch.int32) - 1, self.emin).clamp(min=self.emin)
+            q = torch.round(torch.ldexp(a, (self.mbits - e).to(torch.float32)))
+            mag = ((e - self.emin) << self.mbits).to(torch.float32) + q
+            mag = mag.clamp(max=self.max_code)
+        mag = torch.nan_to_num(mag, nan=0.0).to(torch.int32)  # non-finite blocks are masked by the caller
+        sign = (v < 0).to(torch.int32) << (self.bits - 1)
+        return (sign | mag).to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sign-magnitude codes -> signed float32 values."""
+        codes = codes.to(torch.int32)
+        mag = self.code_to_value(codes & ((1 << (self.bits - 1)) - 1))
+        return torch.where((codes >> (self.bits - 1)) & 1 == 1, -mag, mag)
+
+
+FORMATS: dict[str, ElementFormat] = {
+    f.name: f
+    for f in (
+        ElementFormat("fp4_e2m1", 4, 2, 1),
+        ElementFormat("fp5_e2m2", 5, 2, 2),
+        ElementFormat("fp5_e3m1", 5, 3, 1),
+        ElementFormat("fp6_e2m3", 6, 2, 3),
+        ElementFormat("fp6_e3m2", 6, 3, 2),
+        ElementFormat("fp8_e4m3", 8, 4, 3),
+        ElementFormat("int4", 4),
+        ElementFormat("int8", 8),
+    )
+}
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack `[rows, n]` codes of `bits` bits into `[rows, n * bits // 8]` bytes.
+
+    Groups of 8 codes form a little-endian bit string of `bits` bytes: code j of a group occupies
+    bits [j*bits, (j+1)*bits). For 4 bits this is "element 2i in the low nibble of byte i".
+    `n` must be a multiple of 8 (every block size is).
+    """
+    rows, n = codes.shape
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    groups = codes.to(torch.int64).reshape(rows, n // 8, 8)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    word = (groups << shifts).sum(dim=-1)  # disjoint bit fields: sum == bitwise or
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return out.to(torch.uint8).reshape(rows, n * bits // 8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: `[rows, n * bits // 8]` bytes -> `[rows, n]` codes (uint8)."""
+    rows = packed.shape[0]
+    if bits == 8:
+        return packed
+    bytes_ = packed.to(torch.int64).reshape(rows, n // 8, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    word = (bytes_ << byte_shifts).sum(dim=-1)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    out = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return out.to(torch.uint8).reshape(rows, n)

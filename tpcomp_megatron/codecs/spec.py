@@ -1,0 +1,128 @@
+"""Codec spec strings <-> typed, validated configs.
+
+Grammar (parts separated by '/', order free after the first):
+
+* ``none``: no compression.
+* Block codec (arXiv 2411.09510): ``<element>[/b<block>][/<scale>]``, e.g. ``fp4_e2m1/b32/e8m0``,
+  ``int4/b16/bf16``. Defaults: block 32, scale e8m0.
+* Static outlier codec (arXiv 2411.07942): ``outlier_int4[/k<N>]``: one channel in N (default 64)
+  travels in bf16, the rest as 4-bit codes with calibrated per-channel ranges.
+* Hybrid: ``outlier+<block spec>[/k<N>]``, e.g. ``outlier+fp4_e2m1/b32``: calibrated outlier
+  channels in bf16, every other channel through the block codec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from .formats import FORMATS
+
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+SCALE_BITS = {"e8m0": 8, "bf16": 16}
+OUTLIER_INT4 = "outlier_int4"
+HYBRID_PREFIX = "outlier+"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockSpec:
+    """Microscaling block codec: one shared scale per `block` consecutive values of a row."""
+
+    element: str
+    """Element format, one of `FORMATS`."""
+    block: int = 32
+    """Values per shared scale; one of `BLOCK_SIZES`."""
+    scale: str = "e8m0"
+    """'e8m0' (power of two, OCP MX) or 'bf16'."""
+
+    def __post_init__(self) -> None:
+        if self.element not in FORMATS:
+            raise ValueError(f"unknown element format {self.element!r}; valid: {sorted(FORMATS)}")
+        if self.block not in BLOCK_SIZES:
+            raise ValueError(f"block size {self.block} not supported; valid: {list(BLOCK_SIZES)}")
+        if self.scale not in SCALE_BITS:
+            raise ValueError(f"unknown scale type {self.scale!r}; valid: {sorted(SCALE_BITS)}")
+
+    def bits_per_value(self, hidden: int | None = None) -> float:
+        return FORMATS[self.element].bits + SCALE_BITS[self.scale] / self.block
+
+    def __str__(self) -> str:
+        return f"{self.element}/b{self.block}/{self.scale}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutlierSpec:
+    """Calibrated outlier channels in bf16; the rest static INT4 (`base=None`) or a block codec."""
+
+    ratio: int = 64
+    """One channel in `ratio` is an outlier: k = ceil(hidden / ratio)."""
+    base: BlockSpec | None = None
+    """None: static per-channel 4-bit codes (the paper's method). A BlockSpec: the hybrid."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ratio, int) or self.ratio < 2:
+            raise ValueError(f"outlier ratio k{self.ratio} must be an integer >= 2 (k64: 1/64)")
+
+    def num_outliers(self, hidden: int) -> int:
+        return -(-hidden // self.ratio)
+
+    def bits_per_value(self, hidden: int) -> float:
+        # Outlier slots stay in the low-bit part as dead codes: simpler, aligned kernels for
+        # 4 bits x k extra per row (0.06 bits/value at k = hidden/64).
+        low = 4.0 if self.base is None else self.base.bits_per_value()
+        return low + 16.0 * self.num_outliers(hidden) / hidden
+
+    def __str__(self) -> str:
+        if self.base is None:
+            return f"{OUTLIER_INT4}/k{self.ratio}"
+        return f"{HYBRID_PREFIX}{self.base}/k{self.ratio}"
+
+
+CodecSpec = Union[BlockSpec, OutlierSpec]
+
+_VALID = (
+    "'none', '<element>[/b<block>][/<scale>]' (elements: "
+    + ", ".join(sorted(FORMATS))
+    + f"; blocks: {', '.join(map(str, BLOCK_SIZES))}; scales: e8m0, bf16), "
+    "'outlier_int4[/k<N>]' or 'outlier+<block spec>[/k<N>]'"
+)
+
+
+def parse_codec_spec(text: str) -> CodecSpec | None:
+    """Parse a spec string; `None` means no compression. Raises ValueError naming valid choices."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty codec spec; valid forms: {_VALID}")
+    s = text.strip().lower()
+    if s == "none":
+        return None
+    hybrid = s.startswith(HYBRID_PREFIX)
+    parts = (s[len(HYBRID_PREFIX):] if hybrid else s).split("/")
+    head, opts = parts[0], parts[1:]
+    block = scale = ratio = None
+    for opt in opts:
+        try:
+            if opt in SCALE_BITS and scale is None:
+                scale = opt
+            elif opt.startswith("b") and block is None:
+                block = int(opt[1:])
+            elif opt.startswith("k") and ratio is None:
+                ratio = int(opt[1:])
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"bad or repeated part {opt!r} in codec spec {text!r}; valid forms: {_VALID}") from None
+    try:
+        if head == OUTLIER_INT4 and not hybrid:
+            if block is not None or scale is not None:
+                raise ValueError(f"{OUTLIER_INT4} has static per-channel scales: drop '/b..' and the scale type")
+            return OutlierSpec(ratio=64 if ratio is None else ratio)
+        if head in FORMATS:
+            base = BlockSpec(element=head, block=32 if block is None else block, scale=scale or "e8m0")
+            if hybrid:
+                return OutlierSpec(ratio=64 if ratio is None else ratio, base=base)
+            if ratio is not None:
+                raise ValueError("'/k<N>' (outlier ratio) needs the 'outlier+' prefix")
+            return base
+    except ValueError as e:
+        raise ValueError(f"invalid codec spec {text!r}: {e}; valid forms: {_VALID}") from None
+    raise ValueError(f"unknown codec {head!r} in spec {text!r}; valid forms: {_VALID}")

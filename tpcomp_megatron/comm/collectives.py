@@ -1,0 +1,174 @@
+"""Compressed collectives on any `torch.distributed` process group (gloo or NCCL), any world size.
+
+Every function takes the local tensor `[..., hidden]`, compresses rows of `hidden` values, and
+returns a new tensor; the gate sends ineligible calls to the exact collective instead.
+
+* all-reduce, one-shot: encode own partial sum, all-gather the N payloads, decode-and-sum in rank
+  order. Each rank sends (N-1) payloads.
+* all-reduce, two-shot: encode (rows padded to a multiple of N), all-to-all so rank i holds every
+  rank's chunk i, decode-sum-requantize chunk i, all-gather the chunks, decode. Each rank sends
+  2(N-1)/N payloads.
+* reduce-scatter (sequence parallelism, along dim 0): encode, all-to-all, decode-sum own chunk.
+* all-gather (sequence parallelism, along dim 0): encode own shard, all-gather, decode all.
+
+Sums run in float32 in rank order, and every rank decodes the same payloads (its own included),
+so all-reduce results are bit-identical on every rank. Failures of the underlying collective (a
+peer died, a timeout) raise `CollectiveError` naming the operation and the group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..codecs.base import REDUCED, Codec
+from .gate import GatePolicy, ineligible
+from .stats import CommStats
+
+
+# torch 2.13 renamed all_gather_into_tensor (deprecated alias kept); older torch has only the old name.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _gather_rows(what: str, group, n: int, payload: torch.Tensor) -> torch.Tensor:
+    """All-gather `[rows, bytes]` payloads into `[n, rows, bytes]` (flat buffers: gloo and NCCL
+    both accept 1-D tensors of n x the input's size)."""
+    out = payload.new_empty((n,) + tuple(payload.shape))
+    _run(what, group, _all_gather, out.view(-1), payload.reshape(-1))
+    return out
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; usually a peer rank died or diverged."""
+
+
+def _run(what: str, group, fn, *args, **kwargs):
+    try:
+        return fn(*args, group=group, **kwargs)
+    except RuntimeError as e:  # gloo/NCCL errors (DistBackendError, timeouts) are RuntimeErrors
+        raise CollectiveError(
+            f"compressed {what} over a group of {dist.get_world_size(group)} ranks failed on rank "
+            f"{dist.get_rank(group)} (a peer may have died, diverged or timed out): {e}"
+        ) from e
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _ring_bytes(nbytes: int, n: int, op: str) -> int:
+    """Bytes each rank sends in a ring algorithm for a message of `nbytes` (the full tensor)."""
+    return nbytes * 2 * (n - 1) // n if op == "all_reduce" else nbytes * (n - 1) // n
+
+
+class CompressedComm:
+    """Compressed collectives over one process group, with a gate policy and counters."""
+
+    def __init__(self, group=None, policy: GatePolicy | None = None):
+        self.group = group if group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.policy = policy if policy is not None else GatePolicy()
+        self.stats = CommStats()
+
+    # -- exact fallbacks ---------------------------------------------------------------------
+    def _exact_all_reduce(self, x: torch.Tensor, reason: str) -> torch.Tensor:
+        out = x.clone()
+        _run("all-reduce (exact fallback)", self.group, dist.all_reduce, out)
+        self.stats.record_fallback(reason, _ring_bytes(x.numel() * x.element_size(), self.world_size, "all_reduce"))
+        return out
+
+    def _exact_reduce_scatter(self, x: torch.Tensor, reason: str) -> torch.Tensor:
+        n = self.world_size
+        if x.shape[0] % n:
+            raise ValueError(f"reduce-scatter needs the first dimension ({x.shape[0]}) divisible by the world size {n}")
+        out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
+        _run("reduce-scatter (exact fallback)", self.group, dist.reduce_scatter_tensor, out, x.contiguous())
+        self.stats.record_fallback(reason, _ring_bytes(x.numel() * x.element_size(), n, "reduce_scatter"))
+        return out
+
+    def _exact_all_gather(self, x: torch.Tensor, reason: str) -> torch.Tensor:
+        n = self.world_size
+        out = x.new_empty((x.shape[0] * n,) + tuple(x.shape[1:]))
+        _run("all-gather (exact fallback)", self.group, _all_gather, out.view(-1), x.contiguous().view(-1))
+        self.stats.record_fallback(reason, x.numel() * x.element_size() * (n - 1))
+        return out
+
+    # -- compressed collectives --------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor, codec: Codec, *, algorithm: str | None = None) -> torch.Tensor:
+        """Sum of `x` over the group; returns a new tensor of `x`'s shape and dtype."""
+        n = self.world_size
+        if n == 1:
+            return x
+        why = ineligible(x, codec, n, self.policy)
+        if why:
+            return self._exact_all_reduce(x, why)
+        algo = algorithm or self.policy.choose_algorithm(n)
+        hidden = x.shape[-1]
+        rows = _rows(x)
+        if algo == "one_shot":
+            out = self._one_shot(rows, codec)
+            sent = (n - 1) * rows.shape[0] * codec.row_bytes(hidden)
+        elif algo == "two_shot":
+            out = self._two_shot(rows, codec)
+            sent = 2 * (n - 1) * (-(-rows.shape[0] // n)) * codec.row_bytes(hidden)
+        else:
+            raise ValueError(f"unknown all-reduce algorithm {algo!r}; valid: 'one_shot', 'two_shot'")
+        self.stats.record_compressed(sent, _ring_bytes(x.numel() * x.element_size(), n, "all_reduce"))
+        return out.view(x.shape)
+
+    def _one_shot(self, rows: torch.Tensor, codec: Codec) -> torch.Tensor:
+        n, hidden = self.world_size, rows.shape[1]
+        payload = ops.encode(codec, rows, source=self.rank)
+        gathered = _gather_rows("all-reduce (one-shot all-gather)", self.group, n, payload)
+        return ops.decode_sum(codec, gathered, hidden, sources=range(n), dtype=rows.dtype)
+
+    def _two_shot(self, rows: torch.Tensor, codec: Codec) -> torch.Tensor:
+        n, (m, hidden) = self.world_size, rows.shape
+        chunk = -(-m // n)
+        if chunk * n != m:  # pad rows so they split evenly; padding rows are zeros, dropped after
+            rows = torch.cat([rows, rows.new_zeros(chunk * n - m, hidden)])
+        payload = ops.encode(codec, rows, source=self.rank)
+        received = torch.empty_like(payload)
+        _run("all-reduce (two-shot all-to-all)", self.group, dist.all_to_all_single, received.view(-1), payload.view(-1))
+        reduced = ops.decode_sum_encode(codec, received.view(n, chunk, -1), hidden,
+                                        sources=range(n), out_source=REDUCED)
+        gathered = _gather_rows("all-reduce (two-shot all-gather)", self.group, n, reduced)
+        out = ops.decode_each(codec, gathered, hidden, sources=[REDUCED] * n, dtype=rows.dtype)
+        return out[:m]
+
+    def reduce_scatter(self, x: torch.Tensor, codec: Codec) -> torch.Tensor:
+        """Sum over the group, split along dim 0: rank r gets rows [r*s/N, (r+1)*s/N)."""
+        n = self.world_size
+        if n == 1:
+            return x
+        why = ineligible(x, codec, n, self.policy, rows_divisible=True)
+        if why:
+            return self._exact_reduce_scatter(x, why)
+        hidden = x.shape[-1]
+        rows = _rows(x)
+        payload = ops.encode(codec, rows, source=self.rank)
+        received = torch.empty_like(payload)
+        _run("reduce-scatter (all-to-all)", self.group, dist.all_to_all_single, received.view(-1), payload.view(-1))
+        out = ops.decode_sum(codec, received.view(n, rows.shape[0] // n, -1), hidden,
+                             sources=range(n), dtype=x.dtype)
+        self.stats.record_compressed((n - 1) * payload.numel() // n,
+                                     _ring_bytes(x.numel() * x.element_size(), n, "reduce_scatter"))
+        return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
+
+    def all_gather(self, x: torch.Tensor, codec: Codec) -> torch.Tensor:
+        """Concatenation along dim 0 of every rank's `x` (each rank's shard is decoded too, so all
+        ranks hold the same tensor)."""
+        n = self.world_size
+        if n == 1:
+            return x
+        why = ineligible(x, codec, n, self.policy)
+        if why:
+            return self._exact_all_gather(x, why)
+        hidden = x.shape[-1]
+        payload = ops.encode(codec, _rows(x), source=self.rank)
+        gathered = _gather_rows("all-gather", self.group, n, payload)
+        out = ops.decode_each(codec, gathered, hidden, sources=range(n), dtype=x.dtype)
+        self.stats.record_compressed((n - 1) * payload.numel(), x.numel() * x.element_size() * (n - 1))
+        return out.view((x.shape[0] * n,) + tuple(x.shape[1:]))

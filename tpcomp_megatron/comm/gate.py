@@ -1,0 +1,102 @@
+"""When to compress: the eligibility gate and its measured size thresholds.
+
+Compression pays only when the bytes saved take longer to send than the extra kernels take to run;
+below a message size (per link class, world size and codec width) the exact collective wins. The
+table maps (link, world_size) to the smallest bf16 message, in bytes, worth compressing with a
+~4-bit codec. Wider codecs save less, so their threshold is scaled by the inverse of the saving.
+
+Seeded conservatively (compression only for large messages) until the kernel benchmark measures
+the real crossovers; `tools/bench_collectives.py` prints the table it derives.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..codecs.base import SUPPORTED_DTYPES, Codec
+
+LINKS = ("nvlink", "pcie_class", "network_class", "cpu")
+ALGORITHMS = ("auto", "one_shot", "two_shot")
+NEVER = 1 << 62
+
+# (link, world_size) -> min bf16 bytes. Source: conservative seed, 2026-11-23 (no GPU measurement).
+DEFAULT_THRESHOLDS: dict[tuple[str, int], int] = {
+    ("nvlink", 2): 64 << 20,
+    ("pcie_class", 2): 8 << 20,
+    ("network_class", 2): 1 << 20,
+    ("cpu", 2): 1 << 20,
+}
+
+
+def detect_link() -> str:
+    """The link class NCCL will use between this host's GPUs, from its settings and the hardware."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    if os.environ.get("NCCL_P2P_DISABLE", "0") == "1":
+        return "network_class" if os.environ.get("NCCL_SHM_DISABLE", "0") == "1" else "pcie_class"
+    n = torch.cuda.device_count()
+    if n > 1 and torch.cuda.can_device_access_peer(0, 1):
+        return "nvlink"  # peer access without NVLink (PCIe P2P) is rare on servers; override if so
+    return "pcie_class"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatePolicy:
+    """How the compressed collectives decide, per call, whether and how to compress."""
+
+    algorithm: str = "auto"
+    """'auto' (one-shot for world size <= 3, two-shot above), 'one_shot' or 'two_shot'."""
+    link: str = "auto"
+    """Link class for the threshold table; 'auto' detects it once."""
+    min_bytes: int | None = None
+    """Override of the table: compress messages of at least this many bytes (bf16). 0: always."""
+    thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; valid: {list(ALGORITHMS)}")
+        if self.link != "auto" and self.link not in LINKS:
+            raise ValueError(f"unknown link class {self.link!r}; valid: 'auto', {list(LINKS)}")
+        if self.min_bytes is not None and self.min_bytes < 0:
+            raise ValueError(f"min_bytes must be >= 0, got {self.min_bytes}")
+        if self.link == "auto":
+            object.__setattr__(self, "link", detect_link())
+
+    def threshold(self, world_size: int, codec: Codec, hidden: int) -> int:
+        if self.min_bytes is not None:
+            return self.min_bytes
+        base = self.thresholds.get((self.link, world_size))
+        if base is None:  # unmeasured world size: nearest measured one below, else never
+            known = [w for (link, w) in self.thresholds if link == self.link and w <= world_size]
+            base = self.thresholds[(self.link, max(known))] if known else NEVER
+        # Fewer bytes saved per message -> a larger message is needed to pay for the kernels.
+        saving_4bit = 1 - 4.25 / 16
+        saving = max(1 - codec.bits_per_value(hidden) / 16, 1e-3)
+        return int(base * saving_4bit / saving)
+
+    def choose_algorithm(self, world_size: int) -> str:
+        if self.algorithm != "auto":
+            return self.algorithm
+        # one-shot sends (N-1) payloads per rank, two-shot 2(N-1)/N: two-shot wins from N = 4 on.
+        return "one_shot" if world_size <= 3 else "two_shot"
+
+
+def ineligible(x: torch.Tensor, codec: Codec, world_size: int, policy: GatePolicy, *,
+               rows_divisible: bool = False) -> str | None:
+    """Why `x` must take the exact collective, or None when it can be compressed."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype}"
+    if x.dim() == 0 or x.numel() == 0:
+        return "empty or scalar tensor"
+    hidden = x.shape[-1]
+    why = codec.ineligible(hidden)
+    if why:
+        return why
+    if rows_divisible and x.shape[0] % world_size:
+        return f"first dimension {x.shape[0]} not divisible by world size {world_size}"
+    if x.numel() * 2 < policy.threshold(world_size, codec, hidden):
+        return "below size threshold"
+    return None

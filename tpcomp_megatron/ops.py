@@ -1,0 +1,65 @@
+"""The four codec operations the collectives need, dispatched by device.
+
+CUDA tensors go to the fused Triton kernels (`tpcomp_megatron.kernels`); everything else, and
+any codec the kernels do not cover, to the codec's PyTorch reference. Both produce the same bytes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+from .codecs.base import Codec
+
+
+@lru_cache(maxsize=1)
+def _kernels():
+    try:
+        from . import kernels
+    except ImportError:  # no Triton: the reference path serves every device
+        return None
+    return kernels
+
+
+def _use_kernels(t: torch.Tensor):
+    if not t.is_cuda:
+        return None
+    return _kernels()
+
+
+def encode(codec: Codec, x: torch.Tensor, *, source: int) -> torch.Tensor:
+    """`[rows, hidden]` -> payload `[rows, row_bytes]`."""
+    k = _use_kernels(x)
+    if k is not None:
+        return k.encode(codec, x, source=source)
+    return codec.encode(x, source=source)
+
+
+def decode_sum(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
+               dtype: torch.dtype) -> torch.Tensor:
+    """`[n, rows, row_bytes]` -> `[rows, hidden]` sum in float32, returned in `dtype`."""
+    k = _use_kernels(payloads)
+    if k is not None:
+        return k.decode_sum(codec, payloads, hidden, sources=sources, dtype=dtype)
+    return codec.decode_sum(payloads, hidden, sources, dtype=dtype)
+
+
+def decode_sum_encode(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
+                      out_source: int) -> torch.Tensor:
+    """Sum n payloads in float32 and requantize the sum (no rounding to bf16 in between)."""
+    k = _use_kernels(payloads)
+    if k is not None:
+        return k.decode_sum_encode(codec, payloads, hidden, sources=sources, out_source=out_source)
+    return codec.encode(codec.decode_sum_f32(payloads, hidden, sources), source=out_source)
+
+
+def decode_each(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
+                dtype: torch.dtype) -> torch.Tensor:
+    """`[n, rows, row_bytes]` -> `[n * rows, hidden]`: each payload decoded, concatenated."""
+    k = _use_kernels(payloads)
+    if k is not None:
+        return k.decode_each(codec, payloads, hidden, sources=sources, dtype=dtype)
+    n, rows, rb = payloads.shape
+    return torch.cat([codec.decode(p, hidden, source=s, dtype=dtype) for p, s in zip(payloads, sources)])
