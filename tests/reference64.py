@@ -1,0 +1,80 @@
+"""An independent float64 / brute-force model of the block codec payload, for tests only.
+
+It shares no code with `tpcomp_megatron.codecs`: element grids are enumerated from the format
+definitions, each value goes to the nearest grid point by exhaustive search (ties to the even code),
+fp32 steps are emulated with numpy.float32 and bits are packed as Python integers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# name -> (bits, exponent bits, mantissa bits); ebits 0 = symmetric integer
+FORMATS64 = {
+    "fp4_e2m1": (4, 2, 1), "fp5_e2m2": (5, 2, 2), "fp5_e3m1": (5, 3, 1), "fp6_e2m3": (6, 2, 3),
+    "fp6_e3m2": (6, 3, 2), "fp8_e4m3": (8, 4, 3), "int4": (4, 0, 0), "int8": (8, 0, 0),
+}
+
+
+def grid(name: str) -> list[float]:
+    """Magnitude of every finite code, index = code."""
+    bits, e, m = FORMATS64[name]
+    if e == 0:
+        return [float(i) for i in range(2 ** (bits - 1))]
+    bias = 2 ** (e - 1) - 1
+    vals = []
+    for code in range(2 ** (bits - 1)):
+        ef, mant = code >> m, code & (2**m - 1)
+        if ef == 0:
+            vals.append(mant / 2**m * 2.0 ** (1 - bias))
+        else:
+            vals.append((1 + mant / 2**m) * 2.0 ** (ef - bias))
+    if name == "fp8_e4m3":
+        vals = vals[:-1]  # 0x7F is NaN
+    return vals
+
+
+def bf16_rne(x: float) -> float:
+    """Round a float32 value to bfloat16, nearest-even, via its bit pattern."""
+    b = int(np.float32(x).view(np.uint32))
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return float(np.uint32(b).view(np.float32))
+
+
+def nearest_code(v: float, g: list[float]) -> int:
+    a = abs(v)
+    if a >= g[-1]:
+        return len(g) - 1
+    best = min(range(len(g)), key=lambda i: (abs(g[i] - a), i % 2))  # tie: even code
+    return best
+
+
+def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> bytes:
+    bits, e, m = FORMATS64[name]
+    g = grid(name)
+    emax = math.floor(math.log2(g[-1]))
+    codes, scales = [], []
+    for b0 in range(0, len(row), block):
+        blk = [float(v) for v in row[b0:b0 + block]]
+        if not all(math.isfinite(v) for v in blk):
+            codes += [0] * block
+            scales.append(b"\xff" if scale == "e8m0" else (0x7FC0).to_bytes(2, "little"))
+            continue
+        amax = max(abs(v) for v in blk)
+        if scale == "e8m0":
+            s = -127 if amax == 0 else max(-127, min(127, math.frexp(amax)[1] - 1 - emax))
+            scales.append(bytes([s + 127]))
+            scaled = [v * 2.0 ** (-s) for v in blk]
+        else:
+            sc = bf16_rne(float(np.float32(amax) / np.float32(g[-1])))
+            scales.append((int(np.float32(sc).view(np.uint32)) >> 16).to_bytes(2, "little"))
+            inv = np.float32(1.0) / np.float32(sc) if sc > 0 else np.float32(0.0)
+            scaled = [float(np.float32(v) * inv) for v in blk]
+        for v in scaled:
+            c = nearest_code(v, g)
+            codes.append(c | ((1 << (bits - 1)) if v < 0 else 0))
+    word = sum(c << (i * bits) for i, c in enumerate(codes))
+    data = word.to_bytes(len(codes) * bits // 8, "little")
+    return data + b"".join(scales)

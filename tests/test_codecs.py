@@ -1,0 +1,202 @@
+"""Reference codecs: payload bytes against an independent float64 model, error bounds, NaN policy."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tpcomp_megatron.calibration import OutlierParams, select_outlier_channels
+from tpcomp_megatron.codecs import FORMATS, BlockCodec, BlockSpec, make_codec, parse_codec_spec
+
+from reference64 import encode_block_row
+
+ALL_FORMATS = sorted(FORMATS)
+
+
+def _hard_input(rows, hidden, block, dtype, gen):
+    """Random rows with the cases that break codecs: zero, huge, tiny and mixed-scale blocks."""
+    x = torch.randn(rows, hidden, generator=gen) * torch.exp(torch.randn(rows, 1, generator=gen) * 3)
+    x[0, :block] = 0.0
+    if hidden >= 3 * block:
+        x[0, block:2 * block] *= 1e30
+        x[0, 2 * block:3 * block] *= 1e-30
+    x[-1, -1] = 100.0  # one outlier in the last block
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("element", ALL_FORMATS)
+@pytest.mark.parametrize("block,scale", [(8, "e8m0"), (32, "bf16"), (16, "bf16"), (128, "e8m0")])
+def test_payload_bytes_match_float64_reference(element, block, scale):
+    gen = torch.Generator().manual_seed(hash((element, block, scale)) % 2**31)
+    codec = BlockCodec(BlockSpec(element=element, block=block, scale=scale))
+    hidden = block * 3
+    for dtype in (torch.bfloat16, torch.float32):
+        x = _hard_input(3, hidden, block, dtype, gen)
+        payload = codec.encode(x)
+        assert payload.shape == (3, codec.row_bytes(hidden))
+        for r in range(3):
+            want = encode_block_row(x[r].float().numpy().astype(np.float64), element, block, scale)
+            assert bytes(payload[r].tolist()) == want, f"row {r} {dtype}"
+
+
+def _abs_bound(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
+    """Per-element worst-case |decode(encode(x)) - x| from the format, per block.
+
+    Round to nearest costs half a step of the top binade, 2**(emax-m-1) in scale units (0.5 for
+    integers); saturation costs at most the gap between the largest code and the block maximum:
+    with E8M0 scales the scaled maximum is < 2**(emax+1), so the gap is < 2**(emax+1) - max_value;
+    with bf16 scales it is the bf16 rounding of the scale, max_value * 2**-8.
+    """
+    f, B = codec.fmt, codec.spec.block
+    rows, hidden = x.shape
+    blocks = x.float().reshape(rows, -1, B)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    half_step = 0.5 if f.is_int else 2.0 ** (f.emax - f.mbits - 1)
+    if codec.spec.scale == "e8m0":
+        scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(amax)) - f.emax), torch.zeros_like(amax))
+        sat = 2.0 ** (f.emax + 1) - f.max_value
+    else:
+        scale = amax / f.max_value * (1 + 2**-8)
+        sat = f.max_value * 2**-8
+    return (scale * (half_step + sat) * (1 + 1e-6)).expand_as(blocks).reshape(rows, hidden)
+
+
+@pytest.mark.parametrize("element", ALL_FORMATS)
+@pytest.mark.parametrize("scale", ["e8m0", "bf16"])
+def test_round_trip_error_within_analytic_bound(element, scale):
+    gen = torch.Generator().manual_seed(7)
+    for block, hidden, rows in [(8, 40, 5), (32, 96, 3), (64, 576, 7), (128, 640, 1)]:
+        codec = BlockCodec(BlockSpec(element=element, block=block, scale=scale))
+        x = _hard_input(rows, hidden, block, torch.float32, gen)
+        y = codec.decode_f32(codec.encode(x), hidden)
+        err = (y - x).abs()
+        bound = _abs_bound(codec, x)
+        assert torch.all(err <= bound), f"block {block}: worst excess {(err - bound).max()}"
+        assert torch.all(y[0, :block] == 0)  # an all-zero block stays exactly zero
+
+
+def test_nan_and_inf_poison_only_their_block():
+    codec = make_codec("fp4_e2m1/b32/e8m0")
+    x = torch.randn(4, 128)
+    x[1, 5] = float("nan")
+    x[2, 70] = float("inf")
+    x[3, 127] = -float("inf")
+    y = codec.decode_f32(codec.encode(x), 128)
+    nan = torch.isnan(y)
+    expect = torch.zeros_like(nan)
+    expect[1, 0:32] = expect[2, 64:96] = expect[3, 96:128] = True
+    assert torch.equal(nan, expect)
+    clean = codec.decode_f32(codec.encode(torch.where(expect, 0.0, x)), 128)
+    assert torch.equal(y[~expect], clean[~expect])  # the other blocks' scales are untouched
+
+
+def test_bits_per_value_and_row_bytes():
+    assert make_codec("fp4_e2m1/b32/e8m0").bits_per_value(4096) == 4.25
+    assert make_codec("int4/b16/bf16").bits_per_value(4096) == 5.0
+    for spec in ["fp5_e2m2/b8/bf16", "fp6_e3m2/b64", "fp8_e4m3/b128/bf16"]:
+        c = make_codec(spec)
+        assert c.row_bytes(1024) * 8 == c.bits_per_value(1024) * 1024
+
+
+@pytest.mark.parametrize("text,canonical", [
+    ("fp4_e2m1", "fp4_e2m1/b32/e8m0"), ("INT4/bf16/b16", "int4/b16/bf16"),
+    ("outlier_int4", "outlier_int4/k64"), ("outlier+fp4_e2m1/b32", "outlier+fp4_e2m1/b32/e8m0/k64"),
+])
+def test_spec_round_trip(text, canonical):
+    spec = parse_codec_spec(text)
+    assert str(spec) == canonical and parse_codec_spec(str(spec)) == spec
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("fp3_e1m1", "unknown codec"), ("fp4_e2m1/b24", "block size 24"), ("int4/fp16", "bad or repeated"),
+    ("outlier_int4/b32", "static per-channel"), ("fp4_e2m1/k64", "outlier+"), ("fp4_e2m1/b32/b32", "repeated"),
+    ("", "empty"),
+])
+def test_bad_specs_name_the_valid_choices(bad, needle):
+    with pytest.raises(ValueError, match=needle) as e:
+        parse_codec_spec(bad)
+    assert "valid" in str(e.value)
+
+
+def test_unsupported_shapes_and_dtypes_raise():
+    codec = make_codec("fp4_e2m1/b32")
+    with pytest.raises(ValueError, match="not a multiple of the block size 32"):
+        codec.encode(torch.randn(2, 48))
+    with pytest.raises(ValueError, match="dtype"):
+        codec.encode(torch.ones(2, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="calibration"):
+        make_codec("outlier_int4/k64")
+
+
+def _planted(rows=400, hidden=128, world=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    parts = torch.randn(world, rows, hidden, generator=gen)
+    planted = torch.tensor([3, hidden - 51, hidden - 28])
+    parts[:, :, planted] *= torch.tensor([40.0, 25.0, 60.0])
+    full = parts.sum(0, keepdim=True)
+    src = torch.cat([parts, full])
+    return src, planted
+
+
+def test_outlier_selection_matches_brute_force():
+    src, planted = _planted()
+    lo, hi = src.amin(1), src.amax(1)
+    for rule in ("range_sum", "absmax_max"):
+        got = select_outlier_channels(lo, hi, 3, rule)
+        assert got.tolist() == planted.tolist()
+    # brute force on the paper's rule: score every channel by its summed range, take the top k
+    k = 9
+    scores = [sum(float(hi[r, c] - lo[r, c]) for r in range(2)) for c in range(128)]
+    brute = sorted(sorted(range(128), key=lambda c: -scores[c])[:k])
+    assert select_outlier_channels(lo, hi, k).tolist() == brute
+
+
+@pytest.mark.parametrize("spec", ["outlier_int4/k32", "outlier+fp4_e2m1/b32", "outlier+int8/b16/bf16/k16"])
+def test_outlier_codecs_round_trip(spec):
+    src, planted = _planted(hidden=128)
+    params = OutlierParams.from_stats(src.amin(1), src.amax(1), select_outlier_channels(src.amin(1), src.amax(1), 4))
+    codec = make_codec(spec, params)
+    for source in (0, 1, -1):
+        x = src[source, :17].to(torch.bfloat16)
+        y = codec.decode_f32(codec.encode(x, source=source), 128, source=source)
+        ch = params.channels
+        assert torch.equal(y[:, ch], x[:, ch].float()), "outlier channels travel exactly in bf16"
+        if codec.spec.base is None:  # static 4-bit: half a calibrated step inside the range
+            rest = torch.ones(128, dtype=torch.bool)
+            rest[ch] = False
+            bound = params.step[source] / 2 * (1 + 1e-6) + 1e-6
+            assert torch.all((y - x.float()).abs()[:, rest] <= bound[rest])
+    assert codec.row_bytes(128) * 8 / 128 == pytest.approx(codec.bits_per_value(128))
+
+
+def test_static_outlier_nan_row_policy():
+    src, _ = _planted(hidden=64)
+    params = OutlierParams.from_stats(src.amin(1), src.amax(1), torch.tensor([1, 2]))
+    codec = make_codec("outlier_int4/k32", params)
+    x = src[0, :3].clone()
+    x[1, 40] = float("nan")
+    y = codec.decode_f32(codec.encode(x), 64)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_calibration_file_round_trip_and_mismatch(tmp_path):
+    from tpcomp_megatron.calibration import Calibration, load_calibration, save_calibration
+
+    src, _ = _planted(hidden=64)
+    lo, hi = src.amin(1), src.amax(1)
+    cal = Calibration(meta={"model": "tiny", "tp_size": 2, "hidden": 64, "ratio": 32, "rule": "range_sum"},
+                      stats={"l0": (lo, hi)}, channels={"l0": select_outlier_channels(lo, hi, 2)})
+    path = str(tmp_path / "cal.safetensors")
+    save_calibration(path, cal)
+    back = load_calibration(path)
+    assert torch.equal(back.params("l0").step, cal.params("l0").step)
+    back.check_matches(tp_size=2, hidden=64, model="tiny")
+    with pytest.raises(ValueError, match="TP=2, the model runs at TP=4"):
+        back.check_matches(tp_size=4, hidden=64)
+    with pytest.raises(ValueError, match="no entry for layer"):
+        back.params("l1")
+    with pytest.raises(ValueError, match="not a tpcomp calibration"):
+        from safetensors.torch import save_file
+        save_file({"a": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+        load_calibration(str(tmp_path / "x.safetensors"))
