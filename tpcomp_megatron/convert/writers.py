@@ -1,0 +1,177 @@
+"""Checkpoint folders: atomic output, legacy per-rank files, and torch_dist (dist_checkpointing).
+
+Layout of a converted checkpoint (both formats loadable by Megatron-LM with `--load <format dir>`):
+
+    OUT/tpcomp_config.json                              LlamaModelConfig
+    OUT/torch_dist/latest_checkpointed_iteration.txt    "release"
+    OUT/torch_dist/release/                             dist_checkpointing, reshardable
+    OUT/legacy/latest_checkpointed_iteration.txt        "release"
+    OUT/legacy/release/mp_rank_XX/model_optim_rng.pt    {"model": rank XX's state dict, ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from tpcomp_megatron.models.config import LlamaModelConfig
+
+from .mapping import EXTRA_STATE_LINEARS, MappingError, merge_shards, shard_for_rank
+
+CONFIG_NAME = "tpcomp_config.json"
+TORCH_DIST, LEGACY = "torch_dist", "legacy"
+FORMATS = (TORCH_DIST, LEGACY)
+_TRACKER = "latest_checkpointed_iteration.txt"
+_RELEASE = "release"
+# Megatron-LM's current checkpoint_version; it only changes how very old QKV layouts are read.
+_CHECKPOINT_VERSION = 3.0
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it becomes `path`, on error it is removed.
+
+    An existing `path` is an error unless `force`; then it is replaced only after the new folder is
+    complete, so a failed run never leaves a half-written or missing output.
+    """
+    dest = Path(path).absolute()
+    if dest.exists() and not force:
+        raise FileExistsError(f"output {dest} already exists; choose another path or pass --force")
+    if not dest.parent.is_dir():
+        raise FileNotFoundError(f"the folder {dest.parent} for the output does not exist; create it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.rmdir(old)
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_tracker(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / _TRACKER).write_text(_RELEASE + "\n")
+    return folder / _RELEASE
+
+
+def _release_dir(folder: Path) -> Path:
+    tracker = folder / _TRACKER
+    if not tracker.exists():
+        raise FileNotFoundError(f"{folder} has no {_TRACKER}; is it a converted checkpoint folder?")
+    tag = tracker.read_text().strip()
+    return folder / (tag if tag == _RELEASE else f"iter_{int(tag):07d}")
+
+
+def extra_state_keys(cfg: LlamaModelConfig) -> list[str]:
+    """The `_extra_state` entries Megatron's local linears put in a state dict (value None)."""
+    keys = [f"decoder.layers.{i}.{m}._extra_state" for i in range(cfg.num_layers) for m in EXTRA_STATE_LINEARS]
+    return keys + ["output_layer._extra_state"]
+
+
+def write_legacy(
+    folder: Path,
+    cfg: LlamaModelConfig,
+    global_sd: dict[str, torch.Tensor],
+    on_rank: Callable[[int], None] | None = None,
+) -> None:
+    """Per-rank `mp_rank_XX/model_optim_rng.pt` files for TP=`cfg.tensor_parallel_size`."""
+    tp = cfg.tensor_parallel_size
+    release = _write_tracker(folder)
+    extras = dict.fromkeys(extra_state_keys(cfg))
+    for r in range(tp):
+        shard: dict[str, Any] = {k: shard_for_rank(k, t, r, tp) for k, t in global_sd.items()}
+        shard.update(extras)
+        rank_dir = release / f"mp_rank_{r:02d}"
+        rank_dir.mkdir(parents=True)
+        state = {"model": shard, "checkpoint_version": _CHECKPOINT_VERSION, "iteration": 0}
+        torch.save(state, rank_dir / "model_optim_rng.pt")
+        if on_rank is not None:
+            on_rank(r)
+
+
+def load_legacy_rank(folder: Path, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s model state dict (no `_extra_state`), loaded with weights_only=True."""
+    path = _release_dir(Path(folder)) / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; was the checkpoint written for this TP size?")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise MappingError(f"{path} has no 'model' state dict")
+    return {k: v for k, v in state["model"].items() if not k.endswith("._extra_state")}
+
+
+def read_legacy(folder: Path, cfg: LlamaModelConfig) -> dict[str, torch.Tensor]:
+    """Global tensors merged from every rank's file."""
+    ranks = [load_legacy_rank(folder, r) for r in range(cfg.tensor_parallel_size)]
+    keys = set(ranks[0])
+    for r, sd in enumerate(ranks[1:], 1):
+        if set(sd) != keys:
+            raise MappingError(f"rank {r} holds different tensors than rank 0: {sorted(set(sd) ^ keys)[:6]}")
+    return {k: merge_shards(k, [sd[k] for sd in ranks]) for k in sorted(keys)}
+
+
+def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("._extra_state")]
+    if missing or unexpected:
+        raise MappingError(f"{what}: missing tensors {missing[:6]}, unexpected tensors {unexpected[:6]}")
+
+
+def write_torch_dist(folder: Path, cfg: LlamaModelConfig, global_sd: dict[str, torch.Tensor]) -> None:
+    """A dist_checkpointing checkpoint, written by one TP=1 process with the padded shapes."""
+    from megatron.core import dist_checkpointing
+
+    from tpcomp_megatron.models.builder import build_gpt_model
+
+    from .megatron_env import single_rank_megatron
+
+    release = _write_tracker(folder)
+    release.mkdir()
+    with single_rank_megatron():
+        model = build_gpt_model(cfg, perform_initialization=False)
+        _load_into(model, global_sd, "building the torch_dist checkpoint")
+        state = {
+            "model": model.sharded_state_dict(),
+            "checkpoint_version": _CHECKPOINT_VERSION,
+            "iteration": 0,
+        }
+        dist_checkpointing.save(state, str(release))
+
+
+def read_torch_dist(folder: Path, cfg: LlamaModelConfig) -> dict[str, torch.Tensor]:
+    """Global tensors of a torch_dist checkpoint, loaded in one TP=1 process."""
+    from tpcomp_megatron.models.builder import build_gpt_model
+
+    from .megatron_env import single_rank_megatron
+
+    with single_rank_megatron():
+        model = build_gpt_model(cfg, perform_initialization=False)
+        load_torch_dist_into(model, folder)
+        return {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("._extra_state")
+        }
+
+
+def load_torch_dist_into(model: torch.nn.Module, folder: Path) -> None:
+    """Load a torch_dist checkpoint into a built model at the current TP size (any size)."""
+    from megatron.core import dist_checkpointing
+
+    release = _release_dir(Path(folder))
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(release))  # type: ignore[operator]
+    _load_into(model, loaded["model"], f"loading {release}")

@@ -1,0 +1,34 @@
+"""Model configs and builders: Llama-family models as Megatron-core GPTModels at any TP size."""
+
+from .builder import (
+    LayerSpecTransform,
+    build_gpt_model,
+    causal_attention_mask,
+    llama_layer_spec,
+    torch_dtype,
+    transformer_config,
+)
+from .config import LlamaModelConfig, TokenizerRef
+from .heads import HeadLayout, plan_head_layout
+from .hf_config import SUPPORTED_ARCHITECTURES, config_from_hf
+from .norm import RMSNorm
+from .rope import RopeScaling, rope_inv_freq, set_model_rope
+
+__all__ = [
+    "HeadLayout",
+    "LayerSpecTransform",
+    "LlamaModelConfig",
+    "RMSNorm",
+    "RopeScaling",
+    "SUPPORTED_ARCHITECTURES",
+    "TokenizerRef",
+    "build_gpt_model",
+    "causal_attention_mask",
+    "config_from_hf",
+    "llama_layer_spec",
+    "plan_head_layout",
+    "rope_inv_freq",
+    "set_model_rope",
+    "torch_dtype",
+    "transformer_config",
+]

@@ -1,0 +1,103 @@
+"""Read a Hugging Face Llama-family `config.json` into a `LlamaModelConfig`, refusing what we can't
+reproduce exactly (biases, other activations, sliding windows, unknown rope types)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .config import LlamaModelConfig, TokenizerRef
+from .rope import RopeScaling
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+
+_HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f"{what} is not supported by this converter (it would change the function)")
+
+
+def config_from_hf(
+    hf: dict[str, Any],
+    *,
+    tensor_parallel_size: int,
+    params_dtype: str | None = None,
+    tokenizer: TokenizerRef | None = None,
+    source: str | None = None,
+    make_vocab_size_divisible_by: int = 128,
+) -> LlamaModelConfig:
+    """Build our config from a Hugging Face config dict (as in config.json or `to_dict()`).
+
+    `params_dtype` None keeps the source dtype (`torch_dtype`/`dtype`, float32 if absent).
+    """
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        if archs or model_type not in SUPPORTED_ARCHITECTURES.values():
+            raise ValueError(
+                f"unsupported architecture {archs or model_type!r}; supported: "
+                f"{sorted(SUPPORTED_ARCHITECTURES)} (Llama 2/3.x, Mistral, SmolLM2)"
+            )
+        arch = next(a for a, t in SUPPORTED_ARCHITECTURES.items() if t == model_type)
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise _unsupported(f"hidden_act={act!r} (only silu/SwiGLU)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise _unsupported(f"{flag}=True")
+    window = hf.get("sliding_window")
+    if window is not None and hf.get("use_sliding_window", True):
+        raise _unsupported(f"sliding_window={window}")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported(f"partial_rotary_factor={hf['partial_rotary_factor']}")
+
+    required = (
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "vocab_size",
+    )
+    missing = [k for k in required if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json is missing {missing}")
+    heads = int(hf["num_attention_heads"])
+    kv_heads = int(hf.get("num_key_value_heads") or heads)
+    head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // heads
+
+    # transformers 5 nests rope settings in `rope_parameters`; 4.x used rope_theta + rope_scaling.
+    rope_params = hf.get("rope_parameters") or {}
+    if "rope_theta" in rope_params:
+        theta = float(rope_params["rope_theta"])
+    else:
+        theta = float(hf.get("rope_theta", 10000.0))
+    scaling = RopeScaling.from_hf(hf.get("rope_scaling") or rope_params or None)
+
+    if params_dtype is None:
+        src = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+        params_dtype = _HF_DTYPES.get(str(src).replace("torch.", ""), "float32")
+
+    return LlamaModelConfig(
+        num_layers=int(hf["num_hidden_layers"]),
+        hidden_size=int(hf["hidden_size"]),
+        ffn_hidden_size=int(hf["intermediate_size"]),
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(head_dim),
+        vocab_size=int(hf["vocab_size"]),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tensor_parallel_size=tensor_parallel_size,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        params_dtype=params_dtype,
+        tokenizer=tokenizer,
+        source=source,
+        hf_architecture=arch,
+        # Through JSON once, so the stored copy equals what a reload of our JSON gives back.
+        hf_config=json.loads(json.dumps(hf)),
+    )
