@@ -1,0 +1,179 @@
+"""Put compression on a built Megatron `GPTModel`, and take it off again.
+
+`apply_tp_compression(model, config)` finds the row-parallel `linear_proj` (attention) and
+`linear_fc2` (MLP) of every transformer layer, and, with a gather codec under sequence
+parallelism, the column-parallel `linear_qkv` / `linear_fc1`. Layers built from a spec made by
+`compressed_layer_spec` already have the compressed class; stock Megatron layers are switched to
+it in place (the subclass adds no state, so only `__class__` changes). The returned handle's
+`remove()` restores every class and attribute it changed. Nothing global is patched.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from ..calibration import Calibration, load_calibration
+from ..codecs import BlockSpec, OutlierSpec, make_codec, parse_codec_spec
+from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
+from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
+from .mappings import LayerCompression
+
+ROW_LAYERS = {"linear_proj": "self_attention", "linear_fc2": "mlp"}
+GATHER_LAYERS = {"linear_qkv": "self_attention", "linear_fc1": "mlp"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressionConfig:
+    """Which collectives of a Megatron model are compressed, and how."""
+
+    spec: str = "none"
+    """Codec of the row-parallel reductions (`--tp-comm-compression`), e.g. 'fp4_e2m1/b32/e8m0'."""
+    layers: tuple[str, ...] = ("linear_proj", "linear_fc2")
+    """Row-parallel layers to compress: any of 'linear_proj' (attention), 'linear_fc2' (MLP)."""
+    gather_spec: str = "none"
+    """Block codec of the sequence-parallel all-gathers into linear_qkv / linear_fc1."""
+    calibration: str | None = None
+    """Calibration file (tools/calibrate.py); required by outlier codecs."""
+    algorithm: str = "auto"
+    """All-reduce algorithm: 'auto', 'one_shot' or 'two_shot'."""
+    link: str = "auto"
+    """Link class for the gate's thresholds: 'auto', 'nvlink', 'pcie_class', 'network_class', 'cpu'."""
+    min_bytes: int | None = None
+    """Override the gate's size threshold (bytes of the bf16 message); 0 compresses every call."""
+    reduce_spec: object = field(init=False, repr=False, compare=False)
+    gather_codec_spec: object = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        bad = [l for l in self.layers if l not in ROW_LAYERS]
+        if bad or not self.layers:
+            raise ValueError(f"layers {list(self.layers)}: choose one or more of {sorted(ROW_LAYERS)}")
+        reduce_spec = parse_codec_spec(self.spec)
+        gather_spec = parse_codec_spec(self.gather_spec)
+        if gather_spec is not None and not isinstance(gather_spec, BlockSpec):
+            raise ValueError(f"gather_spec {self.gather_spec!r}: the sequence-parallel all-gather needs a "
+                             "block codec (outlier codecs are calibrated on partial sums, not on gathered inputs)")
+        if isinstance(reduce_spec, OutlierSpec) and not self.calibration:
+            raise ValueError(f"codec {reduce_spec} needs a calibration file: run tools/calibrate.py and pass it")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm {self.algorithm!r}: choose one of {list(ALGORITHMS)}")
+        GatePolicy(algorithm=self.algorithm, link=self.link if self.link != "auto" else "cpu", min_bytes=self.min_bytes)
+        object.__setattr__(self, "reduce_spec", reduce_spec)
+        object.__setattr__(self, "gather_codec_spec", gather_spec)
+
+    @property
+    def enabled(self) -> bool:
+        return self.reduce_spec is not None or self.gather_codec_spec is not None
+
+    def describe(self) -> str:
+        """Canonical text of everything that must agree across ranks."""
+        cal = "none"
+        if self.calibration:
+            with open(self.calibration, "rb") as f:
+                cal = hashlib.sha256(f.read()).hexdigest()[:16]
+        return (f"spec={self.reduce_spec or 'none'} layers={','.join(sorted(self.layers))} "
+                f"gather={self.gather_codec_spec or 'none'} algorithm={self.algorithm} "
+                f"min_bytes={self.min_bytes} calibration={cal}")
+
+
+class CompressionHandle:
+    """Undo record of `apply_tp_compression`; also exposes the communicator's counters."""
+
+    def __init__(self, comm: CompressedComm | None):
+        self.comm = comm
+        self._changed: list[tuple[torch.nn.Module, type]] = []
+
+    @property
+    def stats(self):
+        return None if self.comm is None else self.comm.stats
+
+    def _attach(self, module: torch.nn.Module, compressed_cls: type, lc: LayerCompression) -> None:
+        self._changed.append((module, type(module)))
+        if not isinstance(module, compressed_cls):
+            module.__class__ = compressed_cls
+        module.tp_compression = lc
+
+    def remove(self) -> None:
+        for module, cls in reversed(self._changed):
+            module.__dict__.pop("tp_compression", None)
+            module.__class__ = cls
+        self._changed.clear()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module  # DDP / Float16Module wrappers
+    return model
+
+
+def _check_class(name: str, module: torch.nn.Module, base: type) -> None:
+    if type(module) not in (base, CompressedRowParallelLinear, CompressedColumnParallelLinear):
+        raise ValueError(
+            f"{name} is a {type(module).__name__}, not Megatron's {base.__name__}: build the model "
+            "with the local (non-Transformer-Engine) layer spec, or with compressed_layer_spec()"
+        )
+
+
+def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, group=None,
+                         calibration: Calibration | None = None) -> CompressionHandle:
+    """Attach compression to `model`'s tensor-parallel layers; returns a handle with `remove()`.
+
+    Collective: every rank of `group` (default: Megatron's tensor-parallel group) must call it;
+    ranks given different configurations get a ValueError here instead of a hang later.
+    """
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    check_same_config(config.describe(), group)
+    if not config.enabled:
+        return CompressionHandle(None)
+    comm = CompressedComm(group, GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes))
+    model = _unwrap(model)
+    if isinstance(config.reduce_spec, OutlierSpec) and calibration is None:
+        calibration = load_calibration(config.calibration)
+    handle = CompressionHandle(comm)
+    found = 0
+    try:
+        for name, module in model.named_modules():
+            parent, _, leaf = name.rpartition(".")
+            if config.reduce_spec is not None and leaf in config.layers and parent.endswith(ROW_LAYERS[leaf]):
+                _check_class(name, module, RowParallelLinear)
+                params = None
+                if calibration is not None:
+                    calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size)
+                    params = calibration.params(name)
+                handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, make_codec(config.reduce_spec, params)))
+                found += 1
+            elif (config.gather_codec_spec is not None and leaf in GATHER_LAYERS
+                  and parent.endswith(GATHER_LAYERS[leaf]) and getattr(module, "sequence_parallel", False)):
+                _check_class(name, module, ColumnParallelLinear)
+                handle._attach(module, CompressedColumnParallelLinear, LayerCompression(comm, make_codec(config.gather_codec_spec)))
+                found += 1
+    except Exception:
+        handle.remove()
+        raise
+    if found == 0:
+        raise ValueError("no tensor-parallel layer to compress was found: expected modules named "
+                         "'...self_attention.linear_proj' / '...mlp.linear_fc2' (Megatron GPTModel)")
+    return handle
+
+
+def compressed_layer_spec(layer_spec):
+    """A copy of a transformer-layer `ModuleSpec` whose linear_proj / linear_fc2 (and linear_qkv /
+    linear_fc1) use the compressible classes; compression stays off until applied."""
+    spec = copy.deepcopy(layer_spec)
+    subs = spec.submodules
+    pairs = [(subs.self_attention.submodules, "linear_proj", RowParallelLinear, CompressedRowParallelLinear),
+             (subs.mlp.submodules, "linear_fc2", RowParallelLinear, CompressedRowParallelLinear),
+             (subs.self_attention.submodules, "linear_qkv", ColumnParallelLinear, CompressedColumnParallelLinear),
+             (subs.mlp.submodules, "linear_fc1", ColumnParallelLinear, CompressedColumnParallelLinear)]
+    for holder, attr, base, new in pairs:
+        if getattr(holder, attr, None) is base:
+            setattr(holder, attr, new)
+    return spec

@@ -1,0 +1,86 @@
+"""Autograd wrappers of the compressed collectives, matching Megatron-core's mappings.
+
+Forward compresses; backward is exact, as Megatron's own mappings do it (compression targets
+inference; gradients through a lossy forward stay the gradients of what the forward computed):
+* all-reduce (row-parallel output): backward passes the gradient through unchanged;
+* reduce-scatter to the sequence-parallel region: backward all-gathers along dim 0;
+* all-gather from the sequence-parallel region: backward reduce-scatters along dim 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..codecs.base import Codec
+from ..comm.collectives import CompressedComm
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class LayerCompression:
+    """What one layer compresses with: the group's communicator and the layer's codec."""
+
+    comm: CompressedComm
+    codec: Codec
+
+
+def _exact_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    out = x.new_empty((x.shape[0] * n,) + tuple(x.shape[1:]))
+    _all_gather(out.view(-1), x.contiguous().view(-1), group=group)
+    return out
+
+
+def _exact_reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
+    dist.reduce_scatter_tensor(out.view(-1), x.contiguous().view(-1), group=group)
+    return out
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lc: LayerCompression):
+        return lc.comm.all_reduce(x, lc.codec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lc: LayerCompression):
+        ctx.group = lc.comm.group
+        return lc.comm.reduce_scatter(x, lc.codec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exact_gather_dim0(grad, ctx.group), None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lc: LayerCompression):
+        ctx.group = lc.comm.group
+        return lc.comm.all_gather(x, lc.codec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exact_reduce_scatter_dim0(grad, ctx.group), None
+
+
+def compressed_reduce_from_tensor_parallel_region(x: torch.Tensor, lc: LayerCompression) -> torch.Tensor:
+    return _AllReduce.apply(x, lc)
+
+
+def compressed_reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, lc: LayerCompression) -> torch.Tensor:
+    return _ReduceScatter.apply(x, lc)
+
+
+def compressed_gather_from_sequence_parallel_region(x: torch.Tensor, lc: LayerCompression) -> torch.Tensor:
+    return _AllGather.apply(x, lc)
