@@ -29,12 +29,13 @@ def _use_kernels(t: torch.Tensor):
     return _kernels()
 
 
-def encode(codec: Codec, x: torch.Tensor, *, source: int) -> torch.Tensor:
-    """`[rows, hidden]` -> payload `[rows, row_bytes]`."""
+def encode(codec: Codec, x: torch.Tensor, *, source: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`[rows, hidden]` -> payload `[rows, row_bytes]` (written into `out` when given)."""
     k = _use_kernels(x)
     if k is not None:
-        return k.encode(codec, x, source=source)
-    return codec.encode(x, source=source)
+        return k.encode(codec, x, source=source, out=out)
+    payload = codec.encode(x, source=source)
+    return payload if out is None else out.copy_(payload)
 
 
 def decode_sum(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
@@ -44,6 +45,15 @@ def decode_sum(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Se
     if k is not None:
         return k.decode_sum(codec, payloads, hidden, sources=sources, dtype=dtype)
     return codec.decode_sum(payloads, hidden, sources, dtype=dtype)
+
+
+def decode_sum_list(codec: Codec, payloads: Sequence[torch.Tensor], hidden: int, *,
+                    sources: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """Like `decode_sum`, for n separate `[rows, row_bytes]` payloads (e.g. peers' buffers)."""
+    k = _use_kernels(payloads[0])
+    if k is not None and hasattr(k, "decode_sum_list"):
+        return k.decode_sum_list(codec, list(payloads), hidden, sources=sources, dtype=dtype)
+    return decode_sum(codec, torch.stack(list(payloads)), hidden, sources=sources, dtype=dtype)
 
 
 def decode_sum_encode(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],

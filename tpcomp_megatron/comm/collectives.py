@@ -71,6 +71,20 @@ class CompressedComm:
         self.rank = dist.get_rank(self.group)
         self.policy = policy if policy is not None else GatePolicy()
         self.stats = CommStats()
+        self._symm = None  # SymmMemTransport, created on the first one-shot call that can use it
+
+    def _symm_transport(self):
+        """The symmetric-memory transport when the policy asks for it (NVLink), else None."""
+        if self.policy.transport != "symm_mem":
+            return None
+        if self._symm is None:
+            from .symm import SymmMemTransport, symm_mem_available
+
+            why = symm_mem_available(self.group)
+            if why:
+                raise RuntimeError(f"transport 'symm_mem' is unavailable: {why}; use transport='nccl'")
+            self._symm = SymmMemTransport(self.group)
+        return self._symm
 
     # -- exact fallbacks ---------------------------------------------------------------------
     def _exact_all_reduce(self, x: torch.Tensor, reason: str) -> torch.Tensor:
@@ -120,6 +134,15 @@ class CompressedComm:
 
     def _one_shot(self, rows: torch.Tensor, codec: Codec) -> torch.Tensor:
         n, hidden = self.world_size, rows.shape[1]
+        symm = self._symm_transport() if rows.is_cuda else None
+        if symm is not None:
+            shape = (rows.shape[0], codec.row_bytes(hidden))
+            symm.ensure(shape[0] * shape[1])
+            views = symm.peer_views(shape)
+            symm.barrier()  # peers are done reading the previous call's payloads
+            ops.encode(codec, rows, source=self.rank, out=views[self.rank])
+            symm.barrier()  # every payload is written
+            return ops.decode_sum_list(codec, views, hidden, sources=range(n), dtype=rows.dtype)
         payload = ops.encode(codec, rows, source=self.rank)
         gathered = _gather_rows("all-reduce (one-shot all-gather)", self.group, n, payload)
         return ops.decode_sum(codec, gathered, hidden, sources=range(n), dtype=rows.dtype)

@@ -20,6 +20,7 @@ from ..codecs.base import SUPPORTED_DTYPES, Codec
 
 LINKS = ("nvlink", "pcie_class", "network_class", "cpu")
 ALGORITHMS = ("auto", "one_shot", "two_shot")
+TRANSPORTS = ("auto", "nccl", "symm_mem")
 NEVER = 1 << 62
 
 # (link, world_size) -> min bf16 bytes. Source: conservative seed, 2026-11-23 (no GPU measurement).
@@ -53,6 +54,9 @@ class GatePolicy:
     """Link class for the threshold table; 'auto' detects it once."""
     min_bytes: int | None = None
     """Override of the table: compress messages of at least this many bytes (bf16). 0: always."""
+    transport: str = "auto"
+    """How one-shot payloads travel: 'nccl' (all-gather), 'symm_mem' (peer reads over NVLink
+    from symmetric memory), or 'auto' (symm_mem on NVLink with CUDA, else nccl)."""
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
 
     def __post_init__(self) -> None:
@@ -62,8 +66,12 @@ class GatePolicy:
             raise ValueError(f"unknown link class {self.link!r}; valid: 'auto', {list(LINKS)}")
         if self.min_bytes is not None and self.min_bytes < 0:
             raise ValueError(f"min_bytes must be >= 0, got {self.min_bytes}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {self.transport!r}; valid: {list(TRANSPORTS)}")
         if self.link == "auto":
             object.__setattr__(self, "link", detect_link())
+        if self.transport == "auto":
+            object.__setattr__(self, "transport", "symm_mem" if self.link == "nvlink" else "nccl")
 
     def threshold(self, world_size: int, codec: Codec, hidden: int) -> int:
         if self.min_bytes is not None:
