@@ -87,3 +87,51 @@ def test_layers_match_stock_megatron(world):
             assert res[(sp, "grad_weight_close")]
         assert res["col_off_equal"] and res["col_on_rel_err"] < 0.02 and res["col_grad_input_equal"]
         assert res["calls"] > 0
+
+
+def _apply_errors(rank, world):
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
+
+    _ctx = init_megatron(world)  # noqa: F841
+    cfg = CompressionConfig(spec="int4", min_bytes=0, link="cpu")
+    errors = {}
+    empty = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    try:
+        apply_tp_compression(empty, cfg)
+    except ValueError as e:
+        errors["none_found"] = str(e)
+
+    class Attn(torch.nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.linear_proj = proj
+
+    class Foreign(torch.nn.Linear):  # stands in for Transformer Engine's row-parallel linear
+        pass
+
+    foreign = torch.nn.Module()
+    foreign.self_attention = Attn(Foreign(4, 4))
+    try:
+        apply_tp_compression(foreign, cfg)
+    except ValueError as e:
+        errors["foreign"] = str(e)
+    torch.manual_seed(0)
+    stock = torch.nn.Module()
+    stock.self_attention = Attn(RowParallelLinear(64, 64, config=tiny_config(world), init_method=torch.nn.init.zeros_,
+                                                  bias=False, input_is_parallel=True, skip_bias_add=True))
+    handle = apply_tp_compression(stock, cfg)
+    errors["swapped"] = type(stock.self_attention.linear_proj).__name__
+    handle.remove()
+    errors["restored"] = type(stock.self_attention.linear_proj).__name__
+    errors["attr_gone"] = "tp_compression" not in stock.self_attention.linear_proj.__dict__
+    return errors
+
+
+def test_apply_errors_and_undo():
+    errors = run_ranks(_apply_errors, 1)[0]
+    assert "no tensor-parallel layer to compress" in errors["none_found"]
+    assert "not Megatron's RowParallelLinear" in errors["foreign"] and "local" in errors["foreign"]
+    assert errors["swapped"] == "CompressedRowParallelLinear" and errors["restored"] == "RowParallelLinear"
+    assert errors["attr_gone"]

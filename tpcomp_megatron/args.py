@@ -1,0 +1,56 @@
+"""Command-line flags for compression, usable as Megatron-LM's `extra_args_provider`.
+
+    from tpcomp_megatron.args import add_args, config_from_args
+    initialize_megatron(extra_args_provider=add_args)          # Megatron-LM scripts
+    handle = apply_tp_compression(model, config_from_args(get_args()))
+
+With a plain `argparse` parser it works the same way (`add_args(parser)` returns the parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .codecs import parse_codec_spec
+from .comm import ALGORITHMS, LINKS
+from .megatron.apply import ROW_LAYERS, CompressionConfig
+
+
+def _spec(text: str) -> str:
+    try:
+        parse_codec_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("tpcomp-megatron", "compressed tensor-parallel communication")
+    g.add_argument("--tp-comm-compression", type=_spec, default="none", metavar="SPEC",
+                   help="codec of the row-parallel all-reduce / reduce-scatter, e.g. fp4_e2m1/b32/e8m0, "
+                        "int4/b16/bf16, outlier_int4/k64, outlier+fp4_e2m1/b32; 'none' (default) is exact")
+    g.add_argument("--tp-comm-compression-layers", nargs="+", choices=sorted(ROW_LAYERS),
+                   default=["linear_proj", "linear_fc2"], help="which row-parallel layers to compress")
+    g.add_argument("--tp-comm-gather-compression", type=_spec, default="none", metavar="SPEC",
+                   help="block codec of the sequence-parallel all-gather (default none)")
+    g.add_argument("--tp-comm-calibration", default=None, metavar="PATH",
+                   help="calibration file from tools/calibrate.py (outlier codecs need one)")
+    g.add_argument("--tp-comm-algorithm", choices=ALGORITHMS, default="auto")
+    g.add_argument("--tp-comm-link", choices=("auto",) + LINKS, default="auto",
+                   help="link class for the size gate (default: detected)")
+    g.add_argument("--tp-comm-min-bytes", type=int, default=None, metavar="N",
+                   help="compress messages of at least N bytes (bf16), overriding the measured gate; 0 = always")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> CompressionConfig:
+    """The `CompressionConfig` the flags describe (raises ValueError on inconsistent flags)."""
+    return CompressionConfig(
+        spec=args.tp_comm_compression,
+        layers=tuple(args.tp_comm_compression_layers),
+        gather_spec=args.tp_comm_gather_compression,
+        calibration=args.tp_comm_calibration,
+        algorithm=args.tp_comm_algorithm,
+        link=args.tp_comm_link,
+        min_bytes=args.tp_comm_min_bytes,
+    )
