@@ -43,6 +43,8 @@ class HFSource:
     """Where the tokenizer is, if the source has one."""
     dtype: str | None
     """Dtype of the stored tensors, when uniform."""
+    model: Any = None
+    """The transformers model, when reading the source needed one (GGUF); reusable as reference."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -145,17 +147,20 @@ def _tokenizer_ref(folder: Path) -> TokenizerRef | None:
 
 def _open_gguf(file: Path) -> HFSource:
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise SourceError("reading GGUF needs transformers and gguf: pip install transformers gguf") from e
     folder, name = str(file.parent), file.name
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # One load only: transformers parses the GGUF header in Python (seconds per pass), so the
+        # config comes from the model rather than a separate AutoConfig call.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
     except Exception as e:
         raise SourceError(f"transformers cannot load the GGUF {file} ({type(e).__name__}: {e})") from e
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    hf = config.to_dict()
+    hf = model.config.to_dict()
     hf.setdefault("architectures", [type(model).__name__])
     if hf.get("tie_word_embeddings"):
         sd.pop("lm_head.weight", None)
@@ -172,6 +177,7 @@ def _open_gguf(file: Path) -> HFSource:
         get=get,
         tokenizer=TokenizerRef(path=str(file.parent.resolve()), gguf_file=name),
         dtype="float32",
+        model=model,
     )
 
 

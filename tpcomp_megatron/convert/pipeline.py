@@ -11,7 +11,7 @@ import torch
 from tpcomp_megatron.models.config import LlamaModelConfig
 from tpcomp_megatron.models.hf_config import config_from_hf
 
-from .hf_io import open_hf_source, write_hf_folder
+from .hf_io import HFSource, open_hf_source, write_hf_folder
 from .load import available_formats, load_config
 from .mapping import check_hf_tensors, hf_to_megatron, megatron_to_hf
 from .writers import CONFIG_NAME, FORMATS, LEGACY, TORCH_DIST, atomic_output, read_legacy, read_torch_dist, write_legacy, write_torch_dist
@@ -24,7 +24,7 @@ def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202 - tqdm's ty
 
 
 def convert_hf_to_megatron(
-    source: str | os.PathLike[str],
+    source: str | os.PathLike[str] | HFSource,
     output: str | os.PathLike[str],
     *,
     tp: int,
@@ -34,7 +34,8 @@ def convert_hf_to_megatron(
     progress: bool = True,
     make_vocab_size_divisible_by: int = 128,
 ) -> LlamaModelConfig:
-    """Convert a HF folder or GGUF file to Megatron-core checkpoints for TP=`tp` in `output`.
+    """Convert a HF folder or GGUF file (or an opened `HFSource`) to Megatron-core checkpoints for
+    TP=`tp` in `output`.
 
     `formats`: any of "torch_dist", "legacy". `dtype`: float32/bfloat16/float16, None keeps the
     source's. The output appears only when everything was written (see `atomic_output`).
@@ -46,7 +47,7 @@ def convert_hf_to_megatron(
     if out.exists() and not force:
         # Checked before reading the source: a large model should not load only to fail here.
         raise FileExistsError(f"output {out} already exists; choose another path or pass --force")
-    src = open_hf_source(source)
+    src = source if isinstance(source, HFSource) else open_hf_source(source)
     cfg = config_from_hf(
         src.config,
         tensor_parallel_size=tp,

@@ -113,8 +113,9 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor, *, tp: int, max_abs: fl
     return VerifyReport(tp, ref.shape[-2], diff, float(cos.min()), float(cos.mean()), agree, ok)
 
 
-def hf_logits(source: str, tokens: torch.Tensor) -> torch.Tensor:
-    model = _hf_model(source)
+def hf_logits(source: str | Any, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the HF model at `source` (folder or GGUF), or of a loaded transformers model."""
+    model = _hf_model(source) if isinstance(source, (str, os.PathLike)) else source
     with torch.no_grad():
         return model(tokens).logits.float()
 
@@ -125,6 +126,7 @@ def verify_checkpoint(
     tp: int | None = None,
     fmt: str | None = None,
     source: str | None = None,
+    hf_model: Any = None,
     tokens: torch.Tensor | None = None,
     max_abs: float = DEFAULT_MAX_ABS,
     min_cosine: float = DEFAULT_MIN_COSINE,
@@ -132,7 +134,8 @@ def verify_checkpoint(
 ) -> VerifyReport:
     """Run the checkpoint at TP=`tp` (default: its own) on CPU gloo ranks and compare with HF.
 
-    `source` overrides the HF model recorded in the config. For GPU/NCCL, launch
+    `source` overrides the HF model recorded in the config; `hf_model` (a loaded transformers
+    model, fp32 eager) skips loading it again. For GPU/NCCL, launch
     `torchrun --nproc-per-node N -m tpcomp_megatron.convert --verify CKPT --device cuda`.
     """
     from tpcomp_megatron.testing import run_ranks
@@ -141,11 +144,11 @@ def verify_checkpoint(
     cfg = load_config(ckpt)
     tp = tp or cfg.tensor_parallel_size
     src = source or cfg.source
-    if not src or not Path(src).exists():
+    if hf_model is None and (not src or not Path(src).exists()):
         raise FileNotFoundError(f"the HF source {src!r} is not available; pass --hf-source")
     ids = tokens if tokens is not None else make_tokens(ckpt)
     got = run_ranks(_cpu_rank, tp, ckpt, ids, fmt, timeout_s=timeout_s, pg_timeout_s=timeout_s)[0]
-    ref = hf_logits(src, ids)
+    ref = hf_logits(hf_model if hf_model is not None else str(src), ids)
     return compare_logits(ref, got, tp=tp, max_abs=max_abs, min_cosine=min_cosine)
 
 

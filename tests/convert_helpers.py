@@ -1,0 +1,116 @@
+"""Tiny random Hugging Face Llama-family models, built offline, for the converter tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small, so the scaling changes frequencies that a 12-token test actually uses.
+    "original_max_position_embeddings": 32,
+}
+
+# name -> (config kwargs, how to save). Every one differs from the others in at least one axis the
+# converter must get right: MHA/GQA, tied/untied, heads that do not divide TP, FFN that does not
+# divide TP, rope scaling kind, dtype, safetensors vs .bin, Llama vs Mistral.
+VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "mha": (dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=64, head_dim=16), "safetensors"),
+    "gqa": (
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            hidden_size=64,
+            head_dim=8,
+            intermediate_size=90,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+        ),
+        "bin",
+    ),
+    "odd": (
+        dict(
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            hidden_size=72,
+            head_dim=8,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_ROPE,
+        ),
+        "safetensors",
+    ),
+    "mistral": (
+        dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16, dtype="bfloat16"),
+        "mistral",
+    ),
+}
+
+
+def hf_config(name: str) -> Any:
+    from transformers import LlamaConfig, MistralConfig
+
+    kw, kind = VARIANTS[name]
+    base: dict[str, Any] = dict(
+        num_hidden_layers=2,
+        intermediate_size=96,
+        vocab_size=250,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    if kind == "mistral":
+        return MistralConfig(architectures=["MistralForCausalLM"], sliding_window=None, **base)
+    return LlamaConfig(architectures=["LlamaForCausalLM"], **base)
+
+
+def make_hf_model(name: str, folder: Path) -> Any:
+    """Save variant `name` to `folder`; return the model in fp32 with eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    kw, kind = VARIANTS[name]
+    config = hf_config(name)
+    torch.manual_seed(sum(map(ord, name)))  # str hash() is salted per process
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # Random init of norms is all ones; perturb them so a swapped norm cannot go unnoticed.
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    if kw.get("dtype") == "bfloat16":
+        model = model.to(torch.bfloat16)
+    if kind == "bin":
+        folder.mkdir(parents=True)
+        config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder)
+    return model.float().eval()
+
+
+def reference_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in a HF folder's weight files, as stored."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        from safetensors.torch import load_file
+
+        out.update(load_file(str(f)))
+    for f in sorted(folder.glob("pytorch_model*.bin")):
+        out.update(torch.load(f, weights_only=True))
+    return out
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
