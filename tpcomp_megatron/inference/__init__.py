@@ -1,0 +1,1 @@
+"""Inference: greedy generation with a KV cache, tokenizers, and compression comparisons."""
