@@ -34,7 +34,7 @@ def tiny_config(tp: int, *, sp: bool = False, layers: int = 2):
     )
 
 
-def tiny_gpt(tp: int, *, sp: bool = False, vocab: int = 256):
+def tiny_gpt(tp: int, *, sp: bool = False, vocab: int = 256, core_attention=None):
     """A Llama-style GPTModel (RMSNorm, SwiGLU, GQA, RoPE, untied output) on the local spec."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -46,6 +46,8 @@ def tiny_gpt(tp: int, *, sp: bool = False, vocab: int = 256):
     # The local spec's torch norm refuses sequence parallelism; ours marks its params for it.
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if core_attention is not None:
+        spec.submodules.self_attention.submodules.core_attention = core_attention
     cfg = tiny_config(tp, sp=sp)
     block = TransformerBlockSubmodules(layer_specs=[spec] * cfg.num_layers, layer_norm=RMSNorm)
     return GPTModel(config=cfg, transformer_layer_spec=block, vocab_size=vocab,

@@ -89,6 +89,16 @@ class Calibration:
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
     channels: dict[str, torch.Tensor]
 
+    def digest(self) -> str:
+        """Short hash of the statistics and selections, to check that all ranks use the same."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode())
+        for name in sorted(self.stats):
+            for t in (*self.stats[name], self.channels[name]):
+                h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def params(self, layer: str) -> OutlierParams:
         if layer not in self.channels:
             raise ValueError(f"calibration has no entry for layer {layer!r}; it covers {sorted(self.channels)[:4]}...")

@@ -70,10 +70,13 @@ class CompressionConfig:
     def enabled(self) -> bool:
         return self.reduce_spec is not None or self.gather_codec_spec is not None
 
-    def describe(self) -> str:
-        """Canonical text of everything that must agree across ranks."""
+    def describe(self, calibration: Calibration | None = None) -> str:
+        """Canonical text of everything that must agree across ranks (`calibration`: the loaded
+        calibration in use, else the file named by the config is hashed)."""
         cal = "none"
-        if self.calibration:
+        if calibration is not None:
+            cal = calibration.digest()
+        elif self.calibration:
             with open(self.calibration, "rb") as f:
                 cal = hashlib.sha256(f.read()).hexdigest()[:16]
         return (f"spec={self.reduce_spec or 'none'} layers={','.join(sorted(self.layers))} "
@@ -130,13 +133,13 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
-    check_same_config(config.describe(), group)
+    if isinstance(config.reduce_spec, OutlierSpec) and calibration is None:
+        calibration = load_calibration(config.calibration)
+    check_same_config(config.describe(calibration), group)
     if not config.enabled:
         return CompressionHandle(None)
     comm = CompressedComm(group, GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes))
     model = _unwrap(model)
-    if isinstance(config.reduce_spec, OutlierSpec) and calibration is None:
-        calibration = load_calibration(config.calibration)
     handle = CompressionHandle(comm)
     found = 0
     try:
