@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--compare", action="store_true", help="also run with compression off and compare")
+    p.add_argument("--engine", choices=["auto", "loop", "megatron"], default="auto",
+                   help="text generation through megatron.core.inference (CUDA only) or our KV-cache loop; "
+                        "auto: megatron on CUDA, loop on CPU. TTFT and tokens/s are always timed with the loop")
     add_args(p)
     return p.parse_args(argv)
 
@@ -123,6 +126,13 @@ def run(args) -> None:
             gen = greedy_generate(model, prompt, args.max_new_tokens, vocab_size=cfg.vocab_size,
                                   eos_id=getattr(tok, "eos_token_id", None))
             gens[label] = gen
+            if args.engine == "megatron" or (args.engine == "auto" and device.type == "cuda"):
+                from tpcomp_megatron.inference.engine import engine_generate
+
+                res = engine_generate(model, tok, args.prompt, args.max_new_tokens, vocab_size=cfg.vocab_size,
+                                      padded_vocab_size=cfg.padded_vocab_size, hidden_size=cfg.hidden_size,
+                                      dtype=dtype, max_seq=prompt.shape[1] + args.max_new_tokens + 8)
+                say(f"[{label}: megatron.core.inference engine, {res.seconds * 1e3:.0f} ms] {args.prompt}{res.text}")
             if args.compare:  # teacher-force the uncompressed continuation through both models
                 ref_tokens = torch.cat([prompt, gens["off"].tokens], 1)
                 logits[label] = full_logits(model, ref_tokens, vocab_size=cfg.vocab_size)
