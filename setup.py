@@ -20,6 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"tpcomp_megatron.kernels": "kernels"},
+    package_data={"tpcomp_megatron.comm": ["gate_table.json"]},
     install_requires=[
         # torch first in install order matters on CPU machines: see README.
         "torch>=2.4",

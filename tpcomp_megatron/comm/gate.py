@@ -11,8 +11,10 @@ the real crossovers; `tools/bench_collectives.py` prints the table it derives.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -23,13 +25,26 @@ ALGORITHMS = ("auto", "one_shot", "two_shot")
 TRANSPORTS = ("auto", "nccl", "symm_mem")
 NEVER = 1 << 62
 
-# (link, world_size) -> min bf16 bytes. Source: conservative seed, 2026-11-23 (no GPU measurement).
-DEFAULT_THRESHOLDS: dict[tuple[str, int], int] = {
+# (link, world_size) -> min bf16 bytes. Conservative seed (2026-11-23, no GPU measurement), used
+# where gate_table.json (measured, written by tools/derive_gate.py) has no entry.
+SEED_THRESHOLDS: dict[tuple[str, int], int] = {
     ("nvlink", 2): 64 << 20,
     ("pcie_class", 2): 8 << 20,
     ("network_class", 2): 1 << 20,
     ("cpu", 2): 1 << 20,
 }
+_TABLE_FILE = Path(__file__).with_name("gate_table.json")
+
+
+def _load_thresholds() -> dict[tuple[str, int], int]:
+    table = dict(SEED_THRESHOLDS)
+    if _TABLE_FILE.exists():
+        doc = json.loads(_TABLE_FILE.read_text())
+        table.update({(e["link"], e["world_size"]): e["min_bytes_bf16"] for e in doc["thresholds"]})
+    return table
+
+
+DEFAULT_THRESHOLDS = _load_thresholds()
 
 
 def detect_link() -> str:
