@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def hf_config(name: str) -> Any:
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )
-    base.update(kw)
+    base.update(copy.deepcopy(kw))  # transformers edits rope dicts in place
     if kind == "mistral":
         return MistralConfig(architectures=["MistralForCausalLM"], sliding_window=None, **base)
     return LlamaConfig(architectures=["LlamaForCausalLM"], **base)

@@ -127,6 +127,9 @@ def _open_bin(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], Callable[[
             ) from e
         if not isinstance(sd, dict):
             raise SourceError(f"{f} does not hold a state dict")
+        odd = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
+        if odd:
+            raise SourceError(f"{f} holds non-tensor entries {odd[:6]}; expected a plain state dict")
         tensors.update(sd)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
 
