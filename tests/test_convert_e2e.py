@@ -53,6 +53,7 @@ def _all_logits(rank: int, world: int, jobs: list[tuple]) -> dict:
                     fmt=fmt,
                     sequence_parallel=sp,
                     parallel_output=False,
+                    params_dtype=torch.float32,  # bf16 checkpoints compute in fp32, like HF here
                     layer_spec_transform=_swap_proj if swap else None,
                 )
                 pos = torch.arange(tokens.shape[1])[None].expand_as(tokens)
