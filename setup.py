@@ -51,5 +51,5 @@ setup(
             "sentencepiece>=0.2",
         ],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["tpcomp-convert=tpcomp_megatron.convert.cli:main"]},
 )
