@@ -149,7 +149,14 @@ def write_torch_dist(folder: Path, cfg: LlamaModelConfig, global_sd: dict[str, t
             "checkpoint_version": _CHECKPOINT_VERSION,
             "iteration": 0,
         }
-        dist_checkpointing.save(state, str(release))
+        try:
+            dist_checkpointing.save(state, str(release))
+        except EOFError as e:
+            # dist_checkpointing starts writer processes with "spawn", which re-imports __main__.
+            raise RuntimeError(
+                "dist_checkpointing could not start its writer processes; call the converter "
+                "from under `if __name__ == '__main__':` in scripts (or use tpcomp-convert)"
+            ) from e
 
 
 def read_torch_dist(folder: Path, cfg: LlamaModelConfig) -> dict[str, torch.Tensor]:
