@@ -22,7 +22,10 @@ LLAMA3_ROPE = {
 # converter must get right: MHA/GQA, tied/untied, heads that do not divide TP, FFN that does not
 # divide TP, rope scaling kind, dtype, safetensors vs .bin, Llama vs Mistral.
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
-    "mha": (dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=64, head_dim=16), "safetensors"),
+    "mha": (
+        dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=64, head_dim=16),
+        "safetensors",
+    ),
     "gqa": (
         dict(
             num_attention_heads=8,
@@ -47,7 +50,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "safetensors",
     ),
     "mistral": (
-        dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, head_dim=16, dtype="bfloat16"),
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=64,
+            head_dim=16,
+            dtype="bfloat16",
+        ),
         "mistral",
     ),
 }

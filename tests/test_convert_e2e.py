@@ -84,7 +84,17 @@ def world(tmp_path_factory):
             ckpts[name, tp] = out
             jobs.append(((name, tp, "legacy"), str(out), "legacy", tp, False, False, tokens))
     for tp in TPS:
-        jobs.append((("odd", tp, "torch_dist@2"), str(ckpts["odd", 2]), "torch_dist", tp, False, False, tokens))
+        jobs.append(
+            (
+                ("odd", tp, "torch_dist@2"),
+                str(ckpts["odd", 2]),
+                "torch_dist",
+                tp,
+                False,
+                False,
+                tokens,
+            )
+        )
     # Sequence parallelism (our RMSNorm allows it) on padded heads and a tied output layer.
     jobs.append((("odd", 2, "sp"), str(ckpts["odd", 2]), "legacy", 2, True, False, tokens))
     jobs.append((("gqa", 4, "swap"), str(ckpts["gqa", 4]), "legacy", 4, False, True, tokens))
@@ -95,8 +105,14 @@ def world(tmp_path_factory):
 def _check(ref: torch.Tensor, got: torch.Tensor, what) -> None:
     got = got[..., : ref.shape[-1]]
     diff = (ref - got).abs().max().item()
-    cos = torch.nn.functional.cosine_similarity(ref.flatten(0, 1), got.flatten(0, 1), dim=-1).min().item()
-    assert diff <= MAX_ABS and cos >= MIN_COSINE, f"{what}: max-abs {diff:.3g}, min cosine {cos:.8f}"
+    cos = (
+        torch.nn.functional.cosine_similarity(ref.flatten(0, 1), got.flatten(0, 1), dim=-1)
+        .min()
+        .item()
+    )
+    assert diff <= MAX_ABS and cos >= MIN_COSINE, (
+        f"{what}: max-abs {diff:.3g}, min cosine {cos:.8f}"
+    )
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -131,7 +147,10 @@ def test_layer_spec_transform_is_applied(world):
     assert logits["gqa", 4, "swap", "marked"] is True
 
 
-@pytest.mark.parametrize("name,tp,fmt", [(n, 2, "legacy") for n in VARIANTS] + [("odd", 4, "legacy"), ("odd", 2, "torch_dist")])
+@pytest.mark.parametrize(
+    "name,tp,fmt",
+    [(n, 2, "legacy") for n in VARIANTS] + [("odd", 4, "legacy"), ("odd", 2, "torch_dist")],
+)
 def test_round_trip_is_bit_identical(world, name, tp, fmt):
     root, _, ckpts, _ = world
     back = root / f"back_{name}_tp{tp}_{fmt}"
@@ -152,6 +171,12 @@ def test_config_json_records_layout(world):
     assert cfg["tokenizer"] is None and cfg["source"].endswith("hf_odd")
     gqa = read_json(Path(ckpts["gqa", 4]) / "tpcomp_config.json")
     # 2 KV groups over TP=4: each replicated twice; FFN 90 padded to 92.
-    assert (gqa["kv_replication"], gqa["dummy_kv_groups"], gqa["padded_ffn_hidden_size"]) == (2, 0, 92)
+    assert (gqa["kv_replication"], gqa["dummy_kv_groups"], gqa["padded_ffn_hidden_size"]) == (
+        2,
+        0,
+        92,
+    )
     mistral = read_json(Path(ckpts["mistral", 1]) / "tpcomp_config.json")
-    assert mistral["params_dtype"] == "bfloat16" and mistral["hf_architecture"] == "MistralForCausalLM"
+    assert (
+        mistral["params_dtype"] == "bfloat16" and mistral["hf_architecture"] == "MistralForCausalLM"
+    )

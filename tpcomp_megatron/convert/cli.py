@@ -23,20 +23,47 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert Hugging Face Llama-family checkpoints (safetensors, .bin, GGUF) to "
         "Megatron-core tensor-parallel checkpoints (torch_dist and legacy), and back.",
     )
-    p.add_argument("source", help="HF folder or .gguf file (or a converted checkpoint with --reverse/--verify)")
+    p.add_argument(
+        "source", help="HF folder or .gguf file (or a converted checkpoint with --reverse/--verify)"
+    )
     p.add_argument("output", nargs="?", help="output folder (must not exist unless --force)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write for (default 1)")
-    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="checkpoint formats to write")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="stored dtype (default: the source's)")
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size to write for (default 1)"
+    )
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FORMATS,
+        default=list(FORMATS),
+        help="checkpoint formats to write",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="stored dtype (default: the source's)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--reverse", action="store_true", help="convert a Megatron checkpoint back to a HF folder")
-    p.add_argument("--format", dest="fmt", choices=FORMATS, help="which format to read (--reverse/--verify)")
-    p.add_argument("--verify", action="store_true", help="compare logits with HF transformers after converting")
+    p.add_argument(
+        "--reverse", action="store_true", help="convert a Megatron checkpoint back to a HF folder"
+    )
+    p.add_argument(
+        "--format", dest="fmt", choices=FORMATS, help="which format to read (--reverse/--verify)"
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="compare logits with HF transformers after converting"
+    )
     p.add_argument("--verify-tp", type=int, help="TP size for --verify (default: the checkpoint's)")
-    p.add_argument("--hf-source", help="HF folder or GGUF to verify against (default: the converted source)")
+    p.add_argument(
+        "--hf-source", help="HF folder or GGUF to verify against (default: the converted source)"
+    )
     p.add_argument("--max-abs", type=float, help="largest allowed absolute logit difference")
     p.add_argument("--min-cosine", type=float, help="smallest allowed per-token logit cosine")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="verify on CPU gloo ranks or GPU (torchrun)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="verify on CPU gloo ranks or GPU (torchrun)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -53,7 +80,9 @@ def _verify(args: argparse.Namespace, checkpoint: str) -> int:
         if report is None:  # not rank 0
             return 0
     else:
-        report = v.verify_checkpoint(checkpoint, tp=args.verify_tp, fmt=args.fmt, source=args.hf_source, **limits)
+        report = v.verify_checkpoint(
+            checkpoint, tp=args.verify_tp, fmt=args.fmt, source=args.hf_source, **limits
+        )
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -65,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.output is None:
             if not args.verify:
-                raise ValueError("give an OUTPUT folder (or --verify to check an existing checkpoint)")
+                raise ValueError(
+                    "give an OUTPUT folder (or --verify to check an existing checkpoint)"
+                )
             return _verify(args, args.source)
         if args.tp < 1:
             raise ValueError(f"--tp must be >= 1, got {args.tp}")

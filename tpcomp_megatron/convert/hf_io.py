@@ -114,7 +114,9 @@ def _open_safetensors(
     return shapes, get, dtypes.pop() if len(dtypes) == 1 else None
 
 
-def _open_bin(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor], str | None]:
+def _open_bin(
+    files: list[Path],
+) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor], str | None]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -129,7 +131,9 @@ def _open_bin(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], Callable[[
             raise SourceError(f"{f} does not hold a state dict")
         odd = sorted(k for k, v in sd.items() if not isinstance(v, torch.Tensor))
         if odd:
-            raise SourceError(f"{f} holds non-tensor entries {odd[:6]}; expected a plain state dict")
+            raise SourceError(
+                f"{f} holds non-tensor entries {odd[:6]}; expected a plain state dict"
+            )
         tensors.update(sd)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
 
@@ -152,7 +156,9 @@ def _open_gguf(file: Path) -> HFSource:
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
-        raise SourceError("reading GGUF needs transformers and gguf: pip install transformers gguf") from e
+        raise SourceError(
+            "reading GGUF needs transformers and gguf: pip install transformers gguf"
+        ) from e
     folder, name = str(file.parent), file.name
     try:
         # One load only: transformers parses the GGUF header in Python (seconds per pass), so the
@@ -161,7 +167,9 @@ def _open_gguf(file: Path) -> HFSource:
             folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
         ).eval()
     except Exception as e:
-        raise SourceError(f"transformers cannot load the GGUF {file} ({type(e).__name__}: {e})") from e
+        raise SourceError(
+            f"transformers cannot load the GGUF {file} ({type(e).__name__}: {e})"
+        ) from e
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     hf = model.config.to_dict()
     hf.setdefault("architectures", [type(model).__name__])
@@ -205,9 +213,13 @@ def open_hf_source(path: str | os.PathLike[str]) -> HFSource:
     if st:
         shapes, get, dtype = _open_safetensors(st)
     else:
-        bins = _weight_files(p, "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin")
+        bins = _weight_files(
+            p, "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"
+        )
         if not bins:
-            raise SourceError(f"{p} has config.json but no *.safetensors or pytorch_model*.bin weights")
+            raise SourceError(
+                f"{p} has config.json but no *.safetensors or pytorch_model*.bin weights"
+            )
         shapes, get, dtype = _open_bin(bins)
     return HFSource(
         path=str(p.resolve()),
@@ -235,7 +247,11 @@ def write_hf_folder(
     with open(out / "config.json", "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     if tokenizer_from and Path(tokenizer_from).is_dir():
         for name in _TOKENIZER_FILES + ("special_tokens_map.json", "generation_config.json"):
             src = Path(tokenizer_from) / name

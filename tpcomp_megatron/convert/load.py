@@ -9,14 +9,24 @@ from typing import Any
 from tpcomp_megatron.models.builder import LayerSpecTransform, build_gpt_model
 from tpcomp_megatron.models.config import LlamaModelConfig
 
-from .writers import CONFIG_NAME, FORMATS, LEGACY, TORCH_DIST, _load_into, load_legacy_rank, load_torch_dist_into
+from .writers import (
+    CONFIG_NAME,
+    FORMATS,
+    LEGACY,
+    TORCH_DIST,
+    _load_into,
+    load_legacy_rank,
+    load_torch_dist_into,
+)
 
 
 def load_config(checkpoint: str | os.PathLike[str]) -> LlamaModelConfig:
     """The `LlamaModelConfig` stored with a converted checkpoint."""
     path = Path(checkpoint) / CONFIG_NAME
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; is {checkpoint} a tpcomp-convert output folder?")
+        raise FileNotFoundError(
+            f"{path} is missing; is {checkpoint} a tpcomp-convert output folder?"
+        )
     return LlamaModelConfig.load(path)
 
 

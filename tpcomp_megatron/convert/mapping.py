@@ -55,12 +55,15 @@ def expected_hf_shapes(cfg: LlamaModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face checkpoint of `cfg` must hold, with its shape."""
     h, d, f, v = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size
     nq, nkv = cfg.num_attention_heads * d, cfg.num_kv_heads * d
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    out: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+    }
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (v, h)
     shapes = [(h,), (nq, h), (nkv, h), (nkv, h), (h, nq), (h,), (f, h), (f, h), (h, f)]
     for i in range(cfg.num_layers):
-        out.update(zip(hf_layer_keys(i), shapes))
+        out.update(zip(hf_layer_keys(i), shapes, strict=True))
     return out
 
 
@@ -70,9 +73,15 @@ def check_hf_tensors(cfg: LlamaModelConfig, shapes: Mapping[str, tuple[int, ...]
     # Tied checkpoints sometimes also store lm_head (equal to the embedding); rotary caches are
     # recomputed from the config, so both are harmless extras.
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    extra = sorted(k for k in shapes if k not in want and k not in ignorable and "rotary_emb" not in k)
+    extra = sorted(
+        k for k in shapes if k not in want and k not in ignorable and "rotary_emb" not in k
+    )
     missing = sorted(k for k in want if k not in shapes)
-    wrong = [f"{k}: {tuple(shapes[k])} != {want[k]}" for k in want if k in shapes and tuple(shapes[k]) != want[k]]
+    wrong = [
+        f"{k}: {tuple(shapes[k])} != {want[k]}"
+        for k in want
+        if k in shapes and tuple(shapes[k]) != want[k]
+    ]
     problems = []
     if missing:
         problems.append(f"missing tensors {_short(missing)}")
@@ -109,7 +118,9 @@ def _qkv(cfg: LlamaModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return torch.cat(rows)
 
 
-def _unqkv(cfg: LlamaModelConfig, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _unqkv(
+    cfg: LlamaModelConfig, qkv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout, d = cfg.head_layout, cfg.head_dim
     per = layout.padded_heads_per_group
     groups = qkv.view(layout.padded_num_kv_heads, per + 2, d, qkv.shape[1])
@@ -165,7 +176,11 @@ def hf_to_megatron(
     def g(name: str) -> torch.Tensor:
         return get(name).to(dtype).contiguous()
 
-    vp, fp, f = int(cfg.padded_vocab_size or 0), int(cfg.padded_ffn_hidden_size or 0), cfg.ffn_hidden_size
+    vp, fp, f = (
+        int(cfg.padded_vocab_size or 0),
+        int(cfg.padded_ffn_hidden_size or 0),
+        cfg.ffn_hidden_size,
+    )
     out = {"embedding.word_embeddings.weight": _pad_rows(g("model.embed_tokens.weight"), vp)}
     for i in range(cfg.num_layers):
         hp, mp = f"model.layers.{i}.", megatron_layer_prefix(i)
@@ -182,7 +197,9 @@ def hf_to_megatron(
                     g(hp + "self_attn.k_proj.weight"),
                     g(hp + "self_attn.v_proj.weight"),
                 ),
-                mp + "self_attention.linear_proj.weight": _proj(cfg, g(hp + "self_attn.o_proj.weight")),
+                mp + "self_attention.linear_proj.weight": _proj(
+                    cfg, g(hp + "self_attn.o_proj.weight")
+                ),
                 mp + "pre_mlp_layernorm.weight": g(hp + "post_attention_layernorm.weight"),
                 mp + "mlp.linear_fc1.weight": torch.cat([_pad_rows(gate, fp), _pad_rows(up, fp)]),
                 mp + "mlp.linear_fc2.weight": down,
@@ -196,14 +213,18 @@ def hf_to_megatron(
     return out
 
 
-def megatron_to_hf(cfg: LlamaModelConfig, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def megatron_to_hf(
+    cfg: LlamaModelConfig, sd: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """HF tensors from global Megatron tensors: the exact inverse of `hf_to_megatron`."""
     v, f = cfg.vocab_size, cfg.ffn_hidden_size
     fp = int(cfg.padded_ffn_hidden_size or 0)
 
     def m(name: str) -> torch.Tensor:
         if name not in sd:
-            raise MappingError(f"the Megatron checkpoint has no tensor {name!r}; is it a Llama model?")
+            raise MappingError(
+                f"the Megatron checkpoint has no tensor {name!r}; is it a Llama model?"
+            )
         return sd[name]
 
     out = {"model.embed_tokens.weight": m("embedding.word_embeddings.weight")[:v]}
@@ -217,7 +238,9 @@ def megatron_to_hf(cfg: LlamaModelConfig, sd: Mapping[str, torch.Tensor]) -> dic
                 hp + "self_attn.q_proj.weight": q,
                 hp + "self_attn.k_proj.weight": k,
                 hp + "self_attn.v_proj.weight": vv,
-                hp + "self_attn.o_proj.weight": _unproj(cfg, m(mp + "self_attention.linear_proj.weight")),
+                hp + "self_attn.o_proj.weight": _unproj(
+                    cfg, m(mp + "self_attention.linear_proj.weight")
+                ),
                 hp + "post_attention_layernorm.weight": m(mp + "pre_mlp_layernorm.weight"),
                 hp + "mlp.gate_proj.weight": gate[:f],
                 hp + "mlp.up_proj.weight": up[:f],

@@ -47,4 +47,3 @@ def single_rank_megatron(seed: int = 1234) -> Iterator[None]:
                     parallel_state.destroy_model_parallel()
         finally:
             dist.destroy_process_group()
-

@@ -14,7 +14,17 @@ from tpcomp_megatron.models.hf_config import config_from_hf
 from .hf_io import HFSource, open_hf_source, write_hf_folder
 from .load import available_formats, load_config
 from .mapping import check_hf_tensors, hf_to_megatron, megatron_to_hf
-from .writers import CONFIG_NAME, FORMATS, LEGACY, TORCH_DIST, atomic_output, read_legacy, read_torch_dist, write_legacy, write_torch_dist
+from .writers import (
+    CONFIG_NAME,
+    FORMATS,
+    LEGACY,
+    TORCH_DIST,
+    atomic_output,
+    read_legacy,
+    read_torch_dist,
+    write_legacy,
+    write_torch_dist,
+)
 
 
 def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202 - tqdm's type is private
@@ -58,7 +68,10 @@ def convert_hf_to_megatron(
     )
     check_hf_tensors(cfg, src.shapes)
     steps = cfg.num_layers + len(formats) + 1
-    with atomic_output(out, force=force) as tmp, _progress(steps, "tpcomp-convert", progress) as bar:
+    with (
+        atomic_output(out, force=force) as tmp,
+        _progress(steps, "tpcomp-convert", progress) as bar,
+    ):
         global_sd = hf_to_megatron(cfg, src.get, on_layer=lambda i: bar.update(1))
         cfg.save(tmp / CONFIG_NAME)
         bar.update(1)
@@ -73,7 +86,9 @@ def convert_hf_to_megatron(
     return cfg
 
 
-def read_megatron_global(checkpoint: str | os.PathLike[str], fmt: str | None = None) -> tuple[LlamaModelConfig, dict[str, torch.Tensor]]:
+def read_megatron_global(
+    checkpoint: str | os.PathLike[str], fmt: str | None = None
+) -> tuple[LlamaModelConfig, dict[str, torch.Tensor]]:
     """The config and global (TP=1 layout) tensors of a converted checkpoint."""
     ckpt = Path(checkpoint)
     cfg = load_config(ckpt)
@@ -104,7 +119,9 @@ def convert_megatron_to_hf(
     tensors = megatron_to_hf(cfg, global_sd)
     hf_config = dict(cfg.hf_config or {})
     if not hf_config:
-        raise ValueError(f"{checkpoint}/{CONFIG_NAME} has no hf_config; it cannot be turned back into HF")
+        raise ValueError(
+            f"{checkpoint}/{CONFIG_NAME} has no hf_config; it cannot be turned back into HF"
+        )
     tok = cfg.tokenizer.path if cfg.tokenizer and not cfg.tokenizer.gguf_file else None
     with atomic_output(out, force=force) as tmp:
         write_hf_folder(tmp, hf_config, tensors, tokenizer_from=tok)

@@ -53,11 +53,15 @@ def _hf_model(source: str) -> Any:
     p = Path(source)
     kwargs: dict[str, Any] = dict(dtype=torch.float32, attn_implementation="eager")
     if p.is_file():
-        return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **kwargs).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            str(p.parent), gguf_file=p.name, **kwargs
+        ).eval()
     return AutoModelForCausalLM.from_pretrained(str(p), **kwargs).eval()
 
 
-def make_tokens(checkpoint: str | os.PathLike[str], text: str = DEFAULT_TEXT, max_len: int = 64) -> torch.Tensor:
+def make_tokens(
+    checkpoint: str | os.PathLike[str], text: str = DEFAULT_TEXT, max_len: int = 64
+) -> torch.Tensor:
     """`[1, s]` token ids: `text` through the checkpoint's tokenizer, else seeded random ids."""
     cfg = load_config(checkpoint)
     tok = cfg.tokenizer
@@ -65,7 +69,9 @@ def make_tokens(checkpoint: str | os.PathLike[str], text: str = DEFAULT_TEXT, ma
         from transformers import AutoTokenizer
 
         kwargs = {"gguf_file": tok.gguf_file} if tok.gguf_file else {}
-        ids = AutoTokenizer.from_pretrained(tok.path, **kwargs)(text, return_tensors="pt")["input_ids"]
+        ids = AutoTokenizer.from_pretrained(tok.path, **kwargs)(text, return_tensors="pt")[
+            "input_ids"
+        ]
         return ids[:, :max_len]
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, cfg.vocab_size, (1, min(max_len, 32)), generator=gen)
@@ -87,7 +93,9 @@ def megatron_logits(
         return model(ids, pos, causal_attention_mask(ids.shape[1], device)).float().cpu()
 
 
-def _cpu_rank(rank: int, world_size: int, checkpoint: str, tokens: torch.Tensor, fmt: str | None) -> Any:
+def _cpu_rank(
+    rank: int, world_size: int, checkpoint: str, tokens: torch.Tensor, fmt: str | None
+) -> Any:
     from megatron.core import parallel_state, tensor_parallel
 
     from tpcomp_megatron.megatron.cpu import cpu_megatron
@@ -102,7 +110,9 @@ def _cpu_rank(rank: int, world_size: int, checkpoint: str, tokens: torch.Tensor,
     return logits if rank == 0 else None
 
 
-def compare_logits(ref: torch.Tensor, got: torch.Tensor, *, tp: int, max_abs: float, min_cosine: float) -> VerifyReport:
+def compare_logits(
+    ref: torch.Tensor, got: torch.Tensor, *, tp: int, max_abs: float, min_cosine: float
+) -> VerifyReport:
     """Compare `[b, s, V]` logits (got may carry padded vocab columns, which are dropped)."""
     got = got[..., : ref.shape[-1]].float()
     ref = ref.float()
@@ -179,6 +189,8 @@ def verify_torchrun(
         if dist.get_rank() != 0:
             return None
         ref = hf_logits(source or str(cfg.source), ids)
-        return compare_logits(ref, got, tp=dist.get_world_size(), max_abs=max_abs, min_cosine=min_cosine)
+        return compare_logits(
+            ref, got, tp=dist.get_world_size(), max_abs=max_abs, min_cosine=min_cosine
+        )
     finally:
         dist.destroy_process_group()

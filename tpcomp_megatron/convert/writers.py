@@ -44,7 +44,9 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
     if dest.exists() and not force:
         raise FileExistsError(f"output {dest} already exists; choose another path or pass --force")
     if not dest.parent.is_dir():
-        raise FileNotFoundError(f"the folder {dest.parent} for the output does not exist; create it")
+        raise FileNotFoundError(
+            f"the folder {dest.parent} for the output does not exist; create it"
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
@@ -77,7 +79,11 @@ def _release_dir(folder: Path) -> Path:
 
 def extra_state_keys(cfg: LlamaModelConfig) -> list[str]:
     """The `_extra_state` entries Megatron's local linears put in a state dict (value None)."""
-    keys = [f"decoder.layers.{i}.{m}._extra_state" for i in range(cfg.num_layers) for m in EXTRA_STATE_LINEARS]
+    keys = [
+        f"decoder.layers.{i}.{m}._extra_state"
+        for i in range(cfg.num_layers)
+        for m in EXTRA_STATE_LINEARS
+    ]
     return keys + ["output_layer._extra_state"]
 
 
@@ -119,7 +125,9 @@ def read_legacy(folder: Path, cfg: LlamaModelConfig) -> dict[str, torch.Tensor]:
     keys = set(ranks[0])
     for r, sd in enumerate(ranks[1:], 1):
         if set(sd) != keys:
-            raise MappingError(f"rank {r} holds different tensors than rank 0: {sorted(set(sd) ^ keys)[:6]}")
+            raise MappingError(
+                f"rank {r} holds different tensors than rank 0: {sorted(set(sd) ^ keys)[:6]}"
+            )
     return {k: merge_shards(k, [sd[k] for sd in ranks]) for k in sorted(keys)}
 
 
@@ -128,10 +136,14 @@ def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -
     missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("._extra_state")]
     if missing or unexpected:
-        raise MappingError(f"{what}: missing tensors {missing[:6]}, unexpected tensors {unexpected[:6]}")
+        raise MappingError(
+            f"{what}: missing tensors {missing[:6]}, unexpected tensors {unexpected[:6]}"
+        )
 
 
-def write_torch_dist(folder: Path, cfg: LlamaModelConfig, global_sd: dict[str, torch.Tensor]) -> None:
+def write_torch_dist(
+    folder: Path, cfg: LlamaModelConfig, global_sd: dict[str, torch.Tensor]
+) -> None:
     """A dist_checkpointing checkpoint, written by one TP=1 process with the padded shapes."""
     from megatron.core import dist_checkpointing
 

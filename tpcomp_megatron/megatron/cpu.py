@@ -158,9 +158,15 @@ def cpu_megatron(*, allow_with_cuda: bool = False) -> Iterator[CpuRNGStatesTrack
         (random_mod, _TRACKER_READY_ATTR, getattr(random_mod, _TRACKER_READY_ATTR)),
         (softmax_mod, _CAUSAL_MASK_ATTR, getattr(softmax_mod, _CAUSAL_MASK_ATTR)),
     ]
-    replacements: list[Any] = [_cpu_current_device, _no_synchronize, tracker, True, _cpu_causal_mask]
+    replacements: list[Any] = [
+        _cpu_current_device,
+        _no_synchronize,
+        tracker,
+        True,
+        _cpu_causal_mask,
+    ]
     try:
-        for (obj, name, _), new in zip(saved, replacements):
+        for (obj, name, _), new in zip(saved, replacements, strict=True):
             setattr(obj, name, new)
         yield tracker
     finally:
@@ -176,4 +182,3 @@ def megatron_device_context(device: torch.device | str) -> contextlib.AbstractCo
     if dev.type == "cuda":
         return contextlib.nullcontext()
     raise ValueError(f"device must be 'cpu' or 'cuda', got {dev.type!r}")
-

@@ -111,4 +111,6 @@ def plan_head_layout(num_heads: int, num_kv_heads: int, tp: int) -> HeadLayout:
         for d in range(tp)
         if (num_kv_heads * r + d) % tp == 0
     ]
-    return min(candidates, key=lambda c: (c.padded_num_heads, c.padded_num_kv_heads, c.kv_replication))
+    return min(
+        candidates, key=lambda c: (c.padded_num_heads, c.padded_num_kv_heads, c.kv_replication)
+    )

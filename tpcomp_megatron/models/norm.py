@@ -25,7 +25,7 @@ class RMSNorm(torch.nn.Module):
         dtype = getattr(config, "params_dtype", torch.float32)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         # Megatron's grad reduction for sequence-parallel regions looks for this attribute.
-        setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
+        self.weight.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
