@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--source", help="Hugging Face folder or .gguf file, converted on first use")
     src.add_argument("--model", choices=sorted(BUILTIN), default="smollm2")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tpcomp-megatron"))
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the one recorded at conversion)")
     p.add_argument("--prompt", default="The old sea captain looked at the horizon and said")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -101,6 +102,7 @@ def run(args) -> None:
     from tpcomp_megatron.inference.tokenizer import load_tokenizer
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
     from tpcomp_megatron.megatron.cpu import megatron_device_context
+    from tpcomp_megatron.models.config import TokenizerRef
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -114,7 +116,7 @@ def run(args) -> None:
         model, cfg = load_megatron_model(ckpt, parallel_output=False, params_dtype=dtype,
                                          use_cpu_initialization=device.type == "cpu")
         model = model.to(device).eval()
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_tokenizer(TokenizerRef(path=args.tokenizer) if args.tokenizer else cfg.tokenizer)
         prompt = torch.tensor([tok.encode(args.prompt)], device=device)
         say(f"model {Path(ckpt).name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, TP={world}, "
             f"{device.type} {str(dtype).removeprefix('torch.')}; prompt {prompt.shape[1]} tokens")
