@@ -51,5 +51,9 @@ setup(
             "sentencepiece>=0.2",
         ],
     },
-    entry_points={"console_scripts": ["tpcomp-convert=tpcomp_megatron.convert.cli:main"]},
+    entry_points={"console_scripts": [
+        "tpcomp-convert=tpcomp_megatron.convert.cli:main",
+        "tpcomp-calibrate=tpcomp_megatron.quality.calibrate_cli:main",
+        "tpcomp-eval-quality=tpcomp_megatron.quality.eval_cli:main",
+    ]},
 )

@@ -22,7 +22,7 @@ import torch
 FORMAT_KEY = "tpcomp_calibration"
 VERSION = 1
 LEVELS = 15  # 4-bit unsigned codes
-RULES = ("range_sum", "absmax_max")
+RULES = ("range_sum", "absmax_max", "range_sq_sum")
 
 
 def select_outlier_channels(ch_min: torch.Tensor, ch_max: torch.Tensor, k: int, rule: str = "range_sum") -> torch.Tensor:
@@ -33,6 +33,10 @@ def select_outlier_channels(ch_min: torch.Tensor, ch_max: torch.Tensor, k: int, 
     * `absmax_max`: the largest absolute value any rank's partial sum reached. It targets what
       dominates 4-bit error (the per-channel step grows with the range of the worst rank), where
       the sum favours channels that are merely wide on every rank.
+    * `range_sq_sum`: the largest sum over ranks of the squared range. A channel's 4-bit step on
+      rank r is range_r / 15, so its rounding noise in the reduced sum has variance proportional
+      to sum_r range_r**2: taking the top k by that removes the most noise energy (MSE-optimal
+      greedy choice for the static codec), where `range_sum` weighs ranks linearly.
     Ties break towards the lower channel index, so the selection is deterministic.
     """
     if ch_min.shape != ch_max.shape or ch_min.dim() != 2:
@@ -46,6 +50,8 @@ def select_outlier_channels(ch_min: torch.Tensor, ch_max: torch.Tensor, k: int, 
         score = (hi - lo).sum(0)
     elif rule == "absmax_max":
         score = torch.maximum(hi.abs(), lo.abs()).amax(0)
+    elif rule == "range_sq_sum":
+        score = (hi - lo).square().sum(0)
     else:
         raise ValueError(f"unknown outlier selection rule {rule!r}; valid: {list(RULES)}")
     # Stable descending sort: equal scores keep ascending channel order.

@@ -1,0 +1,107 @@
+"""Calibration from partial-sum statistics: collect, select outlier channels, build per-layer codecs.
+
+Statistics follow `tpcomp_megatron.calibration`: per layer, per-channel min and max of every rank's
+partial sum and, in the last row, of the full (reduced) sum, `[tp + 1, hidden]` float32. They do
+not depend on the outlier rule or ratio, so one file serves every (rule, k): `reselect` derives the
+channels for another choice from the same statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping
+
+import torch
+
+from ..calibration import RULES, Calibration, select_outlier_channels
+from ..codecs import OutlierSpec, make_codec, parse_codec_spec
+from ..codecs.base import Codec
+from .simtp import exact_sum
+
+
+class PartialSumStats:
+    """Running per-channel min/max of each rank's partial sum and of their exact sum.
+
+    Usable as a `SimulatedTP.session(observer=...)`; real ranks feed `update_rows` per rank.
+    """
+
+    def __init__(self) -> None:
+        self.min: dict[str, torch.Tensor] = {}
+        self.max: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, partials: torch.Tensor) -> None:
+        stacked = torch.cat([partials.float(), exact_sum(partials).unsqueeze(0)])
+        self.update(name, stacked.amin(dim=1), stacked.amax(dim=1))
+
+    def update(self, name: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Merge per-source extremes `[sources, hidden]` into the running ones."""
+        lo, hi = lo.detach().float().cpu(), hi.detach().float().cpu()
+        if name in self.min:
+            if self.min[name].shape != lo.shape:
+                raise ValueError(f"{name}: statistics of shape {tuple(lo.shape)} do not match {tuple(self.min[name].shape)}")
+            torch.minimum(self.min[name], lo, out=self.min[name])
+            torch.maximum(self.max[name], hi, out=self.max[name])
+        else:
+            self.min[name], self.max[name] = lo.clone(), hi.clone()
+
+    def as_dict(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        bad = [n for n in self.min if not (torch.isfinite(self.min[n]).all() and torch.isfinite(self.max[n]).all())]
+        if bad:
+            raise ValueError(f"non-finite partial sums seen in {bad[:3]}: the model or its inputs are broken")
+        return {n: (self.min[n], self.max[n]) for n in sorted(self.min)}
+
+
+def num_outliers(hidden: int, ratio: int) -> int:
+    return OutlierSpec(ratio=ratio).num_outliers(hidden)
+
+
+def build_calibration(stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, model: str, tp: int,
+                      ratio: int = 64, rule: str = "range_sum", tokens: int, text: str,
+                      codec: str | None = None, source: str = "simulated") -> Calibration:
+    """A `Calibration` (statistics + channels chosen by `rule`, k = ceil(hidden / ratio))."""
+    if rule not in RULES:
+        raise ValueError(f"unknown outlier selection rule {rule!r}; valid: {list(RULES)}")
+    if not stats:
+        raise ValueError("no statistics: the model has no row-parallel layer or no text was run")
+    hidden = {lo.shape[1] for lo, _ in stats.values()}
+    sources = {lo.shape[0] for lo, _ in stats.values()}
+    if len(hidden) != 1 or sources != {tp + 1}:
+        raise ValueError(f"statistics must all be [tp + 1 = {tp + 1}, hidden]; got sources {sources}, hidden {hidden}")
+    h = hidden.pop()
+    k = num_outliers(h, ratio)
+    channels = {n: select_outlier_channels(lo, hi, k, rule) for n, (lo, hi) in stats.items()}
+    meta = {"model": model, "tp_size": tp, "hidden": h, "ratio": ratio, "rule": rule, "tokens": tokens,
+            "text": text, "codec": codec or f"outlier_int4/k{ratio}", "source": source}
+    return Calibration(meta=meta, stats=dict(stats), channels=channels)
+
+
+def reselect(cal: Calibration, *, ratio: int | None = None, rule: str | None = None) -> Calibration:
+    """The same statistics with channels chosen for another ratio and/or rule."""
+    ratio = cal.meta["ratio"] if ratio is None else ratio
+    rule = cal.meta["rule"] if rule is None else rule
+    if (ratio, rule) == (cal.meta["ratio"], cal.meta["rule"]):
+        return cal
+    if rule not in RULES:
+        raise ValueError(f"unknown outlier selection rule {rule!r}; valid: {list(RULES)}")
+    k = num_outliers(cal.meta["hidden"], ratio)
+    channels = {n: select_outlier_channels(lo, hi, k, rule) for n, (lo, hi) in cal.stats.items()}
+    return dataclasses.replace(cal, meta={**cal.meta, "ratio": ratio, "rule": rule}, channels=channels)
+
+
+def layer_codecs(spec: str, layers: Iterable[str], calibration: Calibration | None = None, *,
+                 rule: str | None = None) -> dict[str, Codec]:
+    """One codec per layer name for `spec`; outlier codecs take their channels from `calibration`
+    (re-selected for the spec's ratio and `rule`, default the file's rule)."""
+    parsed = parse_codec_spec(spec)
+    if parsed is None:
+        raise ValueError("spec 'none' has no codec: compression is off")
+    layers = list(layers)
+    if not isinstance(parsed, OutlierSpec):
+        if rule is not None:
+            raise ValueError(f"{spec}: an outlier rule only applies to outlier codecs")
+        codec = make_codec(parsed)
+        return {n: codec for n in layers}
+    if calibration is None:
+        raise ValueError(f"codec {spec} needs a calibration file: run tpcomp-calibrate first")
+    cal = reselect(calibration, ratio=parsed.ratio, rule=rule)
+    return {n: make_codec(parsed, cal.params(n)) for n in layers}

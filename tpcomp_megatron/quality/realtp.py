@@ -1,0 +1,154 @@
+"""Real ranks: the converted Megatron model on N gloo processes, through `apply_tp_compression`.
+
+This is the deployed path (CompressedRowParallelLinear -> CompressedComm on the reference codecs,
+gate forced open with `min_bytes=0`), used to check the simulation (partial sums, perplexity) and to
+calibrate on real ranks. The functions named `rank_*` run inside `run_ranks`, one call per rank.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import Totals, add_compared, add_reference
+from .records import slug
+from .text import TokenWindows, cache_dir
+
+ROW_SUFFIXES = ("self_attention.linear_proj", "mlp.linear_fc2")
+
+
+def convert_checkpoint(hf_folder: str | Path, tp: int, *, model_id: str, out: str | Path | None = None) -> Path:
+    """A legacy Megatron checkpoint of a Hugging Face folder for TP=`tp`, converted once (cached)."""
+    from ..convert import CONFIG_NAME, convert_hf_to_megatron
+
+    out = Path(out) if out is not None else cache_dir() / "megatron" / f"{slug(model_id)}-tp{tp}"
+    if not (out / CONFIG_NAME).exists():
+        try:
+            convert_hf_to_megatron(hf_folder, out, tp=tp, formats=["legacy"], progress=False, force=out.exists())
+        except ValueError as e:
+            raise ValueError(f"the Megatron converter cannot convert {model_id} yet: {e}") from e
+    return out
+
+
+def _load(ckpt: str, world: int):
+    from megatron.core import parallel_state, tensor_parallel
+
+    from ..convert import load_megatron_model
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    model, cfg = load_megatron_model(ckpt, fmt="legacy", parallel_output=False)
+    return model.eval(), cfg
+
+
+def _row_layers(model) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if n.endswith(ROW_SUFFIXES)}
+
+
+def _forward(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    from ..inference.loop import full_logits
+
+    return full_logits(model, tokens, vocab_size=vocab)
+
+
+def rank_partial_sums(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """This rank's partial sum of every row-parallel layer, `[batch, seq, hidden]` float32."""
+    from ..megatron.cpu import cpu_megatron
+
+    out: dict[str, torch.Tensor] = {}
+    with cpu_megatron():
+        model, cfg = _load(ckpt, world)
+        # The layer's own input and weight: exactly what its local matmul multiplies. Megatron
+        # runs [seq, batch, in]; transposed to Hugging Face's [batch, seq, hidden].
+        hooks = [m.register_forward_pre_hook(
+            lambda mod, args, name=name: out.__setitem__(name, F.linear(args[0], mod.weight).transpose(0, 1).float().clone()))
+            for name, m in _row_layers(model).items()]
+        _forward(model, tokens, cfg.vocab_size)
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Per layer: (min, max) of this rank's partial sums and (min, max) of the reduced output,
+    per channel, over every window."""
+    from ..megatron.cpu import cpu_megatron
+
+    stats: dict[str, list[torch.Tensor]] = {}
+
+    def merge(name: str, i: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        s = stats.setdefault(name, [None] * 4)
+        s[i] = lo if s[i] is None else torch.minimum(s[i], lo)
+        s[i + 1] = hi if s[i + 1] is None else torch.maximum(s[i + 1], hi)
+
+    def pre(mod, args, name):
+        p = F.linear(args[0], mod.weight).float().reshape(-1, mod.weight.shape[0])
+        merge(name, 0, p.amin(0), p.amax(0))
+
+    def post(mod, args, output, name):
+        y = output[0].float().reshape(-1, output[0].shape[-1])
+        merge(name, 2, y.amin(0), y.amax(0))
+
+    with cpu_megatron():
+        model, cfg = _load(ckpt, world)
+        hooks = []
+        for name, m in _row_layers(model).items():
+            hooks.append(m.register_forward_pre_hook(lambda mod, a, name=name: pre(mod, a, name)))
+            hooks.append(m.register_forward_hook(lambda mod, a, o, name=name: post(mod, a, o, name)))
+        for i in range(windows.inputs.shape[0]):
+            _forward(model, windows.inputs[i:i + 1], cfg.vocab_size)
+        for h in hooks:
+            h.remove()
+    return {n: tuple(s) for n, s in stats.items()}
+
+
+@dataclass(frozen=True)
+class RealPoint:
+    """A codec to run on real ranks; outlier codecs name their calibration file and rule."""
+
+    spec: str
+    calibration: str | None = None
+    ratio: int | None = None
+    rule: str | None = None
+    algorithm: str = "one_shot"
+
+
+def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, points: Sequence[RealPoint]):
+    """(baseline Totals, [Totals per point], [seconds per point], [fallback calls per point]) on
+    rank 0 (every rank computes the same gathered logits; only rank 0 scores them)."""
+    from ..calibration import load_calibration
+    from ..megatron import CompressionConfig, apply_tp_compression
+    from ..megatron.cpu import cpu_megatron
+    from .calib import reselect
+
+    base, totals = Totals(), [Totals() for _ in points]
+    seconds, fallbacks = [0.0] * len(points), [0] * len(points)
+    with cpu_megatron():
+        model, cfg = _load(ckpt, world)
+        configs = []
+        for p in points:
+            cal = None
+            if p.calibration:
+                cal = reselect(load_calibration(p.calibration), ratio=p.ratio, rule=p.rule)
+            configs.append((CompressionConfig(spec=p.spec, calibration=p.calibration, min_bytes=0, link="cpu",
+                                              algorithm=p.algorithm), cal))
+        for i in range(windows.inputs.shape[0]):
+            x, targets = windows.inputs[i:i + 1], windows.targets(i)
+            ref = windows.scored_logits(_forward(model, x, cfg.vocab_size)[0])
+            add_reference(base, ref, targets)
+            for j, (config, cal) in enumerate(configs):
+                t0 = time.perf_counter()
+                handle = apply_tp_compression(model, config, calibration=cal)
+                try:
+                    logits = windows.scored_logits(_forward(model, x, cfg.vocab_size)[0])
+                    fallbacks[j] += handle.stats.calls_fallback
+                finally:
+                    handle.remove()
+                add_compared(totals[j], logits, ref, targets)
+                seconds[j] += time.perf_counter() - t0
+    return (base, totals, seconds, fallbacks) if rank == 0 else None

@@ -1,0 +1,200 @@
+"""Simulated tensor parallelism: the row-parallel partial sums of TP=N formed in one process.
+
+`SimulatedTP(model)` wraps every attention `o_proj` and MLP `down_proj` of a Hugging Face decoder
+(Llama, Mistral, Gemma 3 layouts: `model.model.layers[i].self_attn.o_proj` / `.mlp.down_proj`).
+Each wrapper is named by its Megatron module (`decoder.layers.{i}.self_attention.linear_proj`,
+`decoder.layers.{i}.mlp.linear_fc2`), so calibration files work for simulated and real runs alike.
+
+Inside `with sim.session(tp=N, codecs=...)` a wrapped layer splits its input into the N column
+chunks Megatron would give the ranks (`partition.py`, head-aligned, padding replicated), forms each
+rank's partial sum `x_r @ W_r^T` in the model's dtype, and reduces them:
+* no codecs: exactly, in float32, in rank order;
+* codecs: the one-shot algorithm of `CompressedComm` on the reference codec,
+  `decode_sum(stack(encode(p_r, source=r)))`; or two-shot, whose reduced chunk is requantized with
+  the `REDUCED` source before it is sent again (an extra rounding the one-shot path does not have).
+Outside a session the wrappers call the original linear: the model is the unmodified model.
+
+Why not real ranks: TP=8 on a 2-core CPU would be 8 processes of the whole model; here the cost is
+one model plus the codec. The real-rank TP=2 check (`realtp.py`) confirms the partial sums agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..codecs.base import REDUCED, Codec
+from .partition import RowParallelShapes, rank_columns
+
+ALGORITHMS = ("one_shot", "two_shot")
+HF_SLOTS = {"linear_proj": ("self_attn", "o_proj", "self_attention"), "linear_fc2": ("mlp", "down_proj", "mlp")}
+
+Observer = Callable[[str, torch.Tensor], None]
+"""Called with (layer name, partial sums [tp, rows, hidden]) on every simulated forward."""
+
+
+def megatron_name(layer: int, kind: str) -> str:
+    return f"decoder.layers.{layer}.{HF_SLOTS[kind][2]}.{kind}"
+
+
+def exact_sum(partials: torch.Tensor) -> torch.Tensor:
+    """float32 sum over ranks in rank order, starting from +0.0 (as the decoders add)."""
+    acc = torch.zeros(partials.shape[1:], dtype=torch.float32, device=partials.device)
+    for p in partials:
+        acc = acc + p.float()
+    return acc
+
+
+def simulated_all_reduce(codec: Codec, partials: torch.Tensor, *, algorithm: str = "one_shot",
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What every rank receives from the compressed all-reduce of `partials` [tp, rows, hidden]."""
+    n, _, hidden = partials.shape
+    dtype = dtype or partials.dtype
+    why = codec.ineligible(hidden)
+    if why:  # the real gate would silently send these exactly; a quality sweep must not
+        raise ValueError(f"codec {codec.spec} cannot encode rows of {hidden} values: {why}")
+    payloads = torch.stack([codec.encode(p, source=r) for r, p in enumerate(partials)])
+    if algorithm == "one_shot":
+        return codec.decode_sum(payloads, hidden, range(n), dtype=dtype)
+    if algorithm == "two_shot":
+        # Rows are coded independently, so splitting them into per-rank chunks changes nothing.
+        reduced = codec.encode(codec.decode_sum_f32(payloads, hidden, range(n)), source=REDUCED)
+        return codec.decode(reduced, hidden, source=REDUCED, dtype=dtype)
+    raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; valid: {list(ALGORITHMS)}")
+
+
+@dataclass
+class _Session:
+    tp: int = 1
+    active: bool = False
+    codecs: Mapping[str, Codec | None] | None = None
+    algorithm: str = "one_shot"
+    observer: Observer | None = None
+
+
+class SimulatedRowParallel(torch.nn.Module):
+    """A row-parallel linear (`nn.Linear`) computed as TP partial sums plus a (compressed) reduction."""
+
+    def __init__(self, linear: torch.nn.Linear, *, name: str, kind: str, shapes: RowParallelShapes, state: _Session):
+        super().__init__()
+        self.linear = linear
+        self.name = name
+        self.kind = kind
+        self.shapes = shapes
+        self._state = state
+        self._split: tuple[int, list[slice | torch.Tensor], list[torch.Tensor]] | None = None
+
+    @property
+    def hidden(self) -> int:
+        return self.linear.out_features
+
+    def _rank_split(self, tp: int):
+        """(column selector, weight slice) per rank for `tp`; one TP size is cached at a time."""
+        if self._split is None or self._split[0] != tp:
+            sels, weights = [], []
+            w = self.linear.weight.detach()
+            for cols in rank_columns(self.kind, self.shapes, tp):
+                contiguous = cols.numel() > 0 and bool((cols.diff() == 1).all())
+                sel = slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols
+                sels.append(sel)
+                weights.append((w[:, sel] if contiguous else w.index_select(1, cols)).contiguous())
+            self._split = (tp, sels, weights)
+        return self._split[1], self._split[2]
+
+    def partial_sums(self, rows: torch.Tensor, tp: int) -> torch.Tensor:
+        """`[rows, in]` -> `[tp, rows, hidden]`: what each rank's local matmul produces."""
+        sels, weights = self._rank_split(tp)
+        out = rows.new_zeros((tp, rows.shape[0], self.hidden))
+        for r, (sel, w) in enumerate(zip(sels, weights)):
+            if w.shape[1]:  # a rank holding only padding heads contributes exact zeros
+                x = rows[:, sel] if isinstance(sel, slice) else rows.index_select(1, sel)
+                out[r] = F.linear(x, w)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self._state
+        if not st.active:
+            return self.linear(x)
+        rows = x.reshape(-1, x.shape[-1])
+        partials = self.partial_sums(rows, st.tp)
+        if st.observer is not None:
+            st.observer(self.name, partials)
+        codec = None if st.codecs is None or st.tp == 1 else st.codecs[self.name]
+        if codec is None:  # a layer mapped to None stays exact (per-layer mixed configurations)
+            out = exact_sum(partials).to(x.dtype)
+        else:
+            out = simulated_all_reduce(codec, partials, algorithm=st.algorithm, dtype=x.dtype)
+        if self.linear.bias is not None:  # Megatron adds the bias after the reduction
+            out = out + self.linear.bias
+        return out.reshape(*x.shape[:-1], self.hidden)
+
+
+def _decoder_layers(model: torch.nn.Module):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `model.layers` list of decoder layers; "
+                         "simulated TP supports Hugging Face Llama/Mistral/Gemma-style causal LMs")
+    return layers
+
+
+class SimulatedTP:
+    """Simulated-TP wrappers on a Hugging Face model; `remove()` puts the original linears back."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.shapes = RowParallelShapes.from_hf_config(model.config)
+        self._state = _Session()
+        self.layers: dict[str, SimulatedRowParallel] = {}
+        self._undo: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+        for i, layer in enumerate(_decoder_layers(model)):
+            for kind, (parent_attr, attr, _) in HF_SLOTS.items():
+                parent = getattr(layer, parent_attr, None)
+                linear = getattr(parent, attr, None)
+                if not isinstance(linear, torch.nn.Linear):
+                    raise ValueError(f"layer {i} has no nn.Linear {parent_attr}.{attr} (got {type(linear).__name__})")
+                wrapper = SimulatedRowParallel(linear, name=megatron_name(i, kind), kind=kind,
+                                               shapes=self.shapes, state=self._state)
+                self._check_width(wrapper)
+                setattr(parent, attr, wrapper)
+                self._undo.append((parent, attr, linear))
+                self.layers[wrapper.name] = wrapper
+        self.hidden = next(iter(self.layers.values())).hidden
+
+    def _check_width(self, w: SimulatedRowParallel) -> None:
+        s = self.shapes
+        want = s.num_heads * s.head_dim if w.kind == "linear_proj" else s.ffn_hidden_size
+        if w.linear.in_features != want:
+            raise ValueError(f"{w.name}: input width {w.linear.in_features} does not match the config ({want})")
+
+    @contextlib.contextmanager
+    def session(self, *, tp: int, codecs: Mapping[str, Codec | None] | None = None, algorithm: str = "one_shot",
+                observer: Observer | None = None) -> Iterator["SimulatedTP"]:
+        """Forwards inside run at TP=`tp`; `codecs` maps every layer name to its codec, or to None
+        for an exact reduction (all exact when `codecs` is None)."""
+        if not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tp must be a positive integer, got {tp!r}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; valid: {list(ALGORITHMS)}")
+        if codecs is not None:
+            missing = sorted(set(self.layers) - set(codecs))
+            if missing:
+                raise ValueError(f"codecs missing for {len(missing)} layers, e.g. {missing[0]}")
+        if self._state.active:
+            raise RuntimeError("a simulated-TP session is already active on this model")
+        self._state.tp, self._state.codecs, self._state.algorithm, self._state.observer = tp, codecs, algorithm, observer
+        self._state.active = True
+        try:
+            yield self
+        finally:
+            self._state.active, self._state.codecs, self._state.observer = False, None, None
+
+    def remove(self) -> None:
+        for parent, attr, linear in reversed(self._undo):
+            setattr(parent, attr, linear)
+        self._undo.clear()
+        self.layers.clear()

@@ -1,0 +1,157 @@
+"""A quality sweep: sweep points, their codecs, and the simulated-TP evaluation loop.
+
+A point is a codec at one TP size with an outlier rule (outlier codecs) and an all-reduce
+algorithm, written `SPEC[:rule=RULE][:algo=one_shot|two_shot]`, e.g.
+`outlier_int4/k64:rule=absmax_max`, `fp4_e2m1/b32/e8m0:algo=two_shot`, `rot64+fp4_e2m1/b32/e8m0`
+(experimental, see rotation.py).
+
+The loop runs window-major: each window's uncompressed logits are computed once and every point is
+compared against them while they are in memory (a 262k vocabulary makes storing them all costly).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..calibration import RULES, Calibration
+from ..codecs import OutlierSpec, parse_codec_spec
+from ..codecs.base import Codec
+from .calib import layer_codecs
+from .metrics import Totals, add_compared, add_reference
+from .rotation import RotatedBlockCodec, is_rotated_spec
+from .simtp import ALGORITHMS, SimulatedTP
+from .text import TokenWindows
+
+DEFAULT_SWEEP = (
+    # block codecs (arXiv 2411.09510): formats x block sizes x scale types
+    "fp4_e2m1/b32/e8m0", "fp4_e2m1/b16/e8m0", "fp4_e2m1/b8/e8m0", "fp4_e2m1/b32/bf16",
+    "int4/b32/bf16", "int4/b16/bf16", "fp5_e2m2/b32/e8m0", "fp5_e3m1/b32/e8m0",
+    "fp6_e2m3/b32/e8m0", "fp6_e2m3/b16/e8m0", "fp8_e4m3/b32/e8m0", "int8/b32/bf16",
+    # static outlier channels (arXiv 2411.07942): the paper's rule and the alternatives
+    "outlier_int4/k64:rule=range_sum", "outlier_int4/k64:rule=absmax_max",
+    "outlier_int4/k64:rule=range_sq_sum", "outlier_int4/k16:rule=range_sq_sum",
+    # hybrid: calibrated outliers in bf16 + a block codec for the rest
+    "outlier+fp4_e2m1/b32/e8m0/k64:rule=absmax_max", "outlier+fp4_e2m1/b32/e8m0/k64:rule=range_sq_sum",
+    "outlier+fp4_e2m1/b16/e8m0/k64:rule=range_sq_sum", "outlier+fp5_e2m2/b32/e8m0/k64:rule=range_sq_sum",
+    # experimental (simulation only): rotation in front of a block codec
+    "rot64+fp4_e2m1/b32/e8m0", "rot64+fp4_e2m1/b16/e8m0", "rot64+fp4_e2m1/b8/e8m0", "rot64+fp5_e2m2/b32/e8m0",
+    "rot64+fp6_e2m3/b32/e8m0",
+)
+# The deployed default at TP >= 4 is two-shot, which requantizes the reduced chunk.
+TWO_SHOT_SWEEP = (
+    "fp4_e2m1/b32/e8m0:algo=two_shot", "fp6_e2m3/b32/e8m0:algo=two_shot", "fp8_e4m3/b32/e8m0:algo=two_shot",
+    "outlier+fp4_e2m1/b32/e8m0/k64:rule=range_sq_sum:algo=two_shot",
+)
+SMALL_SWEEP = (
+    "fp4_e2m1/b32/e8m0", "fp4_e2m1/b16/e8m0", "fp4_e2m1/b8/e8m0", "int4/b32/bf16", "fp5_e2m2/b32/e8m0",
+    "fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0", "outlier_int4/k64:rule=range_sum",
+    "outlier_int4/k64:rule=range_sq_sum", "outlier+fp4_e2m1/b32/e8m0/k64:rule=range_sq_sum",
+    "rot64+fp4_e2m1/b32/e8m0", "rot64+fp5_e2m2/b32/e8m0",
+)
+SWEEPS = {"default": DEFAULT_SWEEP, "small": SMALL_SWEEP, "two_shot": TWO_SHOT_SWEEP}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepPoint:
+    """One evaluated configuration."""
+
+    spec: str
+    """Codec spec (project grammar) or an experimental `rot<G>+<block spec>`."""
+    tp: int
+    """Tensor-parallel size."""
+    rule: str | None = None
+    """Outlier selection rule (outlier codecs only); None: the calibration file's."""
+    algorithm: str = "one_shot"
+    """'one_shot' or 'two_shot' (requantizes the reduced chunk)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tp, int) or self.tp < 2:
+            raise ValueError(f"TP size must be an integer >= 2 (TP=1 communicates nothing), got {self.tp!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm {self.algorithm!r}: choose one of {list(ALGORITHMS)}")
+        if self.rule is not None and self.rule not in RULES:
+            raise ValueError(f"rule {self.rule!r}: choose one of {list(RULES)}")
+        if self.experimental:
+            return
+        parsed = parse_codec_spec(self.spec)
+        if parsed is None:
+            raise ValueError("'none' is the baseline, not a sweep point")
+        if self.rule is not None and not isinstance(parsed, OutlierSpec):
+            raise ValueError(f"{self.spec}: ':rule=' applies to outlier codecs only")
+        object.__setattr__(self, "spec", str(parsed))  # canonical form, e.g. defaults filled in
+
+    @property
+    def experimental(self) -> bool:
+        return is_rotated_spec(self.spec)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return not self.experimental and isinstance(parse_codec_spec(self.spec), OutlierSpec)
+
+    @property
+    def label(self) -> str:
+        parts = [self.spec] + ([f"rule={self.rule}"] if self.rule else []) + ([f"algo={self.algorithm}"] if self.algorithm != "one_shot" else [])
+        return f"TP={self.tp} " + ":".join(parts)
+
+    @classmethod
+    def parse(cls, text: str, tp: int) -> "SweepPoint":
+        spec, *opts = text.strip().split(":")
+        kw: dict = {}
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if not eq or key not in ("rule", "algo") or key in kw:
+                raise ValueError(f"bad sweep point option {opt!r} in {text!r}; use SPEC[:rule=RULE][:algo=one_shot|two_shot]")
+            kw[key] = value
+        return cls(spec=spec, tp=tp, rule=kw.get("rule"), algorithm=kw.get("algo", "one_shot"))
+
+
+def point_codecs(point: SweepPoint, layers: Sequence[str], hidden: int, calibration: Calibration | None) -> dict[str, Codec]:
+    if point.experimental:
+        codec = RotatedBlockCodec(point.spec, hidden)
+        return {n: codec for n in layers}
+    if point.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"{point.label} needs a calibration file made at TP={point.tp} (tpcomp-calibrate --tp {point.tp})")
+        calibration.check_matches(tp_size=point.tp, hidden=hidden)
+    return layer_codecs(point.spec, layers, calibration if point.needs_calibration else None, rule=point.rule)
+
+
+@dataclass
+class SweepResult:
+    baseline: Totals
+    totals: dict[SweepPoint, Totals]
+    bits: dict[SweepPoint, float]
+    seconds: dict[SweepPoint, float]
+
+
+def run_simulated(model, sim: SimulatedTP, windows: TokenWindows, points: Sequence[SweepPoint],
+                  calibrations: Mapping[int, Calibration], *, log: Callable[[str], None] = lambda s: None) -> SweepResult:
+    """Evaluate every point on every window against the unmodified model's logits."""
+    codecs = {}
+    for p in points:  # built (and validated) before any forward, so a bad point fails fast
+        try:
+            codecs[p] = point_codecs(p, list(sim.layers), sim.hidden, calibrations.get(p.tp))
+        except ValueError as e:
+            raise ValueError(f"{p.label}: {e}") from None
+    res = SweepResult(baseline=Totals(), totals={p: Totals() for p in points},
+                      bits={p: next(iter(codecs[p].values())).bits_per_value(sim.hidden) for p in points},
+                      seconds={p: 0.0 for p in points})
+    n = windows.inputs.shape[0]
+    with torch.no_grad():
+        for i in range(n):
+            x, targets = windows.inputs[i:i + 1], windows.targets(i)
+            ref = windows.scored_logits(model(x).logits[0])
+            add_reference(res.baseline, ref, targets)
+            for p in points:
+                t0 = time.perf_counter()
+                with sim.session(tp=p.tp, codecs=codecs[p], algorithm=p.algorithm):
+                    logits = windows.scored_logits(model(x).logits[0])
+                add_compared(res.totals[p], logits, ref, targets)
+                res.seconds[p] += time.perf_counter() - t0
+            log(f"window {i + 1}/{n}: baseline ppl so far {res.baseline.ppl:.3f}; "
+                + "; ".join(f"{p.label} {t.ppl:.3f}" for p, t in list(res.totals.items())[:3]) + (" ..." if len(points) > 3 else ""))
+    return res
