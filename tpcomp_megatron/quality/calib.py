@@ -9,7 +9,7 @@ channels for another choice from the same statistics.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 

@@ -45,7 +45,7 @@ class RowParallelShapes:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 
     @classmethod
-    def from_hf_config(cls, config) -> "RowParallelShapes":
+    def from_hf_config(cls, config) -> RowParallelShapes:
         heads = int(config.num_attention_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(num_heads=heads, num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),

@@ -7,10 +7,11 @@ calibrate on real ranks. The functions named `rank_*` run inside `run_ranks`, on
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +36,23 @@ def convert_checkpoint(hf_folder: str | Path, tp: int, *, model_id: str, out: st
     return out
 
 
-def _load(ckpt: str, world: int):
+@contextlib.contextmanager
+def _megatron(ckpt: str, world: int):
+    """The converted model at TP=`world` on CPU; parallel state is torn down on exit, so one
+    rank process can run several of these one after the other."""
     from megatron.core import parallel_state, tensor_parallel
 
     from ..convert import load_megatron_model
+    from ..megatron.cpu import cpu_megatron
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    tensor_parallel.model_parallel_cuda_manual_seed(1)
-    model, cfg = load_megatron_model(ckpt, fmt="legacy", parallel_output=False)
-    return model.eval(), cfg
+    with cpu_megatron():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+        try:
+            tensor_parallel.model_parallel_cuda_manual_seed(1)
+            model, cfg = load_megatron_model(ckpt, fmt="legacy", parallel_output=False)
+            yield model.eval(), cfg
+        finally:
+            parallel_state.destroy_model_parallel()
 
 
 def _row_layers(model) -> dict[str, torch.nn.Module]:
@@ -58,11 +67,8 @@ def _forward(model, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def rank_partial_sums(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """This rank's partial sum of every row-parallel layer, `[batch, seq, hidden]` float32."""
-    from ..megatron.cpu import cpu_megatron
-
     out: dict[str, torch.Tensor] = {}
-    with cpu_megatron():
-        model, cfg = _load(ckpt, world)
+    with _megatron(ckpt, world) as (model, cfg):
         # The layer's own input and weight: exactly what its local matmul multiplies. Megatron
         # runs [seq, batch, in]; transposed to Hugging Face's [batch, seq, hidden].
         hooks = [m.register_forward_pre_hook(
@@ -77,8 +83,6 @@ def rank_partial_sums(rank: int, world: int, ckpt: str, tokens: torch.Tensor) ->
 def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows) -> dict[str, tuple[torch.Tensor, ...]]:
     """Per layer: (min, max) of this rank's partial sums and (min, max) of the reduced output,
     per channel, over every window."""
-    from ..megatron.cpu import cpu_megatron
-
     stats: dict[str, list[torch.Tensor]] = {}
 
     def merge(name: str, i: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -94,8 +98,7 @@ def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows) -> 
         y = output[0].float().reshape(-1, output[0].shape[-1])
         merge(name, 2, y.amin(0), y.amax(0))
 
-    with cpu_megatron():
-        model, cfg = _load(ckpt, world)
+    with _megatron(ckpt, world) as (model, cfg):
         hooks = []
         for name, m in _row_layers(model).items():
             hooks.append(m.register_forward_pre_hook(lambda mod, a, name=name: pre(mod, a, name)))
@@ -123,13 +126,11 @@ def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, point
     rank 0 (every rank computes the same gathered logits; only rank 0 scores them)."""
     from ..calibration import load_calibration
     from ..megatron import CompressionConfig, apply_tp_compression
-    from ..megatron.cpu import cpu_megatron
     from .calib import reselect
 
     base, totals = Totals(), [Totals() for _ in points]
     seconds, fallbacks = [0.0] * len(points), [0] * len(points)
-    with cpu_megatron():
-        model, cfg = _load(ckpt, world)
+    with _megatron(ckpt, world) as (model, cfg):
         configs = []
         for p in points:
             cal = None

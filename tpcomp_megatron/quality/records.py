@@ -31,8 +31,8 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False)
     rev = out.stdout.strip() or "unknown"
     return rev + ("-dirty" if dirty.stdout.strip() else "")
 
@@ -64,8 +64,7 @@ def quality_record(*, model: str, text: str, totals: Totals, baseline: Totals, w
 def append_records(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=False) + "\n")
+        f.writelines(json.dumps(r, sort_keys=False) + "\n" for r in records)
 
 
 def read_records(path: Path) -> list[dict]:

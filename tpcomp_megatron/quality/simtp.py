@@ -21,8 +21,8 @@ one model plus the codec. The real-rank TP=2 check (`realtp.py`) confirms the pa
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +173,7 @@ class SimulatedTP:
 
     @contextlib.contextmanager
     def session(self, *, tp: int, codecs: Mapping[str, Codec | None] | None = None, algorithm: str = "one_shot",
-                observer: Observer | None = None) -> Iterator["SimulatedTP"]:
+                observer: Observer | None = None) -> Iterator[SimulatedTP]:
         """Forwards inside run at TP=`tp`; `codecs` maps every layer name to its codec, or to None
         for an exact reduction (all exact when `codecs` is None)."""
         if not isinstance(tp, int) or tp < 1:

@@ -12,8 +12,8 @@ compared against them while they are in memory (a 262k vocabulary makes storing 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -98,7 +98,7 @@ class SweepPoint:
         return f"TP={self.tp} " + ":".join(parts)
 
     @classmethod
-    def parse(cls, text: str, tp: int) -> "SweepPoint":
+    def parse(cls, text: str, tp: int) -> SweepPoint:
         spec, *opts = text.strip().split(":")
         kw: dict = {}
         for opt in opts:

