@@ -1,0 +1,21 @@
+"""Fused Triton kernels of the codecs (installed as `tpcomp_megatron.kernels`).
+
+The four operations `tpcomp_megatron.ops` dispatches CUDA tensors to, bit-exact with the codecs'
+PyTorch reference (`tpcomp_megatron.codecs`):
+
+* `encode(codec, x, *, source)`: quantize and pack in one pass.
+* `decode_sum(codec, payloads, hidden, *, sources, dtype)`: dequantize and sum n payloads.
+* `decode_sum_encode(codec, payloads, hidden, *, sources, out_source)`: the two-shot middle,
+  dequantize, sum and requantize without leaving registers.
+* `decode_each(codec, payloads, hidden, *, sources, dtype)`: dequantize n payloads side by side.
+
+Files by idea: `numerics.py` (bit-exact rounding and scales), `pack.py` (codes and scales <->
+bytes), `block.py` (block and hybrid codec kernels), `outlier.py` (static outlier codec kernels),
+`tables.py` (per-codec device tables), `launch.py` (tiles), `api.py` (custom ops `torch.ops.tpcomp.*`
+and the validated public functions). Built while TRITON_INTERPRET=1 is set, the kernels run on
+CPU tensors in Triton's interpreter (that is how CI tests them).
+"""
+
+from .api import INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, encode
+
+__all__ = ["INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode", "encode"]

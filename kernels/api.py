@@ -1,0 +1,202 @@
+"""Public kernel API: the four codec operations of `tpcomp_megatron.ops`, as torch custom ops.
+
+`encode`, `decode_sum`, `decode_sum_encode` and `decode_each` take a codec object and validate
+their inputs; the work is done by ops in the `tpcomp` namespace (`torch.ops.tpcomp.*`) whose
+arguments are plain tensors, ints and strings, with fake (meta) implementations, so the calls
+trace under torch.compile and replay inside CUDA graphs. Every op returns a new tensor and
+produces the same bytes as the codec's PyTorch reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+from tpcomp_megatron.codecs.base import SUPPORTED_DTYPES, Codec
+from tpcomp_megatron.codecs.block import BlockCodec
+from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
+
+from . import block as _block
+from . import outlier as _outlier
+from .tables import outlier_tables, source_progression, source_row
+
+Tensor = torch.Tensor
+SUPPORTED_CODECS = (BlockCodec, StaticOutlierCodec, HybridCodec)
+# Kernels built while TRITON_INTERPRET=1 was set run on CPU tensors (tests); compiled ones need CUDA.
+INTERPRETED = isinstance(_block._block_encode_kernel, InterpretedFunction)
+
+
+# -- custom ops -------------------------------------------------------------------------------
+@torch.library.custom_op("tpcomp::block_encode", mutates_args=())
+def block_encode(x: Tensor, element: str, block: int, scale: str, data_bytes: int,
+                 slot: Optional[Tensor], slots_off: int, row_bytes: int) -> Tensor:
+    out = torch.empty(x.shape[0], row_bytes, dtype=torch.uint8, device=x.device)
+    _block.launch_block_encode(x, out, element=element, block=block, scale=scale, data_bytes=data_bytes,
+                               slot=slot, slots_off=slots_off)
+    return out
+
+
+@block_encode.register_fake
+def _(x, element, block, scale, data_bytes, slot, slots_off, row_bytes):
+    return x.new_empty((x.shape[0], row_bytes), dtype=torch.uint8)
+
+
+@torch.library.custom_op("tpcomp::block_decode", mutates_args=())
+def block_decode(payloads: Tensor, hidden: int, element: str, block: int, scale: str, data_bytes: int,
+                 slot: Optional[Tensor], slots_off: int, mode: str, dtype: torch.dtype) -> Tensor:
+    """mode 'sum' -> [rows, hidden], 'each' -> [n * rows, hidden], 'encode' -> payload."""
+    n, rows, row_bytes = payloads.shape
+    if mode == "encode":
+        out = torch.empty(rows, row_bytes, dtype=torch.uint8, device=payloads.device)
+    else:
+        out = torch.empty((n * rows if mode == "each" else rows), hidden, dtype=dtype, device=payloads.device)
+    if mode == "each":  # no sources to tell apart: decode one payload of n * rows rows
+        payloads = payloads.view(1, n * rows, row_bytes)
+    _block.launch_block_decode(payloads, out, hidden=hidden, element=element, block=block, scale=scale,
+                               data_bytes=data_bytes, slot=slot, slots_off=slots_off,
+                               encode=mode == "encode", each=mode == "each")
+    return out
+
+
+@block_decode.register_fake
+def _(payloads, hidden, element, block, scale, data_bytes, slot, slots_off, mode, dtype):
+    return _fake_decode(payloads, hidden, mode, dtype)
+
+
+def _fake_decode(payloads, hidden, mode, dtype):
+    n, rows, row_bytes = payloads.shape
+    if mode == "encode":
+        return payloads.new_empty((rows, row_bytes), dtype=torch.uint8)
+    return payloads.new_empty((n * rows if mode == "each" else rows, hidden), dtype=dtype)
+
+
+@torch.library.custom_op("tpcomp::static_encode", mutates_args=())
+def static_encode(x: Tensor, lo: Tensor, inv: Tensor, chan: Tensor, src_row: int) -> Tensor:
+    out = torch.empty(x.shape[0], x.shape[1] // 2 + 2 * chan.numel(), dtype=torch.uint8, device=x.device)
+    _outlier.launch_static_encode(x, out, lo=lo, inv=inv, chan=chan, src_row=src_row)
+    return out
+
+
+@static_encode.register_fake
+def _(x, lo, inv, chan, src_row):
+    return x.new_empty((x.shape[0], x.shape[1] // 2 + 2 * chan.numel()), dtype=torch.uint8)
+
+
+@torch.library.custom_op("tpcomp::static_decode", mutates_args=())
+def static_decode(payloads: Tensor, hidden: int, lo: Tensor, step: Tensor, lo_out: Tensor, inv: Tensor, slot: Tensor,
+                  k: int, src_start: int, src_step: int, mode: str, out_row: int,
+                  dtype: torch.dtype) -> Tensor:
+    """mode 'sum' -> [rows, hidden], 'each' -> [n * rows, hidden], 'encode' -> payload."""
+    n, rows, row_bytes = payloads.shape
+    if mode == "encode":
+        out = torch.empty(rows, row_bytes, dtype=torch.uint8, device=payloads.device)
+    else:
+        out = torch.empty((n * rows if mode == "each" else rows), hidden, dtype=dtype, device=payloads.device)
+    _outlier.launch_static_decode(payloads, out, hidden=hidden, lo=lo, step=step, lo_out=lo_out, inv=inv, slot=slot, k=k,
+                                  src_start=src_start, src_step=src_step, each=mode == "each", out_row=out_row)
+    return out
+
+
+@static_decode.register_fake
+def _(payloads, hidden, lo, step, lo_out, inv, slot, k, src_start, src_step, mode, out_row, dtype):
+    return _fake_decode(payloads, hidden, mode, dtype)
+
+
+# -- public API -------------------------------------------------------------------------------
+def _check_codec(codec: Codec) -> None:
+    if not isinstance(codec, SUPPORTED_CODECS):
+        raise ValueError(f"no fused kernels for codec {type(codec).__name__}; supported: "
+                         f"{[c.__name__ for c in SUPPORTED_CODECS]} (use the codec's reference methods)")
+
+
+def _check_device(t: Tensor) -> None:
+    if INTERPRETED == t.is_cuda:
+        need = "CPU tensors (the kernels were built with TRITON_INTERPRET=1)" if INTERPRETED else "CUDA tensors"
+        raise ValueError(f"tpcomp kernels take {need}; got a tensor on {t.device}")
+
+
+def _check_payloads(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int]) -> Tensor:
+    _check_codec(codec)
+    _check_device(payloads)
+    why = codec.ineligible(hidden)
+    if why:
+        raise ValueError(f"{codec.spec}: {why}")
+    if payloads.dtype != torch.uint8 or payloads.dim() != 3:
+        raise ValueError(f"payloads must be uint8 [n, rows, row_bytes]; got {payloads.dtype} {tuple(payloads.shape)}")
+    if payloads.shape[0] < 1 or payloads.shape[2] != codec.row_bytes(hidden):
+        raise ValueError(f"{codec.spec}: payloads {tuple(payloads.shape)} do not hold rows of {hidden} values "
+                         f"(expected [n >= 1, rows, {codec.row_bytes(hidden)}])")
+    if len(sources) != payloads.shape[0]:
+        raise ValueError(f"{len(sources)} sources given for {payloads.shape[0]} payloads")
+    return payloads.contiguous()
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"output dtype {dtype} not supported; use one of {SUPPORTED_DTYPES}")
+
+
+def _block_args(codec: Codec, hidden: int, device: torch.device) -> tuple:
+    """(element, block, scale, data_bytes, slot, slots_off) of a block or hybrid codec."""
+    base = codec.block if isinstance(codec, HybridCodec) else codec
+    slot = outlier_tables(codec, device).slot if isinstance(codec, HybridCodec) else None
+    spec = base.spec
+    return spec.element, spec.block, spec.scale, base.data_bytes(hidden), slot, base.row_bytes(hidden)
+
+
+def _static_sources(codec: StaticOutlierCodec, tables, sources: Sequence[int]):
+    """(lo, step, first row, row step): per-payload table rows as an arithmetic progression;
+    any other order gets tables gathered for this call (a host-to-device copy, not graph-safe)."""
+    prog = source_progression(sources, tables.sources)
+    if prog is not None:
+        return tables.lo, tables.step, prog[0], prog[1]
+    idx = torch.tensor([source_row(int(s), tables.sources) for s in sources], device=tables.lo.device)
+    return tables.lo.index_select(0, idx), tables.step.index_select(0, idx), 0, 1
+
+
+def encode(codec: Codec, x: Tensor, *, source: int) -> Tensor:
+    """`[rows, hidden]` bf16/fp16/fp32 -> payload `[rows, codec.row_bytes(hidden)]` uint8."""
+    _check_codec(codec)
+    codec.check_input(x)
+    _check_device(x)
+    x = x.contiguous()
+    hidden = x.shape[1]
+    if isinstance(codec, StaticOutlierCodec):
+        t = outlier_tables(codec, x.device)
+        return torch.ops.tpcomp.static_encode(x, t.lo, t.inv, t.chan, source_row(source, t.sources))
+    return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
+
+
+def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,
+            mode: str, out_source: int = 0) -> Tensor:
+    if isinstance(codec, StaticOutlierCodec):
+        t = outlier_tables(codec, payloads.device)
+        lo, step, first, stride = _static_sources(codec, t, sources)
+        return torch.ops.tpcomp.static_decode(payloads, hidden, lo, step, t.lo, t.inv, t.slot, t.chan.numel(), first,
+                                              stride, mode, source_row(out_source, t.sources), dtype)
+    return torch.ops.tpcomp.block_decode(payloads, hidden, *_block_args(codec, hidden, payloads.device), mode, dtype)
+
+
+def decode_sum(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int],
+               dtype: torch.dtype) -> Tensor:
+    """`[n, rows, row_bytes]` -> `[rows, hidden]`: float32 sum in index order from +0.0, as `dtype`."""
+    payloads = _check_payloads(codec, payloads, hidden, sources)
+    _check_dtype(dtype)
+    return _decode(codec, payloads, hidden, sources, dtype, "sum")
+
+
+def decode_sum_encode(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int],
+                      out_source: int) -> Tensor:
+    """Sum n payloads in float32 and requantize the sum (source `out_source`) into one payload."""
+    payloads = _check_payloads(codec, payloads, hidden, sources)
+    return _decode(codec, payloads, hidden, sources, torch.float32, "encode", out_source)
+
+
+def decode_each(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int],
+                dtype: torch.dtype) -> Tensor:
+    """`[n, rows, row_bytes]` -> `[n * rows, hidden]`: each payload decoded with its source."""
+    payloads = _check_payloads(codec, payloads, hidden, sources)
+    _check_dtype(dtype)
+    return _decode(codec, payloads, hidden, sources, dtype, "each")

@@ -1,0 +1,169 @@
+"""Fused kernels of the block ("microscaling") codec and of the hybrid (outliers + block) codec.
+
+Grid: (row tiles, column tiles); a program owns `R` rows x `T` columns, `T // B` whole blocks, so
+block scales live in registers and no program depends on another. Input is read once, payload
+written once.
+
+Hybrid (`OUTLIERS`): `slot[c]` is the outlier slot index of channel c or -1. Encode stores the
+channel's bf16 value in its slot and zeroes it before the block scales are taken; decode replaces
+the block value of the channel by its slot. These are the only gathers/scatters, 1 lane in ~64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import LAUNCH_OPTIONS, Tiles, choose_tiles, format_constexprs, needs_int64, out_kind, slots_even
+from .numerics import (_BF16_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits, _code_to_value, _decode_scales,
+                       _encode_scales, _input_to_f32, _MAX, _SUM, _store_output, _value_to_code)
+from .pack import _load_bf16_slots, _load_codes, _load_scales, _store_bf16_slots, _store_codes, _store_scales
+
+
+@triton.jit
+def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
+                       R: tl.constexpr, T: tl.constexpr, B: tl.constexpr, SCALE_BF16: tl.constexpr,
+                       BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
+                       BIAS: tl.constexpr, MAX_CODE: tl.constexpr, EMAX: tl.constexpr,
+                       MAXV: tl.constexpr):
+    """Quantize a float32 tile [R, T] (whole blocks) and store its codes and scales."""
+    x3 = tl.reshape(x, [R, T // B, B])
+    finite = (_bits(x3) & 0x7FFFFFFF) < 0x7F800000
+    bad = tl.reduce(tl.where(finite, 0, 1), 2, _SUM) > 0
+    amax = tl.reduce(tl.where(finite, tl.abs(x3), 0.0), 2, _MAX)
+    amax = tl.where(bad, 0.0, amax)  # a non-finite value never reaches a scale
+    stored, inv = _encode_scales(amax, bad, SCALE_BF16, EMAX, MAXV)
+    codes = _value_to_code(x3 * inv[:, :, None], BITS, EBITS, MBITS, 1 - BIAS,
+                           (1 << EBITS) - 1 - BIAS, MAX_CODE)
+    codes = tl.where(bad[:, :, None], 0, codes)
+    _store_codes(out_ptr, row_off, row_mask, col0, hidden, tl.reshape(codes, [R, T]), R, T, BITS)
+    _store_scales(out_ptr, row_off, row_mask, col0, hidden, data_bytes, stored, R, T, B,
+                  2 if SCALE_BF16 else 1)
+
+
+@triton.jit
+def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, rows, hidden, row_bytes, data_bytes, slots_off,
+                         IN_BF16: tl.constexpr, IN_F16: tl.constexpr, OUTLIERS: tl.constexpr,
+                         EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
+                         SCALE_BF16: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
+                         MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
+                         EMAX: tl.constexpr, MAXV: tl.constexpr, SUB_UNIT: tl.constexpr):
+    r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
+    col0 = tl.program_id(1) * T
+    c = col0 + tl.arange(0, T)[None, :]
+    row_mask = r < rows
+    if I64:
+        r = r.to(tl.int64)
+    m = row_mask & (c < hidden)
+    raw = tl.load(x_ptr + r * hidden + c, mask=m, other=0.0, eviction_policy="evict_first")
+    x = _input_to_f32(raw, IN_BF16)
+    row_off = r * row_bytes
+    if OUTLIERS:
+        slot = tl.load(slot_ptr + c, mask=c < hidden, other=-1)
+        is_o = slot >= 0
+        if IN_BF16:  # bf16 inputs travel bit for bit (the reference's .to(bf16) is a no-op)
+            obits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        elif IN_F16:
+            obits = tl.where(x != x, _BF16_NAN_BITS, _bf16_bits(x))
+        else:
+            obits = _bf16_bits(x)
+        _store_bf16_slots(out_ptr, row_off + slots_off + 2 * slot, obits, m & is_o, EVEN)
+        x = tl.where(is_o, 0.0, x)
+    _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B, SCALE_BF16,
+                       BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV)
+
+
+@triton.jit
+def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, rows, hidden, row_bytes, data_bytes, slots_off,
+                         src_stride, N: tl.constexpr, EACH: tl.constexpr, ENCODE: tl.constexpr,
+                         OUT_KIND: tl.constexpr,
+                         OUTLIERS: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+                         R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
+                         SCALE_BF16: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
+                         MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
+                         EMAX: tl.constexpr, MAXV: tl.constexpr, SUB_UNIT: tl.constexpr):
+    """Sum of N payloads [N, rows, row_bytes] in float32, in index order from +0.0; stored as
+    the output dtype, or (ENCODE) requantized into one payload [rows, row_bytes]. EACH (N = 1):
+    a plain decode, no accumulation."""
+    SB: tl.constexpr = 2 if SCALE_BF16 else 1
+    r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
+    col0 = tl.program_id(1) * T
+    c = col0 + tl.arange(0, T)[None, :]
+    row_mask = r < rows
+    if I64:
+        r = r.to(tl.int64)
+    m = row_mask & (c < hidden)
+    row_off = r * row_bytes
+    if OUTLIERS:
+        slot = tl.load(slot_ptr + c, mask=c < hidden, other=-1)
+        is_o = slot >= 0
+    acc = tl.full([R, T], 0.0, tl.float32)
+    for i in tl.static_range(N):
+        off = (r * 0 + i) * src_stride + row_off  # int64 when I64
+        codes = _load_codes(p_ptr, off, row_mask, col0, hidden, R, T, BITS)
+        scale = _decode_scales(_load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB),
+                               SCALE_BF16)
+        v = tl.reshape(_code_to_value(codes, BITS, EBITS, MBITS, BIAS, SUB_UNIT), [R, T // B, B])
+        v = tl.reshape(v * scale[:, :, None], [R, T])
+        if OUTLIERS:
+            v = tl.where(is_o, _bf16_bits_to_f32(_load_bf16_slots(p_ptr, off + slots_off + 2 * slot, m & is_o, EVEN)), v)
+        if EACH:
+            acc = v  # a plain decode: -0.0 stays -0.0 (0.0 + -0.0 would not)
+        else:
+            acc = acc + v
+    if ENCODE:
+        if OUTLIERS:
+            _store_bf16_slots(out_ptr, row_off + slots_off + 2 * slot, _bf16_bits(acc), m & is_o, EVEN)
+            acc = tl.where(is_o, 0.0, acc)
+        _encode_block_tile(acc, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B,
+                           SCALE_BF16, BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV)
+    else:
+        _store_output(out_ptr, r * hidden + c, acc, m, OUT_KIND)
+
+
+# -- launchers --------------------------------------------------------------------------------
+def _constexprs(element, block, scale) -> dict:
+    from tpcomp_megatron.codecs.formats import FORMATS
+
+    return {"B": block, "SCALE_BF16": scale == "bf16", **format_constexprs(FORMATS[element])}
+
+
+def _grid(rows: int, hidden: int, tiles) -> tuple[int, int]:
+    return (triton.cdiv(rows, tiles.rows), triton.cdiv(hidden, tiles.cols))
+
+
+def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, block: int, scale: str,
+                        data_bytes: int, slot: torch.Tensor | None, slots_off: int,
+                        tiles: Tiles | None = None) -> None:
+    """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `tiles` overrides the
+    tile policy (tools/bench_kernels.py --tune)."""
+    rows, hidden = x.shape
+    if rows == 0:
+        return
+    tiles = tiles or choose_tiles(rows, hidden, block, x.is_cuda)
+    _block_encode_kernel[_grid(rows, hidden, tiles)](
+        x, out, slot if slot is not None else out, rows, hidden, out.shape[1], data_bytes, slots_off,
+        IN_BF16=x.dtype == torch.bfloat16, IN_F16=x.dtype == torch.float16, OUTLIERS=slot is not None,
+        EVEN=slots_even(out, slots_off),
+        I64=needs_int64(x.numel(), out.numel()), R=tiles.rows, T=tiles.cols,
+        num_warps=tiles.num_warps, **_constexprs(element, block, scale), **LAUNCH_OPTIONS)
+
+
+def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: int, element: str,
+                        block: int, scale: str, data_bytes: int, slot: torch.Tensor | None,
+                        slots_off: int, encode: bool, each: bool = False, tiles: Tiles | None = None) -> None:
+    """payloads [n, rows, row_bytes] -> out [rows, hidden] (float dtypes) or, with `encode`,
+    the requantized sum [rows, row_bytes] uint8."""
+    n, rows, row_bytes = payloads.shape
+    if rows == 0:
+        return
+    tiles = tiles or choose_tiles(rows, hidden, block, payloads.is_cuda)
+    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 rounded by hand
+    _block_decode_kernel[_grid(rows, hidden, tiles)](
+        payloads, dst, slot if slot is not None else payloads, rows, hidden, row_bytes, data_bytes,
+        slots_off, rows * row_bytes, N=n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out.dtype),
+        OUTLIERS=slot is not None, EVEN=slots_even(payloads, slots_off) and (not encode or slots_even(out, slots_off)),
+        I64=needs_int64(payloads.numel(), out.numel()),
+        R=tiles.rows, T=tiles.cols, num_warps=tiles.num_warps,
+        **_constexprs(element, block, scale), **LAUNCH_OPTIONS)

@@ -1,0 +1,80 @@
+"""Launch settings shared by the kernels: format constants, tile shapes, index width.
+
+Tile policy. The kernels are memory-bound, so a program should move a lot of bytes: a tile is
+`R` rows x `T` columns, about `GPU_TILE_ELEMS` elements, several blocks of a row per program. `T`
+is the power of two (at least `unit`, at most `GPU_MAX_T`) that pads the row least (ties: the
+larger); a row whose length is not a power of two gets exact tiles where some power of two divides
+it (5120 -> 1024, 576 -> 64). Under TRITON_INTERPRET=1 the cost is per program, not per byte, so
+CPU tensors get one tile as wide as the row and as many rows as fit `CPU_TILE_ELEMS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpcomp_megatron.codecs.formats import ElementFormat
+
+GPU_TILE_ELEMS = 8192
+GPU_MAX_T = 1024
+CPU_TILE_ELEMS = 1 << 16
+INT32_LIMIT = (1 << 31) - 1
+
+# Every kernel is launched without fused multiply-add: the reference rounds `x * inv` before the
+# element rounding, and a contraction into the following add would skip that rounding.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def format_constexprs(fmt: ElementFormat) -> dict:
+    """The kernels' compile-time description of an element format (derived from the reference)."""
+    bias = fmt.bias if not fmt.is_int else 0
+    return {
+        "BITS": fmt.bits, "EBITS": fmt.ebits, "MBITS": fmt.mbits, "BIAS": bias,
+        "MAX_CODE": fmt.max_code, "EMAX": fmt.emax, "MAXV": float(fmt.max_value),
+        "SUB_UNIT": 2.0 ** (1 - bias - fmt.mbits),
+    }
+
+
+@dataclass(frozen=True)
+class Tiles:
+    rows: int  # R: rows per program (power of two)
+    cols: int  # T: columns per program or per loop step (power of two)
+    num_warps: int
+
+
+def choose_tiles(rows: int, hidden: int, unit: int, on_gpu: bool, *, max_t: int = GPU_MAX_T,
+                 elems: int = GPU_TILE_ELEMS) -> Tiles:
+    """Tile for a `[rows, hidden]` problem whose column tiles must be multiples of `unit`."""
+    if not on_gpu:
+        t = max(unit, _pow2_ceil(hidden))
+        r = max(1, min(_pow2_ceil(rows), CPU_TILE_ELEMS // t))
+        return Tiles(r, t, 4)
+    best = unit
+    t = unit
+    while t <= max(unit, min(max_t, _pow2_ceil(hidden))):
+        if -(-hidden // t) * t <= -(-hidden // best) * best:
+            best = t
+        t *= 2
+    r = max(1, min(_pow2_ceil(rows), elems // best))
+    return Tiles(r, best, 8 if r * best >= 8192 else 4)
+
+
+def needs_int64(*numels: int) -> bool:
+    """Whether some byte or element offset can pass 2**31 - 1 (then indices are int64)."""
+    return max(numels) > INT32_LIMIT
+
+
+def out_kind(dtype: torch.dtype) -> int:
+    """Output dtype -> the kernels' OUT_KIND constant (see numerics._store_output)."""
+    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+
+
+def slots_even(payload: torch.Tensor, slots_off: int) -> bool:
+    """Whether every bf16 slot of a payload `[..., row_bytes]` starts at an even address (then
+    the kernels move slots as 16-bit values)."""
+    return payload.data_ptr() % 2 == 0 and payload.shape[-1] % 2 == 0 and slots_off % 2 == 0

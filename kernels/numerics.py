@@ -1,0 +1,167 @@
+"""Bit-exact scalar arithmetic of the codecs, as Triton device functions.
+
+Every helper reproduces one step of the PyTorch reference (`tpcomp_megatron.codecs`) bit for bit,
+on the GPU and under TRITON_INTERPRET=1 alike. That rules out a few Triton conveniences:
+
+* fp32 `/` may compile to an approximate division: quotients use `tl.math.div_rn` (IEEE).
+* Triton has no rint/round: ties-to-even integers come from adding 1.5 * 2**23 (the float adder
+  rounds the fraction away) and reading the integer out of the mantissa bits.
+* `.to(tl.bfloat16)` truncates in the interpreter: bf16 bit patterns are rounded by hand (ties to
+  even) with the NaN patterns of the CPU reference, so payloads and outputs match anywhere. torch
+  2.x on the CPU turns a float32 NaN into bf16 0xFFFF (its vectorized conversion) but a float16
+  NaN into 0x7FC0; on CUDA it gives 0x7FFF. The kernels follow the CPU (see `_bf16_bits`).
+* unary minus is `0 - x` (+0 for +0): signs are set with the sign bit, so -0.0 survives.
+* floor(log2 |v|) and powers of two are built from exponent bits (exact, no log2/exp2).
+Kernels are launched with `enable_fp_fusion=False`: a fused multiply-add would skip the rounding
+of `x * inv` that the reference performs before rounding to the element grid.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it leaves round-to-nearest-even(t) in the low mantissa bits
+_MAGIC_BITS = tl.constexpr(0x4B400000)  # bit pattern of _MAGIC
+_F32_NAN_BITS = tl.constexpr(0x7FC00000)
+_BF16_NAN_BITS = tl.constexpr(0x7FC0)  # the block codec's NaN scale, and torch's fp16 NaN -> bf16
+_BF16_F32_NAN_BITS = tl.constexpr(0xFFFF)  # torch's (CPU) float32 NaN -> bf16
+
+
+# Reductions call tl.reduce with Triton's own combiners rather than tl.max / tl.sum, and tensors
+# are made with tl.full rather than tl.zeros. tl.max, tl.sum and tl.zeros are @triton.jit
+# functions of Triton's library, compiled or interpreted according to TRITON_INTERPRET when
+# *triton* was imported, and the tests interpret these kernels in a process that may have
+# imported triton compiled (megatron-core does). The interpreter recognizes these combiners and
+# reduces with numpy (any other combiner runs element by element in Python, 1000x slower).
+# Bit fields and 0/1 flags are disjoint, so their sum is their bitwise or. Same GPU code.
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
+
+
+@triton.jit
+def _bits(x):
+    return x.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _from_bits(b):
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rne_int(t):
+    """round-half-to-even(t) as int32, for |t| < 2**22."""
+    return _bits(t + _MAGIC) - _MAGIC_BITS
+
+
+@triton.jit
+def _bf16_bits(x):
+    """float32 -> bf16 bit pattern (int32 in 0..0xFFFF): ties to even, NaN -> 0xFFFF (torch CPU)."""
+    b = _bits(x)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+    return tl.where(x != x, _BF16_F32_NAN_BITS, r)
+
+
+@triton.jit
+def _bf16_bits_to_f32(b):
+    """bf16 bit pattern (int32 0..0xFFFF) -> float32 (exact, NaN payloads kept)."""
+    return _from_bits(b << 16)
+
+
+@triton.jit
+def _input_to_f32(raw, IN_BF16: tl.constexpr):
+    """Loaded input -> float32. bf16 goes through its bits: exact, and the interpreter's own
+    bf16 -> fp32 conversion mangles subnormals."""
+    if IN_BF16:
+        return _bf16_bits_to_f32(raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+    return raw.to(tl.float32)
+
+
+@triton.jit
+def _with_sign(val, negative):
+    """|val| with the sign bit set where `negative` (so a zero magnitude gives -0.0)."""
+    return _from_bits(_bits(val) | (negative.to(tl.int32) << 31))
+
+
+@triton.jit
+def _value_to_code(v, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
+                   EMIN: tl.constexpr, EMAXE: tl.constexpr, MAX_CODE: tl.constexpr):
+    """Scaled float32 value -> sign-magnitude code (int32), as `ElementFormat.value_to_code`.
+
+    Float formats: e = clamp(floor(log2|v|), EMIN, EMAXE) (EMAXE: exponent of the top binade;
+    capping there changes nothing, every larger value saturates anyway, but keeps the scaled
+    value small enough for the rounding trick), q = rne(|v| * 2**(m - e)), code = (e - EMIN)
+    * 2**m + q capped at MAX_CODE. NaN -> +0 (the reference's nan_to_num), +-Inf -> +-MAX_CODE.
+    """
+    a = tl.where(v != v, 0.0, tl.abs(v))
+    if EBITS == 0:
+        mag = tl.minimum(_rne_int(tl.minimum(a, MAX_CODE + 1.0)), MAX_CODE)
+    else:
+        e = (_bits(a) >> 23) - 127  # subnormals read as -127: below every EMIN, clamped
+        e = tl.minimum(tl.maximum(e, EMIN), EMAXE)
+        p2 = _from_bits((MBITS + 127 - e) << 23)  # 2**(m - e), exact
+        t = tl.minimum(a * p2, 4.0 * (1 << MBITS))
+        mag = tl.minimum(((e - EMIN) << MBITS) + _rne_int(t), MAX_CODE)
+    return mag | ((v < 0).to(tl.int32) << (BITS - 1))
+
+
+@triton.jit
+def _code_to_value(c, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
+                   BIAS: tl.constexpr, SUB_UNIT: tl.constexpr):
+    """Sign-magnitude code (int32) -> signed float32, as `ElementFormat.decode` (exact).
+
+    SUB_UNIT = 2**(1 - BIAS - MBITS), the value of mantissa step 1 among subnormals.
+    """
+    mag = c & ((1 << (BITS - 1)) - 1)
+    if EBITS == 0:
+        val = mag.to(tl.float32)
+    else:
+        ef = mag >> MBITS
+        mant = mag & ((1 << MBITS) - 1)
+        normal = _from_bits(((ef + (127 - BIAS)) << 23) | (mant << (23 - MBITS)))
+        val = tl.where(ef > 0, normal, mant.to(tl.float32) * SUB_UNIT)
+    return _with_sign(val, ((c >> (BITS - 1)) & 1) != 0)
+
+
+@triton.jit
+def _encode_scales(amax, bad, SCALE_BF16: tl.constexpr, EMAX: tl.constexpr, MAXV: tl.constexpr):
+    """Block maxima (float32, 0 for non-finite blocks) -> (stored scale bits, inverse scale).
+
+    E8M0: s = clamp(floor(log2 amax) - EMAX, -127, 127), stored s + 127, inverse 2**-s; a zero
+    or subnormal amax reads as exponent -127 - EMAX and clamps to -127, as in the reference.
+    bf16: scale = bf16(amax / MAXV) (IEEE quotient, ties to even), inverse = IEEE 1 / scale.
+    Non-finite blocks store the NaN scale (0xFF / 0x7FC0).
+    """
+    if SCALE_BF16:
+        sbits = _bf16_bits(tl.math.div_rn(amax, tl.full(amax.shape, MAXV, tl.float32)))
+        scale = _bf16_bits_to_f32(sbits)
+        inv = tl.where(scale > 0, tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale), 0.0)
+        stored = tl.where(bad, _BF16_NAN_BITS, sbits)
+    else:
+        s = (_bits(amax) >> 23) - 127 - EMAX
+        s = tl.minimum(tl.maximum(s, -127), 127)
+        inv = _from_bits(tl.where(s == 127, 0x00400000, (127 - s) << 23))  # 2**-127 is subnormal
+        stored = tl.where(bad, 0xFF, s + 127)
+    return stored, inv
+
+
+@triton.jit
+def _decode_scales(stored, SCALE_BF16: tl.constexpr):
+    """Stored scale bits (int32: a byte, or two bytes as one 16-bit pattern) -> float32 scale."""
+    if SCALE_BF16:
+        return _bf16_bits_to_f32(stored)
+    bits = tl.where(stored == 0, 0x00400000, stored << 23)  # 2**-127 is subnormal
+    return _from_bits(tl.where(stored == 0xFF, _F32_NAN_BITS, bits))
+
+
+@triton.jit
+def _store_output(ptr, offs, val, mask, OUT_KIND: tl.constexpr):
+    """Store float32 `val` as the output dtype: 0 float32, 1 bf16 (through an int16 view of the
+    output, rounded by hand), 2 float16 (the hardware/numpy conversion rounds to nearest even)."""
+    if OUT_KIND == 0:
+        tl.store(ptr + offs, val, mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(ptr + offs, _bf16_bits(val).to(tl.int16), mask=mask)
+    else:
+        tl.store(ptr + offs, val.to(tl.float16), mask=mask)

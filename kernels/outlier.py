@@ -1,0 +1,183 @@
+"""Fused kernels of the static outlier codec (`outlier_int4/k<N>`).
+
+Its NaN/Inf rule couples a whole row (a non-finite value anywhere in a row sends NaN in all its
+outlier slots, and a NaN slot poisons the decoded row), so a program owns `R` whole rows and walks
+them in column chunks of `T`: the row flags stay in registers and the input is still read once.
+
+Per-source tables (float32 `[sources, hidden]` on the device, see `tables.py`): `lo`, `step`, and
+`inv`, the reference's `inv_step` with 0 on outlier channels, which makes their codes 0 exactly as
+the reference's explicit zeroing does (`(x - lo) * 0` is +-0 or NaN, both code 0). `slot[c]` is
+the outlier slot of channel c or -1; `chan` the channel of each slot.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import CPU_TILE_ELEMS, LAUNCH_OPTIONS, Tiles, choose_tiles, needs_int64, out_kind, slots_even
+from .numerics import (_F32_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits, _from_bits,
+                       _input_to_f32, _SUM, _rne_int, _store_output)
+from .pack import _load_bf16_slots, _load_codes, _store_bf16_slots, _store_codes
+
+LEVELS = tl.constexpr(15.0)
+
+
+@triton.jit
+def _static_code(x, lo, inv):
+    """The reference's `nan_to_num(round((x - lo) * inv).clamp(0, 15))` (clamp and round commute
+    for integer bounds)."""
+    d = (x - lo) * inv
+    d = tl.where(d != d, 0.0, d)
+    return _rne_int(tl.minimum(tl.maximum(d, 0.0), LEVELS))
+
+
+@triton.jit
+def _nonfinite_any(x, mask):
+    """[R, T] -> [R, 1] int32: 1 where the row holds a non-finite value under `mask`."""
+    return tl.reduce(tl.where(mask & ((_bits(x) & 0x7FFFFFFF) >= 0x7F800000), 1, 0), 1, _SUM, keep_dims=True)
+
+
+@triton.jit
+def _static_encode_kernel(x_ptr, out_ptr, lo_ptr, inv_ptr, chan_ptr, rows, hidden, row_bytes,
+                          k, slots_off, table_off,
+                          IN_BF16: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr,
+                          T: tl.constexpr, CHUNKS: tl.constexpr, KP: tl.constexpr):
+    r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
+    row_mask = r < rows
+    if I64:
+        r = r.to(tl.int64)
+    row_off = r * row_bytes
+    bad = tl.full([R, 1], 0, tl.int32)
+    for chunk in range(CHUNKS):
+        col0 = chunk * T
+        c = col0 + tl.arange(0, T)[None, :]
+        cm = c < hidden
+        m = row_mask & cm
+        x = _input_to_f32(tl.load(x_ptr + r * hidden + c, mask=m, other=0.0, eviction_policy="evict_first"), IN_BF16)
+        lo = tl.load(lo_ptr + table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
+        inv = tl.load(inv_ptr + table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
+        _store_codes(out_ptr, row_off, row_mask, col0, hidden, _static_code(x, lo, inv), R, T, 4)
+        bad = bad | _nonfinite_any(x, m)
+    # Outlier slots last, once the row's flag is known; the values come back from cache.
+    j = tl.arange(0, KP)[None, :]
+    jm = j < k
+    ch = tl.load(chan_ptr + j, mask=jm, other=0)
+    xo = _input_to_f32(tl.load(x_ptr + r * hidden + ch, mask=row_mask & jm, other=0.0), IN_BF16)
+    xo = tl.where(bad > 0, _from_bits(tl.full([R, KP], _F32_NAN_BITS, tl.int32)), xo)
+    _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, _bf16_bits(xo), row_mask & jm, EVEN)
+
+
+@triton.jit
+def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr, slot_ptr, rows, hidden,
+                          row_bytes, k, slots_off, pay_stride, src_off0, src_step, out_table_off,
+                          N: tl.constexpr, EACH: tl.constexpr, ENCODE: tl.constexpr,
+                          OUT_KIND: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr,
+                          T: tl.constexpr, CHUNKS: tl.constexpr, KP: tl.constexpr):
+    """decode_sum (N payloads), decode_each (EACH: payload = program_id(1), N = 1) or, with
+    ENCODE, decode_sum requantized with the row at `out_table_off` of `lo_out` / `inv` (the
+    decode tables `lo` / `step` may be rows gathered for this call)."""
+    r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
+    row_mask = r < rows
+    if EACH:
+        first = tl.program_id(1)
+    else:
+        first = 0
+    if I64:
+        r = r.to(tl.int64)
+    row_off = r * row_bytes
+    zero = r * 0  # payload offsets are formed from it, so they are int64 when I64
+    nan = _from_bits(tl.full([R, 1], _F32_NAN_BITS, tl.int32))
+    # A NaN in any slot of a row poisons that source's whole row, hence the sum's.
+    j = tl.arange(0, KP)[None, :]
+    jm = j < k
+    bad = tl.full([R, 1], 0, tl.int32)
+    osum = tl.full([R, KP], 0.0, tl.float32)
+    for i in tl.static_range(N):
+        base = (zero + first + i) * pay_stride + row_off
+        ob = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, base + slots_off + 2 * j, row_mask & jm, EVEN))
+        bad = bad | tl.reduce(tl.where(jm & (ob != ob), 1, 0), 1, _SUM, keep_dims=True)
+        osum = osum + ob  # the sum at the outlier channels, in the same order as `acc` below
+    bad_out = tl.full([R, 1], 0, tl.int32)
+    for chunk in range(CHUNKS):
+        col0 = chunk * T
+        c = col0 + tl.arange(0, T)[None, :]
+        cm = c < hidden
+        m = row_mask & cm
+        slot = tl.load(slot_ptr + c, mask=cm, other=-1, eviction_policy="evict_last")
+        is_o = slot >= 0
+        acc = tl.full([R, T], 0.0, tl.float32)
+        for i in tl.static_range(N):
+            base = (zero + first + i) * pay_stride + row_off
+            toff = src_off0 + (first + i) * src_step
+            q = _load_codes(p_ptr, base, row_mask, col0, hidden, R, T, 4).to(tl.float32)
+            lo = tl.load(lo_ptr + toff + c, mask=cm, other=0.0, eviction_policy="evict_last")
+            st = tl.load(step_ptr + toff + c, mask=cm, other=0.0, eviction_policy="evict_last")
+            v = lo + q * st
+            ov = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, base + slots_off + 2 * slot, m & is_o, EVEN))
+            if EACH:
+                acc = tl.where(is_o, ov, v)  # a plain decode: -0.0 stays -0.0
+            else:
+                acc = acc + tl.where(is_o, ov, v)
+        acc = tl.where(bad > 0, nan, acc)
+        if ENCODE:
+            lo = tl.load(lo_out_ptr + out_table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
+            inv = tl.load(inv_ptr + out_table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
+            _store_codes(out_ptr, row_off, row_mask, col0, hidden, _static_code(acc, lo, inv), R, T, 4)
+            bad_out = bad_out | _nonfinite_any(acc, m)
+        else:
+            _store_output(out_ptr, (first * rows + r) * hidden + c, acc, m, OUT_KIND)
+    if ENCODE:
+        osum = tl.where((bad | bad_out) > 0, nan, osum)
+        _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, _bf16_bits(osum), row_mask & jm, EVEN)
+
+
+# -- launchers --------------------------------------------------------------------------------
+def _tiles(rows: int, hidden: int, on_gpu: bool) -> Tiles:
+    """Column chunks as for the block codecs; rows per program few enough to give every SM a
+    few programs (the per-source table chunks are re-read per program, from cache)."""
+    t = choose_tiles(rows, hidden, 2, on_gpu)
+    if not on_gpu:
+        return Tiles(max(1, min(t.rows, CPU_TILE_ELEMS // t.cols)), t.cols, 4)
+    r = 1
+    while r * 2 <= t.rows and rows // (r * 2) >= 512:
+        r *= 2
+    return Tiles(r, t.cols, 8 if r * t.cols >= 8192 else 4)
+
+
+def _kp(k: int) -> int:
+    return max(2, 1 << max(0, (k - 1).bit_length()))
+
+
+def launch_static_encode(x, out, *, lo, inv, chan, src_row: int, tiles: Tiles | None = None) -> None:
+    rows, hidden = x.shape
+    if rows == 0:
+        return
+    t = tiles or _tiles(rows, hidden, x.is_cuda)
+    _static_encode_kernel[(triton.cdiv(rows, t.rows),)](
+        x, out, lo, inv, chan, rows, hidden, out.shape[1], chan.numel(), hidden // 2, src_row * hidden,
+        IN_BF16=x.dtype == torch.bfloat16, EVEN=slots_even(out, hidden // 2), I64=needs_int64(x.numel(), out.numel()),
+        R=t.rows, T=t.cols, CHUNKS=triton.cdiv(hidden, t.cols), KP=_kp(chan.numel()), num_warps=t.num_warps, **LAUNCH_OPTIONS)
+
+
+def launch_static_decode(payloads, out, *, hidden: int, lo, step, lo_out, inv, slot, k: int, src_start: int,
+                         src_step: int, each: bool, out_row: int = 0, tiles: Tiles | None = None) -> None:
+    """Payload i uses table row `src_start + i * src_step`. `out` is
+    [rows, hidden] (sum), [n * rows, hidden] (each) or a payload [rows, row_bytes] when `out`
+    is uint8 (the requantized sum, table row `out_row`)."""
+    n, rows, row_bytes = payloads.shape
+    if rows == 0:
+        return
+    encode = out.dtype == torch.uint8
+    t = tiles or _tiles(rows, hidden, payloads.is_cuda)
+    grid = (triton.cdiv(rows, t.rows), n if each else 1)
+    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 rounded by hand
+    _static_decode_kernel[grid](
+        payloads, dst, lo, step, lo_out, inv, slot, rows, hidden, row_bytes, k, hidden // 2, rows * row_bytes,
+        src_start * hidden, src_step * hidden, out_row * hidden,
+        N=1 if each else n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out.dtype),
+        EVEN=slots_even(payloads, hidden // 2) and (not encode or slots_even(out, hidden // 2)),
+        I64=needs_int64(payloads.numel(), out.numel(), lo.numel()), R=t.rows, T=t.cols,
+        CHUNKS=triton.cdiv(hidden, t.cols), KP=_kp(k),
+        num_warps=t.num_warps, **LAUNCH_OPTIONS)

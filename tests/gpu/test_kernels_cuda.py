@@ -1,0 +1,153 @@
+"""Fused kernels on CUDA against the CPU reference, bit for bit, plus CUDA-graph capture/replay
+and torch.compile of the custom ops. Skipped without CUDA.
+
+The reference runs on the CPU (its bytes are the definition; see kernels/numerics.py on NaN
+patterns). Tolerance: none; NaN matches NaN. Run alone or with tests/gpu only: the CPU kernel
+tests interpret the same kernels and cannot share a process with compiled ones.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("triton")
+
+from tpcomp_megatron import kernels as K  # noqa: E402
+
+if K.INTERPRETED:
+    pytest.skip("kernels were built for the interpreter in this process", allow_module_level=True)
+
+from kernel_cases import (block_codec, check_all_ops, hard_input, outlier_input,  # noqa: E402
+                          outlier_params, same)
+
+from tpcomp_megatron.codecs import FORMATS, REDUCED, make_codec, parse_codec_spec  # noqa: E402
+
+CASES = [(32, "e8m0", 300, 5120), (16, "bf16", 17, 640), (8, "e8m0", 3, 96), (128, "bf16", 1, 576),
+         (64, "e8m0", 33, 4096)]
+SPECS = ["outlier_int4", "outlier+fp4_e2m1/b32", "outlier+int4/b16/bf16/k32", "outlier+fp6_e3m2/b8"]
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+@pytest.mark.parametrize("element", sorted(FORMATS))
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_block_codec_cuda(element, case):
+    block, scale, rows, hidden = CASES[case]
+    gen = _gen(element, case)
+    n = 2 + case % 3
+    xs = [hard_input(rows, hidden, block, torch.bfloat16, gen, fmt=element) for _ in range(n)]
+    check_all_ops(K, block_codec(element, block, scale), xs, hidden, "cuda", (torch.bfloat16, torch.float32))
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e8m0", "int4/b32/e8m0", "int8/b16/bf16", "fp6_e2m3/b64/bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_input_dtypes_cuda(spec, dtype):
+    codec = make_codec(spec)
+    gen = _gen(spec, dtype)
+    xs = [hard_input(17, 640, codec.spec.block, dtype, gen, fmt=codec.spec.element) for _ in range(2)]
+    check_all_ops(K, codec, xs, 640, "cuda", (dtype,))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("rows,hidden", [(17, 640), (300, 5120), (1, 576)])
+def test_outlier_codecs_cuda(spec, rows, hidden):
+    gen = _gen(spec, rows, hidden)
+    params = outlier_params(hidden, 3, parse_codec_spec(spec).ratio, gen)
+    codec = make_codec(spec, params)
+    for dtype in (torch.bfloat16, torch.float32):
+        xs = [outlier_input(rows, params, s, dtype, gen) for s in range(3)]
+        check_all_ops(K, codec, xs, hidden, "cuda", (dtype,))
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e8m0", "int4/b32/e8m0", "outlier_int4", "outlier+fp4_e2m1/b32"])
+def test_large_messages_cuda(spec):
+    """Many programs per launch (rows x column tiles), without NaN blocks."""
+    gen = _gen("large", spec)
+    rows, hidden = 2048, 8192
+    params = outlier_params(hidden, 2, 64, gen)
+    codec = make_codec(spec, params)
+    if codec.spec.__class__.__name__ == "BlockSpec":
+        xs = [hard_input(rows, hidden, 32, torch.bfloat16, gen, nonfinite=False) for _ in range(2)]
+    else:
+        xs = [outlier_input(rows, params, s, torch.bfloat16, gen, nonfinite=False) for s in range(2)]
+    check_all_ops(K, codec, xs, hidden, "cuda", (torch.bfloat16,))
+
+
+def test_int64_indexing_path_cuda(monkeypatch):
+    monkeypatch.setattr(K.launch, "INT32_LIMIT", 0)
+    gen = _gen("i64")
+    params = outlier_params(640, 2, 64, gen)
+    for spec in ("fp5_e3m1/b32", "outlier+int4/b32", "outlier_int4"):
+        codec = make_codec(spec, params)
+        xs = [outlier_input(17, params, s, torch.bfloat16, gen) for s in range(2)]
+        check_all_ops(K, codec, xs, 640, "cuda", (torch.bfloat16,))
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e8m0", "int4/b32/e8m0", "outlier_int4", "outlier+fp4_e2m1/b32"])
+def test_cuda_graph_capture_and_replay(spec):
+    """The four ops captured once, replayed on fresh inputs: same results as the reference."""
+    gen = _gen("graph", spec)
+    rows, hidden, n = 64, 1024, 2
+    params = outlier_params(hidden, n, 64, gen)
+    codec = make_codec(spec, params)
+
+    def fresh():
+        return [outlier_input(rows, params, s, torch.bfloat16, gen) for s in range(n)]
+
+    x = torch.empty(rows, hidden, dtype=torch.bfloat16, device="cuda")
+    peer = torch.empty(rows, codec.row_bytes(hidden), dtype=torch.uint8, device="cuda")
+
+    def step():
+        mine = K.encode(codec, x, source=0)
+        p = torch.stack([mine, peer])
+        return (mine, K.decode_sum(codec, p, hidden, sources=range(n), dtype=torch.bfloat16),
+                K.decode_sum_encode(codec, p, hidden, sources=range(n), out_source=REDUCED),
+                K.decode_each(codec, p, hidden, sources=range(n), dtype=torch.bfloat16))
+
+    xs = fresh()
+    x.copy_(xs[0])
+    peer.copy_(codec.encode(xs[1], source=1))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up: compiles the kernels and builds the codec's device tables
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(2):
+        xs = fresh()
+        x.copy_(xs[0])
+        peer.copy_(codec.encode(xs[1], source=1))
+        graph.replay()
+        torch.cuda.synchronize()
+        p = torch.stack([codec.encode(xs[0], source=0), codec.encode(xs[1], source=1)])
+        want = (p[0], codec.decode_sum(p, hidden, range(n), dtype=torch.bfloat16),
+                codec.encode(codec.decode_sum_f32(p, hidden, range(n)), source=REDUCED),
+                torch.cat([codec.decode(q, hidden, source=s, dtype=torch.bfloat16) for q, s in zip(p, range(n))]))
+        for name, got, ref in zip(("encode", "decode_sum", "decode_sum_encode", "decode_each"), outs, want):
+            assert same(got, ref), f"{spec} {name} after graph replay"
+
+
+def test_torch_compile_fullgraph():
+    codec = make_codec("fp4_e2m1/b32/e8m0")
+    hidden = 1024
+    args = ("fp4_e2m1", 32, "e8m0", codec.data_bytes(hidden), None, codec.row_bytes(hidden))
+
+    def fn(x, peer):
+        mine = torch.ops.tpcomp.block_encode(x, *args, codec.row_bytes(hidden))
+        p = torch.stack([mine, peer])
+        return torch.ops.tpcomp.block_decode(p, hidden, *args, "sum", torch.bfloat16) * 2
+
+    gen = _gen("compile")
+    x = hard_input(64, hidden, 32, torch.bfloat16, gen, nonfinite=False).cuda()
+    peer = codec.encode(hard_input(64, hidden, 32, torch.bfloat16, gen, nonfinite=False)).cuda()
+    compiled = torch.compile(fn, fullgraph=True)
+    assert same(compiled(x, peer), fn(x, peer))

@@ -1,0 +1,169 @@
+"""Fused Triton kernels against the reference codecs, bit for bit, in Triton's CPU interpreter.
+
+TRITON_INTERPRET=1 must be set when the kernels are defined (triton.jit reads it), so this module
+sets it around its own import of `tpcomp_megatron.kernels` and restores it right after: other test
+modules see the environment unchanged. If the kernels were already imported compiled (a GPU run
+of the whole suite), this module is skipped: tests/gpu/ checks them there.
+
+Tolerance: none. Every payload byte and every output bit must match (NaN matches NaN). The
+interpreter's own bf16 conversions are not bit-exact (they truncate, and mangle subnormals); the
+kernels never use them (bf16 is converted through its bits, see kernels/numerics.py), so no
+1-ulp allowance is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+def _import_interpreted_kernels():
+    # triton itself is imported first, compiled as everywhere else in the process; only our
+    # kernels are defined under the interpreter (they call no @jit function of triton's library).
+    import triton  # noqa: F401
+    import triton.experimental.gluon  # noqa: F401  (imported lazily at the first launch otherwise)
+
+    prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module("tpcomp_megatron.kernels")
+    finally:
+        if prev is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = prev
+
+
+K = _import_interpreted_kernels()
+if not K.INTERPRETED:
+    pytest.skip("tpcomp_megatron.kernels was imported compiled before this module (run it in its own "
+                "process; tests/gpu/ covers the compiled kernels)", allow_module_level=True)
+
+from kernel_cases import (BLOCK_CASES, block_codec, check_all_ops, hard_input,  # noqa: E402
+                          outlier_input, outlier_params, same)
+
+from tpcomp_megatron.codecs import FORMATS, REDUCED, make_codec, parse_codec_spec  # noqa: E402
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_numpy():
+    # The interpreter runs fp32 arithmetic in numpy, which warns on inf * 0 and overflow; those
+    # are intended (NaN/Inf blocks) and the results are checked bit for bit.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+@pytest.mark.parametrize("element", sorted(FORMATS))
+@pytest.mark.parametrize("case", range(len(BLOCK_CASES)))
+def test_block_codec_bit_exact(element, case):
+    block, scale, rows, hidden = BLOCK_CASES[case]
+    codec = block_codec(element, block, scale)
+    gen = _gen(element, case)
+    n = 2 + case % 3
+    # every input dtype through encode; the sources of one call share a dtype, as on a real rank
+    for dtype in DTYPES:
+        xs = [hard_input(rows, hidden, block, dtype, gen, fmt=element) for _ in range(n)]
+        out_dtypes = (dtype,) if dtype != torch.bfloat16 else DTYPES
+        check_all_ops(K, codec, xs, hidden, "cpu", out_dtypes)
+
+
+@pytest.mark.parametrize("spec", ["outlier_int4", "outlier_int4/k16", "outlier+fp4_e2m1/b32",
+                                  "outlier+int4/b16/bf16/k32", "outlier+fp6_e3m2/b8"])
+@pytest.mark.parametrize("rows,hidden", [(17, 640), (3, 96), (1, 576)])
+def test_outlier_codecs_bit_exact(spec, rows, hidden):
+    gen = _gen(spec, rows, hidden)
+    world = 3
+    params = outlier_params(hidden, world, parse_codec_spec(spec).ratio, gen)
+    codec = make_codec(spec, params)
+    for dtype in DTYPES:
+        xs = [outlier_input(rows, params, src, dtype, gen) for src in range(world)]
+        check_all_ops(K, codec, xs, hidden, "cpu", (dtype,))
+
+
+def test_sources_in_any_order_and_reduced_rows():
+    """Per-source tables: sources out of order, repeated, and REDUCED (-1 = the last row)."""
+    gen = _gen("sources")
+    params = outlier_params(128, 3, 32, gen)
+    codec = make_codec("outlier_int4/k32", params)
+    srcs = [2, 0, REDUCED, 0]
+    xs = [outlier_input(5, params, s, torch.float32, gen) for s in srcs]
+    check_all_ops(K, codec, xs, 128, "cpu", (torch.float32,), sources=srcs)
+
+
+def test_all_codes_decode_exactly():
+    """Every byte value in every code and scale position decodes as in the reference."""
+    gen = _gen("codes")
+    for element in sorted(FORMATS):
+        for scale in ("e8m0", "bf16"):
+            codec = block_codec(element, 8, scale)
+            hidden = 8 * 32
+            p = torch.randint(0, 256, (2, 4, codec.row_bytes(hidden)), dtype=torch.uint8, generator=gen)
+            p[0, 0, : 256 * codec.fmt.bits // 8] = torch.arange(256, dtype=torch.uint8)[: 256 * codec.fmt.bits // 8]
+            want = codec.decode_sum(p, hidden, [0, 1], dtype=torch.float32)
+            assert same(K.decode_sum(codec, p, hidden, sources=[0, 1], dtype=torch.float32), want), element
+
+
+def test_int64_indexing_path(monkeypatch):
+    """Offsets past 2**31 switch the kernels to int64 indices; force that path on small shapes."""
+    monkeypatch.setattr(K.launch, "INT32_LIMIT", 0)
+    gen = _gen("i64")
+    params = outlier_params(96, 2, 32, gen)
+    for spec in ("fp6_e2m3/b32", "outlier+fp4_e2m1/b32/k32", "outlier_int4/k32"):
+        codec = make_codec(spec, params)
+        xs = [outlier_input(3, params, s, torch.bfloat16, gen) for s in range(2)]
+        check_all_ops(K, codec, xs, 96, "cpu", (torch.bfloat16,))
+
+
+def test_zero_rows_and_noncontiguous_input():
+    codec = make_codec("fp4_e2m1/b32")
+    assert K.encode(codec, torch.zeros(0, 64), source=0).shape == (0, codec.row_bytes(64))
+    x = torch.randn(64, 6)[:, :4].t()  # [4, 64], not contiguous
+    assert same(K.encode(codec, x, source=0), codec.encode(x))
+
+
+def test_errors_name_the_valid_choices():
+    codec = make_codec("int4/b32")
+    with pytest.raises(ValueError, match="not a multiple of the block size"):
+        K.encode(codec, torch.randn(2, 48), source=0)
+    with pytest.raises(ValueError, match="dtype"):
+        K.encode(codec, torch.ones(2, 64, dtype=torch.int32), source=0)
+    with pytest.raises(ValueError, match=r"expected \[n >= 1, rows, 34\]"):
+        K.decode_sum(codec, torch.zeros(2, 3, 35, dtype=torch.uint8), 64, sources=[0, 1], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="2 sources given for 3 payloads"):
+        K.decode_sum(codec, torch.zeros(3, 3, 34, dtype=torch.uint8), 64, sources=[0, 1], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="output dtype"):
+        K.decode_each(codec, torch.zeros(1, 3, 34, dtype=torch.uint8), 64, sources=[0], dtype=torch.int8)
+    with pytest.raises(ValueError, match="supported: .*BlockCodec"):
+        K.encode(object(), torch.randn(2, 64), source=0)
+    params = outlier_params(64, 2, 32, _gen("err"))
+    with pytest.raises(ValueError, match="source 5 out of range"):
+        K.encode(make_codec("outlier_int4/k32", params), torch.randn(2, 64), source=5)
+
+
+def test_custom_ops_trace_with_fake_tensors():
+    """The ops' fake implementations agree with the real ones (schema, shapes, dtypes)."""
+    codec = make_codec("fp5_e3m1/b16/bf16")
+    x = torch.randn(3, 64)
+    args = (x, "fp5_e3m1", 16, "bf16", codec.data_bytes(64), None, codec.row_bytes(64), codec.row_bytes(64))
+    torch.library.opcheck(torch.ops.tpcomp.block_encode.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    p = torch.stack([codec.encode(x)] * 2)
+    for mode in ("sum", "each", "encode"):
+        args = (p, 64, "fp5_e3m1", 16, "bf16", codec.data_bytes(64), None, codec.row_bytes(64), mode, torch.bfloat16)
+        torch.library.opcheck(torch.ops.tpcomp.block_decode.default, args,
+                              test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,214 @@
+"""Achieved bandwidth of the fused codec kernels vs a device-to-device copy, in one run.
+
+    python tools/bench_kernels.py --out benchmarks/results/kernels_<device>_<date>.jsonl
+    python tools/bench_kernels.py --tune          # tile sweep of the main kernels (prints a table)
+
+For each codec and message size (bf16 bytes of one `[rows, hidden]` partial sum, 1 MB..256 MB)
+it times encode, decode_sum and decode_each of `--sources` payloads, and decode_sum_encode (the
+two-shot middle), each as the median of `triton.testing.do_bench` (L2 flushed before every call),
+next to `copy_` of the same bf16 message. Bytes moved count each input read once and each output
+written once; GB/s = 1e9 bytes per second; `fraction_of_copy` = kernel GB/s over copy GB/s at the
+same message size. One JSON record per line, fields as in RESULTS.md `kernels_*.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+
+import torch
+
+DEFAULT_CODECS = ["fp4_e2m1/b32/e8m0", "int4/b32/e8m0", "outlier_int4", "outlier+fp4_e2m1/b32",
+                  "fp8_e4m3/b32/e8m0", "fp6_e2m3/b32/bf16", "int8/b32/e8m0"]
+DEFAULT_SIZES_MB = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def _params(hidden: int, sources: int, gen: torch.Generator):
+    """Outlier parameters from the statistics of random data shaped like a partial sum."""
+    from tpcomp_megatron.codecs import OutlierParams
+
+    scale = _channel_scale(hidden, gen)
+    sample = torch.randn(sources + 1, 512, hidden, generator=gen) * scale
+    chans = scale.topk(-(-hidden // 64)).indices.sort().values
+    return OutlierParams.from_stats(sample.amin(1), sample.amax(1), chans)
+
+
+def _channel_scale(hidden: int, gen: torch.Generator) -> torch.Tensor:
+    scale = torch.rand(hidden, generator=gen) + 0.5
+    scale[torch.randperm(hidden, generator=gen)[: -(-hidden // 64)]] *= 30  # outlier channels
+    return scale
+
+
+def _inputs(rows: int, hidden: int, sources: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    scale = _channel_scale(hidden, torch.Generator().manual_seed(0)).cuda()
+    return [torch.randn(rows, hidden, device="cuda", dtype=torch.float32, generator=gen).mul_(scale).bfloat16()
+            for _ in range(sources)]
+
+
+def _ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def _record(kernel, codec, elements, ms, moved, copy_gbps, meta) -> dict:
+    gbps = moved / ms / 1e6
+    return {"kernel": kernel, "codec": codec, "elements": elements, "ms": round(ms, 5), "bytes_moved": moved,
+            "gbps": round(gbps, 1), "copy_gbps": round(copy_gbps, 1), "fraction_of_copy": round(gbps / copy_gbps, 3),
+            **meta}
+
+
+def bench(args, meta) -> list[dict]:
+    from tpcomp_megatron import kernels as K
+    from tpcomp_megatron.codecs import REDUCED, make_codec
+
+    params = _params(args.hidden, args.sources, torch.Generator().manual_seed(0))
+    n, hidden, out = args.sources, args.hidden, []
+    for size_mb in args.sizes_mb:
+        rows = max(1, (size_mb << 20) // (2 * hidden))
+        elements = rows * hidden
+        xs = _inputs(rows, hidden, n, seed=size_mb)
+        y = torch.empty_like(xs[0])
+        copy_ms = _ms(lambda: y.copy_(xs[0]))
+        copy_gbps = 2 * xs[0].nbytes / copy_ms / 1e6
+        out.append({**_record("copy", "none", elements, copy_ms, 2 * xs[0].nbytes, copy_gbps, meta),
+                    "message_mb": size_mb, "rows": rows, "hidden": hidden})
+        for spec in args.codecs:
+            codec = make_codec(spec, params)
+            p = torch.stack([K.encode(codec, x, source=i) for i, x in enumerate(xs)])
+            pb = p[0].nbytes
+            srcs = list(range(n))
+            cases = [
+                ("encode", lambda: K.encode(codec, xs[0], source=0), xs[0].nbytes + pb),
+                ("decode_sum", lambda: K.decode_sum(codec, p, hidden, sources=srcs, dtype=torch.bfloat16),
+                 n * pb + 2 * elements),
+                ("decode_sum_encode", lambda: K.decode_sum_encode(codec, p, hidden, sources=srcs, out_source=REDUCED),
+                 (n + 1) * pb),
+                ("decode_each", lambda: K.decode_each(codec, p, hidden, sources=srcs, dtype=torch.bfloat16),
+                 n * pb + 2 * n * elements),
+            ]
+            for kernel, fn, moved in cases:
+                rec = _record(kernel, spec, elements, _ms(fn), moved, copy_gbps, meta)
+                rec.update(message_mb=size_mb, rows=rows, hidden=hidden, sources=n)
+                out.append(rec)
+                print(f"{spec:24s} {kernel:18s} {size_mb:4d} MB {rec['ms']:9.4f} ms {rec['gbps']:7.0f} GB/s "
+                      f"{rec['fraction_of_copy']:6.2f} of copy ({copy_gbps:.0f})", flush=True)
+        del xs, y
+        torch.cuda.empty_cache()
+    return out
+
+
+TUNE_BLOCK = [(4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (16, 1024, 8), (16, 512, 4), (16, 512, 8),
+              (32, 256, 8), (4, 2048, 8), (8, 2048, 8), (32, 512, 8)]
+TUNE_STATIC = [(1, 1024, 4), (2, 1024, 4), (2, 1024, 8), (4, 1024, 8), (4, 512, 4), (8, 512, 8),
+               (2, 2048, 8), (1, 2048, 8)]
+
+
+def tune(args, meta) -> list[dict]:
+    """Time the main kernels under each candidate tile, through the launchers."""
+    from tpcomp_megatron import kernels as K
+    from tpcomp_megatron.codecs import make_codec
+    from tpcomp_megatron.kernels import block as kb
+    from tpcomp_megatron.kernels import outlier as ko
+    from tpcomp_megatron.kernels.launch import Tiles
+    from tpcomp_megatron.kernels.tables import outlier_tables
+
+    params = _params(args.hidden, args.sources, torch.Generator().manual_seed(0))
+    hidden, n, out = args.hidden, args.sources, []
+    for size_mb in args.tune_sizes_mb:
+        rows = (size_mb << 20) // (2 * hidden)
+        xs = _inputs(rows, hidden, n, seed=size_mb)
+        y = torch.empty_like(xs[0])
+        copy_gbps = 2 * xs[0].nbytes / _ms(lambda: y.copy_(xs[0])) / 1e6
+        for spec in args.tune_codecs:
+            codec = make_codec(spec, params)
+            p = torch.stack([K.encode(codec, x, source=i) for i, x in enumerate(xs)])
+            enc, dec = torch.empty_like(p[0]), torch.empty_like(xs[0])
+            static = spec.startswith("outlier_int4")
+            for r, t, w in TUNE_STATIC if static else TUNE_BLOCK:
+                tiles = Tiles(r, t, w)
+                if static:
+                    tb = outlier_tables(codec, xs[0].device)
+                    fe = lambda: ko.launch_static_encode(xs[0], enc, lo=tb.lo, inv=tb.inv, chan=tb.chan, src_row=0, tiles=tiles)
+                    fd = lambda: ko.launch_static_decode(p, dec, hidden=hidden, lo=tb.lo, step=tb.step, lo_out=tb.lo,
+                                                         inv=tb.inv, slot=tb.slot, k=tb.chan.numel(), src_start=0,
+                                                         src_step=1, each=False, tiles=tiles)
+                else:
+                    base = codec.block if hasattr(codec, "block") else codec
+                    slot = outlier_tables(codec, xs[0].device).slot if hasattr(codec, "block") else None
+                    kw = dict(element=base.spec.element, block=base.spec.block, scale=base.spec.scale,
+                              data_bytes=base.data_bytes(hidden), slot=slot, slots_off=base.row_bytes(hidden), tiles=tiles)
+                    fe = lambda: kb.launch_block_encode(xs[0], enc, **kw)
+                    fd = lambda: kb.launch_block_decode(p, dec, hidden=hidden, encode=False, **kw)
+                for kernel, fn, moved in (("encode", fe, xs[0].nbytes + p[0].nbytes),
+                                          ("decode_sum", fd, n * p[0].nbytes + xs[0].nbytes)):
+                    rec = _record(kernel, spec, rows * hidden, _ms(fn), moved, copy_gbps, meta)
+                    rec.update(message_mb=size_mb, tiles=[r, t, w])
+                    out.append(rec)
+                    print(f"{spec:24s} {kernel:12s} {size_mb:4d} MB R={r:3d} T={t:5d} w={w:2d} "
+                          f"{rec['ms']:8.4f} ms {rec['gbps']:7.0f} GB/s {rec['fraction_of_copy']:.2f}", flush=True)
+    return out
+
+
+def markdown(records: list[dict]) -> str:
+    """A table per kernel: rows = codec, columns = message size, cells = GB/s (fraction of copy)."""
+    meta = records[0]
+    sizes = sorted({r["message_mb"] for r in records if "message_mb" in r})
+    lines = [f"# Fused codec kernels: {meta['device']}, {meta['date']}", "",
+             f"Command: `{meta['command']}` (commit {meta['git']}, torch {meta['torch']}). Median of "
+             "`triton.testing.do_bench` (L2 flushed before each call); GB/s counts every input read once "
+             "and every output written once; in parentheses the fraction of a device-to-device copy of the "
+             "same bf16 message, measured in the same run.", ""]
+    copy = {r["message_mb"]: r["gbps"] for r in records if r["kernel"] == "copy"}
+    lines += ["| | " + " | ".join(f"{s} MB" for s in sizes) + " |", "|---|" + "---|" * len(sizes),
+              "| copy GB/s | " + " | ".join(f"{copy[s]:.0f}" for s in sizes) + " |", ""]
+    for kernel in ("encode", "decode_sum", "decode_sum_encode", "decode_each"):
+        rows = [r for r in records if r["kernel"] == kernel]
+        if not rows:
+            continue
+        lines += [f"## {kernel}", "", "| codec | " + " | ".join(f"{s} MB" for s in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        for codec in dict.fromkeys(r["codec"] for r in rows):
+            cells = {r["message_mb"]: r for r in rows if r["codec"] == codec}
+            lines.append(f"| {codec} | " + " | ".join(
+                f"{cells[s]['gbps']:.0f} ({cells[s]['fraction_of_copy']:.2f})" if s in cells else "" for s in sizes) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS)
+    ap.add_argument("--sizes-mb", nargs="+", type=int, default=DEFAULT_SIZES_MB)
+    ap.add_argument("--hidden", type=int, default=8192)
+    ap.add_argument("--sources", type=int, default=2, help="payloads summed / decoded (the TP world size)")
+    ap.add_argument("--out", help="JSON Lines file to append to")
+    ap.add_argument("--md", help="Markdown summary of this run to write")
+    ap.add_argument("--git", default=os.environ.get("GIT_COMMIT", "unknown"), help="commit measured")
+    ap.add_argument("--tune", action="store_true", help="sweep tile shapes instead")
+    ap.add_argument("--tune-sizes-mb", nargs="+", type=int, default=[8, 64])
+    ap.add_argument("--tune-codecs", nargs="+", default=["fp4_e2m1/b32/e8m0", "int4/b32/e8m0", "outlier_int4",
+                                                         "outlier+fp4_e2m1/b32"])
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels needs a CUDA device")
+    meta = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+            "command": "python tools/bench_kernels.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            "git": args.git, "torch": torch.__version__}
+    records = tune(args, meta) if args.tune else bench(args, meta)
+    if args.out:
+        with open(args.out, "a") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+    if args.md and not args.tune:
+        with open(args.md, "w") as f:
+            f.write(markdown(records) + "\n")
+
+
+if __name__ == "__main__":
+    main()
