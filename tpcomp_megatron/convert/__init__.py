@@ -1,4 +1,4 @@
-"""Checkpoint tooling: Hugging Face Llama-family checkpoints <-> Megatron-core TP layouts.
+"""Checkpoint tooling: Hugging Face Llama-family and Gemma checkpoints <-> Megatron-core TP layouts.
 
 hf_io (read HF/GGUF, write HF) -> mapping (key map, padding, TP sharding) -> writers (atomic
 output, legacy and torch_dist formats) -> pipeline (both directions) -> load (into a GPTModel at any

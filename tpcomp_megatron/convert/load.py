@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tpcomp_megatron.models.builder import LayerSpecTransform, build_gpt_model
-from tpcomp_megatron.models.config import LlamaModelConfig
+from tpcomp_megatron.models.config import LlamaModelConfig, load_model_config
 
 from .writers import (
     CONFIG_NAME,
@@ -21,13 +21,13 @@ from .writers import (
 
 
 def load_config(checkpoint: str | os.PathLike[str]) -> LlamaModelConfig:
-    """The `LlamaModelConfig` stored with a converted checkpoint."""
+    """The model config stored with a converted checkpoint (a `LlamaModelConfig` or subclass)."""
     path = Path(checkpoint) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing; is {checkpoint} a tpcomp-convert output folder?"
         )
-    return LlamaModelConfig.load(path)
+    return load_model_config(path)
 
 
 def available_formats(checkpoint: str | os.PathLike[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Hugging Face Llama <-> Megatron-core tensors: key map, padding, and per-rank sharding.
+"""Hugging Face Llama / Gemma <-> Megatron-core tensors: key map, padding, and per-rank sharding.
 
 Two steps, each with its exact inverse (tested by round trips):
 
@@ -36,19 +36,26 @@ class MappingError(ValueError):
     """A checkpoint's tensors do not match the config (missing, unexpected, or wrong shape)."""
 
 
-def hf_layer_keys(i: int) -> list[str]:
-    p = f"model.layers.{i}."
-    return [
-        p + "input_layernorm.weight",
-        p + "self_attn.q_proj.weight",
-        p + "self_attn.k_proj.weight",
-        p + "self_attn.v_proj.weight",
-        p + "self_attn.o_proj.weight",
-        p + "post_attention_layernorm.weight",
-        p + "mlp.gate_proj.weight",
-        p + "mlp.up_proj.weight",
-        p + "mlp.down_proj.weight",
-    ]
+def layer_norm_keys(cfg: LlamaModelConfig) -> list[tuple[str, str, int]]:
+    """Per-layer norms as (HF suffix, Megatron suffix, size). Note the trap: HF's
+    `post_attention_layernorm` is the pre-MLP norm in Llama and Gemma 1, but a norm of the attention
+    output in Gemma 2/3 (whose pre-MLP norm is `pre_feedforward_layernorm`)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    keys = [("input_layernorm.weight", "input_layernorm.weight", h)]
+    if cfg.post_norms:
+        keys += [
+            ("post_attention_layernorm.weight", "self_attention.post_layernorm.weight", h),
+            ("pre_feedforward_layernorm.weight", "pre_mlp_layernorm.weight", h),
+            ("post_feedforward_layernorm.weight", "mlp.post_layernorm.weight", h),
+        ]
+    else:
+        keys.append(("post_attention_layernorm.weight", "pre_mlp_layernorm.weight", h))
+    if cfg.qk_norm:
+        keys += [
+            ("self_attn.q_norm.weight", "self_attention.q_layernorm.weight", d),
+            ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight", d),
+        ]
+    return keys
 
 
 def expected_hf_shapes(cfg: LlamaModelConfig) -> dict[str, tuple[int, ...]]:
@@ -61,9 +68,19 @@ def expected_hf_shapes(cfg: LlamaModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (v, h)
-    shapes = [(h,), (nq, h), (nkv, h), (nkv, h), (h, nq), (h,), (f, h), (f, h), (h, f)]
+    linears = {
+        "self_attn.q_proj.weight": (nq, h),
+        "self_attn.k_proj.weight": (nkv, h),
+        "self_attn.v_proj.weight": (nkv, h),
+        "self_attn.o_proj.weight": (h, nq),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
     for i in range(cfg.num_layers):
-        out.update(zip(hf_layer_keys(i), shapes, strict=True))
+        p = f"model.layers.{i}."
+        out.update({p + k: s for k, s in linears.items()})
+        out.update({p + hk: (n,) for hk, _, n in layer_norm_keys(cfg)})
     return out
 
 
@@ -188,9 +205,9 @@ def hf_to_megatron(
         down = g(hp + "mlp.down_proj.weight")
         if fp != f:
             down = torch.cat([down, down.new_zeros(down.shape[0], fp - f)], dim=1)
+        out.update({mp + mk: g(hp + hk) for hk, mk, _ in layer_norm_keys(cfg)})
         out.update(
             {
-                mp + "input_layernorm.weight": g(hp + "input_layernorm.weight"),
                 mp + "self_attention.linear_qkv.weight": _qkv(
                     cfg,
                     g(hp + "self_attn.q_proj.weight"),
@@ -200,7 +217,6 @@ def hf_to_megatron(
                 mp + "self_attention.linear_proj.weight": _proj(
                     cfg, g(hp + "self_attn.o_proj.weight")
                 ),
-                mp + "pre_mlp_layernorm.weight": g(hp + "post_attention_layernorm.weight"),
                 mp + "mlp.linear_fc1.weight": torch.cat([_pad_rows(gate, fp), _pad_rows(up, fp)]),
                 mp + "mlp.linear_fc2.weight": down,
             }
@@ -223,7 +239,8 @@ def megatron_to_hf(
     def m(name: str) -> torch.Tensor:
         if name not in sd:
             raise MappingError(
-                f"the Megatron checkpoint has no tensor {name!r}; is it a Llama model?"
+                f"the Megatron checkpoint has no tensor {name!r}; does it match its "
+                f"{cfg.hf_architecture} config?"
             )
         return sd[name]
 
@@ -232,16 +249,15 @@ def megatron_to_hf(
         hp, mp = f"model.layers.{i}.", megatron_layer_prefix(i)
         q, k, vv = _unqkv(cfg, m(mp + "self_attention.linear_qkv.weight"))
         gate, up = m(mp + "mlp.linear_fc1.weight").split(fp)
+        out.update({hp + hk: m(mp + mk) for hk, mk, _ in layer_norm_keys(cfg)})
         out.update(
             {
-                hp + "input_layernorm.weight": m(mp + "input_layernorm.weight"),
                 hp + "self_attn.q_proj.weight": q,
                 hp + "self_attn.k_proj.weight": k,
                 hp + "self_attn.v_proj.weight": vv,
                 hp + "self_attn.o_proj.weight": _unproj(
                     cfg, m(mp + "self_attention.linear_proj.weight")
                 ),
-                hp + "post_attention_layernorm.weight": m(mp + "pre_mlp_layernorm.weight"),
                 hp + "mlp.gate_proj.weight": gate[:f],
                 hp + "mlp.up_proj.weight": up[:f],
                 hp + "mlp.down_proj.weight": m(mp + "mlp.linear_fc2.weight")[:, :f],

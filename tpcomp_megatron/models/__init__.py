@@ -1,4 +1,5 @@
-"""Model configs and builders: Llama-family models as Megatron-core GPTModels at any TP size."""
+"""Model configs and builders: Llama-family and Gemma 1/2/3 models as Megatron-core GPTModels at
+any TP size."""
 
 from .builder import (
     LayerSpecTransform,
@@ -8,13 +9,15 @@ from .builder import (
     torch_dtype,
     transformer_config,
 )
-from .config import LlamaModelConfig, TokenizerRef
+from .config import LlamaModelConfig, TokenizerRef, load_model_config, model_config_from_dict
+from .gemma import GemmaModelConfig
 from .heads import HeadLayout, plan_head_layout
 from .hf_config import SUPPORTED_ARCHITECTURES, config_from_hf
 from .norm import RMSNorm
 from .rope import RopeScaling, rope_inv_freq, set_model_rope
 
 __all__ = [
+    "GemmaModelConfig",
     "HeadLayout",
     "LayerSpecTransform",
     "LlamaModelConfig",
@@ -26,6 +29,8 @@ __all__ = [
     "causal_attention_mask",
     "config_from_hf",
     "llama_layer_spec",
+    "load_model_config",
+    "model_config_from_dict",
     "plan_head_layout",
     "rope_inv_freq",
     "set_model_rope",

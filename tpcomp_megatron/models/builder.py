@@ -1,5 +1,8 @@
 """Build a Megatron-core `GPTModel` for a `LlamaModelConfig` at the current tensor-parallel size.
 
+A `GemmaModelConfig` (a subclass) builds a Gemma model: its layer specs, TransformerConfig fields
+and post-build steps come from `tpcomp_megatron.models.gemma.spec`.
+
 Uses the local (non-Transformer-Engine) layer spec so the same model runs on CPU (inside
 `cpu_megatron()`) and on GPU, with our `RMSNorm` in every norm slot (Hugging Face arithmetic, and
 sequence parallelism allowed). `layer_spec_transform` lets callers swap submodule classes before the
@@ -9,6 +12,7 @@ model is built, e.g. `spec.submodules.self_attention.submodules.linear_proj = My
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -23,6 +27,45 @@ from .rope import rope_inv_freq, set_model_rope
 LayerSpecTransform = Callable[[Any], Any]
 """Takes the (deep-copied) TransformerLayer ModuleSpec; returns the spec to use (or None to keep
 the one it was given, mutated in place)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """What a model family contributes to `build_gpt_model`."""
+
+    layer_specs: list[Any]
+    """One TransformerLayer spec per layer."""
+    final_norm: type
+    """The block's final norm class."""
+    finish: Callable[[Any], None] | None = None
+    """Called on the built GPTModel (e.g. embedding scale, logit soft-cap)."""
+
+
+def _is_gemma(cfg: LlamaModelConfig) -> bool:
+    from .gemma.config import GemmaModelConfig
+
+    return isinstance(cfg, GemmaModelConfig)
+
+
+def _family_overrides(cfg: LlamaModelConfig) -> dict[str, Any]:
+    if _is_gemma(cfg):
+        from .gemma.spec import gemma_transformer_overrides
+
+        return gemma_transformer_overrides(cfg)  # type: ignore[arg-type]
+    return {}
+
+
+def model_parts(
+    cfg: LlamaModelConfig, layer_spec_transform: LayerSpecTransform | None = None
+) -> ModelParts:
+    """Layer specs, final norm and post-build steps of `cfg`'s model family."""
+    if _is_gemma(cfg):
+        from .gemma.spec import gemma_model_parts
+
+        return gemma_model_parts(cfg, layer_spec_transform)  # type: ignore[arg-type]
+    layer = llama_layer_spec(layer_spec_transform)
+    return ModelParts(layer_specs=[layer] * cfg.num_layers, final_norm=RMSNorm)
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -95,6 +138,7 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
     )
+    kwargs.update(_family_overrides(cfg))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -152,8 +196,8 @@ def build_gpt_model(
         perform_initialization=perform_initialization,
         **config_overrides,
     )
-    layer = llama_layer_spec(layer_spec_transform)
-    block = TransformerBlockSubmodules(layer_specs=[layer] * cfg.num_layers, layer_norm=RMSNorm)
+    parts = model_parts(cfg, layer_spec_transform)
+    block = TransformerBlockSubmodules(layer_specs=parts.layer_specs, layer_norm=parts.final_norm)
     model = GPTModel(
         config=tconf,
         transformer_layer_spec=block,
@@ -168,6 +212,8 @@ def build_gpt_model(
         rotary_base=int(cfg.rope_theta),
     )
     set_model_rope(model, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    if parts.finish is not None:
+        parts.finish(model)
     return model
 
 

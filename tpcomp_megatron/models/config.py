@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from .heads import HeadLayout, plan_head_layout
 from .rope import RopeScaling
@@ -41,6 +41,9 @@ class TokenizerRef:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaModelConfig:
     """A Llama-family decoder (Llama 2/3.x, Mistral, SmolLM2) at one tensor-parallel size."""
+
+    FORMAT: ClassVar[str] = FORMAT
+    """The `format` tag of this class's JSON; subclasses (other families) have their own."""
 
     num_layers: int
     """Transformer layers."""
@@ -143,6 +146,16 @@ class LlamaModelConfig:
             object.__setattr__(self, name, value)
 
     @property
+    def post_norms(self) -> bool:
+        """Norms after attention and after the MLP (none in Llama; Gemma 2/3 override)."""
+        return False
+
+    @property
+    def qk_norm(self) -> bool:
+        """Per-head norms of queries and keys (none in Llama; Gemma 3 overrides)."""
+        return False
+
+    @property
     def head_layout(self) -> HeadLayout:
         """Padded attention-head layout of the checkpoint."""
         return HeadLayout(
@@ -165,15 +178,18 @@ class LlamaModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["format"] = FORMAT
+        out["format"] = type(self).FORMAT
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LlamaModelConfig":
         data = dict(data)
         fmt = data.pop("format", None)
-        if fmt != FORMAT:
-            raise ValueError(f"not a {FORMAT} config (format={fmt!r}); was it written by tpcomp?")
+        if fmt != cls.FORMAT:
+            raise ValueError(
+                f"not a {cls.FORMAT} config (format={fmt!r}); was it written by tpcomp? "
+                "(load_model_config reads every model family)"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -199,3 +215,32 @@ class LlamaModelConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
         return cls.from_dict(data)
+
+
+def _config_classes() -> list[type[LlamaModelConfig]]:
+    # Imported here: the Gemma config subclasses this module's class.
+    from .gemma.config import GemmaModelConfig
+
+    return [LlamaModelConfig, GemmaModelConfig]
+
+
+def model_config_from_dict(data: dict[str, Any]) -> LlamaModelConfig:
+    """The config of whichever model family wrote `data` (its `format` tag decides)."""
+    fmt = data.get("format")
+    for cls in _config_classes():
+        if fmt == cls.FORMAT:
+            return cls.from_dict(data)
+    known = [c.FORMAT for c in _config_classes()]
+    raise ValueError(f"unknown config format {fmt!r}; known: {known}. Was it written by tpcomp?")
+
+
+def load_model_config(path: str | os.PathLike[str]) -> LlamaModelConfig:
+    """Read a config JSON written by any model family's `save`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return model_config_from_dict(data)

@@ -30,7 +30,19 @@ def config_from_hf(
     """Build our config from a Hugging Face config dict (as in config.json or `to_dict()`).
 
     `params_dtype` None keeps the source dtype (`torch_dtype`/`dtype`, float32 if absent).
+    Gemma 1/2/3 configs give a `GemmaModelConfig`.
     """
+    from .gemma.hf_config import gemma_architecture, gemma_config_from_hf
+
+    if gemma_architecture(hf) is not None:
+        return gemma_config_from_hf(
+            hf,
+            tensor_parallel_size=tensor_parallel_size,
+            params_dtype=params_dtype,
+            tokenizer=tokenizer,
+            source=source,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        )
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
@@ -38,7 +50,8 @@ def config_from_hf(
         if archs or model_type not in SUPPORTED_ARCHITECTURES.values():
             raise ValueError(
                 f"unsupported architecture {archs or model_type!r}; supported: "
-                f"{sorted(SUPPORTED_ARCHITECTURES)} (Llama 2/3.x, Mistral, SmolLM2)"
+                f"{sorted(SUPPORTED_ARCHITECTURES)} (Llama 2/3.x, Mistral, SmolLM2) and "
+                "GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM"
             )
         arch = next(a for a, t in SUPPORTED_ARCHITECTURES.items() if t == model_type)
     act = hf.get("hidden_act", "silu")

@@ -4,7 +4,8 @@ Megatron's local `DotProductAttention` materializes [b, heads, s, s] scores with
 softmax: correct, but at long prompts its time hides what communication costs. Timing studies
 (tools/bench_ttft.py) and GPU runs without Transformer Engine use this instead. It handles the
 causal prefill (sq == sk) and decode (sq == 1) of `greedy_generate`; anything else (masks, sliding
-windows, softmax offsets, packed sequences, chunked prefill) is passed to the parent unchanged.
+windows, soft-capped scores, softmax offsets, packed sequences, chunked prefill) is passed to the
+parent unchanged.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ class SDPADotProductAttention(DotProductAttention):
                 packed_seq_params=None, **kwargs):
         sq, sk = query.shape[0], key.shape[0]
         window = getattr(self.scale_mask_softmax, "window_size", None)
+        capped = getattr(self.scale_mask_softmax, "softcap", None)  # Gemma 2's soft-capped scores
         if (attention_mask is not None or attention_bias is not None or packed_seq_params is not None
-                or kwargs or window is not None or self.softmax_offset is not None or (sq != sk and sq != 1)
+                or kwargs or window is not None or capped is not None or self.softmax_offset is not None
+                or (sq != sk and sq != 1)
                 or self.training and self.attention_dropout.p > 0):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         # [s, b, heads, hn] -> [b, heads, s, hn]

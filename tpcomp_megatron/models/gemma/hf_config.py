@@ -1,0 +1,150 @@
+"""Read a Hugging Face Gemma / Gemma 2 / Gemma 3 (text) config into a `GemmaModelConfig`.
+
+Accepts both the transformers 5 layout (`rope_parameters`, per layer type for Gemma 3) and the
+4.x one (`rope_theta`, `rope_local_base_freq`, `rope_scaling`), and refuses what would change the
+function: biases, bidirectional attention, activations other than GELU.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..config import TokenizerRef
+from ..rope import RopeScaling
+from .config import FULL, SLIDING, GemmaModelConfig
+
+GEMMA_ARCHITECTURES = {
+    "GemmaForCausalLM": ("gemma", 1),
+    "Gemma2ForCausalLM": ("gemma2", 2),
+    "Gemma3ForCausalLM": ("gemma3_text", 3),
+}
+_HF_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def gemma_architecture(hf: dict[str, Any]) -> str | None:
+    """The Gemma class name `hf` describes, or None if it is not a Gemma text model."""
+    for arch in hf.get("architectures") or []:
+        if arch in GEMMA_ARCHITECTURES:
+            return arch
+        if arch == "Gemma3ForConditionalGeneration":
+            raise ValueError(
+                "Gemma3ForConditionalGeneration (vision + text) is not supported; convert a "
+                "text-only Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text)"
+            )
+    model_type = hf.get("model_type")
+    return next((a for a, (t, _) in GEMMA_ARCHITECTURES.items() if t == model_type), None)
+
+
+def _rope(params: dict[str, Any] | None, fallback_theta: float) -> tuple[float, RopeScaling | None]:
+    params = params or {}
+    theta = float(params.get("rope_theta", fallback_theta))
+    return theta, RopeScaling.from_hf(params)
+
+
+def gemma_config_from_hf(
+    hf: dict[str, Any],
+    *,
+    tensor_parallel_size: int,
+    params_dtype: str | None = None,
+    tokenizer: TokenizerRef | None = None,
+    source: str | None = None,
+    make_vocab_size_divisible_by: int = 128,
+) -> GemmaModelConfig:
+    """Our config from a Gemma config dict (config.json or `to_dict()`)."""
+    arch = gemma_architecture(hf)
+    if arch is None:
+        raise ValueError(
+            f"not a Gemma text config: {hf.get('architectures') or hf.get('model_type')!r}"
+        )
+    version = GEMMA_ARCHITECTURES[arch][1]
+    for flag in ("attention_bias", "use_bidirectional_attention"):
+        if hf.get(flag):
+            raise ValueError(
+                f"{flag}=True is not supported by this converter (it would change the function)"
+            )
+    if version == 1:
+        act = hf.get("hidden_act") or hf.get("hidden_activation") or "gelu_pytorch_tanh"
+        # transformers maps Gemma 1's legacy "gelu" to the tanh approximation (the released
+        # checkpoints were trained with it); do the same.
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+    else:
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu"):
+        raise ValueError(f"hidden activation {act!r} is not supported (gelu_pytorch_tanh, gelu)")
+    required = (
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "vocab_size",
+    )
+    missing = [k for k in required if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json is missing {missing}")
+    layers, heads = int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
+    head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+
+    rope = hf.get("rope_parameters") or {}
+    local_theta = local_scaling = None
+    if version == 3:
+        if FULL in rope or SLIDING in rope:
+            theta, scaling = _rope(rope.get(FULL), 1_000_000.0)
+            local_theta, local_scaling = _rope(rope.get(SLIDING), 10_000.0)
+        else:  # transformers 4.x keys
+            theta, scaling = _rope(hf.get("rope_scaling"), float(hf.get("rope_theta", 1_000_000.0)))
+            local_theta = float(hf.get("rope_local_base_freq", 10_000.0))
+    else:
+        theta, scaling = _rope(
+            rope or hf.get("rope_scaling"), float(hf.get("rope_theta", 10_000.0))
+        )
+
+    layer_types = None
+    if version >= 2:
+        layer_types = hf.get("layer_types")
+        if (
+            layer_types is None
+        ):  # transformers' defaults: every 2nd (Gemma 2) / 6th (Gemma 3) is global
+            period = 2 if version == 2 else int(hf.get("sliding_window_pattern", 6))
+            layer_types = [SLIDING if (i + 1) % period else FULL for i in range(layers)]
+        if hf.get("sliding_window") is None:
+            layer_types = [FULL] * layers  # HF then builds no sliding masks at all
+    if params_dtype is None:
+        src = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+        params_dtype = str(src).replace("torch.", "")
+        params_dtype = params_dtype if params_dtype in _HF_DTYPES else "float32"
+
+    return GemmaModelConfig(
+        num_layers=layers,
+        hidden_size=int(hf["hidden_size"]),
+        ffn_hidden_size=int(hf["intermediate_size"]),
+        num_attention_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        vocab_size=int(hf["vocab_size"]),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        tensor_parallel_size=tensor_parallel_size,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        params_dtype=params_dtype,
+        tokenizer=tokenizer,
+        source=source,
+        hf_architecture=arch,
+        hf_config=json.loads(json.dumps(hf)),
+        gemma_version=version,
+        activation=act,
+        query_pre_attn_scalar=(
+            float(hf.get("query_pre_attn_scalar") or head_dim) if version >= 2 else None
+        ),
+        attn_logit_softcapping=hf.get("attn_logit_softcapping") if version == 2 else None,
+        final_logit_softcapping=hf.get("final_logit_softcapping") if version >= 2 else None,
+        sliding_window=int(hf["sliding_window"])
+        if layer_types and SLIDING in layer_types
+        else None,
+        layer_types=tuple(layer_types) if layer_types is not None else None,
+        local_rope_theta=local_theta,
+        local_rope_scaling=local_scaling,
+    )
