@@ -178,6 +178,7 @@ def _direct_scores(model, inputs, tp, codec):
         return codec.decode_sum(payloads, out.shape[-1], range(tp), dtype=out.dtype).reshape(out.shape)
 
     nll_ref = nll = agree = kl = n = 0.0
+    diffs = []
     with torch.no_grad():
         for w in inputs:
             ref = model(w[None]).logits[0, :-1]
@@ -187,10 +188,13 @@ def _direct_scores(model, inputs, tp, codec):
                 h.remove()
             nll_ref += F.cross_entropy(ref.double(), w[1:], reduction="sum").item()
             nll += F.cross_entropy(got.double(), w[1:], reduction="sum").item()
+            diffs.append(F.cross_entropy(got.double(), w[1:], reduction="none") - F.cross_entropy(ref.double(), w[1:], reduction="none"))
             agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
             kl += F.kl_div(got.double().log_softmax(-1), ref.double().log_softmax(-1), log_target=True, reduction="sum").item()
             n += w.numel() - 1
-    return math.exp(nll_ref / n), math.exp(nll / n), agree / n, kl / n
+    d = torch.cat(diffs)
+    se_pct = 100 * d.mean().exp().item() * (d.std() / math.sqrt(d.numel())).item()
+    return math.exp(nll_ref / n), math.exp(nll / n), agree / n, kl / n, se_pct
 
 
 def test_eval_tool_metrics_equal_direct_computation(tiny):
@@ -205,7 +209,7 @@ def test_eval_tool_metrics_equal_direct_computation(tiny):
     text = Path(tiny["text"].removeprefix("file:")).read_text()
     ids = torch.tensor([ord(c) for c in text[:SEQ * WINDOWS]]).view(WINDOWS, SEQ)
     for rec, spec in zip(recs, specs):
-        base, ppl, top1, kl = _direct_scores(model, ids, 3, make_codec(spec))
+        base, ppl, top1, kl, se = _direct_scores(model, ids, 3, make_codec(spec))
         assert rec["codec"] == spec and rec["world_size"] == 3 and rec["simulated_tp"] is True
         assert rec["tokens_scored"] == WINDOWS * (SEQ - 1) and rec["calibration"] == "none"
         assert rec["baseline_ppl"] == pytest.approx(base, rel=1e-6)
@@ -213,6 +217,7 @@ def test_eval_tool_metrics_equal_direct_computation(tiny):
         assert rec["top1_agreement"] == pytest.approx(top1, abs=1e-9)
         assert rec["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
         assert rec["ppl_increase_pct"] == pytest.approx(100 * (ppl / base - 1), rel=1e-5, abs=1e-6)
+        assert rec["ppl_increase_se_pct"] == pytest.approx(se, rel=1e-4)
         for key in ("device", "date", "command", "git", "bits_per_value", "text"):
             assert rec[key]
 

@@ -25,6 +25,10 @@ class Totals:
     tokens: int = 0
     agree: int = 0
     kl: float = 0.0
+    diff: float = 0.0
+    """Sum over tokens of NLL(compressed) - NLL(uncompressed)."""
+    diff_sq: float = 0.0
+    """Sum of its squares (for the standard error of the paired difference)."""
 
     @property
     def ppl(self) -> float:
@@ -37,6 +41,17 @@ class Totals:
     @property
     def mean_kl(self) -> float:
         return self.kl / self.tokens if self.tokens else float("nan")
+
+    def ppl_increase_se_pct(self) -> float:
+        """Standard error of the perplexity increase, in percent, from the per-token paired NLL
+        differences taken as independent. Neighbouring tokens are correlated, so this is a lower
+        bound on the noise: read differences of less than about 2-3 SE as unresolved."""
+        n = self.tokens
+        if n < 2:
+            return float("nan")
+        mean = self.diff / n
+        var = max(self.diff_sq / n - mean * mean, 0.0) * n / (n - 1)
+        return 100.0 * math.exp(mean) * math.sqrt(var / n)
 
 
 def _rows(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +79,11 @@ def add_compared(totals: Totals, logits: torch.Tensor, ref_logits: torch.Tensor,
     for s in range(0, lg.shape[0], ROW_CHUNK):
         lq = torch.log_softmax(lg[s:s + ROW_CHUNK].float(), dim=-1)
         lp = torch.log_softmax(ref[s:s + ROW_CHUNK].float(), dim=-1)
-        totals.nll -= lq.gather(1, tg[s:s + ROW_CHUNK, None]).double().sum().item()
+        nll_q = -lq.gather(1, tg[s:s + ROW_CHUNK, None]).double()
+        d = nll_q + lp.gather(1, tg[s:s + ROW_CHUNK, None]).double()
+        totals.nll += nll_q.sum().item()
+        totals.diff += d.sum().item()
+        totals.diff_sq += d.square().sum().item()
         totals.kl += (lp.exp() * (lp - lq)).sum(-1).double().sum().item()
         totals.agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
     totals.tokens += tg.numel()

@@ -55,6 +55,7 @@ def quality_record(*, model: str, text: str, totals: Totals, baseline: Totals, w
     rec = {"model": model, "text": text, "tokens_scored": totals.tokens, "world_size": world_size,
            "simulated_tp": simulated, "codec": codec, "bits_per_value": round(bits, 4), "calibration": calibration,
            "ppl": totals.ppl, "baseline_ppl": base, "ppl_increase_pct": 100.0 * (totals.ppl / base - 1.0),
+           "ppl_increase_se_pct": totals.ppl_increase_se_pct(),
            "top1_agreement": totals.top1_agreement, "kl": totals.mean_kl}
     rec.update(extra)
     rec.update(env)
