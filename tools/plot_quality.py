@@ -4,7 +4,8 @@
 
 Writes `<out>.md` (per model: the best setting at <= 4.5 bits/value, the most compressive within 1% and
 3% perplexity increase, the Pareto front, and every record) and `<out>.png` (one panel per model,
-one colour per TP size, simulated points as dots, real-rank points as crosses, fronts as lines).
+one colour per TP size; simulated one-shot points as dots with their Pareto front as a line,
+experimental (rotation) points hollow, two-shot points as triangles, real-rank points as crosses).
 Files from several runs may be given together; records are grouped by model.
 """
 
@@ -58,11 +59,13 @@ def best_within_bits(recs: list[dict], bits: float) -> dict | None:
 def _row(r: dict | None) -> str:
     if r is None:
         return "| - | - | - | - | - | - |"
-    return (f"| {label(r)} | {r['bits_per_value']:.3f} | {r['ppl']:.3f} | {r['ppl_increase_pct']:+.2f}% "
+    se = r.get("ppl_increase_se_pct")
+    inc = f"{r['ppl_increase_pct']:+.2f}%" + (f" ± {se:.2f}" if se is not None else "")
+    return (f"| {label(r)} | {r['bits_per_value']:.3f} | {r['ppl']:.3f} | {inc} "
             f"| {r['top1_agreement']:.4f} | {r['kl']:.4f} |")
 
 
-HEAD = "| codec | bits/value | ppl | ppl increase | top-1 agreement | KL (nats) |\n|---|---|---|---|---|---|"
+HEAD = "| codec | bits/value | ppl | ppl increase (± 1 SE) | top-1 agreement | KL (nats) |\n|---|---|---|---|---|---|"
 
 
 def markdown(recs: list[dict]) -> str:
@@ -117,24 +120,32 @@ def plot(recs: list[dict], path: Path) -> None:
         mrecs = [r for r in recs if r["model"] == model]
         for tp in sorted({r["world_size"] for r in mrecs}):
             c = colors.get(tp, "tab:gray")
-            sim = [r for r in mrecs if r["world_size"] == tp and r["simulated_tp"]]
-            real = [r for r in mrecs if r["world_size"] == tp and not r["simulated_tp"]]
-            if sim:
-                ax.scatter([r["bits_per_value"] for r in sim], [max(r["ppl_increase_pct"], 0.01) for r in sim],
-                           s=14, color=c, alpha=0.6, label=f"TP={tp} simulated")
-                front = pareto(sim)
-                ax.plot([r["bits_per_value"] for r in front], [max(r["ppl_increase_pct"], 0.01) for r in front],
-                        color=c, lw=1.5)
-            if real:
-                ax.scatter([r["bits_per_value"] for r in real], [max(r["ppl_increase_pct"], 0.01) for r in real],
-                           marker="x", s=40, color=c, label=f"TP={tp} real ranks")
+            at_tp = [r for r in mrecs if r["world_size"] == tp]
+            kinds = (  # (records, marker, label); the front runs over deployable one-shot points
+                ([r for r in at_tp if r["simulated_tp"] and not r.get("experimental") and r.get("algorithm") != "two_shot"],
+                 dict(marker="o", s=16, color=c, alpha=0.7), f"TP={tp} simulated"),
+                ([r for r in at_tp if r.get("experimental")],
+                 dict(marker="o", s=22, facecolors="none", edgecolors=c), f"TP={tp} experimental (rotation)"),
+                ([r for r in at_tp if r.get("algorithm") == "two_shot"],
+                 dict(marker="^", s=22, color=c, alpha=0.7), f"TP={tp} two-shot"),
+                ([r for r in at_tp if not r["simulated_tp"]], dict(marker="x", s=40, color=c), f"TP={tp} real ranks"),
+            )
+            for i, (rs, style, name) in enumerate(kinds):
+                if not rs:
+                    continue
+                ax.scatter([r["bits_per_value"] for r in rs], [max(r["ppl_increase_pct"], 0.01) for r in rs],
+                           label=name, **style)
+                if i == 0:
+                    front = pareto(rs)
+                    ax.plot([r["bits_per_value"] for r in front], [max(r["ppl_increase_pct"], 0.01) for r in front],
+                            color=c, lw=1.5)
         for y, ls in ((1.0, "--"), (3.0, ":")):
             ax.axhline(y, color="k", ls=ls, lw=0.8)
         ax.axvline(TARGET_BITS, color="r", ls="--", lw=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("bits / value (payload, scales included)")
         ax.set_ylabel("perplexity increase, % (log; <= 0 drawn at 0.01)")
-        ax.set_title(f"{model}: Pareto fronts per TP size")
+        ax.set_title(f"{model}: Pareto front of deployable one-shot codecs per TP size")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
