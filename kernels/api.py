@@ -9,7 +9,7 @@ produces the same bytes as the codec's PyTorch reference.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from triton.runtime.interpreter import InterpretedFunction
@@ -30,42 +30,54 @@ INTERPRETED = isinstance(_block._block_encode_kernel, InterpretedFunction)
 
 # -- custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("tpcomp::block_encode", mutates_args=())
-def block_encode(x: Tensor, element: str, block: int, scale: str, data_bytes: int,
-                 slot: Optional[Tensor], slots_off: int, row_bytes: int) -> Tensor:
+def block_encode(x: Tensor, element: str, block: int, scale: str, data_bytes: int, slot: Optional[Tensor],
+                 first: Optional[Tensor], chan: Optional[Tensor], window_max: List[int], slots_off: int,
+                 row_bytes: int) -> Tensor:
+    """Block codec, or hybrid when the outlier tables (slot, first, chan, window_max) are given."""
     out = torch.empty(x.shape[0], row_bytes, dtype=torch.uint8, device=x.device)
     _block.launch_block_encode(x, out, element=element, block=block, scale=scale, data_bytes=data_bytes,
-                               slot=slot, slots_off=slots_off)
+                               outliers=_outliers(slot, first, chan, window_max), slots_off=slots_off)
     return out
 
 
+def _outliers(slot, first, chan, window_max):
+    return None if slot is None else (slot, first, chan, tuple(window_max))
+
+
 @block_encode.register_fake
-def _(x, element, block, scale, data_bytes, slot, slots_off, row_bytes):
+def _(x, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, row_bytes):
     return x.new_empty((x.shape[0], row_bytes), dtype=torch.uint8)
 
 
 @torch.library.custom_op("tpcomp::block_decode", mutates_args=())
 def block_decode(payloads: Tensor, hidden: int, element: str, block: int, scale: str, data_bytes: int,
-                 slot: Optional[Tensor], slots_off: int, mode: str, dtype: torch.dtype) -> Tensor:
+                 slot: Optional[Tensor], first: Optional[Tensor], chan: Optional[Tensor], window_max: List[int],
+                 slots_off: int, mode: str, dtype: torch.dtype) -> Tensor:
     """mode 'sum' -> [rows, hidden], 'each' -> [n * rows, hidden], 'encode' -> payload."""
     n, rows, row_bytes = payloads.shape
-    if mode == "encode":
-        out = torch.empty(rows, row_bytes, dtype=torch.uint8, device=payloads.device)
-    else:
-        out = torch.empty((n * rows if mode == "each" else rows), hidden, dtype=dtype, device=payloads.device)
+    out = _decode_out(payloads, hidden, mode, dtype)
     if mode == "each":  # no sources to tell apart: decode one payload of n * rows rows
         payloads = payloads.view(1, n * rows, row_bytes)
     _block.launch_block_decode(payloads, out, hidden=hidden, element=element, block=block, scale=scale,
-                               data_bytes=data_bytes, slot=slot, slots_off=slots_off,
+                               data_bytes=data_bytes, outliers=_outliers(slot, first, chan, window_max),
+                               slots_off=slots_off,
                                encode=mode == "encode", each=mode == "each")
     return out
 
 
 @block_decode.register_fake
-def _(payloads, hidden, element, block, scale, data_bytes, slot, slots_off, mode, dtype):
-    return _fake_decode(payloads, hidden, mode, dtype)
+def _(payloads, hidden, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, mode, dtype):
+    return _decode_out(payloads, hidden, mode, dtype)
 
 
-def _fake_decode(payloads, hidden, mode, dtype):
+_MODES = ("sum", "each", "encode")
+
+
+def _decode_out(payloads: Tensor, hidden: int, mode: str, dtype: torch.dtype) -> Tensor:
+    """The (uninitialized) output of a decode op, real or fake: [rows, hidden] (sum),
+    [n * rows, hidden] (each), a payload [rows, row_bytes] (encode)."""
+    if mode not in _MODES:
+        raise ValueError(f"unknown decode mode {mode!r}; valid: {list(_MODES)}")
     n, rows, row_bytes = payloads.shape
     if mode == "encode":
         return payloads.new_empty((rows, row_bytes), dtype=torch.uint8)
@@ -86,22 +98,20 @@ def _(x, lo, inv, chan, src_row):
 
 @torch.library.custom_op("tpcomp::static_decode", mutates_args=())
 def static_decode(payloads: Tensor, hidden: int, lo: Tensor, step: Tensor, lo_out: Tensor, inv: Tensor, slot: Tensor,
-                  k: int, src_start: int, src_step: int, mode: str, out_row: int,
+                  chan: Tensor, first: Tensor, window_max: List[int], src_start: int, src_step: int, mode: str, out_row: int,
                   dtype: torch.dtype) -> Tensor:
     """mode 'sum' -> [rows, hidden], 'each' -> [n * rows, hidden], 'encode' -> payload."""
-    n, rows, row_bytes = payloads.shape
-    if mode == "encode":
-        out = torch.empty(rows, row_bytes, dtype=torch.uint8, device=payloads.device)
-    else:
-        out = torch.empty((n * rows if mode == "each" else rows), hidden, dtype=dtype, device=payloads.device)
-    _outlier.launch_static_decode(payloads, out, hidden=hidden, lo=lo, step=step, lo_out=lo_out, inv=inv, slot=slot, k=k,
+    out = _decode_out(payloads, hidden, mode, dtype)
+    _outlier.launch_static_decode(payloads, out, hidden=hidden, lo=lo, step=step, lo_out=lo_out, inv=inv, slot=slot,
+                                  chan=chan, first=first, window_max=tuple(window_max),
                                   src_start=src_start, src_step=src_step, each=mode == "each", out_row=out_row)
     return out
 
 
 @static_decode.register_fake
-def _(payloads, hidden, lo, step, lo_out, inv, slot, k, src_start, src_step, mode, out_row, dtype):
-    return _fake_decode(payloads, hidden, mode, dtype)
+def _(payloads, hidden, lo, step, lo_out, inv, slot, chan, first, window_max, src_start, src_step, mode, out_row,
+      dtype):
+    return _decode_out(payloads, hidden, mode, dtype)
 
 
 # -- public API -------------------------------------------------------------------------------
@@ -139,11 +149,16 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 
 def _block_args(codec: Codec, hidden: int, device: torch.device) -> tuple:
-    """(element, block, scale, data_bytes, slot, slots_off) of a block or hybrid codec."""
+    """(element, block, scale, data_bytes, slot, first, chan, window_max, slots_off) of a block or
+    hybrid codec."""
     base = codec.block if isinstance(codec, HybridCodec) else codec
-    slot = outlier_tables(codec, device).slot if isinstance(codec, HybridCodec) else None
+    if isinstance(codec, HybridCodec):
+        t = outlier_tables(codec, device)
+        tabs = (t.slot, t.first, t.chan, list(t.window_max))
+    else:
+        tabs = (None, None, None, [])
     spec = base.spec
-    return spec.element, spec.block, spec.scale, base.data_bytes(hidden), slot, base.row_bytes(hidden)
+    return (spec.element, spec.block, spec.scale, base.data_bytes(hidden), *tabs, base.row_bytes(hidden))
 
 
 def _static_sources(codec: StaticOutlierCodec, tables, sources: Sequence[int]):
@@ -174,7 +189,8 @@ def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int],
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, payloads.device)
         lo, step, first, stride = _static_sources(codec, t, sources)
-        return torch.ops.tpcomp.static_decode(payloads, hidden, lo, step, t.lo, t.inv, t.slot, t.chan.numel(), first,
+        return torch.ops.tpcomp.static_decode(payloads, hidden, lo, step, t.lo, t.inv, t.slot, t.chan, t.first,
+                                              list(t.window_max), first,
                                               stride, mode, source_row(out_source, t.sources), dtype)
     return torch.ops.tpcomp.block_decode(payloads, hidden, *_block_args(codec, hidden, payloads.device), mode, dtype)
 

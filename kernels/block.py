@@ -4,9 +4,11 @@ Grid: (row tiles, column tiles); a program owns `R` rows x `T` columns, `T // B`
 block scales live in registers and no program depends on another. Input is read once, payload
 written once.
 
-Hybrid (`OUTLIERS`): `slot[c]` is the outlier slot index of channel c or -1. Encode stores the
-channel's bf16 value in its slot and zeroes it before the block scales are taken; decode replaces
-the block value of the channel by its slot. These are the only gathers/scatters, 1 lane in ~64.
+Hybrid (`OUTLIERS`, tables in tables.py): channels are ascending, so the outlier slots of a
+column tile are one contiguous range, at most KT long. Encode zeroes the outlier channels before
+the block scales are taken and copies their values (a [R, KT] gather from cache) into the slots;
+decode sums the slots as [R, KT] and overwrites the outlier channels of the output with them, or
+(ENCODE) requantizes them into the slots. No per-element gather or scatter.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import LAUNCH_OPTIONS, Tiles, choose_tiles, format_constexprs, needs_int64, out_kind, slots_even
-from .numerics import (_BF16_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits, _code_to_value, _decode_scales,
-                       _encode_scales, _input_to_f32, _MAX, _SUM, _store_output, _value_to_code)
+from .launch import GPU_TILE_ELEMS, LAUNCH_OPTIONS, Tiles, choose_tiles, format_constexprs, needs_int64, out_kind, slots_even
+from .numerics import (_BF16_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits, _from_bits, _code_to_value, _decode_scales,
+                       _encode_scales, _input_to_f32, _MAX, _store_output, _value_to_code)
+from .tables import tile_slots
 from .pack import _load_bf16_slots, _load_codes, _load_scales, _store_bf16_slots, _store_codes, _store_scales
 
 
@@ -29,13 +32,14 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
                        MAXV: tl.constexpr):
     """Quantize a float32 tile [R, T] (whole blocks) and store its codes and scales."""
     x3 = tl.reshape(x, [R, T // B, B])
-    finite = (_bits(x3) & 0x7FFFFFFF) < 0x7F800000
-    bad = tl.reduce(tl.where(finite, 0, 1), 2, _SUM) > 0
-    amax = tl.reduce(tl.where(finite, tl.abs(x3), 0.0), 2, _MAX)
-    amax = tl.where(bad, 0.0, amax)  # a non-finite value never reaches a scale
+    # One integer max of |x|'s bit patterns gives both the block maximum (non-negative floats
+    # order as their bits) and the NaN/Inf flag (their patterns are the largest).
+    amax_bits = tl.reduce(_bits(x3) & 0x7FFFFFFF, 2, _MAX)
+    bad = amax_bits >= 0x7F800000
+    amax = tl.where(bad, 0.0, _from_bits(amax_bits))  # a non-finite value never reaches a scale
     stored, inv = _encode_scales(amax, bad, SCALE_BF16, EMAX, MAXV)
     codes = _value_to_code(x3 * inv[:, :, None], BITS, EBITS, MBITS, 1 - BIAS,
-                           (1 << EBITS) - 1 - BIAS, MAX_CODE)
+                           (1 << EBITS) - 1 - BIAS, MAX_CODE, not SCALE_BF16)
     codes = tl.where(bad[:, :, None], 0, codes)
     _store_codes(out_ptr, row_off, row_mask, col0, hidden, tl.reshape(codes, [R, T]), R, T, BITS)
     _store_scales(out_ptr, row_off, row_mask, col0, hidden, data_bytes, stored, R, T, B,
@@ -43,12 +47,23 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
 
 
 @triton.jit
-def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, rows, hidden, row_bytes, data_bytes, slots_off,
+def _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T: tl.constexpr, KT: tl.constexpr):
+    """Outliers of the column tile: per-column flag [1, T], and the tile's slots, a contiguous
+    range (channels are ascending) [j0, j1) of at most KT, as indices [1, KT] and their mask."""
+    is_o = tl.load(slot_ptr + c, mask=c < hidden, other=-1) >= 0
+    j0 = tl.load(first_ptr + col0)
+    j1 = tl.load(first_ptr + tl.minimum(col0 + T, hidden))
+    j = j0 + tl.arange(0, KT)[None, :]
+    return is_o, j, j < j1
+
+
+@triton.jit
+def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hidden, row_bytes, data_bytes, slots_off,
                          IN_BF16: tl.constexpr, IN_F16: tl.constexpr, OUTLIERS: tl.constexpr,
-                         EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
+                         KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
                          SCALE_BF16: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
                          MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
-                         EMAX: tl.constexpr, MAXV: tl.constexpr, SUB_UNIT: tl.constexpr):
+                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr):
     r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
     col0 = tl.program_id(1) * T
     c = col0 + tl.arange(0, T)[None, :]
@@ -60,29 +75,32 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, rows, hidden, row_bytes, data
     x = _input_to_f32(raw, IN_BF16)
     row_off = r * row_bytes
     if OUTLIERS:
-        slot = tl.load(slot_ptr + c, mask=c < hidden, other=-1)
-        is_o = slot >= 0
+        is_o, j, jm = _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T, KT)
+        # the tile's outlier values, re-read from cache, go to their slots (contiguous per row)
+        ch = tl.load(chan_ptr + j, mask=jm, other=0)
+        rawo = tl.load(x_ptr + r * hidden + ch, mask=row_mask & jm, other=0.0)
         if IN_BF16:  # bf16 inputs travel bit for bit (the reference's .to(bf16) is a no-op)
-            obits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            obits = rawo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         elif IN_F16:
-            obits = tl.where(x != x, _BF16_NAN_BITS, _bf16_bits(x))
+            xo = rawo.to(tl.float32)
+            obits = tl.where(xo != xo, _BF16_NAN_BITS, _bf16_bits(xo))
         else:
-            obits = _bf16_bits(x)
-        _store_bf16_slots(out_ptr, row_off + slots_off + 2 * slot, obits, m & is_o, EVEN)
+            obits = _bf16_bits(rawo)
+        _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, obits, row_mask & jm, EVEN)
         x = tl.where(is_o, 0.0, x)
     _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B, SCALE_BF16,
                        BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV)
 
 
 @triton.jit
-def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, rows, hidden, row_bytes, data_bytes, slots_off,
+def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hidden, row_bytes, data_bytes, slots_off,
                          src_stride, N: tl.constexpr, EACH: tl.constexpr, ENCODE: tl.constexpr,
                          OUT_KIND: tl.constexpr,
-                         OUTLIERS: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+                         OUTLIERS: tl.constexpr, KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
                          R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
                          SCALE_BF16: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
                          MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
-                         EMAX: tl.constexpr, MAXV: tl.constexpr, SUB_UNIT: tl.constexpr):
+                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr):
     """Sum of N payloads [N, rows, row_bytes] in float32, in index order from +0.0; stored as
     the output dtype, or (ENCODE) requantized into one payload [rows, row_bytes]. EACH (N = 1):
     a plain decode, no accumulation."""
@@ -96,30 +114,37 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, rows, hidden, row_bytes, data
     m = row_mask & (c < hidden)
     row_off = r * row_bytes
     if OUTLIERS:
-        slot = tl.load(slot_ptr + c, mask=c < hidden, other=-1)
-        is_o = slot >= 0
+        is_o, j, jm = _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T, KT)
+        osum = tl.full([R, KT], 0.0, tl.float32)  # the sum at the tile's outlier channels
     acc = tl.full([R, T], 0.0, tl.float32)
     for i in tl.static_range(N):
         off = (r * 0 + i) * src_stride + row_off  # int64 when I64
         codes = _load_codes(p_ptr, off, row_mask, col0, hidden, R, T, BITS)
         scale = _decode_scales(_load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB),
                                SCALE_BF16)
-        v = tl.reshape(_code_to_value(codes, BITS, EBITS, MBITS, BIAS, SUB_UNIT), [R, T // B, B])
+        v = tl.reshape(_code_to_value(codes, BITS, EBITS, MBITS, DEC_MUL), [R, T // B, B])
         v = tl.reshape(v * scale[:, :, None], [R, T])
         if OUTLIERS:
-            v = tl.where(is_o, _bf16_bits_to_f32(_load_bf16_slots(p_ptr, off + slots_off + 2 * slot, m & is_o, EVEN)), v)
+            ov = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, off + slots_off + 2 * j, row_mask & jm, EVEN))
+            osum = ov if EACH else osum + ov
         if EACH:
             acc = v  # a plain decode: -0.0 stays -0.0 (0.0 + -0.0 would not)
         else:
             acc = acc + v
     if ENCODE:
         if OUTLIERS:
-            _store_bf16_slots(out_ptr, row_off + slots_off + 2 * slot, _bf16_bits(acc), m & is_o, EVEN)
+            _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, _bf16_bits(osum), row_mask & jm, EVEN)
             acc = tl.where(is_o, 0.0, acc)
         _encode_block_tile(acc, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B,
                            SCALE_BF16, BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV)
     else:
         _store_output(out_ptr, r * hidden + c, acc, m, OUT_KIND)
+        if OUTLIERS:
+            # The outlier channels were stored with their block value (0 or NaN) above; this
+            # program overwrites them after a barrier (same addresses, same program: ordered).
+            tl.debug_barrier()
+            ch = tl.load(chan_ptr + j, mask=jm, other=0)
+            _store_output(out_ptr, r * hidden + ch, osum, row_mask & jm, OUT_KIND)
 
 
 # -- launchers --------------------------------------------------------------------------------
@@ -129,41 +154,60 @@ def _constexprs(element, block, scale) -> dict:
     return {"B": block, "SCALE_BF16": scale == "bf16", **format_constexprs(FORMATS[element])}
 
 
+def _tiles(rows: int, hidden: int, element: str, block: int, on_gpu: bool) -> Tiles:
+    """5/6-bit groups are unpacked through int64 and need many registers: smaller tiles there
+    keep them from spilling (seen in the compiler's resource report for sm_90)."""
+    from tpcomp_megatron.codecs.formats import FORMATS
+
+    elems = GPU_TILE_ELEMS if FORMATS[element].bits in (4, 8) else GPU_TILE_ELEMS // 4
+    return choose_tiles(rows, hidden, block, on_gpu, elems=elems)
+
+
 def _grid(rows: int, hidden: int, tiles) -> tuple[int, int]:
     return (triton.cdiv(rows, tiles.rows), triton.cdiv(hidden, tiles.cols))
 
 
+def _outlier_args(outliers, tiles: Tiles, dummy: torch.Tensor) -> tuple:
+    """`outliers` = (slot, first, chan, window_max) of a hybrid codec (tables.OutlierTables)
+    -> the three table pointers and KT for this tile width; dummies for a plain block codec."""
+    if outliers is None:
+        return (dummy, dummy, dummy), 2
+    slot, first, chan, window_max = outliers
+    return (slot, first, chan), tile_slots(window_max, tiles.cols)
+
+
 def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, block: int, scale: str,
-                        data_bytes: int, slot: torch.Tensor | None, slots_off: int,
-                        tiles: Tiles | None = None) -> None:
+                        data_bytes: int, outliers, slots_off: int, tiles: Tiles | None = None) -> None:
     """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `tiles` overrides the
     tile policy (tools/bench_kernels.py --tune)."""
     rows, hidden = x.shape
     if rows == 0:
         return
-    tiles = tiles or choose_tiles(rows, hidden, block, x.is_cuda)
+    tiles = tiles or _tiles(rows, hidden, element, block, x.is_cuda)
+    ptrs, kt = _outlier_args(outliers, tiles, out)
     _block_encode_kernel[_grid(rows, hidden, tiles)](
-        x, out, slot if slot is not None else out, rows, hidden, out.shape[1], data_bytes, slots_off,
-        IN_BF16=x.dtype == torch.bfloat16, IN_F16=x.dtype == torch.float16, OUTLIERS=slot is not None,
-        EVEN=slots_even(out, slots_off),
+        x, out, *ptrs, rows, hidden, out.shape[1], data_bytes, slots_off,
+        IN_BF16=x.dtype == torch.bfloat16, IN_F16=x.dtype == torch.float16, OUTLIERS=outliers is not None,
+        KT=kt, EVEN=slots_even(out, slots_off),
         I64=needs_int64(x.numel(), out.numel()), R=tiles.rows, T=tiles.cols,
         num_warps=tiles.num_warps, **_constexprs(element, block, scale), **LAUNCH_OPTIONS)
 
 
 def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: int, element: str,
-                        block: int, scale: str, data_bytes: int, slot: torch.Tensor | None,
+                        block: int, scale: str, data_bytes: int, outliers,
                         slots_off: int, encode: bool, each: bool = False, tiles: Tiles | None = None) -> None:
     """payloads [n, rows, row_bytes] -> out [rows, hidden] (float dtypes) or, with `encode`,
     the requantized sum [rows, row_bytes] uint8."""
     n, rows, row_bytes = payloads.shape
     if rows == 0:
         return
-    tiles = tiles or choose_tiles(rows, hidden, block, payloads.is_cuda)
-    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 rounded by hand
+    tiles = tiles or _tiles(rows, hidden, element, block, payloads.is_cuda)
+    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
+    ptrs, kt = _outlier_args(outliers, tiles, payloads)
     _block_decode_kernel[_grid(rows, hidden, tiles)](
-        payloads, dst, slot if slot is not None else payloads, rows, hidden, row_bytes, data_bytes,
-        slots_off, rows * row_bytes, N=n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out.dtype),
-        OUTLIERS=slot is not None, EVEN=slots_even(payloads, slots_off) and (not encode or slots_even(out, slots_off)),
+        payloads, dst, *ptrs, rows, hidden, row_bytes, data_bytes,
+        slots_off, rows * row_bytes, N=n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out),
+        OUTLIERS=outliers is not None, KT=kt, EVEN=slots_even(payloads, slots_off) and (not encode or slots_even(out, slots_off)),
         I64=needs_int64(payloads.numel(), out.numel()),
         R=tiles.rows, T=tiles.cols, num_warps=tiles.num_warps,
         **_constexprs(element, block, scale), **LAUNCH_OPTIONS)

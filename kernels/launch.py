@@ -36,7 +36,7 @@ def format_constexprs(fmt: ElementFormat) -> dict:
     return {
         "BITS": fmt.bits, "EBITS": fmt.ebits, "MBITS": fmt.mbits, "BIAS": bias,
         "MAX_CODE": fmt.max_code, "EMAX": fmt.emax, "MAXV": float(fmt.max_value),
-        "SUB_UNIT": 2.0 ** (1 - bias - fmt.mbits),
+        "DEC_MUL": 2.0 ** (127 - bias) if not fmt.is_int else 1.0,
     }
 
 
@@ -51,7 +51,7 @@ def choose_tiles(rows: int, hidden: int, unit: int, on_gpu: bool, *, max_t: int 
                  elems: int = GPU_TILE_ELEMS) -> Tiles:
     """Tile for a `[rows, hidden]` problem whose column tiles must be multiples of `unit`."""
     if not on_gpu:
-        t = max(unit, _pow2_ceil(hidden))
+        t = max(unit, min(_pow2_ceil(hidden), 1 << 14))
         r = max(1, min(_pow2_ceil(rows), CPU_TILE_ELEMS // t))
         return Tiles(r, t, 4)
     best = unit
@@ -61,7 +61,7 @@ def choose_tiles(rows: int, hidden: int, unit: int, on_gpu: bool, *, max_t: int 
             best = t
         t *= 2
     r = max(1, min(_pow2_ceil(rows), elems // best))
-    return Tiles(r, best, 8 if r * best >= 8192 else 4)
+    return Tiles(r, best, 8 if r * best >= 8192 else 4 if r * best >= 2048 else 2)
 
 
 def needs_int64(*numels: int) -> bool:
@@ -69,9 +69,12 @@ def needs_int64(*numels: int) -> bool:
     return max(numels) > INT32_LIMIT
 
 
-def out_kind(dtype: torch.dtype) -> int:
-    """Output dtype -> the kernels' OUT_KIND constant (see numerics._store_output)."""
-    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+def out_kind(out: torch.Tensor) -> int:
+    """Output tensor -> the kernels' OUT_KIND constant (see numerics._store_output): bf16 is
+    rounded by hand only under the interpreter (CPU tensors)."""
+    if out.dtype == torch.bfloat16:
+        return 3 if out.is_cuda else 1
+    return {torch.float32: 0, torch.float16: 2}[out.dtype]
 
 
 def slots_even(payload: torch.Tensor, slots_off: int) -> bool:

@@ -86,42 +86,51 @@ def _with_sign(val, negative):
 
 @triton.jit
 def _value_to_code(v, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
-                   EMIN: tl.constexpr, EMAXE: tl.constexpr, MAX_CODE: tl.constexpr):
+                   EMIN: tl.constexpr, EMAXE: tl.constexpr, MAX_CODE: tl.constexpr,
+                   BOUNDED: tl.constexpr):
     """Scaled float32 value -> sign-magnitude code (int32), as `ElementFormat.value_to_code`.
 
     Float formats: e = clamp(floor(log2|v|), EMIN, EMAXE) (EMAXE: exponent of the top binade;
     capping there changes nothing, every larger value saturates anyway, but keeps the scaled
     value small enough for the rounding trick), q = rne(|v| * 2**(m - e)), code = (e - EMIN)
     * 2**m + q capped at MAX_CODE. NaN -> +0 (the reference's nan_to_num), +-Inf -> +-MAX_CODE.
+    BOUNDED (E8M0 scales): |v| < 2**(emax + 1) is known, so the NaN guard and the cap before the
+    rounding trick are skipped (the values of non-finite blocks are discarded by the caller).
     """
-    a = tl.where(v != v, 0.0, tl.abs(v))
+    a = tl.abs(v)
+    if not BOUNDED:
+        a = tl.where(v != v, 0.0, a)
     if EBITS == 0:
-        mag = tl.minimum(_rne_int(tl.minimum(a, MAX_CODE + 1.0)), MAX_CODE)
+        if not BOUNDED:
+            a = tl.minimum(a, MAX_CODE + 1.0)
+        mag = tl.minimum(_rne_int(a), MAX_CODE)
     else:
         e = (_bits(a) >> 23) - 127  # subnormals read as -127: below every EMIN, clamped
         e = tl.minimum(tl.maximum(e, EMIN), EMAXE)
         p2 = _from_bits((MBITS + 127 - e) << 23)  # 2**(m - e), exact
-        t = tl.minimum(a * p2, 4.0 * (1 << MBITS))
+        t = a * p2
+        if not BOUNDED:
+            t = tl.minimum(t, 4.0 * (1 << MBITS))
         mag = tl.minimum(((e - EMIN) << MBITS) + _rne_int(t), MAX_CODE)
     return mag | ((v < 0).to(tl.int32) << (BITS - 1))
 
 
 @triton.jit
 def _code_to_value(c, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
-                   BIAS: tl.constexpr, SUB_UNIT: tl.constexpr):
+                   DEC_MUL: tl.constexpr):
     """Sign-magnitude code (int32) -> signed float32, as `ElementFormat.decode` (exact).
 
-    SUB_UNIT = 2**(1 - BIAS - MBITS), the value of mantissa step 1 among subnormals.
+    Float formats: the magnitude bits placed at the top of a float32 mantissa read as
+    2**(ef - 127) * 1.mant (ef > 0) or, for ef = 0, as the float32 subnormal mant * 2**(-126 - m);
+    one multiply by DEC_MUL = 2**(127 - bias) turns both into the format's value (exact: a power
+    of two, and Triton keeps float32 subnormals, no flush-to-zero). The sign bit rides along, so
+    -0.0 survives. Integer formats: the magnitude converted, then the sign bit set.
     """
+    sign = (c >> (BITS - 1)) << 31
     mag = c & ((1 << (BITS - 1)) - 1)
     if EBITS == 0:
-        val = mag.to(tl.float32)
-    else:
-        ef = mag >> MBITS
-        mant = mag & ((1 << MBITS) - 1)
-        normal = _from_bits(((ef + (127 - BIAS)) << 23) | (mant << (23 - MBITS)))
-        val = tl.where(ef > 0, normal, mant.to(tl.float32) * SUB_UNIT)
-    return _with_sign(val, ((c >> (BITS - 1)) & 1) != 0)
+        return _from_bits(_bits(mag.to(tl.float32)) | sign)
+    return _from_bits(sign | (mag << (23 - MBITS))) * DEC_MUL
 
 
 @triton.jit
@@ -157,11 +166,15 @@ def _decode_scales(stored, SCALE_BF16: tl.constexpr):
 
 @triton.jit
 def _store_output(ptr, offs, val, mask, OUT_KIND: tl.constexpr):
-    """Store float32 `val` as the output dtype: 0 float32, 1 bf16 (through an int16 view of the
-    output, rounded by hand), 2 float16 (the hardware/numpy conversion rounds to nearest even)."""
+    """Store float32 `val` as the output dtype: 0 float32; 1 bf16 rounded by hand (the
+    interpreter, whose own conversion truncates); 2 float16 (hardware and numpy round to nearest
+    even); 3 bf16 by the hardware conversion (GPU: also ties to even, one instruction per pair,
+    only NaN's bit pattern differs from the CPU reference). bf16 goes through an int16 view."""
     if OUT_KIND == 0:
         tl.store(ptr + offs, val, mask=mask)
     elif OUT_KIND == 1:
         tl.store(ptr + offs, _bf16_bits(val).to(tl.int16), mask=mask)
-    else:
+    elif OUT_KIND == 2:
         tl.store(ptr + offs, val.to(tl.float16), mask=mask)
+    else:
+        tl.store(ptr + offs, val.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=mask)

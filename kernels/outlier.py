@@ -1,8 +1,9 @@
 """Fused kernels of the static outlier codec (`outlier_int4/k<N>`).
 
-Its NaN/Inf rule couples a whole row (a non-finite value anywhere in a row sends NaN in all its
-outlier slots, and a NaN slot poisons the decoded row), so a program owns `R` whole rows and walks
-them in column chunks of `T`: the row flags stay in registers and the input is still read once.
+Its NaN/Inf rule couples a whole row: a non-finite value anywhere in a row sends NaN in all its
+outlier slots, so encode and decode_sum_encode give a program `R` whole rows, walked in column
+chunks of `T` (the row flag stays in registers, the input is read once). A NaN slot poisons the
+decoded row: decode programs own a column tile and read the row's slots (2k bytes) to know.
 
 Per-source tables (float32 `[sources, hidden]` on the device, see `tables.py`): `lo`, `step`, and
 `inv`, the reference's `inv_step` with 0 on outlier channels, which makes their codes 0 exactly as
@@ -19,6 +20,7 @@ import triton.language as tl
 from .launch import CPU_TILE_ELEMS, LAUNCH_OPTIONS, Tiles, choose_tiles, needs_int64, out_kind, slots_even
 from .numerics import (_F32_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits, _from_bits,
                        _input_to_f32, _SUM, _rne_int, _store_output)
+from .tables import tile_slots
 from .pack import _load_bf16_slots, _load_codes, _store_bf16_slots, _store_codes
 
 LEVELS = tl.constexpr(15.0)
@@ -70,18 +72,25 @@ def _static_encode_kernel(x_ptr, out_ptr, lo_ptr, inv_ptr, chan_ptr, rows, hidde
 
 
 @triton.jit
-def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr, slot_ptr, rows, hidden,
-                          row_bytes, k, slots_off, pay_stride, src_off0, src_step, out_table_off,
+def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr, slot_ptr, chan_ptr, first_ptr,
+                          rows, hidden, row_bytes, k, slots_off, pay_stride, src_off0, src_step, out_table_off,
                           N: tl.constexpr, EACH: tl.constexpr, ENCODE: tl.constexpr,
                           OUT_KIND: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr,
-                          T: tl.constexpr, CHUNKS: tl.constexpr, KP: tl.constexpr):
-    """decode_sum (N payloads), decode_each (EACH: payload = program_id(1), N = 1) or, with
+                          T: tl.constexpr, CHUNKS: tl.constexpr, KP: tl.constexpr, KT: tl.constexpr):
+    """decode_sum (N payloads), decode_each (EACH: payload = program_id(2), N = 1) or, with
     ENCODE, decode_sum requantized with the row at `out_table_off` of `lo_out` / `inv` (the
-    decode tables `lo` / `step` may be rows gathered for this call)."""
+    decode tables `lo` / `step` may be rows gathered for this call).
+
+    Grid: (row tiles, column tiles, payloads). Decoding walks CHUNKS = 1 column tile; ENCODE needs
+    whole rows (its NaN rule), so it has one column tile of CHUNKS chunks. Every program first reads
+    all slots of its rows (the NaN flag, 2k bytes per row from cache) and the slots of its own
+    columns (at most KT, or all KP for ENCODE); the column loop decodes every channel from its
+    codes, and the outlier channels of the output are then overwritten with the slot values
+    (ENCODE: the slots are requantized directly)."""
     r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
     row_mask = r < rows
     if EACH:
-        first = tl.program_id(1)
+        first = tl.program_id(2)
     else:
         first = 0
     if I64:
@@ -89,24 +98,37 @@ def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr,
     row_off = r * row_bytes
     zero = r * 0  # payload offsets are formed from it, so they are int64 when I64
     nan = _from_bits(tl.full([R, 1], _F32_NAN_BITS, tl.int32))
+    cstart = tl.program_id(1) * (CHUNKS * T)
+    ja = tl.arange(0, KP)[None, :]
+    jam = ja < k
+    if ENCODE:
+        j = ja
+        jm = jam
+        JN: tl.constexpr = KP
+    else:
+        j0 = tl.load(first_ptr + cstart)
+        j1 = tl.load(first_ptr + tl.minimum(cstart + CHUNKS * T, hidden))
+        j = j0 + tl.arange(0, KT)[None, :]
+        jm = j < j1
+        JN: tl.constexpr = KT
     # A NaN in any slot of a row poisons that source's whole row, hence the sum's.
-    j = tl.arange(0, KP)[None, :]
-    jm = j < k
     bad = tl.full([R, 1], 0, tl.int32)
-    osum = tl.full([R, KP], 0.0, tl.float32)
+    osum = tl.full([R, JN], 0.0, tl.float32)
     for i in tl.static_range(N):
-        base = (zero + first + i) * pay_stride + row_off
-        ob = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, base + slots_off + 2 * j, row_mask & jm, EVEN))
-        bad = bad | tl.reduce(tl.where(jm & (ob != ob), 1, 0), 1, _SUM, keep_dims=True)
-        osum = osum + ob  # the sum at the outlier channels, in the same order as `acc` below
+        base = (zero + first + i) * pay_stride + row_off + slots_off
+        oa = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, base + 2 * ja, row_mask & jam, EVEN))
+        bad = bad | tl.reduce(tl.where(jam & (oa != oa), 1, 0), 1, _SUM, keep_dims=True)
+        if ENCODE:
+            ob = oa
+        else:
+            ob = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, base + 2 * j, row_mask & jm, EVEN))
+        osum = ob if EACH else osum + ob  # the value at the outlier channels, summed as `acc`
     bad_out = tl.full([R, 1], 0, tl.int32)
     for chunk in range(CHUNKS):
-        col0 = chunk * T
+        col0 = cstart + chunk * T
         c = col0 + tl.arange(0, T)[None, :]
         cm = c < hidden
         m = row_mask & cm
-        slot = tl.load(slot_ptr + c, mask=cm, other=-1, eviction_policy="evict_last")
-        is_o = slot >= 0
         acc = tl.full([R, T], 0.0, tl.float32)
         for i in tl.static_range(N):
             base = (zero + first + i) * pay_stride + row_off
@@ -114,23 +136,30 @@ def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr,
             q = _load_codes(p_ptr, base, row_mask, col0, hidden, R, T, 4).to(tl.float32)
             lo = tl.load(lo_ptr + toff + c, mask=cm, other=0.0, eviction_policy="evict_last")
             st = tl.load(step_ptr + toff + c, mask=cm, other=0.0, eviction_policy="evict_last")
-            v = lo + q * st
-            ov = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, base + slots_off + 2 * slot, m & is_o, EVEN))
             if EACH:
-                acc = tl.where(is_o, ov, v)  # a plain decode: -0.0 stays -0.0
+                acc = lo + q * st  # a plain decode: -0.0 stays -0.0
             else:
-                acc = acc + tl.where(is_o, ov, v)
+                acc = acc + (lo + q * st)
         acc = tl.where(bad > 0, nan, acc)
         if ENCODE:
             lo = tl.load(lo_out_ptr + out_table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
             inv = tl.load(inv_ptr + out_table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
+            # inv is 0 on outlier channels: their codes are 0 whatever `acc` holds there
             _store_codes(out_ptr, row_off, row_mask, col0, hidden, _static_code(acc, lo, inv), R, T, 4)
-            bad_out = bad_out | _nonfinite_any(acc, m)
+            is_o = tl.load(slot_ptr + c, mask=cm, other=-1, eviction_policy="evict_last") >= 0
+            bad_out = bad_out | _nonfinite_any(acc, m & ~is_o)
         else:
             _store_output(out_ptr, (first * rows + r) * hidden + c, acc, m, OUT_KIND)
+    osum = tl.where(bad > 0, nan, osum)
     if ENCODE:
-        osum = tl.where((bad | bad_out) > 0, nan, osum)
+        bad_out = bad_out | _nonfinite_any(osum, row_mask & jm)
+        osum = tl.where(bad_out > 0, nan, osum)
         _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, _bf16_bits(osum), row_mask & jm, EVEN)
+    else:
+        # same addresses, same program: the barrier orders these stores after the loop's
+        tl.debug_barrier()
+        ch = tl.load(chan_ptr + j, mask=jm, other=0)
+        _store_output(out_ptr, (first * rows + r) * hidden + ch, osum, row_mask & jm, OUT_KIND)
 
 
 # -- launchers --------------------------------------------------------------------------------
@@ -161,23 +190,29 @@ def launch_static_encode(x, out, *, lo, inv, chan, src_row: int, tiles: Tiles | 
         R=t.rows, T=t.cols, CHUNKS=triton.cdiv(hidden, t.cols), KP=_kp(chan.numel()), num_warps=t.num_warps, **LAUNCH_OPTIONS)
 
 
-def launch_static_decode(payloads, out, *, hidden: int, lo, step, lo_out, inv, slot, k: int, src_start: int,
-                         src_step: int, each: bool, out_row: int = 0, tiles: Tiles | None = None) -> None:
+def launch_static_decode(payloads, out, *, hidden: int, lo, step, lo_out, inv, slot, chan, first, window_max,
+                         src_start: int, src_step: int, each: bool, out_row: int = 0,
+                         tiles: Tiles | None = None) -> None:
     """Payload i uses table row `src_start + i * src_step`. `out` is
     [rows, hidden] (sum), [n * rows, hidden] (each) or a payload [rows, row_bytes] when `out`
     is uint8 (the requantized sum, table row `out_row`)."""
     n, rows, row_bytes = payloads.shape
     if rows == 0:
         return
+    k = chan.numel()
     encode = out.dtype == torch.uint8
-    t = tiles or _tiles(rows, hidden, payloads.is_cuda)
-    grid = (triton.cdiv(rows, t.rows), n if each else 1)
-    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 rounded by hand
+    if encode:  # whole rows per program
+        t = tiles or _tiles(rows, hidden, payloads.is_cuda)
+        chunks, grid = triton.cdiv(hidden, t.cols), (triton.cdiv(rows, t.rows), 1, 1)
+    else:
+        t = tiles or choose_tiles(rows, hidden, 2, payloads.is_cuda)
+        chunks, grid = 1, (triton.cdiv(rows, t.rows), triton.cdiv(hidden, t.cols), n if each else 1)
+    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
     _static_decode_kernel[grid](
-        payloads, dst, lo, step, lo_out, inv, slot, rows, hidden, row_bytes, k, hidden // 2, rows * row_bytes,
-        src_start * hidden, src_step * hidden, out_row * hidden,
-        N=1 if each else n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out.dtype),
+        payloads, dst, lo, step, lo_out, inv, slot, chan, first, rows, hidden, row_bytes, k, hidden // 2,
+        rows * row_bytes, src_start * hidden, src_step * hidden, out_row * hidden,
+        N=1 if each else n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out),
         EVEN=slots_even(payloads, hidden // 2) and (not encode or slots_even(out, hidden // 2)),
         I64=needs_int64(payloads.numel(), out.numel(), lo.numel()), R=t.rows, T=t.cols,
-        CHUNKS=triton.cdiv(hidden, t.cols), KP=_kp(k),
+        CHUNKS=chunks, KP=_kp(k), KT=1 if encode else tile_slots(window_max, t.cols),
         num_warps=t.num_warps, **LAUNCH_OPTIONS)

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 _MEMO_ATTR = "_tpcomp_kernel_tables"
+_MAX_LOG2_TILE = 16  # column tiles are powers of two up to 2**16 (see launch.choose_tiles)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class OutlierTables:
     inv: torch.Tensor  # float32 [sources, hidden]: inv_step, 0 on outlier channels
     slot: torch.Tensor  # int32 [hidden]: outlier slot of each channel, -1 for the others
     chan: torch.Tensor  # int32 [k]: channel of each slot
+    first: torch.Tensor  # int32 [hidden + 1]: number of outlier channels below each column
+    window_max: tuple[int, ...]  # [p]: most outlier channels in one aligned window of 2**p columns
 
     @property
     def sources(self) -> int:
@@ -40,6 +43,9 @@ def _build(params, device: torch.device) -> OutlierTables:
         raise ValueError("outlier channels must be distinct (the kernels map each channel to one slot)")
     slot = torch.full((hidden,), -1, dtype=torch.int32)
     slot[chan] = torch.arange(k, dtype=torch.int32)
+    first = torch.zeros(hidden + 1, dtype=torch.int32)
+    first[1:] = torch.cumsum((slot >= 0).to(torch.int32), 0)
+    window_max = tuple(int(torch.bincount(chan >> p).max()) if k else 0 for p in range(_MAX_LOG2_TILE + 1))
     inv = params.inv_step.to(torch.float32).clone()
     inv[:, chan] = 0.0
     return OutlierTables(
@@ -48,6 +54,8 @@ def _build(params, device: torch.device) -> OutlierTables:
         inv=inv.to(device).contiguous(),
         slot=slot.to(device),
         chan=chan.to(device=device, dtype=torch.int32),
+        first=first.to(device),
+        window_max=window_max,
     )
 
 
@@ -58,6 +66,14 @@ def outlier_tables(codec, device: torch.device) -> OutlierTables:
     if key not in memo:
         memo[key] = _build(codec.params, device)
     return memo[key]
+
+
+def tile_slots(window_max: Sequence[int], cols: int) -> int:
+    """KT: a power of two >= the most outlier slots that fall in one column tile of `cols`."""
+    p = cols.bit_length() - 1
+    if cols != 1 << p or p >= len(window_max):
+        raise ValueError(f"column tile {cols} is not a power of two up to {1 << (len(window_max) - 1)}")
+    return max(2, 1 << max(0, (window_max[p] - 1).bit_length()))
 
 
 def source_row(source: int, sources: int) -> int:

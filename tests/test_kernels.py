@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import warnings
 import zlib
 
@@ -155,15 +154,26 @@ def test_errors_name_the_valid_choices():
         K.encode(make_codec("outlier_int4/k32", params), torch.randn(2, 64), source=5)
 
 
-def test_custom_ops_trace_with_fake_tensors():
+@pytest.mark.parametrize("spec", ["fp5_e3m1/b16/bf16", "outlier+fp4_e2m1/b32/k16", "outlier_int4/k16"])
+def test_custom_ops_trace_with_fake_tensors(spec):
     """The ops' fake implementations agree with the real ones (schema, shapes, dtypes)."""
-    codec = make_codec("fp5_e3m1/b16/bf16")
-    x = torch.randn(3, 64)
-    args = (x, "fp5_e3m1", 16, "bf16", codec.data_bytes(64), None, codec.row_bytes(64), codec.row_bytes(64))
-    torch.library.opcheck(torch.ops.tpcomp.block_encode.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    gen = _gen("fake", spec)
+    params = outlier_params(64, 2, 16, gen)
+    codec = make_codec(spec, params)
+    x = outlier_input(3, params, 0, torch.float32, gen, nonfinite=False)
     p = torch.stack([codec.encode(x)] * 2)
+    utils = ("test_schema", "test_faketensor")
+    if spec.startswith("outlier_int4"):
+        t = K.api.outlier_tables(codec, x.device)
+        torch.library.opcheck(torch.ops.tpcomp.static_encode.default, (x, t.lo, t.inv, t.chan, 0), test_utils=utils)
+        for mode in ("sum", "each", "encode"):
+            args = (p, 64, t.lo, t.step, t.lo, t.inv, t.slot, t.chan, t.first, list(t.window_max), 0, 1, mode, 2,
+                    torch.bfloat16)
+            torch.library.opcheck(torch.ops.tpcomp.static_decode.default, args, test_utils=utils)
+        return
+    block_args = K.api._block_args(codec, 64, x.device)
+    torch.library.opcheck(torch.ops.tpcomp.block_encode.default, (x, *block_args, codec.row_bytes(64)),
+                          test_utils=utils)
     for mode in ("sum", "each", "encode"):
-        args = (p, 64, "fp5_e3m1", 16, "bf16", codec.data_bytes(64), None, codec.row_bytes(64), mode, torch.bfloat16)
-        torch.library.opcheck(torch.ops.tpcomp.block_decode.default, args,
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.tpcomp.block_decode.default, (p, 64, *block_args, mode, torch.bfloat16),
+                              test_utils=utils)

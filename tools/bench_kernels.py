@@ -98,7 +98,6 @@ def bench(args, meta) -> list[dict]:
                 out.append(rec)
                 print(f"{spec:24s} {kernel:18s} {size_mb:4d} MB {rec['ms']:9.4f} ms {rec['gbps']:7.0f} GB/s "
                       f"{rec['fraction_of_copy']:6.2f} of copy ({copy_gbps:.0f})", flush=True)
-        del xs, y
         torch.cuda.empty_cache()
     return out
 
@@ -136,13 +135,18 @@ def tune(args, meta) -> list[dict]:
                     tb = outlier_tables(codec, xs[0].device)
                     fe = lambda: ko.launch_static_encode(xs[0], enc, lo=tb.lo, inv=tb.inv, chan=tb.chan, src_row=0, tiles=tiles)
                     fd = lambda: ko.launch_static_decode(p, dec, hidden=hidden, lo=tb.lo, step=tb.step, lo_out=tb.lo,
-                                                         inv=tb.inv, slot=tb.slot, k=tb.chan.numel(), src_start=0,
+                                                         inv=tb.inv, slot=tb.slot, chan=tb.chan, first=tb.first,
+                                                         window_max=tb.window_max, src_start=0,
                                                          src_step=1, each=False, tiles=tiles)
                 else:
                     base = codec.block if hasattr(codec, "block") else codec
-                    slot = outlier_tables(codec, xs[0].device).slot if hasattr(codec, "block") else None
+                    outl = None
+                    if hasattr(codec, "block"):
+                        tb = outlier_tables(codec, xs[0].device)
+                        outl = (tb.slot, tb.first, tb.chan, tb.window_max)
                     kw = dict(element=base.spec.element, block=base.spec.block, scale=base.spec.scale,
-                              data_bytes=base.data_bytes(hidden), slot=slot, slots_off=base.row_bytes(hidden), tiles=tiles)
+                              data_bytes=base.data_bytes(hidden), outliers=outl, slots_off=base.row_bytes(hidden),
+                              tiles=tiles)
                     fe = lambda: kb.launch_block_encode(xs[0], enc, **kw)
                     fd = lambda: kb.launch_block_decode(p, dec, hidden=hidden, encode=False, **kw)
                 for kernel, fn, moved in (("encode", fe, xs[0].nbytes + p[0].nbytes),

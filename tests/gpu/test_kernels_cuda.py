@@ -139,7 +139,7 @@ def test_cuda_graph_capture_and_replay(spec):
 def test_torch_compile_fullgraph():
     codec = make_codec("fp4_e2m1/b32/e8m0")
     hidden = 1024
-    args = ("fp4_e2m1", 32, "e8m0", codec.data_bytes(hidden), None, codec.row_bytes(hidden))
+    args = K.api._block_args(codec, hidden, torch.device("cuda"))
 
     def fn(x, peer):
         mine = torch.ops.tpcomp.block_encode(x, *args, codec.row_bytes(hidden))
