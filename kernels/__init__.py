@@ -16,6 +16,15 @@ and the validated public functions). Built while TRITON_INTERPRET=1 is set, the 
 CPU tensors in Triton's interpreter (that is how CI tests them).
 """
 
-from .api import INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, encode
+if __name__ == "tpcomp_megatron.kernels":
+    from .api import INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, encode
 
-__all__ = ["INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode", "encode"]
+    __all__ = ["INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode", "encode"]
+else:
+    # Imported as a top-level `kernels`: a checkout's root is on sys.path (`python -m ...` run
+    # there) and something probed for the Hugging Face `kernels` package, as transformers does
+    # on import. This folder is not that package: stay empty, with a version no probe accepts,
+    # and above all do not register the `tpcomp::` custom ops a second time (the second
+    # registration would replace the implementation `tpcomp_megatron.kernels` installed).
+    __version__ = "0"
+    __all__ = []

@@ -177,3 +177,23 @@ def test_custom_ops_trace_with_fake_tensors(spec):
     for mode in ("sum", "each", "encode"):
         torch.library.opcheck(torch.ops.tpcomp.block_decode.default, (p, 64, *block_args, mode, torch.bfloat16),
                               test_utils=utils)
+
+
+def test_top_level_kernels_import_is_inert(monkeypatch):
+    """A checkout's root on sys.path makes the source folder importable as `kernels`, and
+    transformers imports that name on its own import (its probe for the Hugging Face `kernels`
+    package). That import must neither run our kernels nor re-register the `tpcomp::` ops, which
+    would replace the implementations of the installed `tpcomp_megatron.kernels`."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+        monkeypatch.delitem(sys.modules, name)
+    top = importlib.import_module("kernels")
+    assert Path(top.__file__).resolve().parent == Path(K.__file__).resolve().parent
+    assert top.__all__ == [] and not any(m.startswith("kernels.") for m in sys.modules)
+    # the ops still run the interpreted kernels on CPU tensors, bit-exact with the reference
+    codec = block_codec("int4", 16, "e8m0")
+    x = torch.randn(3, 48)
+    assert torch.equal(K.encode(codec, x, source=0), codec.encode(x, source=0))
