@@ -32,9 +32,9 @@ def _use_kernels(t: torch.Tensor):
 def encode(codec: Codec, x: torch.Tensor, *, source: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """`[rows, hidden]` -> payload `[rows, row_bytes]` (written into `out` when given)."""
     k = _use_kernels(x)
-    if k is not None:
-        return k.encode(codec, x, source=source, out=out)
-    payload = codec.encode(x, source=source)
+    payload = k.encode(codec, x, source=source) if k is not None else codec.encode(x, source=source)
+    # The custom ops return new tensors (functional, for torch.compile); a caller's buffer (a
+    # symmetric-memory slot) costs one copy of the payload, about a quarter of the input's bytes.
     return payload if out is None else out.copy_(payload)
 
 

@@ -151,3 +151,25 @@ def test_torch_compile_fullgraph():
     peer = codec.encode(hard_input(64, hidden, 32, torch.bfloat16, gen, nonfinite=False)).cuda()
     compiled = torch.compile(fn, fullgraph=True)
     assert same(compiled(x, peer), fn(x, peer))
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e8m0", "outlier_int4", "outlier+fp4_e2m1/b32"])
+def test_ops_dispatch_cuda(spec):
+    """`tpcomp_megatron.ops`, what the collectives call, on CUDA tensors: the kernels serve it
+    (encode into a caller's buffer, the peer-list decode) with the reference's bytes."""
+    from tpcomp_megatron import ops
+
+    gen = _gen("ops", spec)
+    rows, hidden, n = 40, 1536, 3
+    params = outlier_params(hidden, n, 64, gen)
+    codec = make_codec(spec, params)
+    xs = [outlier_input(rows, params, s, torch.bfloat16, gen) for s in range(n)]
+    want = [codec.encode(x, source=s) for s, x in enumerate(xs)]
+    buf = torch.empty(n, rows, codec.row_bytes(hidden), dtype=torch.uint8, device="cuda")
+    for s, x in enumerate(xs):
+        assert ops.encode(codec, x.cuda(), source=s, out=buf[s]) is buf[s]
+        assert torch.equal(buf[s].cpu(), want[s])
+    ref = codec.decode_sum(torch.stack(want), hidden, range(n), dtype=torch.bfloat16)
+    assert same(ops.decode_sum(codec, buf, hidden, sources=range(n), dtype=torch.bfloat16), ref)
+    assert same(ops.decode_sum_list(codec, list(buf.unbind(0)), hidden, sources=range(n),
+                                    dtype=torch.bfloat16), ref)
