@@ -48,16 +48,20 @@ def engine_generate(model, tok, prompt: str, max_new_tokens: int, *, vocab_size:
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.inference.engines import StaticInferenceEngine
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
-    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
     from megatron.core.inference.sampling_params import SamplingParams
     from megatron.core.inference.text_generation_controllers.text_generation_controller import (
         TextGenerationController,
     )
 
-    cfg = InferenceWrapperConfig(hidden_size=hidden_size, params_dtype=dtype,
-                                 inference_batch_times_seqlen_threshold=-1, padded_vocab_size=padded_vocab_size,
-                                 inference_max_requests=1, inference_max_seq_length=max_seq)
-    wrapped = GPTInferenceWrapper(model, cfg, StaticInferenceContext.from_config(cfg))
+    try:  # megatron-core <= 0.16: the wrapper takes its own config
+        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+    except ImportError:  # later: it reads the model's TransformerConfig, the context holds the limits
+        wrapped = GPTInferenceWrapper(model, StaticInferenceContext(max_batch_size=1, max_sequence_length=max_seq))
+    else:
+        cfg = InferenceWrapperConfig(hidden_size=hidden_size, params_dtype=dtype,
+                                     inference_batch_times_seqlen_threshold=-1, padded_vocab_size=padded_vocab_size,
+                                     inference_max_requests=1, inference_max_seq_length=max_seq)
+        wrapped = GPTInferenceWrapper(model, cfg, StaticInferenceContext.from_config(cfg))
     controller = TextGenerationController(wrapped, MegatronTokenizerAdapter(tok, vocab_size))
     engine = StaticInferenceEngine(controller, max_batch_size=1, legacy=True)
     params = SamplingParams(top_k=1, num_tokens_to_generate=max_new_tokens)
