@@ -80,4 +80,4 @@ def full_logits(model, tokens: torch.Tensor, *, vocab_size: int) -> torch.Tensor
     """float32 logits [batch, seq, vocab] of one forward over `tokens` (no KV cache)."""
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-    return model(tokens, pos, attention_mask=None)[..., :vocab_size].float()
+    return model(tokens, pos, attention_mask=None, runtime_gather_output=True)[..., :vocab_size].float()
