@@ -13,6 +13,8 @@ decode sums the slots as [R, KT] and overwrites the outlier channels of the outp
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,7 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
                        R: tl.constexpr, T: tl.constexpr, B: tl.constexpr, SCALE_BF16: tl.constexpr,
                        BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
                        BIAS: tl.constexpr, MAX_CODE: tl.constexpr, EMAX: tl.constexpr,
-                       MAXV: tl.constexpr):
+                       MAXV: tl.constexpr, UP_MANT: tl.constexpr):
     """Quantize a float32 tile [R, T] (whole blocks) and store its codes and scales."""
     x3 = tl.reshape(x, [R, T // B, B])
     # One integer max of |x|'s bit patterns gives both the block maximum (non-negative floats
@@ -37,7 +39,7 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
     amax_bits = tl.reduce(_bits(x3) & 0x7FFFFFFF, 2, _MAX)
     bad = amax_bits >= 0x7F800000
     amax = tl.where(bad, 0.0, _from_bits(amax_bits))  # a non-finite value never reaches a scale
-    stored, inv = _encode_scales(amax, bad, SCALE_BF16, EMAX, MAXV)
+    stored, inv = _encode_scales(amax, bad, SCALE_BF16, EMAX, MAXV, UP_MANT)
     codes = _value_to_code(x3 * inv[:, :, None], BITS, EBITS, MBITS, 1 - BIAS,
                            (1 << EBITS) - 1 - BIAS, MAX_CODE, not SCALE_BF16)
     codes = tl.where(bad[:, :, None], 0, codes)
@@ -63,7 +65,7 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
                          KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
                          SCALE_BF16: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
                          MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
-                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr):
+                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr, UP_MANT: tl.constexpr):
     r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
     col0 = tl.program_id(1) * T
     c = col0 + tl.arange(0, T)[None, :]
@@ -89,7 +91,7 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
         _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, obits, row_mask & jm, EVEN)
         x = tl.where(is_o, 0.0, x)
     _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B, SCALE_BF16,
-                       BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV)
+                       BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT)
 
 
 @triton.jit
@@ -100,7 +102,7 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
                          R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
                          SCALE_BF16: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
                          MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
-                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr):
+                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr, UP_MANT: tl.constexpr):
     """Sum of N payloads [N, rows, row_bytes] in float32, in index order from +0.0; stored as
     the output dtype, or (ENCODE) requantized into one payload [rows, row_bytes]. EACH (N = 1):
     a plain decode, no accumulation."""
@@ -136,7 +138,7 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
             _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, _bf16_bits(osum), row_mask & jm, EVEN)
             acc = tl.where(is_o, 0.0, acc)
         _encode_block_tile(acc, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B,
-                           SCALE_BF16, BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV)
+                           SCALE_BF16, BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT)
     else:
         _store_output(out_ptr, r * hidden + c, acc, m, OUT_KIND)
         if OUTLIERS:
@@ -151,7 +153,10 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
 def _constexprs(element, block, scale) -> dict:
     from tpcomp_megatron.codecs.formats import FORMATS
 
-    return {"B": block, "SCALE_BF16": scale == "bf16", **format_constexprs(FORMATS[element])}
+    fmt = FORMATS[element]
+    # e8m0up: MAXV's float32 mantissa bits (the rounding-up test); -1 selects the OCP rule
+    up = struct.unpack("<I", struct.pack("<f", fmt.max_value))[0] & 0x7FFFFF if scale == "e8m0up" else -1
+    return {"B": block, "SCALE_BF16": scale == "bf16", "UP_MANT": up, **format_constexprs(fmt)}
 
 
 def _tiles(rows: int, hidden: int, element: str, block: int, on_gpu: bool) -> Tiles:

@@ -134,11 +134,15 @@ def _code_to_value(c, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constex
 
 
 @triton.jit
-def _encode_scales(amax, bad, SCALE_BF16: tl.constexpr, EMAX: tl.constexpr, MAXV: tl.constexpr):
+def _encode_scales(amax, bad, SCALE_BF16: tl.constexpr, EMAX: tl.constexpr, MAXV: tl.constexpr,
+                   UP_MANT: tl.constexpr):
     """Block maxima (float32, 0 for non-finite blocks) -> (stored scale bits, inverse scale).
 
     E8M0: s = clamp(floor(log2 amax) - EMAX, -127, 127), stored s + 127, inverse 2**-s; a zero
     or subnormal amax reads as exponent -127 - EMAX and clamps to -127, as in the reference.
+    E8M0-up (UP_MANT >= 0, the mantissa bits of MAXV): s + 1 where amax > MAXV * 2**s, i.e.
+    where amax's mantissa exceeds MAXV's (both are m * 2**floor(log2 amax) there); a subnormal
+    amax still clamps to -127.
     bf16: scale = bf16(amax / MAXV) (IEEE quotient, ties to even), inverse = IEEE 1 / scale.
     Non-finite blocks store the NaN scale (0xFF / 0x7FC0).
     """
@@ -149,6 +153,8 @@ def _encode_scales(amax, bad, SCALE_BF16: tl.constexpr, EMAX: tl.constexpr, MAXV
         stored = tl.where(bad, _BF16_NAN_BITS, sbits)
     else:
         s = (_bits(amax) >> 23) - 127 - EMAX
+        if UP_MANT >= 0:
+            s += ((_bits(amax) & 0x7FFFFF) > UP_MANT).to(tl.int32)
         s = tl.minimum(tl.maximum(s, -127), 127)
         inv = _from_bits(tl.where(s == 127, 0x00400000, (127 - s) << 23))  # 2**-127 is subnormal
         stored = tl.where(bad, 0xFF, s + 127)

@@ -60,11 +60,14 @@ def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> byte
         blk = [float(v) for v in row[b0:b0 + block]]
         if not all(math.isfinite(v) for v in blk):
             codes += [0] * block
-            scales.append(b"\xff" if scale == "e8m0" else (0x7FC0).to_bytes(2, "little"))
+            scales.append(b"\xff" if scale.startswith("e8m0") else (0x7FC0).to_bytes(2, "little"))
             continue
         amax = max(abs(v) for v in blk)
-        if scale == "e8m0":
-            s = -127 if amax == 0 else max(-127, min(127, math.frexp(amax)[1] - 1 - emax))
+        if scale.startswith("e8m0"):
+            s = math.frexp(amax)[1] - 1 - emax
+            if scale == "e8m0up" and amax > g[-1] * 2.0 ** s:  # round up: the maximum never saturates
+                s += 1
+            s = -127 if amax == 0 else max(-127, min(127, s))
             scales.append(bytes([s + 127]))
             scaled = [v * 2.0 ** (-s) for v in blk]
         else:

@@ -26,7 +26,8 @@ def _hard_input(rows, hidden, block, dtype, gen):
 
 
 @pytest.mark.parametrize("element", ALL_FORMATS)
-@pytest.mark.parametrize("block,scale", [(8, "e8m0"), (32, "bf16"), (16, "bf16"), (128, "e8m0")])
+@pytest.mark.parametrize("block,scale", [(8, "e8m0"), (32, "bf16"), (16, "bf16"), (128, "e8m0"), (32, "e8m0up"),
+                                         (8, "e8m0up")])
 def test_payload_bytes_match_float64_reference(element, block, scale):
     gen = torch.Generator().manual_seed(hash((element, block, scale)) % 2**31)
     codec = BlockCodec(BlockSpec(element=element, block=block, scale=scale))
@@ -56,6 +57,9 @@ def _abs_bound(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
     if codec.spec.scale == "e8m0":
         scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(amax)) - f.emax), torch.zeros_like(amax))
         sat = 2.0 ** (f.emax + 1) - f.max_value
+    elif codec.spec.scale == "e8m0up":  # the scale is at most twice the floor rule's; nothing saturates
+        scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(amax)) - f.emax + 1), torch.zeros_like(amax))
+        sat = 0.0
     else:
         scale = amax / f.max_value * (1 + 2**-8)
         sat = f.max_value * 2**-8
@@ -63,7 +67,7 @@ def _abs_bound(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("element", ALL_FORMATS)
-@pytest.mark.parametrize("scale", ["e8m0", "bf16"])
+@pytest.mark.parametrize("scale", ["e8m0", "e8m0up", "bf16"])
 def test_round_trip_error_within_analytic_bound(element, scale):
     gen = torch.Generator().manual_seed(7)
     for block, hidden, rows in [(8, 40, 5), (32, 96, 3), (64, 576, 7), (128, 640, 1)]:
@@ -200,3 +204,25 @@ def test_calibration_file_round_trip_and_mismatch(tmp_path):
         from safetensors.torch import save_file
         save_file({"a": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
         load_calibration(str(tmp_path / "x.safetensors"))
+
+
+@pytest.mark.parametrize("element", ALL_FORMATS)
+def test_e8m0up_never_saturates_the_block_maximum(element):
+    """The OCP rule clips block maxima in (max_value, 2**(emax+1)) * 2**s; the rounded-up scale
+    keeps every block maximum within half a step, on fresh inputs whose maxima land anywhere."""
+    gen = torch.Generator().manual_seed(int.from_bytes(element.encode(), "little") % 2**31)
+    x = torch.randn(64, 256, generator=gen) * torch.exp2(torch.randint(-20, 20, (64, 1), generator=gen).float())
+    up, ocp = (BlockCodec(BlockSpec(element=element, block=32, scale=s)) for s in ("e8m0up", "e8m0"))
+    f = up.fmt
+    blocks = x.reshape(64, -1, 32)
+    idx = blocks.abs().argmax(-1, keepdim=True)
+    top = blocks.gather(-1, idx).abs()
+    for codec in (up, ocp):
+        y = codec.decode_f32(codec.encode(x), 256).reshape(64, -1, 32).gather(-1, idx).abs()
+        rel = ((y - top).abs() / top)
+        if codec is up:
+            # half a step of the top binade relative to a maximum at least half the largest code
+            step = 0.5 if f.is_int else 2.0 ** (f.emax - f.mbits - 1)
+            assert rel.max() <= step / (f.max_value / 2) * (1 + 1e-6)
+        elif f.max_value < 2.0 ** (f.emax + 1) - 2.0 ** (f.emax - f.mbits):  # formats the OCP rule clips
+            assert rel.max() > 0.05

@@ -197,3 +197,21 @@ def test_top_level_kernels_import_is_inert(monkeypatch):
     codec = block_codec("int4", 16, "e8m0")
     x = torch.randn(3, 48)
     assert torch.equal(K.encode(codec, x, source=0), codec.encode(x, source=0))
+
+
+@pytest.mark.parametrize("element", sorted(FORMATS))
+def test_e8m0up_boundaries(element):
+    """Block maxima exactly at max_value * 2**s (kept), one float above (rounded up), below,
+    subnormal and huge: the kernel's mantissa test agrees with the reference's comparison."""
+    codec = block_codec(element, 8, "e8m0up")
+    m = codec.fmt.max_value
+    maxima = []
+    for e in (-140, -130, -126, -3, 0, 5, 100, 120):
+        at = torch.tensor(m * 2.0 ** e, dtype=torch.float32)
+        maxima += [at, torch.nextafter(at, torch.tensor(float("inf"))), torch.nextafter(at, torch.tensor(0.0))]
+    maxima += [torch.tensor(3.0e38), torch.tensor(1e-45), torch.tensor(0.0)]
+    gen = _gen("e8m0up", element)
+    rows = torch.rand(len(maxima), 8, generator=gen) * 0.5
+    rows[:, 3] = torch.stack(maxima) * torch.where(torch.rand(len(maxima), generator=gen) < 0.5, -1.0, 1.0)
+    x = rows  # one block a row
+    assert same(K.encode(codec, x, source=0), codec.encode(x, source=0))
