@@ -207,14 +207,7 @@ class LlamaModelConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "LlamaModelConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(_read_json_object(path))
 
 
 def _config_classes() -> list[type[LlamaModelConfig]]:
@@ -234,8 +227,7 @@ def model_config_from_dict(data: dict[str, Any]) -> LlamaModelConfig:
     raise ValueError(f"unknown config format {fmt!r}; known: {known}. Was it written by tpcomp?")
 
 
-def load_model_config(path: str | os.PathLike[str]) -> LlamaModelConfig:
-    """Read a config JSON written by any model family's `save`."""
+def _read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -243,4 +235,9 @@ def load_model_config(path: str | os.PathLike[str]) -> LlamaModelConfig:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
-    return model_config_from_dict(data)
+    return data
+
+
+def load_model_config(path: str | os.PathLike[str]) -> LlamaModelConfig:
+    """Read a config JSON written by any model family's `save`."""
+    return model_config_from_dict(_read_json_object(path))
