@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import GPU_TILE_ELEMS, LAUNCH_OPTIONS, Tiles, choose_tiles, format_constexprs, needs_int64, out_kind, slots_even
+from .launch import LAUNCH_OPTIONS, Tiles, choose_tiles, format_constexprs, needs_int64, out_kind, slots_even
 from .numerics import (_BF16_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits, _from_bits, _code_to_value, _decode_scales,
                        _encode_scales, _input_to_f32, _MAX, _store_output, _value_to_code)
 from .tables import tile_slots
@@ -159,15 +159,6 @@ def _constexprs(element, block, scale) -> dict:
     return {"B": block, "SCALE_BF16": scale == "bf16", "UP_MANT": up, **format_constexprs(fmt)}
 
 
-def _tiles(rows: int, hidden: int, element: str, block: int, on_gpu: bool) -> Tiles:
-    """5/6-bit groups are unpacked through int64 and need many registers: smaller tiles there
-    keep them from spilling (seen in the compiler's resource report for sm_90)."""
-    from tpcomp_megatron.codecs.formats import FORMATS
-
-    elems = GPU_TILE_ELEMS if FORMATS[element].bits in (4, 8) else GPU_TILE_ELEMS // 4
-    return choose_tiles(rows, hidden, block, on_gpu, elems=elems)
-
-
 def _grid(rows: int, hidden: int, tiles) -> tuple[int, int]:
     return (triton.cdiv(rows, tiles.rows), triton.cdiv(hidden, tiles.cols))
 
@@ -188,7 +179,7 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
     rows, hidden = x.shape
     if rows == 0:
         return
-    tiles = tiles or _tiles(rows, hidden, element, block, x.is_cuda)
+    tiles = tiles or choose_tiles(rows, hidden, block, x.is_cuda)
     ptrs, kt = _outlier_args(outliers, tiles, out)
     _block_encode_kernel[_grid(rows, hidden, tiles)](
         x, out, *ptrs, rows, hidden, out.shape[1], data_bytes, slots_off,
@@ -206,7 +197,7 @@ def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: in
     n, rows, row_bytes = payloads.shape
     if rows == 0:
         return
-    tiles = tiles or _tiles(rows, hidden, element, block, payloads.is_cuda)
+    tiles = tiles or choose_tiles(rows, hidden, block, payloads.is_cuda)
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
     ptrs, kt = _outlier_args(outliers, tiles, payloads)
     _block_decode_kernel[_grid(rows, hidden, tiles)](

@@ -6,8 +6,9 @@ columns `col0 .. col0 + T` of a row of `hidden` values. Layouts are those of
 
 * 8 bits: one code per byte.
 * 4 bits: element 2i in the low nibble of byte i.
-* 5 / 6 bits: each group of 8 codes is a little-endian bit string of 5 / 6 bytes. The only place
-  the kernels use int64: a group (40 / 48 bits) is assembled in one integer, in one thread.
+* 5 / 6 bits: the low-nibble plane of the row (as 4 bits, `hidden / 2` bytes), then the plane of
+  the top 1 / 2 bits (8 / 4 fields per byte). A tile's slice of each plane is contiguous and a
+  byte's fields are adjacent elements, which one thread holds: no cross-thread traffic.
 * scales after the `data_bytes` of codes: one byte (E8M0) or two (bf16, little-endian) per block.
 """
 
@@ -16,27 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-
-@triton.jit
-def _split8(x, R: tl.constexpr, G: tl.constexpr):
-    """[R, G * 8] (or [R, G, 8]) -> the 8 tensors [R, G] of group positions 0..7. Successive
-    splits keep a group's 8 values in one thread: packing needs no cross-thread traffic."""
-    e, o = tl.split(tl.reshape(x, [R, G, 2, 2, 2]))  # last axis = bit 0 of the position
-    e0, e1 = tl.split(e)
-    o0, o1 = tl.split(o)
-    c0, c4 = tl.split(e0)
-    c2, c6 = tl.split(e1)
-    c1, c5 = tl.split(o0)
-    c3, c7 = tl.split(o1)
-    return c0, c1, c2, c3, c4, c5, c6, c7
-
-
-@triton.jit
-def _join8(c0, c1, c2, c3, c4, c5, c6, c7, R: tl.constexpr, G: tl.constexpr):
-    """Inverse of `_split8`: 8 tensors [R, G] -> [R, G, 8]."""
-    j = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
-    return tl.reshape(j, [R, G, 8])
+from .numerics import _SUM
 
 
 @triton.jit
@@ -46,22 +27,17 @@ def _store_codes(ptr, row_off, row_mask, col0, hidden, codes, R: tl.constexpr, T
     if BITS == 8:
         cols = col0 + tl.arange(0, T)[None, :]
         tl.store(ptr + row_off + cols, codes.to(tl.uint8), mask=row_mask & (cols < hidden))
-    elif BITS == 4:
-        lo, hi = tl.split(tl.reshape(codes, [R, T // 2, 2]))
+    else:
+        lo, hi = tl.split(tl.reshape(codes & 15, [R, T // 2, 2]))
         j = col0 // 2 + tl.arange(0, T // 2)[None, :]
         tl.store(ptr + row_off + j, (lo | (hi << 4)).to(tl.uint8), mask=row_mask & (j < hidden // 2))
-    else:
-        c0, c1, c2, c3, c4, c5, c6, c7 = _split8(codes.to(tl.int64), R, T // 8)
-        w = (c0 | (c1 << BITS) | (c2 << 2 * BITS) | (c3 << 3 * BITS) | (c4 << 4 * BITS)
-             | (c5 << 5 * BITS) | (c6 << 6 * BITS) | (c7 << 7 * BITS))
-        top = (w >> 40) & 0xFF if BITS == 6 else w * 0  # byte 5 exists for 6 bits only
-        b = _join8(w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, (w >> 24) & 0xFF, (w >> 32) & 0xFF,
-                   top, w * 0, w * 0, R, T // 8)
-        g = col0 // 8 + tl.arange(0, T // 8)
-        k = tl.arange(0, 8)
-        offs = row_off[:, :, None] + (g * BITS)[None, :, None] + k[None, None, :]
-        mask = row_mask[:, :, None] & (g < hidden // 8)[None, :, None] & (k < BITS)[None, None, :]
-        tl.store(ptr + offs, b.to(tl.uint8), mask=mask)
+        if BITS > 4:  # the high plane: P fields of HB bits per byte, summed (disjoint bits) in-thread
+            HB: tl.constexpr = BITS - 4
+            P: tl.constexpr = 8 // HB
+            top = tl.reshape(codes >> 4, [R, T // P, P]) << (HB * tl.arange(0, P))[None, None, :]
+            h = col0 // P + tl.arange(0, T // P)[None, :]
+            tl.store(ptr + row_off + hidden // 2 + h, tl.reduce(top, 2, _SUM).to(tl.uint8),
+                     mask=row_mask & (h < hidden // P))
 
 
 @triton.jit
@@ -71,21 +47,17 @@ def _load_codes(ptr, row_off, row_mask, col0, hidden, R: tl.constexpr, T: tl.con
     if BITS == 8:
         cols = col0 + tl.arange(0, T)[None, :]
         return tl.load(ptr + row_off + cols, mask=row_mask & (cols < hidden), other=0).to(tl.int32)
-    elif BITS == 4:
-        j = col0 // 2 + tl.arange(0, T // 2)[None, :]
-        b = tl.load(ptr + row_off + j, mask=row_mask & (j < hidden // 2), other=0).to(tl.int32)
-        return tl.reshape(tl.join(b & 15, b >> 4), [R, T])
-    else:
-        k = tl.arange(0, 8)
-        g = col0 // 8 + tl.arange(0, T // 8)
-        offs = row_off[:, :, None] + (g * BITS)[None, :, None] + k[None, None, :]
-        mask = row_mask[:, :, None] & (g < hidden // 8)[None, :, None] & (k < BITS)[None, None, :]
-        b0, b1, b2, b3, b4, b5, b6, b7 = _split8(tl.load(ptr + offs, mask=mask, other=0).to(tl.int64), R, T // 8)
-        w = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24) | (b4 << 32) | (b5 << 40)  # b5 is 0 for 5 bits
-        M: tl.constexpr = (1 << BITS) - 1
-        c = _join8(w & M, (w >> BITS) & M, (w >> 2 * BITS) & M, (w >> 3 * BITS) & M, (w >> 4 * BITS) & M,
-                   (w >> 5 * BITS) & M, (w >> 6 * BITS) & M, (w >> 7 * BITS) & M, R, T // 8)
-        return tl.reshape(c.to(tl.int32), [R, T])
+    j = col0 // 2 + tl.arange(0, T // 2)[None, :]
+    b = tl.load(ptr + row_off + j, mask=row_mask & (j < hidden // 2), other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(b & 15, b >> 4), [R, T])
+    if BITS > 4:
+        HB: tl.constexpr = BITS - 4
+        P: tl.constexpr = 8 // HB
+        h = col0 // P + tl.arange(0, T // P)[None, :]
+        t = tl.load(ptr + row_off + hidden // 2 + h, mask=row_mask & (h < hidden // P), other=0).to(tl.int32)
+        top = (t[:, :, None] >> (HB * tl.arange(0, P))[None, None, :]) & ((1 << HB) - 1)
+        codes = codes | (tl.reshape(top, [R, T]) << 4)
+    return codes
 
 
 @triton.jit

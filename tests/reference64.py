@@ -78,6 +78,16 @@ def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> byte
         for v in scaled:
             c = nearest_code(v, g)
             codes.append(c | ((1 << (bits - 1)) if v < 0 else 0))
-    word = sum(c << (i * bits) for i, c in enumerate(codes))
-    data = word.to_bytes(len(codes) * bits // 8, "little")
-    return data + b"".join(scales)
+    return _pack(codes, bits) + b"".join(scales)
+
+
+def _fields(values, width):
+    """Fields of `width` bits, field i at bit i * width of a little-endian bit string."""
+    return sum(v << (i * width) for i, v in enumerate(values)).to_bytes(len(values) * width // 8, "little")
+
+
+def _pack(codes, bits):
+    """8 and 4 bits: one bit string; 5 and 6: the low-nibble plane, then the top-bits plane."""
+    if bits in (4, 8):
+        return _fields(codes, bits)
+    return _fields([c & 15 for c in codes], 4) + _fields([c >> 4 for c in codes], bits - 4)

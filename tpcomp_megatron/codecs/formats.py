@@ -113,32 +113,48 @@ FORMATS: dict[str, ElementFormat] = {
 }
 
 
+def _pack_fields(fields: torch.Tensor, width: int) -> torch.Tensor:
+    """`[rows, n]` fields of `width` bits (1, 2 or 4) -> `[rows, n * width // 8]` bytes, field i
+    of a byte in bits [i * width, (i + 1) * width) (little-endian within the byte)."""
+    rows, n = fields.shape
+    per = 8 // width
+    shifts = torch.arange(per, device=fields.device, dtype=torch.int32) * width
+    packed = (fields.to(torch.int32).reshape(rows, n // per, per) << shifts).sum(dim=-1)  # disjoint: sum == or
+    return packed.to(torch.uint8)
+
+
+def _unpack_fields(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """Inverse of `_pack_fields` -> `[rows, n]` int32."""
+    per = 8 // width
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * width
+    return ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << width) - 1)).reshape(packed.shape[0], n)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack `[rows, n]` codes of `bits` bits into `[rows, n * bits // 8]` bytes.
 
-    Groups of 8 codes form a little-endian bit string of `bits` bytes: code j of a group occupies
-    bits [j*bits, (j+1)*bits). For 4 bits this is "element 2i in the low nibble of byte i".
+    8 bits: one code per byte. 4 bits: code 2i in the low nibble of byte i. 5 and 6 bits: two bit
+    planes (as FP6-LLM's bit-level pre-packing), each a power-of-two field width a GPU thread packs
+    and unpacks within its registers: first the low 4 bits of every code (as 4-bit codes, n / 2
+    bytes), then the top 1 / 2 bits of every code (8 / 4 per byte, n / 8 or n / 4 bytes).
     `n` must be a multiple of 8 (every block size is).
     """
     rows, n = codes.shape
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
-    groups = codes.to(torch.int64).reshape(rows, n // 8, 8)
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
-    word = (groups << shifts).sum(dim=-1)  # disjoint bit fields: sum == bitwise or
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
-    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
-    return out.to(torch.uint8).reshape(rows, n * bits // 8)
+    if n % 8:
+        raise ValueError(f"codes per row must be a multiple of 8, got {n}")
+    low = _pack_fields(codes.to(torch.int32) & 15, 4)
+    if bits == 4:
+        return low
+    return torch.cat([low, _pack_fields(codes.to(torch.int32) >> 4, bits - 4)], dim=1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack_codes`: `[rows, n * bits // 8]` bytes -> `[rows, n]` codes (uint8)."""
-    rows = packed.shape[0]
     if bits == 8:
         return packed
-    bytes_ = packed.to(torch.int64).reshape(rows, n // 8, bits)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    word = (bytes_ << byte_shifts).sum(dim=-1)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    out = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return out.to(torch.uint8).reshape(rows, n)
+    codes = _unpack_fields(packed[:, : n // 2], 4, n)
+    if bits > 4:
+        codes = codes | (_unpack_fields(packed[:, n // 2:], bits - 4, n) << 4)
+    return codes.to(torch.uint8)
