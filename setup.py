@@ -55,5 +55,6 @@ setup(
         "tpcomp-convert=tpcomp_megatron.convert.cli:main",
         "tpcomp-calibrate=tpcomp_megatron.quality.calibrate_cli:main",
         "tpcomp-eval-quality=tpcomp_megatron.quality.eval_cli:main",
+        "tpcomp-sensitivity=tpcomp_megatron.quality.sensitivity_cli:main",
     ]},
 )

@@ -40,3 +40,23 @@ def test_bad_spec_is_an_argparse_error(capsys):
 def test_inconsistent_configs_raise(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         CompressionConfig(**kwargs)
+
+
+def test_per_layer_override_flags():
+    cfg = config_from_args(_parse(["--tp-comm-compression", "fp4_e2m1/b32/e8m0up",
+                                   "--tp-comm-compression-override", "decoder.layers.0.*=fp8_e4m3/b32/e8m0up",
+                                   "--tp-comm-compression-override", "*.linear_proj=none"]))
+    assert str(cfg.layer_spec("decoder.layers.0.self_attention.linear_proj")) == "fp8_e4m3/b32/e8m0up"  # first match
+    assert cfg.layer_spec("decoder.layers.5.self_attention.linear_proj") is None
+    assert str(cfg.layer_spec("decoder.layers.5.mlp.linear_fc2")) == "fp4_e2m1/b32/e8m0up"
+    assert "decoder.layers.0.*" in cfg.describe()  # ranks with different plans disagree at apply time
+    only = CompressionConfig(overrides=(("decoder.layers.0.*", "int8/b32/bf16"),))
+    assert only.enabled and only.layer_spec("decoder.layers.1.mlp.linear_fc2") is None
+
+
+def test_bad_overrides(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--tp-comm-compression-override", "fp8_e4m3"])
+    assert "expected PATTERN=SPEC" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs a calibration file"):
+        CompressionConfig(spec="int4", overrides=(("decoder.layers.0.*", "outlier_int4/k64"),))

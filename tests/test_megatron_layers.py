@@ -135,3 +135,55 @@ def test_apply_errors_and_undo():
     assert "not Megatron's RowParallelLinear" in errors["foreign"] and "local" in errors["foreign"]
     assert errors["swapped"] == "CompressedRowParallelLinear" and errors["restored"] == "RowParallelLinear"
     assert errors["attr_gone"]
+
+
+def _apply_overrides(rank, world):
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
+
+    _ctx = init_megatron(world)  # noqa: F841
+
+    def layer():
+        m = torch.nn.Module()
+        m.self_attention = torch.nn.Module()
+        m.self_attention.linear_proj = RowParallelLinear(64, 64, config=tiny_config(world), init_method=torch.nn.init.zeros_,
+                                                         bias=False, input_is_parallel=True, skip_bias_add=True)
+        m.mlp = torch.nn.Module()
+        m.mlp.linear_fc2 = RowParallelLinear(64, 64, config=tiny_config(world), init_method=torch.nn.init.zeros_,
+                                             bias=False, input_is_parallel=True, skip_bias_add=True)
+        return m
+
+    model = torch.nn.Module()
+    model.decoder = torch.nn.Module()
+    model.decoder.layers = torch.nn.ModuleList([layer() for _ in range(3)])
+    cfg = CompressionConfig(spec="fp4_e2m1/b32/e8m0up", min_bytes=0, link="cpu",
+                            overrides=(("decoder.layers.0.*", "fp8_e4m3/b32/e8m0up"), ("*.2.mlp.*", "none")))
+    handle = apply_tp_compression(model, cfg)
+    got = {}
+    for name, module in model.named_modules():
+        if name.endswith(("linear_proj", "linear_fc2")):
+            lc = module.__dict__.get("tp_compression")
+            got[name] = str(lc.codec.spec) if lc is not None else type(module).__name__
+    handle.remove()
+    restored = all(type(m) is RowParallelLinear for n, m in model.named_modules() if n.endswith(("linear_proj", "linear_fc2")))
+    try:
+        apply_tp_compression(model, CompressionConfig(spec="int4", link="cpu", overrides=(("decoder.layer.0.*", "none"),)))
+        unused = None
+    except ValueError as e:
+        unused = str(e)
+    return got, restored, unused
+
+
+def test_per_layer_overrides():
+    got, restored, unused = run_ranks(_apply_overrides, 2)[1]
+    assert got == {
+        "decoder.layers.0.self_attention.linear_proj": "fp8_e4m3/b32/e8m0up",
+        "decoder.layers.0.mlp.linear_fc2": "fp8_e4m3/b32/e8m0up",
+        "decoder.layers.1.self_attention.linear_proj": "fp4_e2m1/b32/e8m0up",
+        "decoder.layers.1.mlp.linear_fc2": "fp4_e2m1/b32/e8m0up",
+        "decoder.layers.2.self_attention.linear_proj": "fp4_e2m1/b32/e8m0up",
+        "decoder.layers.2.mlp.linear_fc2": "RowParallelLinear",  # 'none': left exact, class untouched
+    }
+    assert restored
+    assert unused and "match no compressed row-parallel layer" in unused and "decoder.layer.0.*" in unused

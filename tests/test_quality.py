@@ -263,3 +263,53 @@ def test_configs_reject_bad_input():
         EvalConfig(model="m", points=("rot64+fp4_e2m1/b32/e8m0",), real_ranks=True)
     with pytest.raises(ValueError, match="TP=1 communicates nothing"):
         SweepPoint.parse("fp4_e2m1/b32", 1)
+
+
+def test_sensitivity_ranking_and_mixed_plans(tiny):
+    """Each layer's score is the KL of compressing that layer alone (checked against a direct
+    single-layer run for the top layer); the plans promote exactly the top-k layers; k = 0 and
+    k = all equal the uniform codecs' records of the evaluation tool; bits are the layer mean."""
+    from tpcomp_megatron.quality.models import load_model
+    from tpcomp_megatron.quality.sensitivity import compare
+    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, run
+
+    low, high = "fp4_e2m1/b32/e8m0", "fp8_e4m3/b32/e8m0up"
+    model, tok, _ = load_model(tiny["hf"])
+    n_layers = 2 * model.config.num_hidden_layers
+    ranking = tiny["root"] / "ranking.json"
+    cfg = SensitivityConfig(model=tiny["hf"], tp=3, low=low, high=high, promote=(0, 1, n_layers), calib_text=tiny["cal_text"],
+                            calib_windows=1, text=tiny["text"], windows=WINDOWS, seq_len=SEQ, out=str(tiny["root"] / "sens.jsonl"),
+                            ranking=str(ranking))
+    recs = run(cfg, log=_quiet)
+    kl = __import__("json").loads(ranking.read_text())["kl"]
+    order = list(kl)
+    assert len(order) == n_layers and all(kl[a] >= kl[b] for a, b in zip(order, order[1:]))
+    assert len(set(kl.values())) > 1  # the layers differ: a ranking that means something
+
+    sim = SimulatedTP(model)
+    cal = make_windows(tok, tiny["cal_text"], seq_len=SEQ, windows=1)
+    _, (top,) = compare(model, sim, cal, tp=3, plans=[{n: make_codec(low) if n == order[0] else None for n in sim.layers}])
+    assert top.mean_kl == pytest.approx(kl[order[0]], rel=1e-6)
+    sim.remove()
+
+    assert [r["layers_high"] for r in recs] == [[], order[:1], order]
+    lb, hb = make_codec(low).bits_per_value(96), make_codec(high).bits_per_value(96)
+    assert recs[1]["bits_per_value"] == pytest.approx(((n_layers - 1) * lb + hb) / n_layers, abs=1e-4)
+    uniform = evaluate(EvalConfig(model=tiny["hf"], tp=(3,), points=(low, high), text=tiny["text"], seq_len=SEQ,
+                                  windows=WINDOWS, out=str(tiny["root"] / "uniform.jsonl")), log=_quiet)
+    for mixed, ref in ((recs[0], uniform[0]), (recs[2], uniform[1])):
+        for key in ("ppl", "baseline_ppl", "top1_agreement", "kl", "bits_per_value"):
+            assert mixed[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
+
+
+def test_sensitivity_config_rejects_bad_input():
+    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig
+
+    with pytest.raises(ValueError, match="test set"):
+        SensitivityConfig(model="m", calib_text="moby-dick", text="moby-dick")
+    with pytest.raises(ValueError, match="block codec"):
+        SensitivityConfig(model="m", low="outlier_int4/k64")
+    with pytest.raises(ValueError, match="TP=1"):
+        SensitivityConfig(model="m", tp=1)
+    with pytest.raises(ValueError, match="--promote"):
+        SensitivityConfig(model="m", promote=(-1,))

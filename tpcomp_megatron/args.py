@@ -24,6 +24,13 @@ def _spec(text: str) -> str:
     return text
 
 
+def _override(text: str) -> tuple[str, str]:
+    pattern, eq, spec = text.rpartition("=")
+    if not eq or not pattern:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PATTERN=SPEC, e.g. 'decoder.layers.0.*=fp8_e4m3/b32/e8m0up'")
+    return pattern, _spec(spec)
+
+
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("tpcomp-megatron", "compressed tensor-parallel communication")
     g.add_argument("--tp-comm-compression", type=_spec, default="none", metavar="SPEC",
@@ -31,6 +38,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "int4/b16/bf16, outlier_int4/k64, outlier+fp4_e2m1/b32; 'none' (default) is exact")
     g.add_argument("--tp-comm-compression-layers", nargs="+", choices=sorted(ROW_LAYERS),
                    default=["linear_proj", "linear_fc2"], help="which row-parallel layers to compress")
+    g.add_argument("--tp-comm-compression-override", type=_override, action="append", default=[],
+                   metavar="PATTERN=SPEC", help="codec for the row-parallel layers whose names match the glob "
+                   "PATTERN (first match wins; SPEC may be 'none'); repeatable, e.g. the most sensitive layers "
+                   "found by tpcomp-sensitivity: 'decoder.layers.0.*=fp8_e4m3/b32/e8m0up'")
     g.add_argument("--tp-comm-gather-compression", type=_spec, default="none", metavar="SPEC",
                    help="block codec of the sequence-parallel all-gather (default none)")
     g.add_argument("--tp-comm-calibration", default=None, metavar="PATH",
@@ -53,4 +64,5 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         algorithm=args.tp_comm_algorithm,
         link=args.tp_comm_link,
         min_bytes=args.tp_comm_min_bytes,
+        overrides=tuple(args.tp_comm_compression_override),
     )

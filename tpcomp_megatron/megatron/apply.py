@@ -11,6 +11,7 @@ it in place (the subclass adds no state, so only `__class__` changes). The retur
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 from dataclasses import dataclass, field
 
@@ -45,7 +46,11 @@ class CompressionConfig:
     """Link class for the gate's thresholds: 'auto', 'nvlink', 'pcie_class', 'network_class', 'cpu'."""
     min_bytes: int | None = None
     """Override the gate's size threshold (bytes of the bf16 message); 0 compresses every call."""
+    overrides: tuple[tuple[str, str], ...] = ()
+    """Per-layer codecs: (glob over module names, spec or 'none'), first match wins, e.g.
+    ('decoder.layers.0.*', 'fp8_e4m3/b32/e8m0up') for a plan from `tpcomp-sensitivity`."""
     reduce_spec: object = field(init=False, repr=False, compare=False)
+    override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -58,8 +63,13 @@ class CompressionConfig:
         if gather_spec is not None and not isinstance(gather_spec, BlockSpec):
             raise ValueError(f"gather_spec {self.gather_spec!r}: the sequence-parallel all-gather needs a "
                              "block codec (outlier codecs are calibrated on partial sums, not on gathered inputs)")
-        if isinstance(reduce_spec, OutlierSpec) and not self.calibration:
-            raise ValueError(f"codec {reduce_spec} needs a calibration file: run tools/calibrate.py and pass it")
+        overrides = tuple((str(pat), str(spec)) for pat, spec in self.overrides)
+        override_specs = tuple((pat, parse_codec_spec(spec)) for pat, spec in overrides)
+        for spec in (reduce_spec,) + tuple(s for _, s in override_specs):
+            if isinstance(spec, OutlierSpec) and not self.calibration:
+                raise ValueError(f"codec {spec} needs a calibration file: run tools/calibrate.py and pass it")
+        object.__setattr__(self, "overrides", overrides)
+        object.__setattr__(self, "override_specs", override_specs)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm {self.algorithm!r}: choose one of {list(ALGORITHMS)}")
         GatePolicy(algorithm=self.algorithm, link=self.link if self.link != "auto" else "cpu", min_bytes=self.min_bytes)
@@ -68,7 +78,15 @@ class CompressionConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.reduce_spec is not None or self.gather_codec_spec is not None
+        return (self.reduce_spec is not None or self.gather_codec_spec is not None
+                or any(spec is not None for _, spec in self.override_specs))
+
+    def layer_spec(self, name: str):
+        """The reduction codec spec of the row-parallel layer `name` (None: exact)."""
+        for pattern, spec in self.override_specs:
+            if fnmatch.fnmatchcase(name, pattern):
+                return spec
+        return self.reduce_spec
 
     def describe(self, calibration: Calibration | None = None) -> str:
         """Canonical text of everything that must agree across ranks (`calibration`: the loaded
@@ -80,6 +98,7 @@ class CompressionConfig:
             with open(self.calibration, "rb") as f:
                 cal = hashlib.sha256(f.read()).hexdigest()[:16]
         return (f"spec={self.reduce_spec or 'none'} layers={','.join(sorted(self.layers))} "
+                f"overrides={[(p, str(sp or 'none')) for p, sp in self.override_specs]} "
                 f"gather={self.gather_codec_spec or 'none'} algorithm={self.algorithm} "
                 f"min_bytes={self.min_bytes} calibration={cal}")
 
@@ -133,7 +152,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
-    if isinstance(config.reduce_spec, OutlierSpec) and calibration is None:
+    if calibration is None and any(isinstance(s, OutlierSpec) for s in (config.reduce_spec,) + tuple(s for _, s in config.override_specs)):
         calibration = load_calibration(config.calibration)
     check_same_config(config.describe(calibration), group)
     if not config.enabled:
@@ -142,22 +161,31 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
     model = _unwrap(model)
     handle = CompressionHandle(comm)
     found = 0
+    matched: set[str] = set()
     try:
         for name, module in model.named_modules():
             parent, _, leaf = name.rpartition(".")
-            if config.reduce_spec is not None and leaf in config.layers and parent.endswith(ROW_LAYERS[leaf]):
+            if leaf in config.layers and parent.endswith(ROW_LAYERS[leaf]):
+                matched.update(p for p, _ in config.override_specs if fnmatch.fnmatchcase(name, p))
+                spec = config.layer_spec(name)
+                if spec is None:
+                    continue
                 _check_class(name, module, RowParallelLinear)
                 params = None
-                if calibration is not None:
+                if isinstance(spec, OutlierSpec):
                     calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size)
                     params = calibration.params(name)
-                handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, make_codec(config.reduce_spec, params)))
+                handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, make_codec(spec, params)))
                 found += 1
             elif (config.gather_codec_spec is not None and leaf in GATHER_LAYERS
                   and parent.endswith(GATHER_LAYERS[leaf]) and getattr(module, "sequence_parallel", False)):
                 _check_class(name, module, ColumnParallelLinear)
                 handle._attach(module, CompressedColumnParallelLinear, LayerCompression(comm, make_codec(config.gather_codec_spec)))
                 found += 1
+        unused = [p for p, _ in config.override_specs if p not in matched]
+        if unused:
+            raise ValueError(f"override pattern(s) {unused} match no compressed row-parallel layer "
+                             "(names look like 'decoder.layers.3.mlp.linear_fc2')")
     except Exception:
         handle.remove()
         raise

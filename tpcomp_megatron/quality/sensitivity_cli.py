@@ -1,0 +1,122 @@
+"""`tpcomp-sensitivity`: rank the row-parallel reductions by sensitivity, evaluate mixed plans.
+
+    tpcomp-sensitivity --model smollm2-135m --tp 8 --low fp4_e2m1/b32/e8m0up --high fp8_e4m3/b32/e8m0up \\
+        --promote 0 2 4 --calib-text sotu-1901 --text moby-dick --windows 8 --out quality.jsonl
+
+Ranks the layers on the calibration text (`sensitivity.layer_sensitivity`, simulated TP), writes
+the ranking (`--ranking`, JSON), then evaluates on the evaluation text, for each k of `--promote`,
+the plan with the k most sensitive layers on `--high` and the rest on `--low`: perplexity, top-1
+agreement and KL against the uncompressed model, one quality record per plan (RESULTS.md fields
+plus `plan_low`, `plan_high`, `layers_high`, `ranking_text`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..codecs import BlockSpec, make_codec, parse_codec_spec
+from .records import append_records, default_results_path, environment, quality_record
+
+
+@dataclass(frozen=True, kw_only=True)
+class SensitivityConfig:
+    model: str
+    tp: int = 8
+    low: str = "fp4_e2m1/b32/e8m0up"
+    """Codec of every layer not promoted (a block codec: no calibration needed)."""
+    high: str = "fp8_e4m3/b32/e8m0up"
+    """Codec of the promoted layers."""
+    promote: tuple[int, ...] = (0, 2, 4)
+    calib_text: str = "sotu-1901"
+    """Text the layers are ranked on (never the evaluation text)."""
+    calib_windows: int = 2
+    text: str = "moby-dick"
+    windows: int = 8
+    seq_len: int = 512
+    threads: int = 1
+    out: str | None = None
+    ranking: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tp, int) or self.tp < 2:
+            raise ValueError(f"--tp must be an integer >= 2 (TP=1 communicates nothing), got {self.tp!r}")
+        for name in ("low", "high"):
+            if not isinstance(parse_codec_spec(getattr(self, name)), BlockSpec):
+                raise ValueError(f"--{name} {getattr(self, name)!r}: a block codec spec is required, e.g. fp4_e2m1/b32/e8m0up")
+        if any(k < 0 for k in self.promote) or not self.promote:
+            raise ValueError(f"--promote: one or more layer counts >= 0, got {list(self.promote)}")
+        if self.calib_text == self.text:
+            raise ValueError("ranking on the evaluation text would select layers on the test set: use another --calib-text")
+        if min(self.calib_windows, self.windows, self.threads) < 1 or self.seq_len < 2:
+            raise ValueError("--calib-windows, --windows, --threads >= 1 and --seq-len >= 2 are required")
+
+
+def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
+    from .models import load_model
+    from .sensitivity import compare, layer_sensitivity, mixed_codecs, most_sensitive, plan_bits
+    from .simtp import SimulatedTP
+    from .text import make_windows
+
+    torch.set_num_threads(cfg.threads)
+    model, tok, model_id = load_model(cfg.model)
+    sim = SimulatedTP(model)
+    if max(cfg.promote) > len(sim.layers):
+        raise ValueError(f"--promote {max(cfg.promote)}: the model has {len(sim.layers)} row-parallel layers")
+    low, high = make_codec(cfg.low), make_codec(cfg.high)
+    cal = make_windows(tok, cfg.calib_text, seq_len=cfg.seq_len, windows=cfg.calib_windows)
+    sens = layer_sensitivity(model, sim, cal, tp=cfg.tp, codec=low, log=log)
+    ranking = {"model": model_id, "tp": cfg.tp, "codec": str(low.spec), "text": cal.description,
+               "kl": dict(sorted(sens.items(), key=lambda kv: -kv[1]))}
+    if cfg.ranking:
+        Path(cfg.ranking).write_text(json.dumps(ranking, indent=1) + "\n")
+    windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows)
+    plans = [mixed_codecs(sens, low, high, k) for k in cfg.promote]
+    base, totals = compare(model, sim, windows, tp=cfg.tp, plans=plans)
+    env = environment()
+    records = []
+    for k, plan, tot in zip(cfg.promote, plans, totals):
+        label = str(low.spec) if k == 0 else f"{low.spec} + {k} layers {high.spec}"
+        records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=base,
+                                      world_size=cfg.tp, simulated=True, codec=label, bits=plan_bits(plan, sim.hidden),
+                                      calibration="none", plan_low=str(low.spec), plan_high=str(high.spec),
+                                      layers_high=most_sensitive(sens, k), ranking_text=cal.description, env=env))
+        r = records[-1]
+        log(f"TP={cfg.tp} {label:60s} {r['bits_per_value']:.3f} b/v ppl {r['ppl']:.3f} ({r['ppl_increase_pct']:+.2f}%) "
+            f"top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
+    append_records(Path(cfg.out) if cfg.out else default_results_path(model_id), records)
+    return records
+
+
+def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
+    ap = argparse.ArgumentParser(prog="tpcomp-sensitivity", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m or a Hugging Face folder")
+    ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--low", default="fp4_e2m1/b32/e8m0up")
+    ap.add_argument("--high", default="fp8_e4m3/b32/e8m0up")
+    ap.add_argument("--promote", type=int, nargs="+", default=[0, 2, 4])
+    ap.add_argument("--calib-text", default="sotu-1901")
+    ap.add_argument("--calib-windows", type=int, default=2)
+    ap.add_argument("--text", default="moby-dick")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="JSON Lines file to append to (default: benchmarks/results/quality_<model>_<cpu>_<date>.jsonl)")
+    ap.add_argument("--ranking", help="write the per-layer ranking (JSON) here")
+    a = ap.parse_args(argv)
+    return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=a.high, promote=tuple(a.promote),
+                             calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
+                             seq_len=a.seq_len, threads=a.threads, out=a.out, ranking=a.ranking)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        run(cfg)
+    except ValueError as e:
+        raise SystemExit(f"tpcomp-sensitivity: error: {e}") from None
+    return 0
