@@ -73,7 +73,10 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
     if I64:
         r = r.to(tl.int64)
     m = row_mask & (c < hidden)
-    raw = tl.load(x_ptr + r * hidden + c, mask=m, other=0.0, eviction_policy="evict_first")
+    xo = r * hidden + c
+    if OUTLIERS:  # 4 lanes per access, the width of the int32 slot table read beside x (see outlier.py)
+        xo = tl.max_contiguous(xo, [1, 4])
+    raw = tl.load(x_ptr + xo, mask=m, other=0.0, eviction_policy="evict_first")
     x = _input_to_f32(raw, IN_BF16)
     row_off = r * row_bytes
     if OUTLIERS:

@@ -57,10 +57,13 @@ def _static_encode_kernel(x_ptr, out_ptr, lo_ptr, inv_ptr, chan_ptr, rows, hidde
         c = col0 + tl.arange(0, T)[None, :]
         cm = c < hidden
         m = row_mask & cm
-        x = _input_to_f32(tl.load(x_ptr + r * hidden + c, mask=m, other=0.0, eviction_policy="evict_first"), IN_BF16)
+        # x read 4 lanes per access, the float32 tables' width, so both share a layout (8 lanes,
+        # natural for bf16, sent every chunk of x through shared memory to meet the tables)
+        xo = tl.max_contiguous(r * hidden + c, [1, 4])
+        x = _input_to_f32(tl.load(x_ptr + xo, mask=m, other=0.0, eviction_policy="evict_first"), IN_BF16)
         lo = tl.load(lo_ptr + table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
         inv = tl.load(inv_ptr + table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
-        _store_codes(out_ptr, row_off, row_mask, col0, hidden, _static_code(x, lo, inv), R, T, 4)
+        _store_codes(out_ptr, row_off, row_mask, col0, hidden, _static_code(x, lo, inv), R, T, 4, True)
         bad = bad | _nonfinite_any(x, m)
     # Outlier slots last, once the row's flag is known; the values come back from cache.
     j = tl.arange(0, KP)[None, :]
@@ -133,7 +136,7 @@ def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr,
         for i in tl.static_range(N):
             base = (zero + first + i) * pay_stride + row_off
             toff = src_off0 + (first + i) * src_step
-            q = _load_codes(p_ptr, base, row_mask, col0, hidden, R, T, 4).to(tl.float32)
+            q = _load_codes(p_ptr, base, row_mask, col0, hidden, R, T, 4, True).to(tl.float32)
             lo = tl.load(lo_ptr + toff + c, mask=cm, other=0.0, eviction_policy="evict_last")
             st = tl.load(step_ptr + toff + c, mask=cm, other=0.0, eviction_policy="evict_last")
             if EACH:
@@ -145,11 +148,12 @@ def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr,
             lo = tl.load(lo_out_ptr + out_table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
             inv = tl.load(inv_ptr + out_table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
             # inv is 0 on outlier channels: their codes are 0 whatever `acc` holds there
-            _store_codes(out_ptr, row_off, row_mask, col0, hidden, _static_code(acc, lo, inv), R, T, 4)
+            _store_codes(out_ptr, row_off, row_mask, col0, hidden, _static_code(acc, lo, inv), R, T, 4, True)
             is_o = tl.load(slot_ptr + c, mask=cm, other=-1, eviction_policy="evict_last") >= 0
             bad_out = bad_out | _nonfinite_any(acc, m & ~is_o)
         else:
-            _store_output(out_ptr, (first * rows + r) * hidden + c, acc, m, OUT_KIND)
+            # 4 lanes per access, as the tables (a wider store would convert acc's layout first)
+            _store_output(out_ptr, tl.max_contiguous((first * rows + r) * hidden + c, [1, 4]), acc, m, OUT_KIND)
     osum = tl.where(bad > 0, nan, osum)
     if ENCODE:
         bad_out = bad_out | _nonfinite_any(osum, row_mask & jm)

@@ -22,15 +22,19 @@ from .numerics import _SUM
 
 @triton.jit
 def _store_codes(ptr, row_off, row_mask, col0, hidden, codes, R: tl.constexpr, T: tl.constexpr,
-                 BITS: tl.constexpr):
-    """Pack int32 codes [R, T] and store them (columns >= hidden are dropped)."""
+                 BITS: tl.constexpr, NARROW: tl.constexpr = False):
+    """Pack int32 codes [R, T] and store them (columns >= hidden are dropped). NARROW: as in
+    `_load_codes`."""
     if BITS == 8:
         cols = col0 + tl.arange(0, T)[None, :]
         tl.store(ptr + row_off + cols, codes.to(tl.uint8), mask=row_mask & (cols < hidden))
     else:
         lo, hi = tl.split(tl.reshape(codes & 15, [R, T // 2, 2]))
         j = col0 // 2 + tl.arange(0, T // 2)[None, :]
-        tl.store(ptr + row_off + j, (lo | (hi << 4)).to(tl.uint8), mask=row_mask & (j < hidden // 2))
+        offs = row_off + j
+        if NARROW:
+            offs = tl.max_contiguous(offs, [1, 2])
+        tl.store(ptr + offs, (lo | (hi << 4)).to(tl.uint8), mask=row_mask & (j < hidden // 2))
         if BITS > 4:  # the high plane: P fields of HB bits per byte, summed (disjoint bits) in-thread
             HB: tl.constexpr = BITS - 4
             P: tl.constexpr = 8 // HB
@@ -42,13 +46,18 @@ def _store_codes(ptr, row_off, row_mask, col0, hidden, codes, R: tl.constexpr, T
 
 @triton.jit
 def _load_codes(ptr, row_off, row_mask, col0, hidden, R: tl.constexpr, T: tl.constexpr,
-                BITS: tl.constexpr):
-    """Load and unpack codes of a tile -> int32 [R, T] (0 outside the row)."""
+                BITS: tl.constexpr, NARROW: tl.constexpr = False):
+    """Load and unpack codes of a tile -> int32 [R, T] (0 outside the row). NARROW (4 bits):
+    2 bytes per access, the 4 elements of the float32 tables the static codec reads beside them
+    (both then share a layout; wide accesses would send the codes through shared memory)."""
     if BITS == 8:
         cols = col0 + tl.arange(0, T)[None, :]
         return tl.load(ptr + row_off + cols, mask=row_mask & (cols < hidden), other=0).to(tl.int32)
     j = col0 // 2 + tl.arange(0, T // 2)[None, :]
-    b = tl.load(ptr + row_off + j, mask=row_mask & (j < hidden // 2), other=0).to(tl.int32)
+    offs = row_off + j
+    if NARROW:
+        offs = tl.max_contiguous(offs, [1, 2])
+    b = tl.load(ptr + offs, mask=row_mask & (j < hidden // 2), other=0).to(tl.int32)
     codes = tl.reshape(tl.join(b & 15, b >> 4), [R, T])
     if BITS > 4:
         HB: tl.constexpr = BITS - 4
