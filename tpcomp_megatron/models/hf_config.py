@@ -11,11 +11,43 @@ from .rope import RopeScaling
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 
-_HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_HF_DTYPES = ("float32", "bfloat16", "float16")
+_REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
 def _unsupported(what: str) -> ValueError:
     return ValueError(f"{what} is not supported by this converter (it would change the function)")
+
+
+def common_fields(hf: dict[str, Any], *, arch: str, params_dtype: str | None, max_positions: int,
+                  tie_default: bool, **passthrough) -> dict[str, Any]:
+    """The fields every family reads the same way (sizes, heads, norm, dtype, the stored HF config),
+    as keyword arguments of `LlamaModelConfig` and its subclasses; rope is the family's own.
+    `params_dtype` None keeps the source dtype (`torch_dtype`/`dtype`, float32 if absent or odd)."""
+    missing = [k for k in _REQUIRED if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json is missing {missing}")
+    heads = int(hf["num_attention_heads"])
+    if params_dtype is None:
+        src = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", "")
+        params_dtype = src if src in _HF_DTYPES else "float32"
+    return dict(
+        num_layers=int(hf["num_hidden_layers"]),
+        hidden_size=int(hf["hidden_size"]),
+        ffn_hidden_size=int(hf["intermediate_size"]),
+        num_attention_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+        vocab_size=int(hf["vocab_size"]),
+        max_position_embeddings=int(hf.get("max_position_embeddings", max_positions)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", tie_default)),
+        params_dtype=params_dtype,
+        hf_architecture=arch,
+        # Through JSON once, so the stored copy equals what a reload of our JSON gives back.
+        hf_config=json.loads(json.dumps(hf)),
+        **passthrough,
+    )
 
 
 def config_from_hf(
@@ -66,20 +98,6 @@ def config_from_hf(
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise _unsupported(f"partial_rotary_factor={hf['partial_rotary_factor']}")
 
-    required = (
-        "num_hidden_layers",
-        "hidden_size",
-        "intermediate_size",
-        "num_attention_heads",
-        "vocab_size",
-    )
-    missing = [k for k in required if hf.get(k) is None]
-    if missing:
-        raise ValueError(f"config.json is missing {missing}")
-    heads = int(hf["num_attention_heads"])
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
-    head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // heads
-
     # transformers 5 nests rope settings in `rope_parameters`; 4.x used rope_theta + rope_scaling.
     rope_params = hf.get("rope_parameters") or {}
     if "rope_theta" in rope_params:
@@ -87,30 +105,10 @@ def config_from_hf(
     else:
         theta = float(hf.get("rope_theta", 10000.0))
     scaling = RopeScaling.from_hf(hf.get("rope_scaling") or rope_params or None)
-
-    if params_dtype is None:
-        src = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-        params_dtype = _HF_DTYPES.get(str(src).replace("torch.", ""), "float32")
-
     return LlamaModelConfig(
-        num_layers=int(hf["num_hidden_layers"]),
-        hidden_size=int(hf["hidden_size"]),
-        ffn_hidden_size=int(hf["intermediate_size"]),
-        num_attention_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=int(head_dim),
-        vocab_size=int(hf["vocab_size"]),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        tensor_parallel_size=tensor_parallel_size,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        params_dtype=params_dtype,
-        tokenizer=tokenizer,
-        source=source,
-        hf_architecture=arch,
-        # Through JSON once, so the stored copy equals what a reload of our JSON gives back.
-        hf_config=json.loads(json.dumps(hf)),
+        **common_fields(hf, arch=arch, params_dtype=params_dtype, max_positions=4096, tie_default=False,
+                        tensor_parallel_size=tensor_parallel_size, tokenizer=tokenizer, source=source,
+                        make_vocab_size_divisible_by=make_vocab_size_divisible_by),
     )

@@ -7,10 +7,10 @@ function: biases, bidirectional attention, activations other than GELU.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..config import TokenizerRef
+from ..hf_config import common_fields
 from ..rope import RopeScaling
 from .config import FULL, SLIDING, GemmaModelConfig
 
@@ -19,7 +19,6 @@ GEMMA_ARCHITECTURES = {
     "Gemma2ForCausalLM": ("gemma2", 2),
     "Gemma3ForCausalLM": ("gemma3_text", 3),
 }
-_HF_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def gemma_architecture(hf: dict[str, Any]) -> str | None:
@@ -72,18 +71,10 @@ def gemma_config_from_hf(
         act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu"):
         raise ValueError(f"hidden activation {act!r} is not supported (gelu_pytorch_tanh, gelu)")
-    required = (
-        "num_hidden_layers",
-        "hidden_size",
-        "intermediate_size",
-        "num_attention_heads",
-        "vocab_size",
-    )
-    missing = [k for k in required if hf.get(k) is None]
-    if missing:
-        raise ValueError(f"config.json is missing {missing}")
-    layers, heads = int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
-    head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+    fields = common_fields(hf, arch=arch, params_dtype=params_dtype, max_positions=8192, tie_default=True,
+                           tensor_parallel_size=tensor_parallel_size, tokenizer=tokenizer, source=source,
+                           make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    layers, head_dim = fields["num_layers"], fields["head_dim"]
 
     rope = hf.get("rope_parameters") or {}
     local_theta = local_scaling = None
@@ -109,31 +100,10 @@ def gemma_config_from_hf(
             layer_types = [SLIDING if (i + 1) % period else FULL for i in range(layers)]
         if hf.get("sliding_window") is None:
             layer_types = [FULL] * layers  # HF then builds no sliding masks at all
-    if params_dtype is None:
-        src = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-        params_dtype = str(src).replace("torch.", "")
-        params_dtype = params_dtype if params_dtype in _HF_DTYPES else "float32"
-
     return GemmaModelConfig(
-        num_layers=layers,
-        hidden_size=int(hf["hidden_size"]),
-        ffn_hidden_size=int(hf["intermediate_size"]),
-        num_attention_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
-        vocab_size=int(hf["vocab_size"]),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        tensor_parallel_size=tensor_parallel_size,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        params_dtype=params_dtype,
-        tokenizer=tokenizer,
-        source=source,
-        hf_architecture=arch,
-        hf_config=json.loads(json.dumps(hf)),
+        **fields,
         gemma_version=version,
         activation=act,
         query_pre_attn_scalar=(
