@@ -124,3 +124,31 @@ def stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def assert_round_trip_identical(ckpt: Path, hf_folder: Path, back: Path, fmt: str) -> None:
+    """Megatron checkpoint -> Hugging Face again: every tensor (dtype too) and config.json equal
+    the original's. No arithmetic happens on the way (padding is added then cut)."""
+    from tpcomp_megatron.convert import convert_megatron_to_hf
+
+    convert_megatron_to_hf(ckpt, back, fmt=fmt)
+    src, dst = stored_tensors(hf_folder), stored_tensors(back)
+    assert sorted(src) == sorted(dst)
+    for k in src:
+        assert src[k].dtype == dst[k].dtype and torch.equal(src[k], dst[k]), k
+    assert read_json(back / "config.json") == read_json(hf_folder / "config.json")
+
+
+def assert_verifies(ckpt: Path, hf_model: Any, vocab_size: int, n_tokens: int, *, max_abs: float,
+                    min_cosine: float, timeout_s: int) -> None:
+    """`verify_checkpoint` on random ids (natural text would need the GGUF tokenizer, another slow
+    parse; the logits comparison does not depend on where the ids come from): within tolerance,
+    and the same argmax everywhere."""
+    from tpcomp_megatron.convert import verify_checkpoint
+
+    tokens = torch.randint(0, vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+    report = verify_checkpoint(ckpt, hf_model=hf_model, tokens=tokens, max_abs=max_abs, min_cosine=min_cosine,
+                               timeout_s=timeout_s)
+    print(report.summary())
+    assert report.ok, report.summary()
+    assert report.argmax_agreement == 1.0

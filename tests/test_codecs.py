@@ -1,7 +1,5 @@
 """Reference codecs: payload bytes against an independent float64 model, error bounds, NaN policy."""
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Compressed collectives on real gloo ranks against the exact collective and a one-process model."""
 
-import datetime
 import time
 
 import pytest

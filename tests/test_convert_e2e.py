@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpcomp_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from tpcomp_megatron.convert import convert_hf_to_megatron
 from tpcomp_megatron.testing import run_ranks
 
-from convert_helpers import VARIANTS, make_hf_model, read_json, reference_logits, stored_tensors
+from convert_helpers import VARIANTS, assert_round_trip_identical, make_hf_model, read_json, reference_logits
 
 SEQ = 12  # divisible by every TP size, as sequence parallelism needs
 TPS = (1, 2, 4)
@@ -153,14 +153,7 @@ def test_layer_spec_transform_is_applied(world):
 )
 def test_round_trip_is_bit_identical(world, name, tp, fmt):
     root, _, ckpts, _ = world
-    back = root / f"back_{name}_tp{tp}_{fmt}"
-    convert_megatron_to_hf(ckpts[name, tp], back, fmt=fmt)
-    src, dst = stored_tensors(root / f"hf_{name}"), stored_tensors(back)
-    assert sorted(src) == sorted(dst)
-    for k in src:
-        # No arithmetic happens on the way (padding is added then cut): exact equality, same dtype.
-        assert src[k].dtype == dst[k].dtype and torch.equal(src[k], dst[k]), k
-    assert read_json(back / "config.json") == read_json(root / f"hf_{name}" / "config.json")
+    assert_round_trip_identical(ckpts[name, tp], root / f"hf_{name}", root / f"back_{name}_tp{tp}_{fmt}", fmt)
 
 
 def test_config_json_records_layout(world):

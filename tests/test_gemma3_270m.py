@@ -15,9 +15,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
+from convert_helpers import assert_verifies
 
-from tpcomp_megatron.convert import convert_hf_to_megatron, open_hf_source, verify_checkpoint
+from tpcomp_megatron.convert import convert_hf_to_megatron, open_hf_source
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -75,16 +75,4 @@ def test_gemma3_270m_tp2_logits_match_hf(tmp_path):
         1_000_000.0,
         512,
     )
-    # Random ids (natural text would need the GGUF tokenizer: another slow parse); 40 tokens.
-    tokens = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
-    report = verify_checkpoint(
-        tmp_path / "g3",
-        hf_model=src.model,
-        tokens=tokens,
-        max_abs=MAX_ABS,
-        min_cosine=MIN_COSINE,
-        timeout_s=400,
-    )
-    print(report.summary())
-    assert report.ok, report.summary()
-    assert report.argmax_agreement == 1.0
+    assert_verifies(tmp_path / "g3", src.model, cfg.vocab_size, 40, max_abs=MAX_ABS, min_cosine=MIN_COSINE, timeout_s=400)

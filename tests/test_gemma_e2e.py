@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpcomp_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from tpcomp_megatron.convert import convert_hf_to_megatron
 from tpcomp_megatron.testing import run_ranks
 
-from convert_helpers import read_json, stored_tensors
+from convert_helpers import assert_round_trip_identical, read_json
 from gemma_helpers import VARIANTS, make_hf_model, reference_logits
 
 SEQ = 12  # > the 4-token window; divisible by every TP size, as sequence parallelism needs
@@ -218,13 +218,7 @@ def test_compression_on_gemma_tp2(world, name):
 @pytest.mark.parametrize("name,fmt", [(n, "legacy") for n in VARIANTS] + [("gemma3", "torch_dist")])
 def test_round_trip_is_bit_identical(world, name, fmt):
     root, _, ckpts, _ = world
-    back = root / f"back_{name}_{fmt}"
-    convert_megatron_to_hf(ckpts[name, 2], back, fmt=fmt)
-    src, dst = stored_tensors(root / f"hf_{name}"), stored_tensors(back)
-    assert sorted(src) == sorted(dst)
-    for k in src:
-        assert src[k].dtype == dst[k].dtype and torch.equal(src[k], dst[k]), k
-    assert read_json(back / "config.json") == read_json(root / f"hf_{name}" / "config.json")
+    assert_round_trip_identical(ckpts[name, 2], root / f"hf_{name}", root / f"back_{name}_{fmt}", fmt)
 
 
 def test_config_json_records_gemma_features(world):
