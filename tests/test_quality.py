@@ -4,6 +4,7 @@ the evaluation's metrics against a direct computation, and calibration-file mism
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -300,6 +301,12 @@ def test_sensitivity_ranking_and_mixed_plans(tiny):
     for mixed, ref in ((recs[0], uniform[0]), (recs[2], uniform[1])):
         for key in ("ppl", "baseline_ppl", "top1_agreement", "kl", "bits_per_value"):
             assert mixed[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
+
+    # A saved ranking is reused as is (same plan, same scores); one made for another TP size is refused.
+    again = run(dataclasses.replace(cfg, promote=(1,), ranking=None, ranking_in=str(ranking)), log=_quiet)
+    assert again[0]["layers_high"] == order[:1] and again[0]["kl"] == pytest.approx(recs[1]["kl"], rel=1e-9)
+    with pytest.raises(ValueError, match="was made for"):
+        run(dataclasses.replace(cfg, tp=2, ranking=None, ranking_in=str(ranking)), log=_quiet)
 
 
 def test_sensitivity_config_rejects_bad_input():

@@ -41,6 +41,8 @@ class SensitivityConfig:
     threads: int = 1
     out: str | None = None
     ranking: str | None = None
+    ranking_in: str | None = None
+    """A ranking written by an earlier run (same model, TP size and --low codec): reused, not recomputed."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp, int) or self.tp < 2:
@@ -68,9 +70,13 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     if max(cfg.promote) > len(sim.layers):
         raise ValueError(f"--promote {max(cfg.promote)}: the model has {len(sim.layers)} row-parallel layers")
     low, high = make_codec(cfg.low), make_codec(cfg.high)
-    cal = make_windows(tok, cfg.calib_text, seq_len=cfg.seq_len, windows=cfg.calib_windows)
-    sens = layer_sensitivity(model, sim, cal, tp=cfg.tp, codec=low, log=log)
-    ranking = {"model": model_id, "tp": cfg.tp, "codec": str(low.spec), "text": cal.description,
+    if cfg.ranking_in:
+        ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=str(low.spec), layers=list(sim.layers))
+        sens, ranking_text = ranking["kl"], ranking["text"]
+    else:
+        cal = make_windows(tok, cfg.calib_text, seq_len=cfg.seq_len, windows=cfg.calib_windows)
+        sens, ranking_text = layer_sensitivity(model, sim, cal, tp=cfg.tp, codec=low, log=log), cal.description
+    ranking = {"model": model_id, "tp": cfg.tp, "codec": str(low.spec), "text": ranking_text,
                "kl": dict(sorted(sens.items(), key=lambda kv: -kv[1]))}
     if cfg.ranking:
         Path(cfg.ranking).write_text(json.dumps(ranking, indent=1) + "\n")
@@ -84,12 +90,23 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
         records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=base,
                                       world_size=cfg.tp, simulated=True, codec=label, bits=plan_bits(plan, sim.hidden),
                                       calibration="none", plan_low=str(low.spec), plan_high=str(high.spec),
-                                      layers_high=most_sensitive(sens, k), ranking_text=cal.description, env=env))
+                                      layers_high=most_sensitive(sens, k), ranking_text=ranking_text, env=env))
         r = records[-1]
         log(f"TP={cfg.tp} {label:60s} {r['bits_per_value']:.3f} b/v ppl {r['ppl']:.3f} ({r['ppl_increase_pct']:+.2f}%) "
             f"top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
     append_records(Path(cfg.out) if cfg.out else default_results_path(model_id), records)
     return records
+
+
+def _read_ranking(path: str, *, model: str, tp: int, codec: str, layers: list[str]) -> dict:
+    ranking = json.loads(Path(path).read_text())
+    got = {k: ranking.get(k) for k in ("model", "tp", "codec")}
+    want = {"model": model, "tp": tp, "codec": codec}
+    if got != want:
+        raise ValueError(f"ranking {path} was made for {got}, this run is {want}")
+    if sorted(ranking.get("kl", {})) != sorted(layers):
+        raise ValueError(f"ranking {path} does not name this model's {len(layers)} row-parallel layers")
+    return ranking
 
 
 def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
@@ -107,10 +124,12 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="JSON Lines file to append to (default: benchmarks/results/quality_<model>_<cpu>_<date>.jsonl)")
     ap.add_argument("--ranking", help="write the per-layer ranking (JSON) here")
+    ap.add_argument("--ranking-in", help="reuse the ranking of an earlier run (same model, --tp, --low)")
     a = ap.parse_args(argv)
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=a.high, promote=tuple(a.promote),
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
-                             seq_len=a.seq_len, threads=a.threads, out=a.out, ranking=a.ranking)
+                             seq_len=a.seq_len, threads=a.threads, out=a.out, ranking=a.ranking,
+                             ranking_in=a.ranking_in)
 
 
 def main(argv: list[str] | None = None) -> int:
