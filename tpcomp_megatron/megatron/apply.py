@@ -65,21 +65,29 @@ class CompressionConfig:
                              "block codec (outlier codecs are calibrated on partial sums, not on gathered inputs)")
         overrides = tuple((str(pat), str(spec)) for pat, spec in self.overrides)
         override_specs = tuple((pat, parse_codec_spec(spec)) for pat, spec in overrides)
-        for spec in (reduce_spec,) + tuple(s for _, s in override_specs):
-            if isinstance(spec, OutlierSpec) and not self.calibration:
-                raise ValueError(f"codec {spec} needs a calibration file: run tools/calibrate.py and pass it")
         object.__setattr__(self, "overrides", overrides)
         object.__setattr__(self, "override_specs", override_specs)
+        object.__setattr__(self, "reduce_spec", reduce_spec)
+        if self.needs_calibration and not self.calibration:
+            spec = next(s for s in self._reduction_specs() if isinstance(s, OutlierSpec))
+            raise ValueError(f"codec {spec} needs a calibration file: run tools/calibrate.py and pass it")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm {self.algorithm!r}: choose one of {list(ALGORITHMS)}")
         GatePolicy(algorithm=self.algorithm, link=self.link if self.link != "auto" else "cpu", min_bytes=self.min_bytes)
-        object.__setattr__(self, "reduce_spec", reduce_spec)
         object.__setattr__(self, "gather_codec_spec", gather_spec)
 
     @property
     def enabled(self) -> bool:
         return (self.reduce_spec is not None or self.gather_codec_spec is not None
                 or any(spec is not None for _, spec in self.override_specs))
+
+    def _reduction_specs(self) -> tuple:
+        return (self.reduce_spec,) + tuple(spec for _, spec in self.override_specs)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether some reduction uses an outlier codec (which needs a calibration file)."""
+        return any(isinstance(spec, OutlierSpec) for spec in self._reduction_specs())
 
     def layer_spec(self, name: str):
         """The reduction codec spec of the row-parallel layer `name` (None: exact)."""
@@ -152,7 +160,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
-    if calibration is None and any(isinstance(s, OutlierSpec) for s in (config.reduce_spec,) + tuple(s for _, s in config.override_specs)):
+    if calibration is None and config.needs_calibration:
         calibration = load_calibration(config.calibration)
     check_same_config(config.describe(calibration), group)
     if not config.enabled:
