@@ -320,3 +320,11 @@ def test_sensitivity_config_rejects_bad_input():
         SensitivityConfig(model="m", tp=1)
     with pytest.raises(ValueError, match="--promote"):
         SensitivityConfig(model="m", promote=(-1,))
+
+
+def test_checkpoint_cache_folder_is_created(tiny):
+    """The real-rank path converts into a cache folder that a fresh machine does not have yet."""
+    out = tiny["root"] / "fresh" / "cache" / "megatron" / "tiny-tp2"
+    ckpt = convert_checkpoint(tiny["hf"], 2, model_id="tiny", out=out)
+    assert ckpt == out and any(out.iterdir())
+    assert convert_checkpoint(tiny["hf"], 2, model_id="tiny", out=out) == out  # cached: no second conversion

@@ -29,6 +29,7 @@ def convert_checkpoint(hf_folder: str | Path, tp: int, *, model_id: str, out: st
 
     out = Path(out) if out is not None else cache_dir() / "megatron" / f"{slug(model_id)}-tp{tp}"
     if not (out / CONFIG_NAME).exists():
+        out.parent.mkdir(parents=True, exist_ok=True)  # the cache folder, on a fresh machine
         try:
             convert_hf_to_megatron(hf_folder, out, tp=tp, formats=["legacy"], progress=False, force=out.exists())
         except ValueError as e:
