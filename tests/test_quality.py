@@ -5,6 +5,7 @@ the evaluation's metrics against a direct computation, and calibration-file mism
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -271,7 +272,7 @@ def test_sensitivity_ranking_and_mixed_plans(tiny):
     single-layer run for the top layer); the plans promote exactly the top-k layers; k = 0 and
     k = all equal the uniform codecs' records of the evaluation tool; bits are the layer mean."""
     from tpcomp_megatron.quality.models import load_model
-    from tpcomp_megatron.quality.sensitivity import compare
+    from tpcomp_megatron.quality.sweep import Plan, compare
     from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, run
 
     low, high = "fp4_e2m1/b32/e8m0", "fp8_e4m3/b32/e8m0up"
@@ -282,14 +283,14 @@ def test_sensitivity_ranking_and_mixed_plans(tiny):
                             calib_windows=1, text=tiny["text"], windows=WINDOWS, seq_len=SEQ, out=str(tiny["root"] / "sens.jsonl"),
                             ranking=str(ranking))
     recs = run(cfg, log=_quiet)
-    kl = __import__("json").loads(ranking.read_text())["kl"]
+    kl = json.loads(ranking.read_text())["kl"]
     order = list(kl)
     assert len(order) == n_layers and all(kl[a] >= kl[b] for a, b in zip(order, order[1:]))
     assert len(set(kl.values())) > 1  # the layers differ: a ranking that means something
 
     sim = SimulatedTP(model)
     cal = make_windows(tok, tiny["cal_text"], seq_len=SEQ, windows=1)
-    _, (top,) = compare(model, sim, cal, tp=3, plans=[{n: make_codec(low) if n == order[0] else None for n in sim.layers}])
+    _, (top,), _ = compare(model, sim, cal, [Plan(3, {n: make_codec(low) if n == order[0] else None for n in sim.layers})])
     assert top.mean_kl == pytest.approx(kl[order[0]], rel=1e-6)
     sim.remove()
 

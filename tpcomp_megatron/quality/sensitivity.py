@@ -3,37 +3,19 @@
 `layer_sensitivity` compresses one row-parallel layer at a time (every other reduction exact) at
 TP=N and scores each layer by the mean KL of the model's next-token distribution against the
 uncompressed model. Run it on calibration text, never on the evaluation text. Where a few layers
-dominate (in SmolLM2-135M at TP=8 with FP4, the first layers' reductions and one middle MLP), a
+dominate (in SmolLM2-135M at TP=8 with FP4: the last MLP, the first two layers and one middle MLP), a
 plan that sends those layers with a wider codec and all others with the narrow one costs a few
 tenths of a bit per value on average (`mixed_codecs`, `plan_bits`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-
-import torch
+from collections.abc import Callable, Mapping
 
 from ..codecs.base import Codec
-from .metrics import Totals, add_compared, add_reference
 from .simtp import SimulatedTP
+from .sweep import Plan, compare
 from .text import TokenWindows
-
-
-def compare(model, sim: SimulatedTP, windows: TokenWindows, *, tp: int,
-            plans: Sequence[Mapping[str, Codec | None]]) -> tuple[Totals, list[Totals]]:
-    """(baseline totals, totals of each plan) over every window; a plan maps every layer to a
-    codec or to None (exact)."""
-    base, totals = Totals(), [Totals() for _ in plans]
-    with torch.no_grad():
-        for i in range(windows.inputs.shape[0]):
-            x, targets = windows.inputs[i:i + 1], windows.targets(i)
-            ref = windows.scored_logits(model(x).logits[0])
-            add_reference(base, ref, targets)
-            for plan, tot in zip(plans, totals):
-                with sim.session(tp=tp, codecs=plan):
-                    add_compared(tot, windows.scored_logits(model(x).logits[0]), ref, targets)
-    return base, totals
 
 
 def layer_sensitivity(model, sim: SimulatedTP, windows: TokenWindows, *, tp: int, codec: Codec,
@@ -41,7 +23,7 @@ def layer_sensitivity(model, sim: SimulatedTP, windows: TokenWindows, *, tp: int
     """Layer name -> mean KL (nats) with only that layer's reduction compressed by `codec`."""
     out = {}
     for name in sim.layers:
-        _, (tot,) = compare(model, sim, windows, tp=tp, plans=[{n: codec if n == name else None for n in sim.layers}])
+        _, (tot,), _ = compare(model, sim, windows, [Plan(tp, {n: codec if n == name else None for n in sim.layers})])
         out[name] = tot.mean_kl
         log(f"{name}: KL {out[name]:.5f}")
     return out

@@ -60,8 +60,9 @@ class SensitivityConfig:
 
 def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     from .models import load_model
-    from .sensitivity import compare, layer_sensitivity, mixed_codecs, most_sensitive, plan_bits
+    from .sensitivity import layer_sensitivity, mixed_codecs, most_sensitive, plan_bits
     from .simtp import SimulatedTP
+    from .sweep import Plan, compare
     from .text import make_windows
 
     torch.set_num_threads(cfg.threads)
@@ -82,7 +83,7 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
         Path(cfg.ranking).write_text(json.dumps(ranking, indent=1) + "\n")
     windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows)
     plans = [mixed_codecs(sens, low, high, k) for k in cfg.promote]
-    base, totals = compare(model, sim, windows, tp=cfg.tp, plans=plans)
+    base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan) for plan in plans])
     env = environment()
     records = []
     for k, plan, tot in zip(cfg.promote, plans, totals):

@@ -5,8 +5,9 @@ algorithm, written `SPEC[:rule=RULE][:algo=one_shot|two_shot]`, e.g.
 `outlier_int4/k64:rule=absmax_max`, `fp4_e2m1/b32/e8m0:algo=two_shot`, `rot64+fp4_e2m1/b32/e8m0`
 (experimental, see rotation.py).
 
-The loop runs window-major: each window's uncompressed logits are computed once and every point is
-compared against them while they are in memory (a 262k vocabulary makes storing them all costly).
+The loop (`compare`, also used by `sensitivity.py`) runs window-major: each window's uncompressed
+logits are computed once and every point is compared against them while they are in memory (a 262k
+vocabulary makes storing them all costly).
 """
 
 from __future__ import annotations
@@ -130,6 +131,38 @@ class SweepResult:
     seconds: dict[SweepPoint, float]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one compared forward runs: a TP size, every layer's codec (None: exact), an algorithm."""
+
+    tp: int
+    codecs: Mapping[str, Codec | None]
+    algorithm: str = "one_shot"
+
+
+def compare(model, sim: SimulatedTP, windows: TokenWindows, plans: Sequence[Plan], *, labels: Sequence[str] = (),
+            log: Callable[[str], None] = lambda s: None) -> tuple[Totals, list[Totals], list[float]]:
+    """(baseline totals, totals of each plan, seconds of each plan) over every window, against the
+    unmodified model's logits. Window-major: each window's uncompressed logits are computed once."""
+    base, totals, seconds = Totals(), [Totals() for _ in plans], [0.0] * len(plans)
+    n = windows.inputs.shape[0]
+    with torch.no_grad():
+        for i in range(n):
+            x, targets = windows.inputs[i:i + 1], windows.targets(i)
+            ref = windows.scored_logits(model(x).logits[0])
+            add_reference(base, ref, targets)
+            for j, plan in enumerate(plans):
+                t0 = time.perf_counter()
+                with sim.session(tp=plan.tp, codecs=plan.codecs, algorithm=plan.algorithm):
+                    logits = windows.scored_logits(model(x).logits[0])
+                add_compared(totals[j], logits, ref, targets)
+                seconds[j] += time.perf_counter() - t0
+            log(f"window {i + 1}/{n}: baseline ppl so far {base.ppl:.3f}; "
+                + "; ".join(f"{label} {t.ppl:.3f}" for label, t in list(zip(labels, totals))[:3])
+                + (" ..." if len(plans) > 3 else ""))
+    return base, totals, seconds
+
+
 def run_simulated(model, sim: SimulatedTP, windows: TokenWindows, points: Sequence[SweepPoint],
                   calibrations: Mapping[int, Calibration], *, log: Callable[[str], None] = lambda s: None) -> SweepResult:
     """Evaluate every point on every window against the unmodified model's logits."""
@@ -139,21 +172,8 @@ def run_simulated(model, sim: SimulatedTP, windows: TokenWindows, points: Sequen
             codecs[p] = point_codecs(p, list(sim.layers), sim.hidden, calibrations.get(p.tp))
         except ValueError as e:
             raise ValueError(f"{p.label}: {e}") from None
-    res = SweepResult(baseline=Totals(), totals={p: Totals() for p in points},
-                      bits={p: next(iter(codecs[p].values())).bits_per_value(sim.hidden) for p in points},
-                      seconds={p: 0.0 for p in points})
-    n = windows.inputs.shape[0]
-    with torch.no_grad():
-        for i in range(n):
-            x, targets = windows.inputs[i:i + 1], windows.targets(i)
-            ref = windows.scored_logits(model(x).logits[0])
-            add_reference(res.baseline, ref, targets)
-            for p in points:
-                t0 = time.perf_counter()
-                with sim.session(tp=p.tp, codecs=codecs[p], algorithm=p.algorithm):
-                    logits = windows.scored_logits(model(x).logits[0])
-                add_compared(res.totals[p], logits, ref, targets)
-                res.seconds[p] += time.perf_counter() - t0
-            log(f"window {i + 1}/{n}: baseline ppl so far {res.baseline.ppl:.3f}; "
-                + "; ".join(f"{p.label} {t.ppl:.3f}" for p, t in list(res.totals.items())[:3]) + (" ..." if len(points) > 3 else ""))
-    return res
+    base, totals, seconds = compare(model, sim, windows, [Plan(p.tp, codecs[p], p.algorithm) for p in points],
+                                    labels=[p.label for p in points], log=log)
+    return SweepResult(baseline=base, totals=dict(zip(points, totals)),
+                       bits={p: next(iter(codecs[p].values())).bits_per_value(sim.hidden) for p in points},
+                       seconds=dict(zip(points, seconds)))
