@@ -20,15 +20,16 @@ import triton
 import triton.language as tl
 
 from .launch import LAUNCH_OPTIONS, Tiles, choose_tiles, format_constexprs, needs_int64, out_kind, slots_even
-from .numerics import (_BF16_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits, _from_bits, _code_to_value, _decode_scales,
-                       _encode_scales, _input_to_f32, _MAX, _store_output, _value_to_code)
+from .numerics import (SCALE_BF16, SCALE_E6M2, SCALE_E8M0, _BF16_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits,
+                       _from_bits, _code_to_value, _decode_scales, _encode_scales, _input_to_f32, _MAX,
+                       _store_output, _value_to_code)
 from .tables import tile_slots
 from .pack import _load_bf16_slots, _load_codes, _load_scales, _store_bf16_slots, _store_codes, _store_scales
 
 
 @triton.jit
 def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
-                       R: tl.constexpr, T: tl.constexpr, B: tl.constexpr, SCALE_BF16: tl.constexpr,
+                       R: tl.constexpr, T: tl.constexpr, B: tl.constexpr, SCALE: tl.constexpr,
                        BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
                        BIAS: tl.constexpr, MAX_CODE: tl.constexpr, EMAX: tl.constexpr,
                        MAXV: tl.constexpr, UP_MANT: tl.constexpr):
@@ -39,13 +40,13 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
     amax_bits = tl.reduce(_bits(x3) & 0x7FFFFFFF, 2, _MAX)
     bad = amax_bits >= 0x7F800000
     amax = tl.where(bad, 0.0, _from_bits(amax_bits))  # a non-finite value never reaches a scale
-    stored, inv = _encode_scales(amax, bad, SCALE_BF16, EMAX, MAXV, UP_MANT)
+    stored, inv = _encode_scales(amax, bad, SCALE, EMAX, MAXV, UP_MANT)
     codes = _value_to_code(x3 * inv[:, :, None], BITS, EBITS, MBITS, 1 - BIAS,
-                           (1 << EBITS) - 1 - BIAS, MAX_CODE, not SCALE_BF16)
+                           (1 << EBITS) - 1 - BIAS, MAX_CODE, SCALE == SCALE_E8M0)
     codes = tl.where(bad[:, :, None], 0, codes)
     _store_codes(out_ptr, row_off, row_mask, col0, hidden, tl.reshape(codes, [R, T]), R, T, BITS)
     _store_scales(out_ptr, row_off, row_mask, col0, hidden, data_bytes, stored, R, T, B,
-                  2 if SCALE_BF16 else 1)
+                  2 if SCALE == SCALE_BF16 else 1)
 
 
 @triton.jit
@@ -63,7 +64,7 @@ def _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T: tl.constexpr, KT: tl.co
 def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hidden, row_bytes, data_bytes, slots_off,
                          IN_BF16: tl.constexpr, IN_F16: tl.constexpr, OUTLIERS: tl.constexpr,
                          KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
-                         SCALE_BF16: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
+                         SCALE: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
                          MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
                          EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr, UP_MANT: tl.constexpr):
     r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
@@ -93,7 +94,7 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
             obits = _bf16_bits(rawo)
         _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, obits, row_mask & jm, EVEN)
         x = tl.where(is_o, 0.0, x)
-    _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B, SCALE_BF16,
+    _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B, SCALE,
                        BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT)
 
 
@@ -103,13 +104,13 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
                          OUT_KIND: tl.constexpr,
                          OUTLIERS: tl.constexpr, KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
                          R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
-                         SCALE_BF16: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
+                         SCALE: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
                          MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
                          EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr, UP_MANT: tl.constexpr):
     """Sum of N payloads [N, rows, row_bytes] in float32, in index order from +0.0; stored as
     the output dtype, or (ENCODE) requantized into one payload [rows, row_bytes]. EACH (N = 1):
     a plain decode, no accumulation."""
-    SB: tl.constexpr = 2 if SCALE_BF16 else 1
+    SB: tl.constexpr = 2 if SCALE == SCALE_BF16 else 1
     r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
     col0 = tl.program_id(1) * T
     c = col0 + tl.arange(0, T)[None, :]
@@ -126,7 +127,7 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
         off = (r * 0 + i) * src_stride + row_off  # int64 when I64
         codes = _load_codes(p_ptr, off, row_mask, col0, hidden, R, T, BITS)
         scale = _decode_scales(_load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB),
-                               SCALE_BF16)
+                               SCALE)
         v = tl.reshape(_code_to_value(codes, BITS, EBITS, MBITS, DEC_MUL), [R, T // B, B])
         v = tl.reshape(v * scale[:, :, None], [R, T])
         if OUTLIERS:
@@ -141,7 +142,7 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
             _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, _bf16_bits(osum), row_mask & jm, EVEN)
             acc = tl.where(is_o, 0.0, acc)
         _encode_block_tile(acc, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B,
-                           SCALE_BF16, BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT)
+                           SCALE, BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT)
     else:
         _store_output(out_ptr, r * hidden + c, acc, m, OUT_KIND)
         if OUTLIERS:
@@ -159,7 +160,8 @@ def _constexprs(element, block, scale) -> dict:
     fmt = FORMATS[element]
     # e8m0up: MAXV's float32 mantissa bits (the rounding-up test); -1 selects the OCP rule
     up = struct.unpack("<I", struct.pack("<f", fmt.max_value))[0] & 0x7FFFFF if scale == "e8m0up" else -1
-    return {"B": block, "SCALE_BF16": scale == "bf16", "UP_MANT": up, **format_constexprs(fmt)}
+    kind = {"bf16": SCALE_BF16, "e6m2": SCALE_E6M2}.get(scale, SCALE_E8M0).value
+    return {"B": block, "SCALE": kind, "UP_MANT": up, **format_constexprs(fmt)}
 
 
 def _grid(rows: int, hidden: int, tiles) -> tuple[int, int]:

@@ -133,8 +133,23 @@ def _code_to_value(c, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constex
     return _from_bits(sign | (mag << (23 - MBITS))) * DEC_MUL
 
 
+SCALE_E8M0 = tl.constexpr(0)  # the SCALE constexpr of the block kernels: the scale type
+SCALE_BF16 = tl.constexpr(1)
+SCALE_E6M2 = tl.constexpr(2)
+_E6M2_NAN = tl.constexpr(0xFF)
+_E6M2_MAX = tl.constexpr(0xFE)
+_E6M2_BIAS = tl.constexpr(32)
+
+
 @triton.jit
-def _encode_scales(amax, bad, SCALE_BF16: tl.constexpr, EMAX: tl.constexpr, MAXV: tl.constexpr,
+def _e6m2_to_f32(s):
+    """E6M2 scale byte (int32, 0..0xFE) -> float32 2**((s >> 2) - 32) * (1 + (s & 3) / 4), a
+    normal float32 built from its bits (exact)."""
+    return _from_bits((((s >> 2) + (127 - _E6M2_BIAS)) << 23) | ((s & 3) << 21))
+
+
+@triton.jit
+def _encode_scales(amax, bad, SCALE: tl.constexpr, EMAX: tl.constexpr, MAXV: tl.constexpr,
                    UP_MANT: tl.constexpr):
     """Block maxima (float32, 0 for non-finite blocks) -> (stored scale bits, inverse scale).
 
@@ -143,14 +158,25 @@ def _encode_scales(amax, bad, SCALE_BF16: tl.constexpr, EMAX: tl.constexpr, MAXV
     E8M0-up (UP_MANT >= 0, the mantissa bits of MAXV): s + 1 where amax > MAXV * 2**s, i.e.
     where amax's mantissa exceeds MAXV's (both are m * 2**floor(log2 amax) there); a subnormal
     amax still clamps to -127.
+    E6M2: q = amax / MAXV (IEEE quotient), its mantissa rounded to 2 bits (ties to even, a carry
+    bumps the exponent), biased exponent < 0 -> byte 0, else clamped to 0xFE; inverse = IEEE
+    1 / scale.
     bf16: scale = bf16(amax / MAXV) (IEEE quotient, ties to even), inverse = IEEE 1 / scale.
     Non-finite blocks store the NaN scale (0xFF / 0x7FC0).
     """
-    if SCALE_BF16:
+    one = tl.full(amax.shape, 1.0, tl.float32)
+    if SCALE == SCALE_BF16:
         sbits = _bf16_bits(tl.math.div_rn(amax, tl.full(amax.shape, MAXV, tl.float32)))
         scale = _bf16_bits_to_f32(sbits)
-        inv = tl.where(scale > 0, tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), scale), 0.0)
+        inv = tl.where(scale > 0, tl.math.div_rn(one, scale), 0.0)
         stored = tl.where(bad, _BF16_NAN_BITS, sbits)
+    elif SCALE == SCALE_E6M2:
+        b = _bits(tl.math.div_rn(amax, tl.full(amax.shape, MAXV, tl.float32)))
+        near = (b + 0xFFFFF + ((b >> 21) & 1)) & 0x7FE00000
+        e = (near >> 23) - (127 - _E6M2_BIAS)
+        s = tl.where(e < 0, 0, tl.minimum((e << 2) | ((near >> 21) & 3), _E6M2_MAX))
+        inv = tl.math.div_rn(one, _e6m2_to_f32(s))
+        stored = tl.where(bad, _E6M2_NAN, s)
     else:
         s = (_bits(amax) >> 23) - 127 - EMAX
         if UP_MANT >= 0:
@@ -162,10 +188,13 @@ def _encode_scales(amax, bad, SCALE_BF16: tl.constexpr, EMAX: tl.constexpr, MAXV
 
 
 @triton.jit
-def _decode_scales(stored, SCALE_BF16: tl.constexpr):
+def _decode_scales(stored, SCALE: tl.constexpr):
     """Stored scale bits (int32: a byte, or two bytes as one 16-bit pattern) -> float32 scale."""
-    if SCALE_BF16:
+    if SCALE == SCALE_BF16:
         return _bf16_bits_to_f32(stored)
+    if SCALE == SCALE_E6M2:
+        return tl.where(stored == _E6M2_NAN, _from_bits(tl.full(stored.shape, _F32_NAN_BITS, tl.int32)),
+                        _e6m2_to_f32(stored))
     bits = tl.where(stored == 0, 0x00400000, stored << 23)  # 2**-127 is subnormal
     return _from_bits(tl.where(stored == 0xFF, _F32_NAN_BITS, bits))
 

@@ -43,6 +43,23 @@ def bf16_rne(x: float) -> float:
     return float(np.uint32(b).view(np.float32))
 
 
+def e6m2_nearest(q: float) -> tuple[int, float]:
+    """q >= 0 -> (byte, scale) of the E6M2 scale nearest to q (mantissa 1.m1m0, ties to even
+    mantissa, exponent in [-32, 31], byte = (exponent + 32) * 4 + mantissa, at most 0xFE)."""
+    if q == 0:
+        return 0, 2.0 ** -32
+    f, e = math.frexp(q)  # q = f * 2**e, f in [0.5, 1)
+    quarters = round(f * 8)  # 1.m as quarters, 4..8; Python rounds exact halves to even
+    exp = e - 1
+    if quarters == 8:
+        quarters, exp = 4, exp + 1
+    if exp < -32:
+        byte = 0
+    else:
+        byte = min((exp + 32) * 4 + quarters - 4, 0xFE)
+    return byte, (1 + (byte & 3) / 4) * 2.0 ** ((byte >> 2) - 32)
+
+
 def nearest_code(v: float, g: list[float]) -> int:
     a = abs(v)
     if a >= g[-1]:
@@ -60,7 +77,7 @@ def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> byte
         blk = [float(v) for v in row[b0:b0 + block]]
         if not all(math.isfinite(v) for v in blk):
             codes += [0] * block
-            scales.append(b"\xff" if scale.startswith("e8m0") else (0x7FC0).to_bytes(2, "little"))
+            scales.append((0x7FC0).to_bytes(2, "little") if scale == "bf16" else b"\xff")
             continue
         amax = max(abs(v) for v in blk)
         if scale.startswith("e8m0"):
@@ -70,6 +87,11 @@ def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> byte
             s = -127 if amax == 0 else max(-127, min(127, s))
             scales.append(bytes([s + 127]))
             scaled = [v * 2.0 ** (-s) for v in blk]
+        elif scale == "e6m2":
+            s, sc = e6m2_nearest(float(np.float32(amax) / np.float32(g[-1])))
+            scales.append(bytes([s]))
+            inv = np.float32(1.0) / np.float32(sc)
+            scaled = [float(np.float32(v) * inv) for v in blk]
         else:
             sc = bf16_rne(float(np.float32(amax) / np.float32(g[-1])))
             scales.append((int(np.float32(sc).view(np.uint32)) >> 16).to_bytes(2, "little"))

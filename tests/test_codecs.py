@@ -12,11 +12,12 @@ from reference64 import encode_block_row
 ALL_FORMATS = sorted(FORMATS)
 
 
-def _hard_input(rows, hidden, block, dtype, gen):
-    """Random rows with the cases that break codecs: zero, huge, tiny and mixed-scale blocks."""
+def _hard_input(rows, hidden, block, dtype, gen, extreme=True):
+    """Random rows with the cases that break codecs: zero, huge, tiny and mixed-scale blocks
+    (`extreme`: blocks at 1e+-30, beyond the range of E6M2 scales)."""
     x = torch.randn(rows, hidden, generator=gen) * torch.exp(torch.randn(rows, 1, generator=gen) * 3)
     x[0, :block] = 0.0
-    if hidden >= 3 * block:
+    if extreme and hidden >= 3 * block:
         x[0, block:2 * block] *= 1e30
         x[0, 2 * block:3 * block] *= 1e-30
     x[-1, -1] = 100.0  # one outlier in the last block
@@ -25,7 +26,7 @@ def _hard_input(rows, hidden, block, dtype, gen):
 
 @pytest.mark.parametrize("element", ALL_FORMATS)
 @pytest.mark.parametrize("block,scale", [(8, "e8m0"), (32, "bf16"), (16, "bf16"), (128, "e8m0"), (32, "e8m0up"),
-                                         (8, "e8m0up")])
+                                         (8, "e8m0up"), (16, "e6m2"), (64, "e6m2")])
 def test_payload_bytes_match_float64_reference(element, block, scale):
     gen = torch.Generator().manual_seed(hash((element, block, scale)) % 2**31)
     codec = BlockCodec(BlockSpec(element=element, block=block, scale=scale))
@@ -45,7 +46,9 @@ def _abs_bound(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
     Round to nearest costs half a step of the top binade, 2**(emax-m-1) in scale units (0.5 for
     integers); saturation costs at most the gap between the largest code and the block maximum:
     with E8M0 scales the scaled maximum is < 2**(emax+1), so the gap is < 2**(emax+1) - max_value;
-    with bf16 scales it is the bf16 rounding of the scale, max_value * 2**-8.
+    with bf16 scales it is the bf16 rounding of the scale, max_value * 2**-8; with E6M2 scales
+    (2 mantissa bits, nearest) the scale is within 1/8 of amax / max_value, so the scaled maximum
+    is at most max_value * 8 / 7.
     """
     f, B = codec.fmt, codec.spec.block
     rows, hidden = x.shape
@@ -58,6 +61,9 @@ def _abs_bound(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
     elif codec.spec.scale == "e8m0up":  # the scale is at most twice the floor rule's; nothing saturates
         scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(amax)) - f.emax + 1), torch.zeros_like(amax))
         sat = 0.0
+    elif codec.spec.scale == "e6m2":
+        scale = amax / f.max_value * (1 + 2**-3)
+        sat = f.max_value / 7
     else:
         scale = amax / f.max_value * (1 + 2**-8)
         sat = f.max_value * 2**-8
@@ -65,12 +71,12 @@ def _abs_bound(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("element", ALL_FORMATS)
-@pytest.mark.parametrize("scale", ["e8m0", "e8m0up", "bf16"])
+@pytest.mark.parametrize("scale", ["e8m0", "e8m0up", "e6m2", "bf16"])
 def test_round_trip_error_within_analytic_bound(element, scale):
     gen = torch.Generator().manual_seed(7)
     for block, hidden, rows in [(8, 40, 5), (32, 96, 3), (64, 576, 7), (128, 640, 1)]:
         codec = BlockCodec(BlockSpec(element=element, block=block, scale=scale))
-        x = _hard_input(rows, hidden, block, torch.float32, gen)
+        x = _hard_input(rows, hidden, block, torch.float32, gen, extreme=scale != "e6m2")
         y = codec.decode_f32(codec.encode(x), hidden)
         err = (y - x).abs()
         bound = _abs_bound(codec, x)
@@ -224,3 +230,25 @@ def test_e8m0up_never_saturates_the_block_maximum(element):
             assert rel.max() <= step / (f.max_value / 2) * (1 + 1e-6)
         elif f.max_value < 2.0 ** (f.emax + 1) - 2.0 ** (f.emax - f.mbits):  # formats the OCP rule clips
             assert rel.max() > 0.05
+
+
+@pytest.mark.parametrize("element", ["fp4_e2m1", "int4", "fp8_e4m3"])
+def test_e6m2_range_saturates_and_flushes(element):
+    """E6M2 scales span 2**-32 .. 1.5 * 2**31: a block beyond the top saturates at the largest
+    code times the largest scale (finite, sign kept), a block below the bottom decodes to
+    zeros, and the scale bytes around 1.0 sit where the layout says."""
+    codec = BlockCodec(BlockSpec(element=element, block=16, scale="e6m2"))
+    f = codec.fmt
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 16, generator=gen)
+    x[0] *= 1e30
+    x[1] *= 1e-30
+    x[2] = x[2] / x[2].abs().max() * f.max_value  # amax / max_value = 1.0 exactly
+    payload = codec.encode(x)
+    y = codec.decode_f32(payload, 16)
+    top = f.max_value * 1.5 * 2.0**31
+    assert torch.equal(y[0].abs(), torch.full((16,), top)) and torch.equal(y[0].sign(), x[0].sign())
+    assert torch.equal(y[1], torch.zeros(16))
+    scale_bytes = payload[:, codec.data_bytes(16):].flatten().tolist()
+    assert scale_bytes == [0xFE, 0, 32 << 2]
+    assert torch.equal(y[2].abs().max(), torch.tensor(f.max_value))

@@ -108,7 +108,7 @@ def test_all_codes_decode_exactly():
     """Every byte value in every code and scale position decodes as in the reference."""
     gen = _gen("codes")
     for element in sorted(FORMATS):
-        for scale in ("e8m0", "bf16"):
+        for scale in ("e8m0", "e6m2", "bf16"):
             codec = block_codec(element, 8, scale)
             hidden = 8 * 32
             p = torch.randint(0, 256, (2, 4, codec.row_bytes(hidden)), dtype=torch.uint8, generator=gen)
@@ -215,3 +215,24 @@ def test_e8m0up_boundaries(element):
     rows[:, 3] = torch.stack(maxima) * torch.where(torch.rand(len(maxima), generator=gen) < 0.5, -1.0, 1.0)
     x = rows  # one block a row
     assert same(K.encode(codec, x, source=0), codec.encode(x, source=0))
+
+
+@pytest.mark.parametrize("element", ["fp4_e2m1", "int8", "fp6_e3m2"])
+def test_e6m2_boundaries(element):
+    """Block maxima whose quotient by max_value is a rounding tie of the 2-bit scale mantissa
+    (1.125, 1.375, 1.625, 1.875: even mantissa wins, 1.875 carries into the exponent), one float
+    either side, at the bottom of the range (2**-32, below it, subnormal, zero) and past the top:
+    kernel and reference pick the same scale byte and codes."""
+    codec = block_codec(element, 8, "e6m2")
+    m = torch.tensor(codec.fmt.max_value, dtype=torch.float32)
+    maxima = []
+    for q in (1.0, 1.125, 1.375, 1.625, 1.875):
+        for e in (-33, -32, -1, 0, 7, 31, 32):
+            at = torch.tensor(q * 2.0**e, dtype=torch.float32) * m
+            maxima += [at, torch.nextafter(at, torch.tensor(float("inf"))), torch.nextafter(at, torch.tensor(0.0))]
+    maxima += [torch.tensor(3.0e38), torch.tensor(1e-45), torch.tensor(0.0)]
+    gen = _gen("e6m2", element)
+    rows = torch.rand(len(maxima), 8, generator=gen) * 0.9
+    rows = rows * torch.stack(maxima)[:, None]
+    rows[:, 5] = torch.stack(maxima) * torch.where(torch.rand(len(maxima), generator=gen) < 0.5, -1.0, 1.0)
+    assert same(K.encode(codec, rows, source=0), codec.encode(rows, source=0))

@@ -28,7 +28,8 @@ from kernel_cases import (block_codec, check_all_ops, hard_input, outlier_input,
 from tpcomp_megatron.codecs import FORMATS, REDUCED, make_codec, parse_codec_spec  # noqa: E402
 
 CASES = [(32, "e8m0", 300, 5120), (16, "bf16", 17, 640), (8, "e8m0", 3, 96), (128, "bf16", 1, 1152),
-         (64, "e8m0", 33, 4096), (32, "e8m0up", 300, 5120), (16, "e8m0up", 5, 640)]
+         (64, "e8m0", 33, 4096), (32, "e8m0up", 300, 5120), (16, "e8m0up", 5, 640), (32, "e6m2", 300, 5120),
+         (16, "e6m2", 17, 640)]
 SPECS = ["outlier_int4", "outlier+fp4_e2m1/b32", "outlier+int4/b16/bf16/k32", "outlier+fp6_e3m2/b8"]
 
 

@@ -14,11 +14,20 @@ Scales:
 * E8M0-up (`e8m0up`): the same byte, with `s` rounded up by one where `amax > max_value * 2**s`,
   so that nothing saturates (the smallest power of two that fits, as DeepSeek-V3's UE8M0 scales
   and NVIDIA's MXFP8 recipe do); costs up to one binade of resolution for small values.
+* E6M2 (`e6m2`): an unsigned 8-bit float scale, 6 exponent bits (bias 32) and 2 mantissa bits,
+  byte `s` -> `2**((s >> 2) - 32) * (1 + (s & 3) / 4)`, 255 = NaN. `amax / max_value` (float32
+  IEEE quotient) is rounded to the nearest scale (ties to even), clamped to [2**-32, 1.5 * 2**31];
+  values the rounding puts above the largest code (by up to 12.5%) saturate, as with bf16. The
+  idea of NVFP4's E4M3 scales (a scale finer than a power of two: the block maximum lands within
+  12.5% of the largest code, not within 2x) without NVFP4's per-tensor second-level scale, which
+  would need a pass over the whole tensor before quantizing: 64 binades cover any partial sum
+  (blocks whose maximum is below 6e-10 * max_value / 6 quantize to zero). Quantizing uses
+  `inv = 1 / scale` as bf16 does.
 * bf16: `scale = bf16(amax / max_value)`, round to nearest even; the inverse used to quantize is
   the float32 IEEE quotient `1 / scale` (so `x * inv` is the only rounding before the element
   rounding). A zero (or underflowed) scale encodes the block as zeros.
 
-NaN/Inf policy: a block holding any NaN or +-Inf gets the NaN scale (E8M0 0xFF, bf16 0x7FC0) and
+NaN/Inf policy: a block holding any NaN or +-Inf gets the NaN scale (E8M0 / E6M2 0xFF, bf16 0x7FC0) and
 zero codes, and decodes to NaN across that block only. Other blocks, and other rows, are
 unaffected: a non-finite value never reaches another block's scale.
 """
@@ -33,6 +42,26 @@ from .spec import E8M0_SCALES, SCALE_BITS, BlockSpec
 
 E8M0_NAN = 0xFF
 BF16_NAN_BITS = 0x7FC0
+E6M2_NAN = 0xFF
+E6M2_BIAS = 32
+E6M2_MAX = 0xFE  # 1.5 * 2**31
+
+
+def e6m2_value(stored: torch.Tensor) -> torch.Tensor:
+    """E6M2 scale bytes (int32) -> float32 scales (NaN for 0xFF); every one a float32 normal."""
+    s = stored.to(torch.int32)
+    scale = torch.ldexp(1.0 + (s & 3).to(torch.float32) / 4, ((s >> 2) - E6M2_BIAS).to(torch.float32))
+    return torch.where(s == E6M2_NAN, float("nan"), scale)
+
+
+def e6m2_round(q: torch.Tensor) -> torch.Tensor:
+    """Non-negative finite float32 -> the E6M2 byte of the nearest scale (ties to even),
+    clamped to [0, E6M2_MAX] (a zero or tiny q gives byte 0, scale 2**-32)."""
+    bits = q.view(torch.int32)
+    near = (bits + 0xFFFFF + ((bits >> 21) & 1)) & ~0x1FFFFF  # mantissa to 2 bits; a carry bumps the exponent
+    e = (near >> 23) - 127 + E6M2_BIAS
+    s = (e << 2) | ((near >> 21) & 3)
+    return torch.where(e < 0, 0, torch.clamp(s, max=E6M2_MAX))
 
 
 class BlockCodec(Codec):
@@ -71,6 +100,10 @@ class BlockCodec(Codec):
             s = torch.where(amax > 0, s, -127)
             inv = torch.ldexp(torch.ones_like(amax), (-s).to(torch.float32))
             stored = torch.where(bad, E8M0_NAN, s + 127).to(torch.uint8).unsqueeze(-1)
+        elif self.spec.scale == "e6m2":
+            s = e6m2_round(amax / self.fmt.max_value)
+            inv = 1.0 / e6m2_value(s)
+            stored = torch.where(bad, E6M2_NAN, s).to(torch.uint8).unsqueeze(-1)
         else:
             scale = (amax / self.fmt.max_value).to(torch.bfloat16).to(torch.float32)
             inv = torch.where(scale > 0, 1.0 / scale, 0.0)
@@ -85,6 +118,8 @@ class BlockCodec(Codec):
             e = stored[..., 0].to(torch.int32)
             scale = torch.ldexp(torch.ones_like(e, dtype=torch.float32), (e - 127).to(torch.float32))
             return torch.where(e == E8M0_NAN, float("nan"), scale)
+        if self.spec.scale == "e6m2":
+            return e6m2_value(stored[..., 0])
         bits = stored[..., 0].to(torch.int32) | (stored[..., 1].to(torch.int32) << 8)
         bits = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)
         return bits.view(torch.bfloat16).to(torch.float32)

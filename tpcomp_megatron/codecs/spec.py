@@ -19,7 +19,7 @@ from typing import Union
 from .formats import FORMATS
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
-SCALE_BITS = {"e8m0": 8, "e8m0up": 8, "bf16": 16}
+SCALE_BITS = {"e8m0": 8, "e8m0up": 8, "e6m2": 8, "bf16": 16}
 E8M0_SCALES = ("e8m0", "e8m0up")
 OUTLIER_INT4 = "outlier_int4"
 HYBRID_PREFIX = "outlier+"
@@ -34,8 +34,8 @@ class BlockSpec:
     block: int = 32
     """Values per shared scale; one of `BLOCK_SIZES`."""
     scale: str = "e8m0"
-    """'e8m0' (power of two, OCP MX rule), 'e8m0up' (power of two rounded up: no saturation)
-    or 'bf16'."""
+    """'e8m0' (power of two, OCP MX rule), 'e8m0up' (power of two rounded up: no saturation),
+    'e6m2' (8-bit unsigned float, 2 mantissa bits) or 'bf16'."""
 
     def __post_init__(self) -> None:
         if self.element not in FORMATS:
@@ -85,7 +85,7 @@ CodecSpec = Union[BlockSpec, OutlierSpec]
 _VALID = (
     "'none', '<element>[/b<block>][/<scale>]' (elements: "
     + ", ".join(sorted(FORMATS))
-    + f"; blocks: {', '.join(map(str, BLOCK_SIZES))}; scales: e8m0, e8m0up, bf16), "
+    + f"; blocks: {', '.join(map(str, BLOCK_SIZES))}; scales: e8m0, e8m0up, e6m2, bf16), "
     "'outlier_int4[/k<N>]' or 'outlier+<block spec>[/k<N>]'"
 )
 
