@@ -88,7 +88,7 @@ def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> byte
             scales.append(bytes([s + 127]))
             scaled = [v * 2.0 ** (-s) for v in blk]
         elif scale == "e6m2":
-            s, sc = e6m2_nearest(float(np.float32(amax) / np.float32(g[-1])))
+            s, sc = e6m2_nearest(float(np.float32(amax) * np.float32(1.0 / g[-1])))
             scales.append(bytes([s]))
             inv = np.float32(1.0) / np.float32(sc)
             scaled = [float(np.float32(v) * inv) for v in blk]

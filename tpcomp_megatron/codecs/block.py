@@ -15,8 +15,9 @@ Scales:
   so that nothing saturates (the smallest power of two that fits, as DeepSeek-V3's UE8M0 scales
   and NVIDIA's MXFP8 recipe do); costs up to one binade of resolution for small values.
 * E6M2 (`e6m2`): an unsigned 8-bit float scale, 6 exponent bits (bias 32) and 2 mantissa bits,
-  byte `s` -> `2**((s >> 2) - 32) * (1 + (s & 3) / 4)`, 255 = NaN. `amax / max_value` (float32
-  IEEE quotient) is rounded to the nearest scale (ties to even), clamped to [2**-32, 1.5 * 2**31];
+  byte `s` -> `2**((s >> 2) - 32) * (1 + (s & 3) / 4)`, 255 = NaN. `amax * r` (float32, `r` the
+  float32 nearest 1 / max_value: a multiply, so kernels divide nothing per block) is rounded to
+  the nearest scale (ties to even), clamped to [2**-32, 1.5 * 2**31];
   values the rounding puts above the largest code (by up to 12.5%) saturate, as with bf16. The
   idea of NVFP4's E4M3 scales (a scale finer than a power of two: the block maximum lands within
   12.5% of the largest code, not within 2x) without NVFP4's per-tensor second-level scale, which
@@ -101,7 +102,7 @@ class BlockCodec(Codec):
             inv = torch.ldexp(torch.ones_like(amax), (-s).to(torch.float32))
             stored = torch.where(bad, E8M0_NAN, s + 127).to(torch.uint8).unsqueeze(-1)
         elif self.spec.scale == "e6m2":
-            s = e6m2_round(amax / self.fmt.max_value)
+            s = e6m2_round(amax * torch.tensor(1.0 / self.fmt.max_value, dtype=torch.float32))
             inv = 1.0 / e6m2_value(s)
             stored = torch.where(bad, E6M2_NAN, s).to(torch.uint8).unsqueeze(-1)
         else:
