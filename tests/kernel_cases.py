@@ -139,5 +139,25 @@ BLOCK_CASES = [  # (block, scale, rows, hidden)
 ]
 
 
+def e6m2_boundary_rows(codec, gen: torch.Generator) -> torch.Tensor:
+    """One block a row (block 8), maxima whose product with fp32(1 / max_value) lands on or beside
+    a rounding tie of the 2-bit scale mantissa (1.125, 1.375, 1.625, 1.875: even mantissa wins,
+    1.875 carries into the exponent), at the bottom of the range (2**-32, below it, subnormal,
+    zero) and past the top; the other values of a row anywhere below its maximum."""
+    rcp = torch.tensor(1.0 / codec.fmt.max_value, dtype=torch.float32)
+    maxima = []
+    for q in (1.0, 1.125, 1.375, 1.625, 1.875):
+        for e in (-33, -32, -1, 0, 7, 31, 32):
+            up = down = torch.tensor(q * 2.0**e, dtype=torch.float32) / rcp
+            maxima.append(up)
+            for _ in range(3):  # 3 floats either side: one of them hits q * 2**e or straddles it
+                up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(0.0))
+                maxima += [up, down]
+    maxima = torch.stack(maxima + [torch.tensor(3.0e38), torch.tensor(1e-45), torch.tensor(0.0)])
+    rows = torch.rand(len(maxima), 8, generator=gen) * 0.9 * maxima[:, None]
+    rows[:, 5] = maxima * torch.where(torch.rand(len(maxima), generator=gen) < 0.5, -1.0, 1.0)
+    return rows
+
+
 def block_codec(element: str, block: int, scale: str):
     return make_codec(f"{element}/b{block}/{scale}")

@@ -46,7 +46,7 @@ if not K.INTERPRETED:
     pytest.skip("tpcomp_megatron.kernels was imported compiled before this module (run it in its own "
                 "process; tests/gpu/ covers the compiled kernels)", allow_module_level=True)
 
-from kernel_cases import (BLOCK_CASES, block_codec, check_all_ops, hard_input,  # noqa: E402
+from kernel_cases import (BLOCK_CASES, block_codec, check_all_ops, e6m2_boundary_rows, hard_input,  # noqa: E402
                           outlier_input, outlier_params, same)
 
 from tpcomp_megatron.codecs import FORMATS, REDUCED, make_codec, parse_codec_spec  # noqa: E402
@@ -219,23 +219,8 @@ def test_e8m0up_boundaries(element):
 
 @pytest.mark.parametrize("element", ["fp4_e2m1", "int8", "fp6_e3m2"])
 def test_e6m2_boundaries(element):
-    """Block maxima whose product with fp32(1 / max_value) lands on or beside a rounding tie of
-    the 2-bit scale mantissa (1.125, 1.375, 1.625, 1.875: even mantissa wins, 1.875 carries into
-    the exponent), at the bottom of the range (2**-32, below it, subnormal, zero) and past the
-    top: kernel and reference pick the same scale byte and codes."""
+    """Scale rounding ties, range ends, subnormal and zero maxima (kernel_cases.e6m2_boundary_rows):
+    kernel and reference pick the same scale byte and codes."""
     codec = block_codec(element, 8, "e6m2")
-    rcp = torch.tensor(1.0 / codec.fmt.max_value, dtype=torch.float32)
-    maxima = []
-    for q in (1.0, 1.125, 1.375, 1.625, 1.875):
-        for e in (-33, -32, -1, 0, 7, 31, 32):
-            up = down = torch.tensor(q * 2.0**e, dtype=torch.float32) / rcp
-            maxima.append(up)
-            for _ in range(3):  # 3 floats either side: one of them hits q * 2**e or straddles it
-                up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(0.0))
-                maxima += [up, down]
-    maxima += [torch.tensor(3.0e38), torch.tensor(1e-45), torch.tensor(0.0)]
-    gen = _gen("e6m2", element)
-    rows = torch.rand(len(maxima), 8, generator=gen) * 0.9
-    rows = rows * torch.stack(maxima)[:, None]
-    rows[:, 5] = torch.stack(maxima) * torch.where(torch.rand(len(maxima), generator=gen) < 0.5, -1.0, 1.0)
+    rows = e6m2_boundary_rows(codec, _gen("e6m2", element))
     assert same(K.encode(codec, rows, source=0), codec.encode(rows, source=0))

@@ -22,7 +22,7 @@ from tpcomp_megatron import kernels as K  # noqa: E402
 if K.INTERPRETED:
     pytest.skip("kernels were built for the interpreter in this process", allow_module_level=True)
 
-from kernel_cases import (block_codec, check_all_ops, hard_input, outlier_input,  # noqa: E402
+from kernel_cases import (block_codec, check_all_ops, e6m2_boundary_rows, hard_input, outlier_input,  # noqa: E402
                           outlier_params, same)
 
 from tpcomp_megatron.codecs import FORMATS, REDUCED, make_codec, parse_codec_spec  # noqa: E402
@@ -45,6 +45,13 @@ def test_block_codec_cuda(element, case):
     n = 2 + case % 3
     xs = [hard_input(rows, hidden, block, torch.bfloat16, gen, fmt=element) for _ in range(n)]
     check_all_ops(K, block_codec(element, block, scale), xs, hidden, "cuda", (torch.bfloat16, torch.float32))
+
+
+@pytest.mark.parametrize("element", sorted(FORMATS))
+def test_e6m2_boundaries_cuda(element):
+    codec = block_codec(element, 8, "e6m2")
+    rows = e6m2_boundary_rows(codec, _gen("e6m2", element))
+    assert same(K.encode(codec, rows.cuda(), source=0).cpu(), codec.encode(rows, source=0))
 
 
 @pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e8m0", "int4/b32/e8m0", "int8/b16/bf16", "fp6_e2m3/b64/bf16"])
