@@ -42,7 +42,7 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
     amax = tl.where(bad, 0.0, _from_bits(amax_bits))  # a non-finite value never reaches a scale
     stored, inv = _encode_scales(amax, bad, SCALE, EMAX, MAXV, UP_MANT)
     codes = _value_to_code(x3 * inv[:, :, None], BITS, EBITS, MBITS, 1 - BIAS,
-                           (1 << EBITS) - 1 - BIAS, MAX_CODE, SCALE == SCALE_E8M0)
+                           (1 << EBITS) - 1 - BIAS, MAX_CODE, SCALE != SCALE_BF16, SCALE == SCALE_E8M0)
     codes = tl.where(bad[:, :, None], 0, codes)
     _store_codes(out_ptr, row_off, row_mask, col0, hidden, tl.reshape(codes, [R, T]), R, T, BITS)
     _store_scales(out_ptr, row_off, row_mask, col0, hidden, data_bytes, stored, R, T, B,

@@ -87,18 +87,19 @@ def _with_sign(val, negative):
 @triton.jit
 def _value_to_code(v, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
                    EMIN: tl.constexpr, EMAXE: tl.constexpr, MAX_CODE: tl.constexpr,
-                   BOUNDED: tl.constexpr):
+                   FINITE: tl.constexpr, BOUNDED: tl.constexpr):
     """Scaled float32 value -> sign-magnitude code (int32), as `ElementFormat.value_to_code`.
 
     Float formats: e = clamp(floor(log2|v|), EMIN, EMAXE) (EMAXE: exponent of the top binade;
     capping there changes nothing, every larger value saturates anyway, but keeps the scaled
     value small enough for the rounding trick), q = rne(|v| * 2**(m - e)), code = (e - EMIN)
     * 2**m + q capped at MAX_CODE. NaN -> +0 (the reference's nan_to_num), +-Inf -> +-MAX_CODE.
-    BOUNDED (E8M0 scales): |v| < 2**(emax + 1) is known, so the NaN guard and the cap before the
-    rounding trick are skipped (the values of non-finite blocks are discarded by the caller).
+    FINITE (E8M0, E6M2 scales: a finite inverse, and the caller discards the codes of non-finite
+    blocks): the NaN guard is skipped. BOUNDED (E8M0): |v| < 2**(emax + 1) is known, so is the cap
+    before the rounding trick (E6M2 needs it: a block past the top of its range saturates).
     """
     a = tl.abs(v)
-    if not BOUNDED:
+    if not FINITE:
         a = tl.where(v != v, 0.0, a)
     if EBITS == 0:
         if not BOUNDED:
