@@ -24,6 +24,9 @@ from .tables import tile_slots
 from .pack import _load_bf16_slots, _load_codes, _store_bf16_slots, _store_codes
 
 LEVELS = tl.constexpr(15.0)
+# The static kernels keep the larger tiles they were tuned with (the per-source table chunks are
+# re-read per program); the block kernels' smaller default was measured on block codecs only.
+STATIC_TILE_ELEMS = 8192
 
 
 @triton.jit
@@ -170,7 +173,7 @@ def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr,
 def _tiles(rows: int, hidden: int, on_gpu: bool) -> Tiles:
     """Column chunks as for the block codecs; rows per program few enough to give every SM a
     few programs (the per-source table chunks are re-read per program, from cache)."""
-    t = choose_tiles(rows, hidden, 2, on_gpu)
+    t = choose_tiles(rows, hidden, 2, on_gpu, elems=STATIC_TILE_ELEMS)
     if not on_gpu:
         return Tiles(max(1, min(t.rows, CPU_TILE_ELEMS // t.cols)), t.cols, 4)
     r = 1
@@ -209,7 +212,7 @@ def launch_static_decode(payloads, out, *, hidden: int, lo, step, lo_out, inv, s
         t = tiles or _tiles(rows, hidden, payloads.is_cuda)
         chunks, grid = triton.cdiv(hidden, t.cols), (triton.cdiv(rows, t.rows), 1, 1)
     else:
-        t = tiles or choose_tiles(rows, hidden, 2, payloads.is_cuda)
+        t = tiles or choose_tiles(rows, hidden, 2, payloads.is_cuda, elems=STATIC_TILE_ELEMS)
         chunks, grid = 1, (triton.cdiv(rows, t.rows), triton.cdiv(hidden, t.cols), n if each else 1)
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
     _static_decode_kernel[grid](
