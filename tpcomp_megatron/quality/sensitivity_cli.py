@@ -1,6 +1,6 @@
 """`tpcomp-sensitivity`: rank the row-parallel reductions by sensitivity, evaluate mixed plans.
 
-    tpcomp-sensitivity --model smollm2-135m --tp 8 --low fp4_e2m1/b32/e8m0up --high fp8_e4m3/b32/e8m0up \\
+    tpcomp-sensitivity --model smollm2-135m --tp 8 --low fp4_e2m1/b32/e6m2 --high fp6_e2m3/b32/e6m2 \\
         --promote 0 2 4 --calib-text sotu-1901 --text moby-dick --windows 8 --out quality.jsonl
 
 Ranks the layers on the calibration text (`sensitivity.layer_sensitivity`, simulated TP), writes
@@ -27,9 +27,9 @@ from .records import append_records, default_results_path, environment, quality_
 class SensitivityConfig:
     model: str
     tp: int = 8
-    low: str = "fp4_e2m1/b32/e8m0up"
+    low: str = "fp4_e2m1/b32/e6m2"
     """Codec of every layer not promoted (a block codec: no calibration needed)."""
-    high: str = "fp8_e4m3/b32/e8m0up"
+    high: str = "fp6_e2m3/b32/e6m2"
     """Codec of the promoted layers."""
     promote: tuple[int, ...] = (0, 2, 4)
     calib_text: str = "sotu-1901"
@@ -49,7 +49,7 @@ class SensitivityConfig:
             raise ValueError(f"--tp must be an integer >= 2 (TP=1 communicates nothing), got {self.tp!r}")
         for name in ("low", "high"):
             if not isinstance(parse_codec_spec(getattr(self, name)), BlockSpec):
-                raise ValueError(f"--{name} {getattr(self, name)!r}: a block codec spec is required, e.g. fp4_e2m1/b32/e8m0up")
+                raise ValueError(f"--{name} {getattr(self, name)!r}: a block codec spec is required, e.g. fp4_e2m1/b32/e6m2")
         if any(k < 0 for k in self.promote) or not self.promote:
             raise ValueError(f"--promote: one or more layer counts >= 0, got {list(self.promote)}")
         if self.calib_text == self.text:
@@ -114,8 +114,8 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap = argparse.ArgumentParser(prog="tpcomp-sensitivity", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m or a Hugging Face folder")
     ap.add_argument("--tp", type=int, default=8)
-    ap.add_argument("--low", default="fp4_e2m1/b32/e8m0up")
-    ap.add_argument("--high", default="fp8_e4m3/b32/e8m0up")
+    ap.add_argument("--low", default="fp4_e2m1/b32/e6m2")
+    ap.add_argument("--high", default="fp6_e2m3/b32/e6m2")
     ap.add_argument("--promote", type=int, nargs="+", default=[0, 2, 4])
     ap.add_argument("--calib-text", default="sotu-1901")
     ap.add_argument("--calib-windows", type=int, default=2)

@@ -34,6 +34,8 @@ DEFAULT_SWEEP = (
     "fp6_e2m3/b32/e8m0", "fp6_e2m3/b16/e8m0", "fp8_e4m3/b32/e8m0", "int8/b32/bf16",
     # power-of-two scales rounded up (no saturation of the block maximum)
     "fp4_e2m1/b32/e8m0up", "fp4_e2m1/b16/e8m0up", "fp4_e2m1/b8/e8m0up", "int4/b32/e8m0up", "fp8_e4m3/b32/e8m0up",
+    # 8-bit scales with 2 mantissa bits: bf16-scale accuracy at E8M0's bits
+    "fp4_e2m1/b32/e6m2", "fp4_e2m1/b16/e6m2", "int4/b32/e6m2", "fp5_e2m2/b32/e6m2", "fp6_e2m3/b32/e6m2",
     # static outlier channels (arXiv 2411.07942): the paper's rule and the alternatives
     "outlier_int4/k64:rule=range_sum", "outlier_int4/k64:rule=absmax_max",
     "outlier_int4/k64:rule=range_sq_sum", "outlier_int4/k16:rule=range_sq_sum",
@@ -51,7 +53,7 @@ TWO_SHOT_SWEEP = (
 )
 SMALL_SWEEP = (
     "fp4_e2m1/b32/e8m0", "fp4_e2m1/b16/e8m0", "fp4_e2m1/b8/e8m0", "int4/b32/bf16", "fp5_e2m2/b32/e8m0",
-    "fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0", "fp4_e2m1/b32/e8m0up", "outlier_int4/k64:rule=range_sum",
+    "fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0", "fp4_e2m1/b32/e8m0up", "fp4_e2m1/b32/e6m2", "outlier_int4/k64:rule=range_sum",
     "outlier_int4/k64:rule=range_sq_sum", "outlier+fp4_e2m1/b32/e8m0/k64:rule=range_sq_sum",
     "rot64+fp4_e2m1/b32/e8m0", "rot64+fp5_e2m2/b32/e8m0",
 )
