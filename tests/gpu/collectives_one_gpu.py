@@ -21,7 +21,7 @@ from tpcomp_megatron.calibration import OutlierParams, select_outlier_channels
 from tpcomp_megatron.codecs import make_codec
 from tpcomp_megatron.comm import CompressedComm, GatePolicy
 
-SPECS = ["fp4_e2m1/b32/e8m0", "int4/b16/bf16", "fp6_e2m3/b32/e8m0", "outlier_int4/k64", "outlier+fp4_e2m1/b32/e8m0/k64"]
+SPECS = ["fp4_e2m1/b32/e8m0", "fp4_e2m1/b32/e6m2", "int4/b16/bf16", "fp6_e2m3/b32/e8m0", "outlier_int4/k64", "outlier+fp4_e2m1/b32/e8m0/k64"]
 
 
 def main() -> int:
