@@ -321,6 +321,34 @@ def test_sensitivity_config_rejects_bad_input():
         SensitivityConfig(model="m", tp=1)
     with pytest.raises(ValueError, match="--promote"):
         SensitivityConfig(model="m", promote=(-1,))
+    with pytest.raises(ValueError, match="--budget"):
+        SensitivityConfig(model="m", budget=0.0)
+    with pytest.raises(ValueError, match="block codec"):
+        SensitivityConfig(model="m", high=("fp6_e2m3/b32", "outlier_int4/k64"))
+    assert SensitivityConfig(model="m", high="fp8_e4m3").high == ("fp8_e4m3",)
+
+
+def test_budget_plans():
+    """The budget's k is the largest whose plan mean is within it (fresh sensitivities, so the
+    order is not the layer order); --promote and budget plans per --high codec, k = 0 once."""
+    from tpcomp_megatron.quality.sensitivity import budget_promotions, mixed_codecs, plan_bits
+    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, _promotions, parse_args
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    sens = {f"l{i}": float(v) for i, v in enumerate(torch.rand(10, generator=gen))}
+    low, fp6, fp8 = (make_codec(s) for s in ("fp4_e2m1/b32/e8m0", "fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0"))
+    for budget in (4.0, 4.25, 4.5, 4.65, 5.0, 9.0):
+        for high in (fp6, fp8):
+            k = budget_promotions(sens, low, high, 64, budget)
+            brute = max([j for j in range(11) if plan_bits(mixed_codecs(sens, low, high, j), 64) <= budget + 1e-9],
+                        default=0)
+            assert k == brute, (budget, str(high.spec))
+    assert budget_promotions(sens, low, fp8, 64, 4.65) == 1 and budget_promotions(sens, low, fp6, 64, 4.65) == 2
+    cfg = SensitivityConfig(model="m", high=("fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0"), promote=(0, 2), budget=4.65)
+    got = [(str(h.spec), k) for h, k in _promotions(cfg, sens, low, [fp6, fp8], 64)]
+    assert got == [("fp6_e2m3/b32/e8m0", 0), ("fp6_e2m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 1)]
+    a = parse_args(["--model", "m", "--budget", "4.5", "--high", "fp5_e2m2/b32/e6m2", "fp6_e2m3/b32/e6m2"])
+    assert a.promote == (0,) and a.budget == 4.5 and len(a.high) == 2
 
 
 def test_checkpoint_cache_folder_is_created(tiny):

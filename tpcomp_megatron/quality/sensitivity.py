@@ -48,3 +48,12 @@ def plan_bits(plan: Mapping[str, Codec], hidden: int) -> float:
     if not plan:
         raise ValueError("empty plan")
     return sum(c.bits_per_value(hidden) for c in plan.values()) / len(plan)
+
+
+def budget_promotions(sensitivity: Mapping[str, float], low: Codec, high: Codec, hidden: int, budget: float) -> int:
+    """The largest k whose plan (`high` on the k most sensitive layers) averages <= `budget` bits
+    per value; 0 if even the uniform `low` plan is over the budget (then nothing fits)."""
+    k = len(sensitivity)
+    while k > 0 and plan_bits(mixed_codecs(sensitivity, low, high, k), hidden) > budget + 1e-9:
+        k -= 1
+    return k

@@ -4,10 +4,14 @@
         --promote 0 2 4 --calib-text sotu-1901 --text moby-dick --windows 8 --out quality.jsonl
 
 Ranks the layers on the calibration text (`sensitivity.layer_sensitivity`, simulated TP), writes
-the ranking (`--ranking`, JSON), then evaluates on the evaluation text, for each k of `--promote`,
-the plan with the k most sensitive layers on `--high` and the rest on `--low`: perplexity, top-1
-agreement and KL against the uncompressed model, one quality record per plan (RESULTS.md fields
-plus `plan_low`, `plan_high`, `layers_high`, `ranking_text`).
+the ranking (`--ranking`, JSON), then evaluates on the evaluation text, for each `--high` codec and
+each k of `--promote`, the plan with the k most sensitive layers on that codec and the rest on
+`--low`: perplexity, top-1 agreement and KL against the uncompressed model, one quality record per
+plan (RESULTS.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_text`). With
+`--budget BITS`, each `--high` codec also gets the plan with as many layers as fit the budget:
+
+    tpcomp-sensitivity --model smollm2-135m --tp 8 --budget 4.5 \
+        --high fp5_e2m2/b32/e6m2 fp6_e2m3/b32/e6m2 fp8_e4m3/b32/e8m0up --ranking-in ranking.json
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ class SensitivityConfig:
     tp: int = 8
     low: str = "fp4_e2m1/b32/e6m2"
     """Codec of every layer not promoted (a block codec: no calibration needed)."""
-    high: str = "fp6_e2m3/b32/e6m2"
-    """Codec of the promoted layers."""
+    high: tuple[str, ...] = ("fp6_e2m3/b32/e6m2",)
+    """Codecs of the promoted layers: every plan is evaluated with each (a single string is one)."""
     promote: tuple[int, ...] = (0, 2, 4)
+    """Numbers of layers promoted (0: the uniform --low plan)."""
+    budget: float | None = None
+    """Bits per value: each --high codec also gets the plan with the most layers within it."""
     calib_text: str = "sotu-1901"
     """Text the layers are ranked on (never the evaluation text)."""
     calib_windows: int = 2
@@ -45,13 +52,19 @@ class SensitivityConfig:
     """A ranking written by an earlier run (same model, TP size and --low codec): reused, not recomputed."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.high, str):
+            object.__setattr__(self, "high", (self.high,))
         if not isinstance(self.tp, int) or self.tp < 2:
             raise ValueError(f"--tp must be an integer >= 2 (TP=1 communicates nothing), got {self.tp!r}")
-        for name in ("low", "high"):
-            if not isinstance(parse_codec_spec(getattr(self, name)), BlockSpec):
-                raise ValueError(f"--{name} {getattr(self, name)!r}: a block codec spec is required, e.g. fp4_e2m1/b32/e6m2")
+        if not self.high:
+            raise ValueError("--high: at least one codec")
+        for name, spec in [("low", self.low)] + [("high", h) for h in self.high]:
+            if not isinstance(parse_codec_spec(spec), BlockSpec):
+                raise ValueError(f"--{name} {spec!r}: a block codec spec is required, e.g. fp4_e2m1/b32/e6m2")
         if any(k < 0 for k in self.promote) or not self.promote:
             raise ValueError(f"--promote: one or more layer counts >= 0, got {list(self.promote)}")
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError(f"--budget must be a positive number of bits per value, got {self.budget!r}")
         if self.calib_text == self.text:
             raise ValueError("ranking on the evaluation text would select layers on the test set: use another --calib-text")
         if min(self.calib_windows, self.windows, self.threads) < 1 or self.seq_len < 2:
@@ -68,9 +81,7 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     torch.set_num_threads(cfg.threads)
     model, tok, model_id = load_model(cfg.model)
     sim = SimulatedTP(model)
-    if max(cfg.promote) > len(sim.layers):
-        raise ValueError(f"--promote {max(cfg.promote)}: the model has {len(sim.layers)} row-parallel layers")
-    low, high = make_codec(cfg.low), make_codec(cfg.high)
+    low, highs = make_codec(cfg.low), [make_codec(h) for h in cfg.high]
     if cfg.ranking_in:
         ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=str(low.spec), layers=list(sim.layers))
         sens, ranking_text = ranking["kl"], ranking["text"]
@@ -82,11 +93,12 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     if cfg.ranking:
         Path(cfg.ranking).write_text(json.dumps(ranking, indent=1) + "\n")
     windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows)
-    plans = [mixed_codecs(sens, low, high, k) for k in cfg.promote]
+    chosen = _promotions(cfg, sens, low, highs, sim.hidden)
+    plans = [mixed_codecs(sens, low, high, k) for high, k in chosen]
     base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan) for plan in plans])
     env = environment()
     records = []
-    for k, plan, tot in zip(cfg.promote, plans, totals):
+    for (high, k), plan, tot in zip(chosen, plans, totals):
         label = str(low.spec) if k == 0 else f"{low.spec} + {k} layers {high.spec}"
         records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=base,
                                       world_size=cfg.tp, simulated=True, codec=label, bits=plan_bits(plan, sim.hidden),
@@ -97,6 +109,25 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
             f"top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
     append_records(Path(cfg.out) if cfg.out else default_results_path(model_id), records)
     return records
+
+
+def _promotions(cfg: SensitivityConfig, sens, low, highs, hidden: int) -> list[tuple]:
+    """(high codec, k) of every plan: each --promote k with each --high codec, plus the budget's k
+    per codec; the uniform --low plan (k = 0, whatever the codec) once; no plan twice."""
+    from .sensitivity import budget_promotions
+
+    chosen = []
+    for high in highs:
+        ks = list(cfg.promote)
+        if cfg.budget is not None:
+            ks.append(budget_promotions(sens, low, high, hidden, cfg.budget))
+        for k in ks:
+            if k > len(sens):
+                raise ValueError(f"--promote {k}: the model has {len(sens)} row-parallel layers")
+            plan = (highs[0], 0) if k == 0 else (high, k)
+            if plan not in chosen:
+                chosen.append(plan)
+    return chosen
 
 
 def _read_ranking(path: str, *, model: str, tp: int, codec: str, layers: list[str]) -> dict:
@@ -115,8 +146,9 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m or a Hugging Face folder")
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--low", default="fp4_e2m1/b32/e6m2")
-    ap.add_argument("--high", default="fp6_e2m3/b32/e6m2")
-    ap.add_argument("--promote", type=int, nargs="+", default=[0, 2, 4])
+    ap.add_argument("--high", nargs="+", default=["fp6_e2m3/b32/e6m2"], help="codec(s) of the promoted layers")
+    ap.add_argument("--promote", type=int, nargs="+", help="layer counts to promote (default 0 2 4; with --budget: 0)")
+    ap.add_argument("--budget", type=float, help="bits per value: per --high codec, also the plan with the most layers within it")
     ap.add_argument("--calib-text", default="sotu-1901")
     ap.add_argument("--calib-windows", type=int, default=2)
     ap.add_argument("--text", default="moby-dick")
@@ -127,7 +159,8 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--ranking", help="write the per-layer ranking (JSON) here")
     ap.add_argument("--ranking-in", help="reuse the ranking of an earlier run (same model, --tp, --low)")
     a = ap.parse_args(argv)
-    return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=a.high, promote=tuple(a.promote),
+    promote = tuple(a.promote) if a.promote is not None else (0,) if a.budget is not None else (0, 2, 4)
+    return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
                              seq_len=a.seq_len, threads=a.threads, out=a.out, ranking=a.ranking,
                              ranking_in=a.ranking_in)
