@@ -348,7 +348,9 @@ def test_budget_plans():
     got = [(str(h.spec), k) for h, k in _promotions(cfg, sens, low, [fp6, fp8], 64)]
     assert got == [("fp6_e2m3/b32/e8m0", 0), ("fp6_e2m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 1)]
     a = parse_args(["--model", "m", "--budget", "4.5", "--high", "fp5_e2m2/b32/e6m2", "fp6_e2m3/b32/e6m2"])
-    assert a.promote == (0,) and a.budget == 4.5 and len(a.high) == 2
+    assert a.promote == () and a.budget == 4.5 and len(a.high) == 2
+    with pytest.raises(ValueError, match="--promote"):
+        SensitivityConfig(model="m", promote=())
 
 
 def test_checkpoint_cache_folder_is_created(tiny):

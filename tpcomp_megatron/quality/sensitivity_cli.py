@@ -61,8 +61,8 @@ class SensitivityConfig:
         for name, spec in [("low", self.low)] + [("high", h) for h in self.high]:
             if not isinstance(parse_codec_spec(spec), BlockSpec):
                 raise ValueError(f"--{name} {spec!r}: a block codec spec is required, e.g. fp4_e2m1/b32/e6m2")
-        if any(k < 0 for k in self.promote) or not self.promote:
-            raise ValueError(f"--promote: one or more layer counts >= 0, got {list(self.promote)}")
+        if any(k < 0 for k in self.promote) or not (self.promote or self.budget is not None):
+            raise ValueError(f"--promote: one or more layer counts >= 0 (or a --budget), got {list(self.promote)}")
         if self.budget is not None and not self.budget > 0:
             raise ValueError(f"--budget must be a positive number of bits per value, got {self.budget!r}")
         if self.calib_text == self.text:
@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--low", default="fp4_e2m1/b32/e6m2")
     ap.add_argument("--high", nargs="+", default=["fp6_e2m3/b32/e6m2"], help="codec(s) of the promoted layers")
-    ap.add_argument("--promote", type=int, nargs="+", help="layer counts to promote (default 0 2 4; with --budget: 0)")
+    ap.add_argument("--promote", type=int, nargs="+", help="layer counts to promote (default 0 2 4; with --budget: none)")
     ap.add_argument("--budget", type=float, help="bits per value: per --high codec, also the plan with the most layers within it")
     ap.add_argument("--calib-text", default="sotu-1901")
     ap.add_argument("--calib-windows", type=int, default=2)
@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--ranking", help="write the per-layer ranking (JSON) here")
     ap.add_argument("--ranking-in", help="reuse the ranking of an earlier run (same model, --tp, --low)")
     a = ap.parse_args(argv)
-    promote = tuple(a.promote) if a.promote is not None else (0,) if a.budget is not None else (0, 2, 4)
+    promote = tuple(a.promote) if a.promote is not None else () if a.budget is not None else (0, 2, 4)
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
                              seq_len=a.seq_len, threads=a.threads, out=a.out, ranking=a.ranking,
