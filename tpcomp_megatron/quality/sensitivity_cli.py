@@ -1,6 +1,6 @@
 """`tpcomp-sensitivity`: rank the row-parallel reductions by sensitivity, evaluate mixed plans.
 
-    tpcomp-sensitivity --model smollm2-135m --tp 8 --low fp4_e2m1/b32/e6m2 --high fp6_e2m3/b32/e6m2 \\
+    tpcomp-sensitivity --model smollm2-135m --tp 8 --low fp4_e2m1/b32/e6m2 --high fp6_e2m3/b32/e8m0 \\
         --promote 0 2 4 --calib-text sotu-1901 --text moby-dick --windows 8 --out quality.jsonl
 
 Ranks the layers on the calibration text (`sensitivity.layer_sensitivity`, simulated TP), writes
@@ -33,7 +33,7 @@ class SensitivityConfig:
     tp: int = 8
     low: str = "fp4_e2m1/b32/e6m2"
     """Codec of every layer not promoted (a block codec: no calibration needed)."""
-    high: tuple[str, ...] = ("fp6_e2m3/b32/e6m2",)
+    high: tuple[str, ...] = ("fp6_e2m3/b32/e8m0",)
     """Codecs of the promoted layers: every plan is evaluated with each (a single string is one)."""
     promote: tuple[int, ...] = (0, 2, 4)
     """Numbers of layers promoted (0: the uniform --low plan)."""
@@ -146,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m or a Hugging Face folder")
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--low", default="fp4_e2m1/b32/e6m2")
-    ap.add_argument("--high", nargs="+", default=["fp6_e2m3/b32/e6m2"], help="codec(s) of the promoted layers")
+    ap.add_argument("--high", nargs="+", default=["fp6_e2m3/b32/e8m0"], help="codec(s) of the promoted layers")
     ap.add_argument("--promote", type=int, nargs="+", help="layer counts to promote (default 0 2 4; with --budget: none)")
     ap.add_argument("--budget", type=float, help="bits per value: per --high codec, also the plan with the most layers within it")
     ap.add_argument("--calib-text", default="sotu-1901")
