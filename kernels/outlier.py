@@ -152,7 +152,8 @@ def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr,
             inv = tl.load(inv_ptr + out_table_off + c, mask=cm, other=0.0, eviction_policy="evict_last")
             # inv is 0 on outlier channels: their codes are 0 whatever `acc` holds there
             _store_codes(out_ptr, row_off, row_mask, col0, hidden, _static_code(acc, lo, inv), R, T, 4, True)
-            is_o = tl.load(slot_ptr + c, mask=cm, other=-1, eviction_policy="evict_last") >= 0
+            is_o = tl.load(slot_ptr + tl.max_contiguous(c, [1, 4]), mask=cm, other=-1,
+                           eviction_policy="evict_last") >= 0  # 4 lanes, as the float32 tables
             bad_out = bad_out | _nonfinite_any(acc, m & ~is_o)
         else:
             # 4 lanes per access, as the tables (a wider store would convert acc's layout first)
