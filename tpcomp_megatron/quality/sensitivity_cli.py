@@ -10,8 +10,8 @@ each k of `--promote`, the plan with the k most sensitive layers on that codec a
 plan (RESULTS.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_text`). With
 `--budget BITS`, each `--high` codec also gets the plan with as many layers as fit the budget:
 
-    tpcomp-sensitivity --model smollm2-135m --tp 8 --budget 4.5 \
-        --high fp5_e2m2/b32/e6m2 fp6_e2m3/b32/e6m2 fp8_e4m3/b32/e8m0up --ranking-in ranking.json
+    tpcomp-sensitivity --model smollm2-135m --tp 8 --budget 4.5 \\
+        --high fp5_e2m2/b32/e6m2 fp6_e2m3/b32/e8m0 fp8_e4m3/b32/e8m0up --ranking-in ranking.json
 """
 
 from __future__ import annotations
