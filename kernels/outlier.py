@@ -171,16 +171,22 @@ def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr,
 
 
 # -- launchers --------------------------------------------------------------------------------
-def _tiles(rows: int, hidden: int, on_gpu: bool) -> Tiles:
-    """Whole-row programs (encode, decode_sum_encode): one row per program, walked in chunks of
-    up to 2048 columns on 8 warps. H100 sweep (kernels_tune_h100_2026-11-23-run3.jsonl): static
-    encode 0.57 / 0.67 of copy at 8 / 64 MB, against 0.46 / 0.60 for the earlier policy (up to
-    8 rows of 1024-column chunks), whose 108-register programs ran at 25% occupancy."""
-    t = choose_tiles(rows, hidden, 2, on_gpu, max_t=2048, elems=2048)
+def _tiles(rows: int, hidden: int, on_gpu: bool, *, encode: bool) -> Tiles:
+    """Whole-row programs, walked in column chunks. Encode: one row per program, chunks of up to
+    2048 columns on 8 warps. H100 (kernels_tune_h100_2026-11-23-run3.jsonl, -run6.md): 0.54-0.72
+    of copy from 8 MB, where the earlier policy gave 0.46-0.63; its 108-register programs ran at
+    25% occupancy. decode_sum_encode keeps that earlier policy, 1024-column chunks on up to 8 rows,
+    because the encode's tile cost it 0.15-0.20 -> 0.13-0.14."""
+    t = choose_tiles(rows, hidden, 2, on_gpu, elems=STATIC_TILE_ELEMS)
     if not on_gpu:
-        t = choose_tiles(rows, hidden, 2, on_gpu)
         return Tiles(max(1, min(t.rows, CPU_TILE_ELEMS // t.cols)), t.cols, 4)
-    return Tiles(1, t.cols, 8 if t.cols >= 2048 else 4)
+    if encode:
+        t = choose_tiles(rows, hidden, 2, on_gpu, max_t=2048, elems=2048)
+        return Tiles(1, t.cols, 8 if t.cols >= 2048 else 4)
+    r = 1
+    while r * 2 <= t.rows and rows // (r * 2) >= 512:
+        r *= 2
+    return Tiles(r, t.cols, 8 if r * t.cols >= 8192 else 4)
 
 
 def _kp(k: int) -> int:
@@ -191,7 +197,7 @@ def launch_static_encode(x, out, *, lo, inv, chan, src_row: int, tiles: Tiles | 
     rows, hidden = x.shape
     if rows == 0:
         return
-    t = tiles or _tiles(rows, hidden, x.is_cuda)
+    t = tiles or _tiles(rows, hidden, x.is_cuda, encode=True)
     _static_encode_kernel[(triton.cdiv(rows, t.rows),)](
         x, out, lo, inv, chan, rows, hidden, out.shape[1], chan.numel(), hidden // 2, src_row * hidden,
         IN_BF16=x.dtype == torch.bfloat16, EVEN=slots_even(out, hidden // 2), I64=needs_int64(x.numel(), out.numel()),
@@ -210,7 +216,7 @@ def launch_static_decode(payloads, out, *, hidden: int, lo, step, lo_out, inv, s
     k = chan.numel()
     encode = out.dtype == torch.uint8
     if encode:  # whole rows per program
-        t = tiles or _tiles(rows, hidden, payloads.is_cuda)
+        t = tiles or _tiles(rows, hidden, payloads.is_cuda, encode=False)
         chunks, grid = triton.cdiv(hidden, t.cols), (triton.cdiv(rows, t.rows), 1, 1)
     else:
         t = tiles or choose_tiles(rows, hidden, 2, payloads.is_cuda, elems=STATIC_TILE_ELEMS)
