@@ -4,11 +4,13 @@ Tile policy. A tile is `R` rows x `T` columns, about `GPU_TILE_ELEMS` elements, 
 of a row per program, with one warp per 1024 elements (32 per thread). `T` is the power of two
 (at least `unit`, at most `GPU_MAX_T`) that pads the row least (ties: the larger); a row whose
 length is not a power of two gets exact tiles where some power of two divides it (5120 -> 1024,
-576 -> 64). Measured on H100 (benchmarks/results/kernels_tune_h100_2026-11-23*.jsonl): 2048-element
-tiles on 2 warps match or beat 8192 on 8 warps at every size from 8 to 128 MB (FP4 encode 0.68 vs
-0.63 of copy at 8 MB, 0.83 vs 0.81 at 128 MB; INT4 encode 0.77 vs 0.67 at 8 MB), and fewer
-elements per thread lose (2048 on 4 warps: 0.75 at 128 MB). Under TRITON_INTERPRET=1 the cost is per program, not per byte, so
-CPU tensors get one tile as wide as the row and as many rows as fit `CPU_TILE_ELEMS`.
+576 -> 64). Measured on H100 (benchmarks/results/kernels_tune_h100_2026-11-23*.jsonl):
+2048-element tiles on 2 warps match or beat 8192 on 8 warps at every size from 8 to 128 MB (FP4
+encode 0.68 vs 0.63 of copy at 8 MB, 0.83 vs 0.81 at 128 MB; INT4 encode 0.77 vs 0.67 at 8 MB);
+fewer elements per thread lose (2048 on 4 warps: 0.75 at 128 MB). The hybrid and static-outlier
+kernels pass their own sizes (block.py `_choose`, outlier.py `_tiles`). Under TRITON_INTERPRET=1
+the cost is per program, not per byte, so CPU tensors get one tile as wide as the row and as
+many rows as fit `CPU_TILE_ELEMS`.
 """
 
 from __future__ import annotations
