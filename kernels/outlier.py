@@ -177,12 +177,12 @@ def _tiles(rows: int, hidden: int, on_gpu: bool, *, encode: bool) -> Tiles:
     of copy from 8 MB, where the earlier policy gave 0.46-0.63; its 108-register programs ran at
     25% occupancy. decode_sum_encode keeps that earlier policy, 1024-column chunks on up to 8 rows,
     because the encode's tile cost it 0.15-0.20 -> 0.13-0.14."""
+    if encode and on_gpu:
+        t = choose_tiles(rows, hidden, 2, on_gpu, max_t=2048, elems=2048)
+        return Tiles(1, t.cols, 8 if t.cols >= 2048 else 4)
     t = choose_tiles(rows, hidden, 2, on_gpu, elems=STATIC_TILE_ELEMS)
     if not on_gpu:
         return Tiles(max(1, min(t.rows, CPU_TILE_ELEMS // t.cols)), t.cols, 4)
-    if encode:
-        t = choose_tiles(rows, hidden, 2, on_gpu, max_t=2048, elems=2048)
-        return Tiles(1, t.cols, 8 if t.cols >= 2048 else 4)
     r = 1
     while r * 2 <= t.rows and rows // (r * 2) >= 512:
         r *= 2
