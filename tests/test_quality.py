@@ -310,6 +310,29 @@ def test_sensitivity_ranking_and_mixed_plans(tiny):
         run(dataclasses.replace(cfg, tp=2, ranking=None, ranking_in=str(ranking)), log=_quiet)
 
 
+def test_sensitivity_plans_on_real_ranks(tiny, monkeypatch):
+    """--real-ranks runs each plan as deployed (the converted model on two gloo ranks, one override
+    per promoted layer) and agrees with the simulated plan; the overrides take effect (every layer
+    promoted to FP8 is far closer to the exact model than the uniform FP4 plan)."""
+    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, run
+
+    monkeypatch.setenv("TPCOMP_CACHE", str(tiny["root"] / "cache"))  # the converted checkpoint goes there
+    n_layers = 2 * CONFIG["num_hidden_layers"]
+    cfg = SensitivityConfig(model=tiny["hf"], tp=2, low="fp4_e2m1/b32/e8m0", high="fp8_e4m3/b32/e8m0up",
+                            promote=(0, 1, n_layers), calib_text=tiny["cal_text"], calib_windows=1, text=tiny["text"],
+                            windows=WINDOWS, seq_len=SEQ, out=str(tiny["root"] / "sens_real.jsonl"), real_ranks=True)
+    recs = run(cfg, log=_quiet)
+    assert [r["simulated_tp"] for r in recs] == [True] * 3 + [False] * 3
+    sim, real = recs[:3], recs[3:]
+    for s, r in zip(sim, real):
+        assert (r["codec"], r["layers_high"], r["bits_per_value"]) == (s["codec"], s["layers_high"], s["bits_per_value"])
+        assert r["baseline_ppl"] == pytest.approx(s["baseline_ppl"], rel=1e-5)
+        # measured agreement ~1e-7 (same codes on both sides); a plan that lost an override is off by 3-50x
+        assert r["kl"] == pytest.approx(s["kl"], rel=1e-3)
+        assert r["exact_fallback_calls"] == 0
+    assert real[2]["kl"] < real[0]["kl"] / 5
+
+
 def test_sensitivity_config_rejects_bad_input():
     from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig
 

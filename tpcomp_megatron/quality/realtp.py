@@ -113,13 +113,16 @@ def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows) -> 
 
 @dataclass(frozen=True)
 class RealPoint:
-    """A codec to run on real ranks; outlier codecs name their calibration file and rule."""
+    """A codec to run on real ranks; outlier codecs name their calibration file and rule.
+    `overrides`: (module-name pattern, spec) pairs, as `--tp-comm-compression-override` (a mixed
+    plan: its promoted layers by name)."""
 
     spec: str
     calibration: str | None = None
     ratio: int | None = None
     rule: str | None = None
     algorithm: str = "one_shot"
+    overrides: tuple[tuple[str, str], ...] = ()
 
 
 def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, points: Sequence[RealPoint]):
@@ -138,7 +141,7 @@ def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, point
             if p.calibration:
                 cal = reselect(load_calibration(p.calibration), ratio=p.ratio, rule=p.rule)
             configs.append((CompressionConfig(spec=p.spec, calibration=p.calibration, min_bytes=0, link="cpu",
-                                              algorithm=p.algorithm), cal))
+                                              algorithm=p.algorithm, overrides=p.overrides), cal))
         for i in range(windows.inputs.shape[0]):
             x, targets = windows.inputs[i:i + 1], windows.targets(i)
             ref = windows.scored_logits(_forward(model, x, cfg.vocab_size)[0])

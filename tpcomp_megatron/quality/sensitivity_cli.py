@@ -12,6 +12,10 @@ plan (RESULTS.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_te
 
     tpcomp-sensitivity --model smollm2-135m --tp 8 --budget 4.5 \\
         --high fp5_e2m2/b32/e6m2 fp6_e2m3/b32/e8m0 fp8_e4m3/b32/e8m0up --ranking-in ranking.json
+
+`--real-ranks` also runs every plan as it is deployed: the converted Megatron model on `--tp` gloo
+ranks, `--low` as the codec and one override per promoted layer (`apply_tp_compression`, as
+`--tp-comm-compression LOW --tp-comm-compression-override NAME=HIGH ...`); one more record per plan.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class SensitivityConfig:
     ranking: str | None = None
     ranking_in: str | None = None
     """A ranking written by an earlier run (same model, TP size and --low codec): reused, not recomputed."""
+    real_ranks: bool = False
+    """Also evaluate every plan on real gloo ranks through `apply_tp_compression` (per-layer overrides)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.high, str):
@@ -97,18 +103,41 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     plans = [mixed_codecs(sens, low, high, k) for high, k in chosen]
     base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan) for plan in plans])
     env = environment()
+    names = [most_sensitive(sens, k) for _, k in chosen]
+    bits = [plan_bits(plan, sim.hidden) for plan in plans]
+    runs = [(True, base, totals, [{}] * len(plans))]
+    if cfg.real_ranks:
+        runs.append((False, *_evaluate_real(cfg, model_id, windows, low, [h for h, _ in chosen], names, log)))
     records = []
-    for (high, k), plan, tot in zip(chosen, plans, totals):
-        label = str(low.spec) if k == 0 else f"{low.spec} + {k} layers {high.spec}"
-        records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=base,
-                                      world_size=cfg.tp, simulated=True, codec=label, bits=plan_bits(plan, sim.hidden),
-                                      calibration="none", plan_low=str(low.spec), plan_high=str(high.spec),
-                                      layers_high=most_sensitive(sens, k), ranking_text=ranking_text, env=env))
-        r = records[-1]
-        log(f"TP={cfg.tp} {label:60s} {r['bits_per_value']:.3f} b/v ppl {r['ppl']:.3f} ({r['ppl_increase_pct']:+.2f}%) "
-            f"top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
+    for simulated, run_base, run_totals, extra in runs:
+        for (high, k), layers, b, tot, more in zip(chosen, names, bits, run_totals, extra):
+            label = str(low.spec) if k == 0 else f"{low.spec} + {k} layers {high.spec}"
+            records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=run_base,
+                                          world_size=cfg.tp, simulated=simulated, codec=label, bits=b, calibration="none",
+                                          plan_low=str(low.spec), plan_high=str(high.spec), layers_high=layers,
+                                          ranking_text=ranking_text, env=env, **more))
+            r = records[-1]
+            log(f"TP={cfg.tp} {'sim' if simulated else 'real'} {label:60s} {r['bits_per_value']:.3f} b/v ppl {r['ppl']:.3f} "
+                f"({r['ppl_increase_pct']:+.2f}%) top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
     append_records(Path(cfg.out) if cfg.out else default_results_path(model_id), records)
     return records
+
+
+def _evaluate_real(cfg: SensitivityConfig, model_id: str, windows, low, highs: list, names: list[list[str]], log) -> tuple:
+    """(baseline, [Totals], [extra record fields]) of each plan (its high codec, its promoted layers'
+    names) on `cfg.tp` real gloo ranks: the deployed path, one override per promoted layer."""
+    from ..testing import run_ranks
+    from .models import MODELS, prepare_model
+    from .realtp import RealPoint, convert_checkpoint, rank_evaluate
+
+    folder = prepare_model(cfg.model) if cfg.model in MODELS else Path(cfg.model)
+    ckpt = convert_checkpoint(folder, cfg.tp, model_id=model_id)
+    points = [RealPoint(spec=str(low.spec), overrides=tuple((n, str(high.spec)) for n in layers))
+              for high, layers in zip(highs, names)]
+    log(f"real ranks: TP={cfg.tp}, {len(points)} plans, {windows.inputs.shape[0]} windows ({ckpt})")
+    base, totals, seconds, fallbacks = run_ranks(rank_evaluate, cfg.tp, str(ckpt), windows, points,
+                                                 timeout_s=6 * 3600, pg_timeout_s=1800)[0]
+    return base, totals, [{"seconds": round(s, 1), "exact_fallback_calls": f} for s, f in zip(seconds, fallbacks)]
 
 
 def _promotions(cfg: SensitivityConfig, sens, low, highs, hidden: int) -> list[tuple]:
@@ -158,12 +187,14 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--out", help="JSON Lines file to append to (default: benchmarks/results/quality_<model>_<cpu>_<date>.jsonl)")
     ap.add_argument("--ranking", help="write the per-layer ranking (JSON) here")
     ap.add_argument("--ranking-in", help="reuse the ranking of an earlier run (same model, --tp, --low)")
+    ap.add_argument("--real-ranks", action="store_true",
+                    help="also run every plan on --tp real gloo ranks, as deployed (per-layer overrides)")
     a = ap.parse_args(argv)
     promote = tuple(a.promote) if a.promote is not None else () if a.budget is not None else (0, 2, 4)
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
                              seq_len=a.seq_len, threads=a.threads, out=a.out, ranking=a.ranking,
-                             ranking_in=a.ranking_in)
+                             ranking_in=a.ranking_in, real_ranks=a.real_ranks)
 
 
 def main(argv: list[str] | None = None) -> int:
