@@ -237,7 +237,8 @@ def _cell(r: dict) -> str:
 
 
 def markdown(records: list[dict]) -> str:
-    """A table per kernel: rows = codec, columns = message size, cells = GB/s (fraction of copy)."""
+    """A table per kernel: rows = codec, columns = message size, cells = GB/s (fraction of copy /
+    of a copy moving as many bytes)."""
     meta = records[0]
     sizes = sorted({r["message_mb"] for r in records if "message_mb" in r})
     lines = [f"# Fused codec kernels: {meta['device']}, {meta['date']}", "",
