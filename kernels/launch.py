@@ -9,8 +9,9 @@ length is not a power of two gets exact tiles where some power of two divides it
 encode 0.68 vs 0.63 of copy at 8 MB, 0.83 vs 0.81 at 128 MB; INT4 encode 0.77 vs 0.67 at 8 MB);
 fewer elements per thread lose (2048 on 4 warps: 0.75 at 128 MB), and so does a program that
 loops over 2-8 row tiles, loading the next while it quantizes the current one (an experiment
-not kept: kernels_tune_h100_2026-11-24-steps.jsonl, FP4 encode at 8 MB 0.68 at best vs 0.60
-for one tile, 0.46-0.58 with 4-8 tiles; equal or worse everywhere else). The hybrid and static-outlier
+not kept: kernels_tune_h100_2026-11-24-steps.jsonl; FP4 encode at 8 MB 0.68 with 2 tiles vs
+0.60 with one, which measured 0.66 in the day's two other runs, 0.46-0.58 with 4-8 tiles; equal
+or worse everywhere else). The hybrid and static-outlier
 kernels pass their own sizes (block.py `_choose`, outlier.py `_tiles`). Under TRITON_INTERPRET=1
 the cost is per program, not per byte, so CPU tensors get one tile as wide as the row and as
 many rows as fit `CPU_TILE_ELEMS`.
