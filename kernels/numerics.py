@@ -176,8 +176,9 @@ def _encode_scales(amax, bad, SCALE: tl.constexpr, EMAX: tl.constexpr, MAXV: tl.
     elif SCALE == SCALE_E6M2:
         b = _bits(amax * tl.full(amax.shape, 1.0 / MAXV, tl.float32))
         near = (b + 0xFFFFF + ((b >> 21) & 1)) & 0x7FE00000
-        e = (near >> 23) - (127 - _E6M2_BIAS)
-        s = tl.where(e < 0, 0, tl.minimum((e << 2) | ((near >> 21) & 3), _E6M2_MAX))
+        # near >> 21 is (float32 exponent << 2) | 2 mantissa bits: rebiasing the exponent gives
+        # the E6M2 byte, negative below its range
+        s = tl.minimum(tl.maximum((near >> 21) - ((127 - _E6M2_BIAS) << 2), 0), _E6M2_MAX)
         # 1 / scale = fp32(1 / (1 + m / 4)) * 2**-exponent exactly (both normal): no division
         m = s & 3
         rcp = tl.where(m == 0, 0x3F800000, tl.where(m == 1, 0x3F4CCCCD, tl.where(m == 2, 0x3F2AAAAB, 0x3F124925)))
