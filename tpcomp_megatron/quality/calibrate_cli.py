@@ -100,7 +100,7 @@ def collect_real(hf_folder: Path, model_id: str, windows, tp: int) -> dict:
 
 def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
     from .calib import build_calibration
-    from .models import MODELS, load_model, prepare_model
+    from .models import load_model, model_folder
     from .text import make_windows
 
     torch.set_num_threads(cfg.threads)
@@ -110,7 +110,7 @@ def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
     for tp in cfg.tp:
         t0 = time.perf_counter()
         if cfg.real_ranks:
-            folder = prepare_model(cfg.model) if cfg.model in MODELS else Path(cfg.model)
+            folder = model_folder(cfg.model)
             stats = collect_real(folder, model_id, windows, tp)
         else:
             stats = collect_simulated(model, windows, tp)

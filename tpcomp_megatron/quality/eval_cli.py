@@ -100,7 +100,7 @@ def _done_key(r: dict) -> tuple:
 
 
 def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
-    from .models import MODELS, load_model, prepare_model
+    from .models import load_model, model_folder
     from .records import append_records, default_results_path, environment, quality_record, read_records
     from .simtp import SimulatedTP
     from .text import canonical_text_spec, make_windows
@@ -133,7 +133,7 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
         bits = {p: point_codecs(p, [first], hidden, cals[p.tp][0] if p.tp in cals else None)[first].bits_per_value(hidden)
                 for p in points}
         sim.remove()
-        folder = prepare_model(cfg.model) if cfg.model in MODELS else Path(cfg.model)
+        folder = model_folder(cfg.model)
         for tp in sorted({p.tp for p in points}):
             records += _evaluate_real(folder, model_id, tp, [p for p in points if p.tp == tp], cals, windows, common,
                                       rule_of, bits, log)
@@ -156,17 +156,13 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
 
 def _evaluate_real(folder, model_id, tp, points, cals, windows, common, rule_of, bits, log) -> list[dict]:
     from ..codecs import parse_codec_spec
-    from ..testing import run_ranks
-    from .realtp import RealPoint, convert_checkpoint, rank_evaluate
+    from .realtp import RealPoint, evaluate_on_ranks
     from .records import quality_record
 
-    ckpt = convert_checkpoint(folder, tp, model_id=model_id)
     real = [RealPoint(spec=p.spec, calibration=cals[tp][1] if p.needs_calibration else None,
                       ratio=parse_codec_spec(p.spec).ratio if p.needs_calibration else None,
                       rule=p.rule, algorithm=p.algorithm) for p in points]
-    log(f"real ranks: TP={tp}, {len(real)} codecs, {windows.inputs.shape[0]} windows ({ckpt})")
-    base, totals, seconds, fallbacks = run_ranks(rank_evaluate, tp, str(ckpt), windows, real,
-                                                 timeout_s=6 * 3600, pg_timeout_s=1800)[0]
+    base, totals, seconds, fallbacks = evaluate_on_ranks(folder, model_id, tp, windows, real, log=log)
     return [quality_record(totals=tot, baseline=base, world_size=tp, simulated=False, codec=p.spec, bits=bits[p],
                            calibration=_calibration_label(p, cals), algorithm=p.algorithm, outlier_rule=rule_of(p),
                            experimental=False, seconds=round(sec, 1), exact_fallback_calls=fb, **common)

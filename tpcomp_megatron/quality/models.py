@@ -117,11 +117,16 @@ def prepare_model(name: str) -> Path:
     return folder
 
 
+def model_folder(name_or_path: str) -> Path:
+    """The Hugging Face folder of a known model name (prepared on first use) or the folder given."""
+    return prepare_model(name_or_path) if name_or_path in MODELS else Path(name_or_path)
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer, model id) for a known model name or a Hugging Face folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = prepare_model(name_or_path) if name_or_path in MODELS else Path(name_or_path)
+    folder = model_folder(name_or_path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json); "
                                 f"known model names: {sorted(MODELS)}")

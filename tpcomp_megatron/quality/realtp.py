@@ -125,6 +125,17 @@ class RealPoint:
     overrides: tuple[tuple[str, str], ...] = ()
 
 
+def evaluate_on_ranks(folder: str | Path, model_id: str, tp: int, windows: TokenWindows, points: Sequence[RealPoint],
+                      *, log=print) -> tuple:
+    """`rank_evaluate` of `points` on `tp` gloo ranks, on the model's converted checkpoint (made
+    once, cached): (baseline Totals, [Totals], [seconds], [fallback calls]) per point."""
+    from ..testing import run_ranks
+
+    ckpt = convert_checkpoint(folder, tp, model_id=model_id)
+    log(f"real ranks: TP={tp}, {len(points)} points, {windows.inputs.shape[0]} windows ({ckpt})")
+    return run_ranks(rank_evaluate, tp, str(ckpt), windows, points, timeout_s=6 * 3600, pg_timeout_s=1800)[0]
+
+
 def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, points: Sequence[RealPoint]):
     """(baseline Totals, [Totals per point], [seconds per point], [fallback calls per point]) on
     rank 0 (every rank computes the same gathered logits; only rank 0 scores them)."""

@@ -126,17 +126,13 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
 def _evaluate_real(cfg: SensitivityConfig, model_id: str, windows, low, highs: list, names: list[list[str]], log) -> tuple:
     """(baseline, [Totals], [extra record fields]) of each plan (its high codec, its promoted layers'
     names) on `cfg.tp` real gloo ranks: the deployed path, one override per promoted layer."""
-    from ..testing import run_ranks
-    from .models import MODELS, prepare_model
-    from .realtp import RealPoint, convert_checkpoint, rank_evaluate
+    from .models import model_folder
+    from .realtp import RealPoint, evaluate_on_ranks
 
-    folder = prepare_model(cfg.model) if cfg.model in MODELS else Path(cfg.model)
-    ckpt = convert_checkpoint(folder, cfg.tp, model_id=model_id)
     points = [RealPoint(spec=str(low.spec), overrides=tuple((n, str(high.spec)) for n in layers))
               for high, layers in zip(highs, names)]
-    log(f"real ranks: TP={cfg.tp}, {len(points)} plans, {windows.inputs.shape[0]} windows ({ckpt})")
-    base, totals, seconds, fallbacks = run_ranks(rank_evaluate, cfg.tp, str(ckpt), windows, points,
-                                                 timeout_s=6 * 3600, pg_timeout_s=1800)[0]
+    base, totals, seconds, fallbacks = evaluate_on_ranks(model_folder(cfg.model), model_id, cfg.tp, windows, points,
+                                                         log=log)
     return base, totals, [{"seconds": round(s, 1), "exact_fallback_calls": f} for s, f in zip(seconds, fallbacks)]
 
 
