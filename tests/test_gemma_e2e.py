@@ -77,6 +77,11 @@ def _all_logits(rank: int, world: int, jobs: list[tuple]) -> dict:
                         out[key + ("stats",)] = (stats.calls_compressed, stats.calls_fallback)
                         handle.remove()
                         out[key + ("removed",)] = model(tokens, pos, None)
+                        try:
+                            apply_tp_compression(model, CompressionConfig(spec=CODEC, error_feedback=True)).remove()
+                            out[key + ("feedback",)] = "accepted"
+                        except ValueError as e:
+                            out[key + ("feedback",)] = str(e)
             finally:
                 parallel_state.destroy_model_parallel()
     return out if rank == 0 else {}
@@ -207,6 +212,9 @@ def test_compression_on_gemma_tp2(world, name):
     layers = VARIANTS[name].get("num_hidden_layers", 2)
     assert (calls, fallbacks) == (2 * layers, 0)
     assert torch.equal(logits[name, 2, "legacy", "removed"], off), "remove() must restore exactness"
+    # Error feedback needs outputs added straight into the residual stream; post-norms refuse it.
+    post_norms = name != "gemma1"
+    assert ("post-norm" in logits[name, 2, "legacy", "feedback"]) == post_norms, logits[name, 2, "legacy", "feedback"]
     diff, cos = _diff(off, on)
     # FP8 E4M3 (3 mantissa bits) adds up to half a step (1/16) of each block's max per rank to
     # every reduction; these random weights (init 0.2) make logits sensitive to it. Measured: min

@@ -102,6 +102,57 @@ def test_simulated_tp_matches_real_ranks(tiny):
     assert real[0][3] == [0, 0]  # min_bytes=0: no call fell back to the exact collective
 
 
+def _feedback_rank_job(rank, world, ckpt, tokens):
+    """Two forwards of the same tokens with error feedback on: equal only if every forward starts
+    without the previous forward's debt; then `remove()` takes the reset hook off again."""
+    from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
+    from tpcomp_megatron.quality.realtp import _forward, _megatron
+
+    with _megatron(ckpt, world) as (model, cfg):
+        config = CompressionConfig(spec="fp4_e2m1/b32/e8m0", min_bytes=0, link="cpu", error_feedback=True)
+        handle = apply_tp_compression(model, config)
+        first = _forward(model, tokens, cfg.vocab_size)
+        owed = handle.feedback.debt is not None
+        second = _forward(model, tokens, cfg.vocab_size)
+        hooks = len(model._forward_pre_hooks)
+        handle.remove()
+        return torch.equal(first, second), owed, hooks - len(model._forward_pre_hooks)
+
+
+def test_error_feedback_real_ranks_match_simulation(tiny):
+    """`--tp-comm-error-feedback` as deployed (two gloo ranks, eval-quality --real-ranks) agrees with
+    the simulated feedback, and both beat the same codec without it; each forward starts debt-free."""
+    from tpcomp_megatron.quality.models import load_model
+
+    _, tok, _ = load_model(tiny["hf"])
+    points = ("fp4_e2m1/b32/e8m0", "fp4_e2m1/b32/e8m0:feedback=on")
+    common = dict(model=tiny["hf"], tp=(2,), points=points, text=tiny["text"], seq_len=SEQ, windows=WINDOWS)
+    sim = evaluate(EvalConfig(**common, out=str(tiny["root"] / "fb_sim.jsonl")), log=_quiet)
+    real = evaluate(EvalConfig(**common, real_ranks=True, out=str(tiny["root"] / "fb_real.jsonl")), log=_quiet)
+    assert [r["error_feedback"] for r in sim] == [r["error_feedback"] for r in real] == [False, True]
+    for s, r in zip(sim, real):
+        # The same codes on both sides but for ~1e-7 input differences (see the test above).
+        assert r["kl"] == pytest.approx(s["kl"], rel=5e-2), (s["codec"], s["kl"], r["kl"])
+    assert sim[1]["kl"] < 0.8 * sim[0]["kl"] and real[1]["kl"] < 0.8 * real[0]["kl"]
+    ckpt = convert_checkpoint(tiny["hf"], 2, model_id="tiny", out=tiny["root"] / "mg_tp2_fb")
+    windows = make_windows(tok, tiny["text"], seq_len=SEQ, windows=1)
+    for same, owed, hooks_removed in run_ranks(_feedback_rank_job, 2, str(ckpt), windows.inputs, timeout_s=300):
+        assert same and owed and hooks_removed == 1
+
+
+def test_error_feedback_refuses_post_norm_models(tmp_path):
+    """Gemma-style outputs pass a norm before the residual add: feedback is refused, not wrong."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    sim = SimulatedTP(Gemma3ForCausalLM(cfg).eval())
+    codec = make_codec("fp4_e2m1/b32/e8m0")
+    with pytest.raises(ValueError, match="post-norm"):
+        with sim.session(tp=2, codecs={n: codec for n in sim.layers}, feedback=True):
+            pass
+
+
 # -- calibration ------------------------------------------------------------------------------
 def _reference_stats(model, windows, tp):
     """Per-layer [tp + 1, hidden] min/max by plain chunking (TP=3 splits heads and FFN evenly)."""

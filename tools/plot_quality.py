@@ -31,6 +31,8 @@ def load(paths: list[Path]) -> list[dict]:
 def label(r: dict) -> str:
     extra = [f"rule={r['outlier_rule']}"] if r.get("outlier_rule") else []
     extra += ["two-shot"] if r.get("algorithm") == "two_shot" else []
+    # Sensitivity plans already say ", feedback" in their codec label.
+    extra += ["feedback"] if r.get("error_feedback") and not r["codec"].endswith(", feedback") else []
     extra += ["real ranks"] if not r["simulated_tp"] else []
     extra += ["experimental"] if r.get("experimental") else []
     return r["codec"] + (f" ({', '.join(extra)})" if extra else "")

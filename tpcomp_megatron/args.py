@@ -46,6 +46,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="block codec of the sequence-parallel all-gather (default none)")
     g.add_argument("--tp-comm-calibration", default=None, metavar="PATH",
                    help="calibration file from tools/calibrate.py (outlier codecs need one)")
+    g.add_argument("--tp-comm-error-feedback", action="store_true",
+                   help="each rank carries its quantization error into its next compressed reduction "
+                        "(same bits; errors cancel along depth instead of adding up)")
     g.add_argument("--tp-comm-algorithm", choices=ALGORITHMS, default="auto")
     g.add_argument("--tp-comm-link", choices=("auto",) + LINKS, default="auto",
                    help="link class for the size gate (default: detected)")
@@ -65,4 +68,5 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         link=args.tp_comm_link,
         min_bytes=args.tp_comm_min_bytes,
         overrides=tuple(args.tp_comm_compression_override),
+        error_feedback=args.tp_comm_error_feedback,
     )

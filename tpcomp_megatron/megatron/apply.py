@@ -4,8 +4,10 @@
 `linear_fc2` (MLP) of every transformer layer, and, with a gather codec under sequence
 parallelism, the column-parallel `linear_qkv` / `linear_fc1`. Layers built from a spec made by
 `compressed_layer_spec` already have the compressed class; stock Megatron layers are switched to
-it in place (the subclass adds no state, so only `__class__` changes). The returned handle's
-`remove()` restores every class and attribute it changed. Nothing global is patched.
+it in place (the subclass adds no state, so only `__class__` changes). With error feedback on,
+every row-parallel reduction (the compressed ones, and the exact ones, which pay the debt) shares
+one `ErrorFeedback` state, reset by a forward pre-hook on the model. The returned handle's `remove()` restores every class and attribute it changed and
+removes the hook. Nothing global is patched.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from ..calibration import Calibration, load_calibration
 from ..codecs import BlockSpec, OutlierSpec, make_codec, parse_codec_spec
 from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
+from ..comm.feedback import ErrorFeedback, FeedbackSite
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from .mappings import LayerCompression
 
@@ -49,6 +52,9 @@ class CompressionConfig:
     overrides: tuple[tuple[str, str], ...] = ()
     """Per-layer codecs: (glob over module names, spec or 'none'), first match wins, e.g.
     ('decoder.layers.0.*', 'fp8_e4m3/b32/e8m0up') for a plan from `tpcomp-sensitivity`."""
+    error_feedback: bool = False
+    """Carry each rank's quantization error into its next compressed reduction
+    (`--tp-comm-error-feedback`, comm/feedback.py): same bits, errors telescope along depth."""
     reduce_spec: object = field(init=False, repr=False, compare=False)
     override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
@@ -108,15 +114,18 @@ class CompressionConfig:
         return (f"spec={self.reduce_spec or 'none'} layers={','.join(sorted(self.layers))} "
                 f"overrides={[(p, str(sp or 'none')) for p, sp in self.override_specs]} "
                 f"gather={self.gather_codec_spec or 'none'} algorithm={self.algorithm} "
+                f"error_feedback={self.error_feedback} "
                 f"min_bytes={self.min_bytes} calibration={cal}")
 
 
 class CompressionHandle:
     """Undo record of `apply_tp_compression`; also exposes the communicator's counters."""
 
-    def __init__(self, comm: CompressedComm | None):
+    def __init__(self, comm: CompressedComm | None, feedback: ErrorFeedback | None = None):
         self.comm = comm
+        self.feedback = feedback
         self._changed: list[tuple[torch.nn.Module, type]] = []
+        self._hooks: list = []
 
     @property
     def stats(self):
@@ -129,6 +138,9 @@ class CompressionHandle:
         module.tp_compression = lc
 
     def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         for module, cls in reversed(self._changed):
             module.__dict__.pop("tp_compression", None)
             module.__class__ = cls
@@ -149,6 +161,12 @@ def _check_class(name: str, module: torch.nn.Module, base: type) -> None:
         )
 
 
+def _check_no_post_norm(parent: torch.nn.Module, name: str) -> None:
+    if getattr(parent, "post_layernorm", None) is not None:
+        raise ValueError(f"{name}: its output is normalized before the residual add (a post-norm, as in Gemma 2/3); "
+                         "error feedback needs outputs added straight into the residual stream (Llama-style)")
+
+
 def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, group=None,
                          calibration: Calibration | None = None) -> CompressionHandle:
     """Attach compression to `model`'s tensor-parallel layers; returns a handle with `remove()`.
@@ -167,24 +185,36 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         return CompressionHandle(None)
     comm = CompressedComm(group, GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes))
     model = _unwrap(model)
-    handle = CompressionHandle(comm)
+    feedback = ErrorFeedback() if config.error_feedback else None
+    handle = CompressionHandle(comm, feedback)
+    if feedback is not None:  # a debt belongs to one forward's rows
+        handle._hooks.append(model.register_forward_pre_hook(lambda module, args: feedback.reset()))
     found = 0
     matched: set[str] = set()
     try:
         for name, module in model.named_modules():
             parent, _, leaf = name.rpartition(".")
-            if leaf in config.layers and parent.endswith(ROW_LAYERS[leaf]):
-                matched.update(p for p, _ in config.override_specs if fnmatch.fnmatchcase(name, p))
-                spec = config.layer_spec(name)
-                if spec is None:
+            if leaf in ROW_LAYERS and parent.endswith(ROW_LAYERS[leaf]):
+                spec = None
+                if leaf in config.layers:
+                    matched.update(p for p, _ in config.override_specs if fnmatch.fnmatchcase(name, p))
+                    spec = config.layer_spec(name)
+                if spec is None and feedback is None:
                     continue
                 _check_class(name, module, RowParallelLinear)
-                params = None
-                if isinstance(spec, OutlierSpec):
-                    calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size)
-                    params = calibration.params(name)
-                handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, make_codec(spec, params)))
-                found += 1
+                codec = None  # exact; with error feedback on, it still pays the rank's debt
+                if spec is not None:
+                    params = None
+                    if isinstance(spec, OutlierSpec):
+                        calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size)
+                        params = calibration.params(name)
+                    codec = make_codec(spec, params)
+                    found += 1
+                site = None
+                if feedback is not None:
+                    _check_no_post_norm(model.get_submodule(parent), name)
+                    site = FeedbackSite(feedback)
+                handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, codec, site))
             elif (config.gather_codec_spec is not None and leaf in GATHER_LAYERS
                   and parent.endswith(GATHER_LAYERS[leaf]) and getattr(module, "sequence_parallel", False)):
                 _check_class(name, module, ColumnParallelLinear)

@@ -16,16 +16,20 @@ import torch.distributed as dist
 
 from ..codecs.base import Codec
 from ..comm.collectives import CompressedComm
+from ..comm.feedback import FeedbackSite
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass(frozen=True)
 class LayerCompression:
-    """What one layer compresses with: the group's communicator and the layer's codec."""
+    """What one layer compresses with: the group's communicator, the layer's codec and, with error
+    feedback on, the layer's place in the feedback chain."""
 
     comm: CompressedComm
-    codec: Codec
+    codec: Codec | None
+    """None: an exact reduction (a layer left exact while error feedback is on)."""
+    feedback: FeedbackSite | None = None
 
 
 def _exact_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
@@ -45,7 +49,7 @@ def _exact_reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
 class _AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lc: LayerCompression):
-        return lc.comm.all_reduce(x, lc.codec)
+        return lc.comm.all_reduce(x, lc.codec, feedback=lc.feedback)
 
     @staticmethod
     def backward(ctx, grad):
@@ -56,7 +60,7 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lc: LayerCompression):
         ctx.group = lc.comm.group
-        return lc.comm.reduce_scatter(x, lc.codec)
+        return lc.comm.reduce_scatter(x, lc.codec, feedback=lc.feedback)
 
     @staticmethod
     def backward(ctx, grad):

@@ -96,7 +96,7 @@ def _calibration_label(point: SweepPoint, cals: dict) -> str:
 
 def _done_key(r: dict) -> tuple:
     return (r["model"], r["text"], r["tokens_scored"], r["world_size"], r["simulated_tp"], r["codec"],
-            r.get("outlier_rule"), r.get("algorithm", "one_shot"))
+            r.get("outlier_rule"), r.get("algorithm", "one_shot"), r.get("error_feedback", False))
 
 
 def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
@@ -120,7 +120,7 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
     if cfg.skip_done:
         done = {_done_key(r) for r in read_records(out)}
         points = [p for p in points if (model_id, windows.description, windows.tokens_scored, p.tp, not cfg.real_ranks,
-                                        p.spec, rule_of(p), p.algorithm) not in done]
+                                        p.spec, rule_of(p), p.algorithm, p.feedback) not in done]
         log(f"{len(points)} points left to run")
     if not points:
         return []
@@ -144,7 +144,8 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
         for p in points:
             records.append(quality_record(totals=res.totals[p], baseline=res.baseline, world_size=p.tp, simulated=True,
                                           codec=p.spec, bits=res.bits[p], calibration=_calibration_label(p, cals),
-                                          algorithm=p.algorithm, outlier_rule=rule_of(p), experimental=p.experimental,
+                                          algorithm=p.algorithm, outlier_rule=rule_of(p), error_feedback=p.feedback,
+                                          experimental=p.experimental,
                                           seconds=round(res.seconds[p], 1), **common))
     append_records(out, records)
     log(f"{len(records)} records in {time.perf_counter() - t0:.0f} s -> {out}")
@@ -161,11 +162,11 @@ def _evaluate_real(folder, model_id, tp, points, cals, windows, common, rule_of,
 
     real = [RealPoint(spec=p.spec, calibration=cals[tp][1] if p.needs_calibration else None,
                       ratio=parse_codec_spec(p.spec).ratio if p.needs_calibration else None,
-                      rule=p.rule, algorithm=p.algorithm) for p in points]
+                      rule=p.rule, algorithm=p.algorithm, feedback=p.feedback) for p in points]
     base, totals, seconds, fallbacks = evaluate_on_ranks(folder, model_id, tp, windows, real, log=log)
     return [quality_record(totals=tot, baseline=base, world_size=tp, simulated=False, codec=p.spec, bits=bits[p],
                            calibration=_calibration_label(p, cals), algorithm=p.algorithm, outlier_rule=rule_of(p),
-                           experimental=False, seconds=round(sec, 1), exact_fallback_calls=fb, **common)
+                           error_feedback=p.feedback, experimental=False, seconds=round(sec, 1), exact_fallback_calls=fb, **common)
             for p, tot, sec, fb in zip(points, totals, seconds, fallbacks)]
 
 
@@ -175,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8])
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--sweep", choices=sorted(SWEEPS), default="default", help="a built-in list of sweep points")
-    group.add_argument("--codecs", nargs="+", help="sweep points SPEC[:rule=RULE][:algo=one_shot|two_shot]")
+    group.add_argument("--codecs", nargs="+", help="sweep points SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on]")
     ap.add_argument("--calibration", help="calibration file; '{tp}' is replaced by the TP size")
     ap.add_argument("--text", default="moby-dick")
     ap.add_argument("--seq-len", type=int, default=512)

@@ -115,7 +115,7 @@ def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows) -> 
 class RealPoint:
     """A codec to run on real ranks; outlier codecs name their calibration file and rule.
     `overrides`: (module-name pattern, spec) pairs, as `--tp-comm-compression-override` (a mixed
-    plan: its promoted layers by name)."""
+    plan: its promoted layers by name); `feedback`: error feedback (`--tp-comm-error-feedback`)."""
 
     spec: str
     calibration: str | None = None
@@ -123,6 +123,7 @@ class RealPoint:
     rule: str | None = None
     algorithm: str = "one_shot"
     overrides: tuple[tuple[str, str], ...] = ()
+    feedback: bool = False
 
 
 def evaluate_on_ranks(folder: str | Path, model_id: str, tp: int, windows: TokenWindows, points: Sequence[RealPoint],
@@ -152,7 +153,8 @@ def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, point
             if p.calibration:
                 cal = reselect(load_calibration(p.calibration), ratio=p.ratio, rule=p.rule)
             configs.append((CompressionConfig(spec=p.spec, calibration=p.calibration, min_bytes=0, link="cpu",
-                                              algorithm=p.algorithm, overrides=p.overrides), cal))
+                                              algorithm=p.algorithm, overrides=p.overrides,
+                                              error_feedback=p.feedback), cal))
         for i in range(windows.inputs.shape[0]):
             x, targets = windows.inputs[i:i + 1], windows.targets(i)
             ref = windows.scored_logits(_forward(model, x, cfg.vocab_size)[0])

@@ -18,14 +18,17 @@ from .sweep import Plan, compare
 from .text import TokenWindows
 
 
-def layer_sensitivity(model, sim: SimulatedTP, windows: TokenWindows, *, tp: int, codec: Codec,
+def layer_sensitivity(model, sim: SimulatedTP, windows: TokenWindows, *, tp: int, codec: Codec, feedback: bool = False,
                       log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
-    """Layer name -> mean KL (nats) with only that layer's reduction compressed by `codec`."""
-    out = {}
-    for name in sim.layers:
-        _, (tot,), _ = compare(model, sim, windows, [Plan(tp, {n: codec if n == name else None for n in sim.layers})])
-        out[name] = tot.mean_kl
-        log(f"{name}: KL {out[name]:.5f}")
+    """Layer name -> mean KL (nats) with only that layer's reduction compressed by `codec` (with
+    `feedback`, its error is carried into the next, exact, reduction and cancelled there). One
+    window-major pass: each window's uncompressed logits are computed once for every layer."""
+    names = list(sim.layers)
+    plans = [Plan(tp, {n: codec if n == name else None for n in names}, feedback=feedback) for name in names]
+    _, totals, _ = compare(model, sim, windows, plans, labels=names, log=log)
+    out = {name: tot.mean_kl for name, tot in zip(names, totals)}
+    for name, kl in out.items():
+        log(f"{name}: KL {kl:.5f}")
     return out
 
 

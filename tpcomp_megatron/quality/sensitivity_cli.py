@@ -56,6 +56,8 @@ class SensitivityConfig:
     """A ranking written by an earlier run (same model, TP size and --low codec): reused, not recomputed."""
     real_ranks: bool = False
     """Also evaluate every plan on real gloo ranks through `apply_tp_compression` (per-layer overrides)."""
+    feedback: bool = False
+    """Error feedback on, for the ranking and every plan (`--tp-comm-error-feedback` when deployed)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.high, str):
@@ -89,19 +91,21 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     sim = SimulatedTP(model)
     low, highs = make_codec(cfg.low), [make_codec(h) for h in cfg.high]
     if cfg.ranking_in:
-        ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=str(low.spec), layers=list(sim.layers))
+        ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=str(low.spec), layers=list(sim.layers),
+                                feedback=cfg.feedback)
         sens, ranking_text = ranking["kl"], ranking["text"]
     else:
         cal = make_windows(tok, cfg.calib_text, seq_len=cfg.seq_len, windows=cfg.calib_windows)
-        sens, ranking_text = layer_sensitivity(model, sim, cal, tp=cfg.tp, codec=low, log=log), cal.description
-    ranking = {"model": model_id, "tp": cfg.tp, "codec": str(low.spec), "text": ranking_text,
+        sens = layer_sensitivity(model, sim, cal, tp=cfg.tp, codec=low, feedback=cfg.feedback, log=log)
+        ranking_text = cal.description
+    ranking = {"model": model_id, "tp": cfg.tp, "codec": str(low.spec), "feedback": cfg.feedback, "text": ranking_text,
                "kl": dict(sorted(sens.items(), key=lambda kv: -kv[1]))}
     if cfg.ranking:
         Path(cfg.ranking).write_text(json.dumps(ranking, indent=1) + "\n")
     windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows)
     chosen = _promotions(cfg, sens, low, highs, sim.hidden)
     plans = [mixed_codecs(sens, low, high, k) for high, k in chosen]
-    base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan) for plan in plans])
+    base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan, feedback=cfg.feedback) for plan in plans])
     env = environment()
     names = [most_sensitive(sens, k) for _, k in chosen]
     bits = [plan_bits(plan, sim.hidden) for plan in plans]
@@ -111,11 +115,11 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     records = []
     for simulated, run_base, run_totals, extra in runs:
         for (high, k), layers, b, tot, more in zip(chosen, names, bits, run_totals, extra):
-            label = str(low.spec) if k == 0 else f"{low.spec} + {k} layers {high.spec}"
+            label = (str(low.spec) if k == 0 else f"{low.spec} + {k} layers {high.spec}") + (", feedback" if cfg.feedback else "")
             records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=run_base,
                                           world_size=cfg.tp, simulated=simulated, codec=label, bits=b, calibration="none",
                                           plan_low=str(low.spec), plan_high=str(high.spec), layers_high=layers,
-                                          ranking_text=ranking_text, env=env, **more))
+                                          ranking_text=ranking_text, error_feedback=cfg.feedback, env=env, **more))
             r = records[-1]
             log(f"TP={cfg.tp} {'sim' if simulated else 'real'} {label:60s} {r['bits_per_value']:.3f} b/v ppl {r['ppl']:.3f} "
                 f"({r['ppl_increase_pct']:+.2f}%) top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
@@ -129,7 +133,7 @@ def _evaluate_real(cfg: SensitivityConfig, model_id: str, windows, low, highs: l
     from .models import model_folder
     from .realtp import RealPoint, evaluate_on_ranks
 
-    points = [RealPoint(spec=str(low.spec), overrides=tuple((n, str(high.spec)) for n in layers))
+    points = [RealPoint(spec=str(low.spec), overrides=tuple((n, str(high.spec)) for n in layers), feedback=cfg.feedback)
               for high, layers in zip(highs, names)]
     base, totals, seconds, fallbacks = evaluate_on_ranks(model_folder(cfg.model), model_id, cfg.tp, windows, points,
                                                          log=log)
@@ -155,10 +159,10 @@ def _promotions(cfg: SensitivityConfig, sens, low, highs, hidden: int) -> list[t
     return chosen
 
 
-def _read_ranking(path: str, *, model: str, tp: int, codec: str, layers: list[str]) -> dict:
+def _read_ranking(path: str, *, model: str, tp: int, codec: str, layers: list[str], feedback: bool) -> dict:
     ranking = json.loads(Path(path).read_text())
-    got = {k: ranking.get(k) for k in ("model", "tp", "codec")}
-    want = {"model": model, "tp": tp, "codec": codec}
+    got = {k: ranking.get(k, False if k == "feedback" else None) for k in ("model", "tp", "codec", "feedback")}
+    want = {"model": model, "tp": tp, "codec": codec, "feedback": feedback}
     if got != want:
         raise ValueError(f"ranking {path} was made for {got}, this run is {want}")
     if sorted(ranking.get("kl", {})) != sorted(layers):
@@ -185,12 +189,14 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--ranking-in", help="reuse the ranking of an earlier run (same model, --tp, --low)")
     ap.add_argument("--real-ranks", action="store_true",
                     help="also run every plan on --tp real gloo ranks, as deployed (per-layer overrides)")
+    ap.add_argument("--error-feedback", action="store_true",
+                    help="rank and run the plans with error feedback (deploy with --tp-comm-error-feedback)")
     a = ap.parse_args(argv)
     promote = tuple(a.promote) if a.promote is not None else () if a.budget is not None else (0, 2, 4)
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
                              seq_len=a.seq_len, threads=a.threads, out=a.out, ranking=a.ranking,
-                             ranking_in=a.ranking_in, real_ranks=a.real_ranks)
+                             ranking_in=a.ranking_in, real_ranks=a.real_ranks, feedback=a.error_feedback)
 
 
 def main(argv: list[str] | None = None) -> int:

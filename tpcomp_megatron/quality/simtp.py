@@ -11,7 +11,9 @@ rank's partial sum `x_r @ W_r^T` in the model's dtype, and reduces them:
 * no codecs: exactly, in float32, in rank order;
 * codecs: the one-shot algorithm of `CompressedComm` on the reference codec,
   `decode_sum(stack(encode(p_r, source=r)))`; or two-shot, whose reduced chunk is requantized with
-  the `REDUCED` source before it is sent again (an extra rounding the one-shot path does not have).
+  the `REDUCED` source before it is sent again (an extra rounding the one-shot path does not have);
+* with `feedback=True`, each simulated rank keeps an `ErrorFeedback` debt as `CompressedComm`
+  does (comm/feedback.py), reset at the start of every forward (pre-norm models only).
 Outside a session the wrappers call the original linear: the model is the unmodified model.
 
 Why not real ranks: TP=8 on a 2-core CPU would be 8 processes of the whole model; here the cost is
@@ -21,13 +23,14 @@ one model plus the codec. The real-rank TP=2 check (`realtp.py`) confirms the pa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..codecs.base import REDUCED, Codec
+from ..comm.feedback import ErrorFeedback
 from .partition import RowParallelShapes, rank_columns
 
 ALGORITHMS = ("one_shot", "two_shot")
@@ -49,22 +52,46 @@ def exact_sum(partials: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def simulated_all_reduce(codec: Codec, partials: torch.Tensor, *, algorithm: str = "one_shot",
-                         dtype: torch.dtype | None = None) -> torch.Tensor:
-    """What every rank receives from the compressed all-reduce of `partials` [tp, rows, hidden]."""
-    n, _, hidden = partials.shape
+def simulated_all_reduce(codec: Codec | None, partials: torch.Tensor, *, algorithm: str = "one_shot",
+                         dtype: torch.dtype | None = None, feedback: Sequence[ErrorFeedback] | None = None) -> torch.Tensor:
+    """What every rank receives from the compressed all-reduce of `partials` [tp, rows, hidden]
+    (`codec` None: the exact sum). With `feedback` (one state per rank), each rank sends its
+    partial sum plus its debt and settles the debt, as `CompressedComm.all_reduce` does."""
+    n, rows, hidden = partials.shape
     dtype = dtype or partials.dtype
-    why = codec.ineligible(hidden)
-    if why:  # the real gate would silently send these exactly; a quality sweep must not
-        raise ValueError(f"codec {codec.spec} cannot encode rows of {hidden} values: {why}")
-    payloads = torch.stack([codec.encode(p, source=r) for r, p in enumerate(partials)])
-    if algorithm == "one_shot":
-        return codec.decode_sum(payloads, hidden, range(n), dtype=dtype)
-    if algorithm == "two_shot":
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; valid: {list(ALGORITHMS)}")
+    if codec is not None:
+        why = codec.ineligible(hidden)
+        if why:  # the real gate would silently send these exactly; a quality sweep must not
+            raise ValueError(f"codec {codec.spec} cannot encode rows of {hidden} values: {why}")
+    if feedback is None:
+        if codec is None:
+            return exact_sum(partials).to(dtype)
+        payloads = torch.stack([codec.encode(p, source=r) for r, p in enumerate(partials)])
+        if algorithm == "one_shot":
+            return codec.decode_sum(payloads, hidden, range(n), dtype=dtype)
         # Rows are coded independently, so splitting them into per-rank chunks changes nothing.
         reduced = codec.encode(codec.decode_sum_f32(payloads, hidden, range(n)), source=REDUCED)
         return codec.decode(reduced, hidden, source=REDUCED, dtype=dtype)
-    raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; valid: {list(ALGORITHMS)}")
+    sends = torch.stack([fb.to_send(p) for fb, p in zip(feedback, partials)])
+    if codec is None:  # an exact reduction pays every debt (but for the rounding to the model's dtype)
+        out, own = exact_sum(sends.to(partials.dtype)).to(dtype), sends.to(partials.dtype).float()
+    else:
+        payloads = torch.stack([codec.encode(x, source=r) for r, x in enumerate(sends)])
+        own = torch.stack([codec.decode_f32(p, hidden, source=r) for r, p in enumerate(payloads)])
+        if algorithm == "one_shot":
+            out = codec.decode_sum(payloads, hidden, range(n), dtype=dtype)
+        else:  # rank r owns rows chunk r (padded as CompressedComm pads) and its requantization error
+            summed = codec.decode_sum_f32(payloads, hidden, range(n))
+            requant = codec.decode_f32(codec.encode(summed, source=REDUCED), hidden, source=REDUCED)
+            out = requant.to(dtype)
+            chunk = -(-rows // n)
+            for r in range(n):
+                own[r, r * chunk:(r + 1) * chunk] += (requant - summed)[r * chunk:(r + 1) * chunk]
+    for fb, x, c in zip(feedback, sends, own):
+        fb.settle(x, c)
+    return out
 
 
 @dataclass
@@ -74,6 +101,7 @@ class _Session:
     codecs: Mapping[str, Codec | None] | None = None
     algorithm: str = "one_shot"
     observer: Observer | None = None
+    feedback: list[ErrorFeedback] | None = None
 
 
 class SimulatedRowParallel(torch.nn.Module):
@@ -124,10 +152,9 @@ class SimulatedRowParallel(torch.nn.Module):
         if st.observer is not None:
             st.observer(self.name, partials)
         codec = None if st.codecs is None or st.tp == 1 else st.codecs[self.name]
-        if codec is None:  # a layer mapped to None stays exact (per-layer mixed configurations)
-            out = exact_sum(partials).to(x.dtype)
-        else:
-            out = simulated_all_reduce(codec, partials, algorithm=st.algorithm, dtype=x.dtype)
+        # A layer mapped to None stays exact (per-layer mixed configurations).
+        out = simulated_all_reduce(codec, partials, algorithm=st.algorithm, dtype=x.dtype,
+                                   feedback=st.feedback)
         if self.linear.bias is not None:  # Megatron adds the bias after the reduction
             out = out + self.linear.bias
         return out.reshape(*x.shape[:-1], self.hidden)
@@ -142,6 +169,13 @@ def _decoder_layers(model: torch.nn.Module):
     return layers
 
 
+def _post_normed(layer: torch.nn.Module) -> bool:
+    """Whether the layer normalizes its attention and MLP outputs before the residual adds (Gemma
+    2/3). A Llama layer's `post_attention_layernorm` is its pre-MLP norm: only a layer that also
+    has a `post_feedforward_layernorm` is post-normed."""
+    return getattr(layer, "post_feedforward_layernorm", None) is not None
+
+
 class SimulatedTP:
     """Simulated-TP wrappers on a Hugging Face model; `remove()` puts the original linears back."""
 
@@ -152,6 +186,7 @@ class SimulatedTP:
         self.layers: dict[str, SimulatedRowParallel] = {}
         self._undo: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
         for i, layer in enumerate(_decoder_layers(model)):
+            self.post_normed = _post_normed(layer)
             for kind, (parent_attr, attr, _) in HF_SLOTS.items():
                 parent = getattr(layer, parent_attr, None)
                 linear = getattr(parent, attr, None)
@@ -173,9 +208,9 @@ class SimulatedTP:
 
     @contextlib.contextmanager
     def session(self, *, tp: int, codecs: Mapping[str, Codec | None] | None = None, algorithm: str = "one_shot",
-                observer: Observer | None = None) -> Iterator[SimulatedTP]:
+                observer: Observer | None = None, feedback: bool = False) -> Iterator[SimulatedTP]:
         """Forwards inside run at TP=`tp`; `codecs` maps every layer name to its codec, or to None
-        for an exact reduction (all exact when `codecs` is None)."""
+        for an exact reduction (all exact when `codecs` is None); `feedback`: error feedback."""
         if not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tp must be a positive integer, got {tp!r}")
         if algorithm not in ALGORITHMS:
@@ -186,12 +221,26 @@ class SimulatedTP:
                 raise ValueError(f"codecs missing for {len(missing)} layers, e.g. {missing[0]}")
         if self._state.active:
             raise RuntimeError("a simulated-TP session is already active on this model")
-        self._state.tp, self._state.codecs, self._state.algorithm, self._state.observer = tp, codecs, algorithm, observer
-        self._state.active = True
+        if feedback and self.post_normed:
+            raise ValueError(f"{type(self.model).__name__} normalizes its attention/MLP outputs before the residual adds "
+                             "(post-norms): error feedback needs outputs added straight into the residual stream")
+        st = self._state
+        st.tp, st.codecs, st.algorithm, st.observer = tp, codecs, algorithm, observer
+        st.feedback = [ErrorFeedback() for _ in range(tp)] if feedback and codecs is not None else None
+        hook = None
+        if st.feedback is not None:  # a debt belongs to one forward's rows
+            def reset(module, args) -> None:  # returns None: a pre-hook's result would replace the args
+                for fb in st.feedback:
+                    fb.reset()
+
+            hook = self.model.register_forward_pre_hook(reset)
+        st.active = True
         try:
             yield self
         finally:
-            self._state.active, self._state.codecs, self._state.observer = False, None, None
+            st.active, st.codecs, st.observer, st.feedback = False, None, None, None
+            if hook is not None:
+                hook.remove()
 
     def remove(self) -> None:
         for parent, attr, linear in reversed(self._undo):

@@ -1,9 +1,9 @@
 """A quality sweep: sweep points, their codecs, and the simulated-TP evaluation loop.
 
-A point is a codec at one TP size with an outlier rule (outlier codecs) and an all-reduce
-algorithm, written `SPEC[:rule=RULE][:algo=one_shot|two_shot]`, e.g.
-`outlier_int4/k64:rule=absmax_max`, `fp4_e2m1/b32/e8m0:algo=two_shot`, `rot64+fp4_e2m1/b32/e8m0`
-(experimental, see rotation.py).
+A point is a codec at one TP size with an outlier rule (outlier codecs), an all-reduce
+algorithm and error feedback on or off, written `SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on]`,
+e.g. `outlier_int4/k64:rule=absmax_max`, `fp4_e2m1/b32/e8m0:algo=two_shot`,
+`fp4_e2m1/b32/e6m2:feedback=on`, `rot64+fp4_e2m1/b32/e8m0` (experimental, see rotation.py).
 
 The loop (`compare`, also used by `sensitivity.py`) runs window-major: each window's uncompressed
 logits are computed once and every point is compared against them while they are in memory (a 262k
@@ -72,6 +72,8 @@ class SweepPoint:
     """Outlier selection rule (outlier codecs only); None: the calibration file's."""
     algorithm: str = "one_shot"
     """'one_shot' or 'two_shot' (requantizes the reduced chunk)."""
+    feedback: bool = False
+    """Error feedback (comm/feedback.py): each rank carries its error into its next reduction."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp, int) or self.tp < 2:
@@ -99,7 +101,9 @@ class SweepPoint:
 
     @property
     def label(self) -> str:
-        parts = [self.spec] + ([f"rule={self.rule}"] if self.rule else []) + ([f"algo={self.algorithm}"] if self.algorithm != "one_shot" else [])
+        parts = ([self.spec] + ([f"rule={self.rule}"] if self.rule else [])
+                 + ([f"algo={self.algorithm}"] if self.algorithm != "one_shot" else [])
+                 + (["feedback=on"] if self.feedback else []))
         return f"TP={self.tp} " + ":".join(parts)
 
     @classmethod
@@ -108,10 +112,12 @@ class SweepPoint:
         kw: dict = {}
         for opt in opts:
             key, eq, value = opt.partition("=")
-            if not eq or key not in ("rule", "algo") or key in kw:
-                raise ValueError(f"bad sweep point option {opt!r} in {text!r}; use SPEC[:rule=RULE][:algo=one_shot|two_shot]")
+            if not eq or key not in ("rule", "algo", "feedback") or key in kw or (key == "feedback" and value not in ("on", "off")):
+                raise ValueError(f"bad sweep point option {opt!r} in {text!r}; use "
+                                 "SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on|off]")
             kw[key] = value
-        return cls(spec=spec, tp=tp, rule=kw.get("rule"), algorithm=kw.get("algo", "one_shot"))
+        return cls(spec=spec, tp=tp, rule=kw.get("rule"), algorithm=kw.get("algo", "one_shot"),
+                   feedback=kw.get("feedback") == "on")
 
 
 def point_codecs(point: SweepPoint, layers: Sequence[str], hidden: int, calibration: Calibration | None) -> dict[str, Codec]:
@@ -135,11 +141,13 @@ class SweepResult:
 
 @dataclass(frozen=True)
 class Plan:
-    """What one compared forward runs: a TP size, every layer's codec (None: exact), an algorithm."""
+    """What one compared forward runs: a TP size, every layer's codec (None: exact), an algorithm,
+    error feedback on or off."""
 
     tp: int
     codecs: Mapping[str, Codec | None]
     algorithm: str = "one_shot"
+    feedback: bool = False
 
 
 def compare(model, sim: SimulatedTP, windows: TokenWindows, plans: Sequence[Plan], *, labels: Sequence[str] = (),
@@ -155,7 +163,7 @@ def compare(model, sim: SimulatedTP, windows: TokenWindows, plans: Sequence[Plan
             add_reference(base, ref, targets)
             for j, plan in enumerate(plans):
                 t0 = time.perf_counter()
-                with sim.session(tp=plan.tp, codecs=plan.codecs, algorithm=plan.algorithm):
+                with sim.session(tp=plan.tp, codecs=plan.codecs, algorithm=plan.algorithm, feedback=plan.feedback):
                     logits = windows.scored_logits(model(x).logits[0])
                 add_compared(totals[j], logits, ref, targets)
                 seconds[j] += time.perf_counter() - t0
@@ -174,7 +182,7 @@ def run_simulated(model, sim: SimulatedTP, windows: TokenWindows, points: Sequen
             codecs[p] = point_codecs(p, list(sim.layers), sim.hidden, calibrations.get(p.tp))
         except ValueError as e:
             raise ValueError(f"{p.label}: {e}") from None
-    base, totals, seconds = compare(model, sim, windows, [Plan(p.tp, codecs[p], p.algorithm) for p in points],
+    base, totals, seconds = compare(model, sim, windows, [Plan(p.tp, codecs[p], p.algorithm, p.feedback) for p in points],
                                     labels=[p.label for p in points], log=log)
     return SweepResult(baseline=base, totals=dict(zip(points, totals)),
                        bits={p: next(iter(codecs[p].values())).bits_per_value(sim.hidden) for p in points},

@@ -1,0 +1,81 @@
+"""What error feedback adds to a rank's codec work in a one-shot all-reduce, on one GPU.
+
+    python tools/bench_feedback.py --out benchmarks/results/feedback_<device>_<date>.jsonl
+
+Per message size (bf16 bytes of one `[rows, hidden]` partial sum) and codec, GPU time (CUDA-graph
+replay, L2 flushed, as tools/bench_kernels.py) of one rank's local work without and with feedback:
+* plain: encode the bf16 partial sum, decode_sum `--sources` payloads;
+* feedback: add the float32 debt, encode the float32 sum, decode the own payload, settle the new
+  debt, decode_sum the same payloads.
+The transfer between them is the same bytes either way and is not timed. `copy_ms` is a copy of
+the bf16 message, for scale. One JSON record per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import _inputs, _ms  # noqa: E402  (tools/ is not a package)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tpcomp_megatron import ops
+    from tpcomp_megatron.codecs import make_codec
+    from tpcomp_megatron.comm.feedback import ErrorFeedback
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--codecs", nargs="+", default=["fp4_e2m1/b32/e6m2", "fp6_e2m3/b32/e8m0"])
+    ap.add_argument("--sizes-mb", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--hidden", type=int, default=8192)
+    ap.add_argument("--sources", type=int, default=8)
+    ap.add_argument("--out")
+    ap.add_argument("--git", default=os.environ.get("GIT_COMMIT", "unknown"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_feedback needs a CUDA GPU")
+    meta = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "git": a.git,
+            "command": " ".join(shlex.quote(x) for x in ["tools/bench_feedback.py"] + (argv or sys.argv[1:])),
+            "hidden": a.hidden, "sources": a.sources}
+    records = []
+    for spec in a.codecs:
+        codec = make_codec(spec)
+        for mb in a.sizes_mb:
+            rows = mb * 2**20 // (2 * a.hidden)
+            (x,) = _inputs(rows, a.hidden, 1, seed=mb)
+            payloads = torch.stack([ops.encode(codec, p, source=r) for r, p in enumerate(_inputs(rows, a.hidden, a.sources, 7))])
+            fb = ErrorFeedback()
+            fb.debt = (x.float() * 0.05).contiguous()
+            copy_dst = torch.empty_like(x)
+
+            def plain():
+                ops.encode(codec, x, source=0)
+                ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
+
+            def feedback():
+                send = x.float() + fb.debt
+                own = ops.decode_each(codec, ops.encode(codec, send, source=0).unsqueeze(0), a.hidden, sources=[0],
+                                      dtype=torch.float32)
+                torch.sub(send, own, out=fb.debt)
+                ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
+
+            ms_plain, ms_fb, ms_copy = _ms(plain), _ms(feedback), _ms(lambda: copy_dst.copy_(x))
+            rec = {"codec": spec, "message_mb": mb, "plain_ms": round(ms_plain, 5), "feedback_ms": round(ms_fb, 5),
+                   "feedback_over_plain": round(ms_fb / ms_plain, 3), "copy_ms": round(ms_copy, 5), **meta}
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    if a.out:
+        with open(a.out, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
