@@ -14,7 +14,14 @@ def _parse(argv):
 
 def test_defaults_are_off():
     cfg = config_from_args(_parse([]))
-    assert not cfg.enabled and cfg.layers == ("linear_proj", "linear_fc2")
+    assert not cfg.enabled and cfg.layers == ("linear_proj", "linear_fc2") and not cfg.error_feedback
+
+
+def test_error_feedback_flag_reaches_the_config_and_its_description():
+    on = config_from_args(_parse(["--tp-comm-compression", "fp4_e2m1/b32/e6m2", "--tp-comm-error-feedback"]))
+    off = config_from_args(_parse(["--tp-comm-compression", "fp4_e2m1/b32/e6m2"]))
+    # Ranks that disagree on feedback must fail at setup: the description differs.
+    assert on.error_feedback and on.describe() != off.describe()
 
 
 def test_flags_build_a_validated_config():

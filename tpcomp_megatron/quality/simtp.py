@@ -206,6 +206,12 @@ class SimulatedTP:
         if w.linear.in_features != want:
             raise ValueError(f"{w.name}: input width {w.linear.in_features} does not match the config ({want})")
 
+    def check_feedback(self) -> None:
+        """ValueError unless error feedback applies: outputs added straight into the residual stream."""
+        if self.post_normed:
+            raise ValueError(f"{type(self.model).__name__} normalizes its attention/MLP outputs before the residual "
+                             "adds (post-norms): error feedback needs outputs added straight into the residual stream")
+
     @contextlib.contextmanager
     def session(self, *, tp: int, codecs: Mapping[str, Codec | None] | None = None, algorithm: str = "one_shot",
                 observer: Observer | None = None, feedback: bool = False) -> Iterator[SimulatedTP]:
@@ -221,9 +227,8 @@ class SimulatedTP:
                 raise ValueError(f"codecs missing for {len(missing)} layers, e.g. {missing[0]}")
         if self._state.active:
             raise RuntimeError("a simulated-TP session is already active on this model")
-        if feedback and self.post_normed:
-            raise ValueError(f"{type(self.model).__name__} normalizes its attention/MLP outputs before the residual adds "
-                             "(post-norms): error feedback needs outputs added straight into the residual stream")
+        if feedback:
+            self.check_feedback()
         st = self._state
         st.tp, st.codecs, st.algorithm, st.observer = tp, codecs, algorithm, observer
         st.feedback = [ErrorFeedback() for _ in range(tp)] if feedback and codecs is not None else None

@@ -57,7 +57,12 @@ SMALL_SWEEP = (
     "outlier_int4/k64:rule=range_sq_sum", "outlier+fp4_e2m1/b32/e8m0/k64:rule=range_sq_sum",
     "rot64+fp4_e2m1/b32/e8m0", "rot64+fp5_e2m2/b32/e8m0",
 )
-SWEEPS = {"default": DEFAULT_SWEEP, "small": SMALL_SWEEP, "two_shot": TWO_SHOT_SWEEP}
+# Error feedback (pre-norm models only: comm/feedback.py).
+FEEDBACK_SWEEP = (
+    "fp4_e2m1/b32/e6m2:feedback=on", "fp4_e2m1/b16/e6m2:feedback=on", "int4/b32/e6m2:feedback=on",
+    "fp5_e2m2/b32/e6m2:feedback=on", "fp4_e2m1/b32/e6m2:algo=two_shot:feedback=on",
+)
+SWEEPS = {"default": DEFAULT_SWEEP, "small": SMALL_SWEEP, "two_shot": TWO_SHOT_SWEEP, "feedback": FEEDBACK_SWEEP}
 
 
 @dataclass(frozen=True, kw_only=True)
