@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         for mb in a.sizes_mb:
             rows = mb * 2**20 // (2 * a.hidden)
             (x,) = _inputs(rows, a.hidden, 1, seed=mb)
-            payloads = torch.stack([ops.encode(codec, p, source=r) for r, p in enumerate(_inputs(rows, a.hidden, a.sources, 7))])
+            parts = _inputs(rows, a.hidden, a.sources, 7)
+            payloads = torch.stack([ops.encode(codec, p, source=r) for r, p in enumerate(parts)])
             fb = ErrorFeedback()
             fb.debt = (x.float() * 0.05).contiguous()
             copy_dst = torch.empty_like(x)

@@ -6,8 +6,9 @@ parallelism, the column-parallel `linear_qkv` / `linear_fc1`. Layers built from 
 `compressed_layer_spec` already have the compressed class; stock Megatron layers are switched to
 it in place (the subclass adds no state, so only `__class__` changes). With error feedback on,
 every row-parallel reduction (the compressed ones, and the exact ones, which pay the debt) shares
-one `ErrorFeedback` state, reset by a forward pre-hook on the model. The returned handle's `remove()` restores every class and attribute it changed and
-removes the hook. Nothing global is patched.
+one `ErrorFeedback` state, reset by a forward pre-hook on the model. The returned handle's
+`remove()` restores every class and attribute it changed and removes the hook. Nothing global is
+patched.
 """
 
 from __future__ import annotations

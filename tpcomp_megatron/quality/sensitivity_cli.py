@@ -117,7 +117,8 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     records = []
     for simulated, run_base, run_totals, extra in runs:
         for (high, k), layers, b, tot, more in zip(chosen, names, bits, run_totals, extra):
-            label = (str(low.spec) if k == 0 else f"{low.spec} + {k} layers {high.spec}") + (", feedback" if cfg.feedback else "")
+            label = str(low.spec) if k == 0 else f"{low.spec} + {k} layers {high.spec}"
+            label += ", feedback" if cfg.feedback else ""
             records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=run_base,
                                           world_size=cfg.tp, simulated=simulated, codec=label, bits=b, calibration="none",
                                           plan_low=str(low.spec), plan_high=str(high.spec), layers_high=layers,

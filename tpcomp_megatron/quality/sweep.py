@@ -117,7 +117,8 @@ class SweepPoint:
         kw: dict = {}
         for opt in opts:
             key, eq, value = opt.partition("=")
-            if not eq or key not in ("rule", "algo", "feedback") or key in kw or (key == "feedback" and value not in ("on", "off")):
+            bad_value = key == "feedback" and value not in ("on", "off")
+            if not eq or key not in ("rule", "algo", "feedback") or key in kw or bad_value:
                 raise ValueError(f"bad sweep point option {opt!r} in {text!r}; use "
                                  "SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on|off]")
             kw[key] = value
