@@ -9,7 +9,7 @@ PROJ=1); before reduction j+1 it sends `p_r + debt * K / gamma_{j+1}`, clamped s
 its block's maximum (CLAMP=1), with K, the unknown rms of the next output, estimated as
 `debt_ratio`: the previous output's rms times a calibrated per-layer ratio; `debt_own`:
 sqrt(tp) x the rank's own partial-sum rms; `debt_oracle`: the true rms (not deployable).
-`debt_off` is no feedback. Results: benchmarks/results/quality_cpu-amd-epyc_2026-11-23.md
+`debt_off` is no feedback. CLAMP_FRACTION=f instead limits each send to f x its block's maximum. Results: benchmarks/results/quality_cpu-amd-epyc_2026-11-23.md
 (every variant made Gemma 3 270M worse, so the library refuses feedback on post-norm models).
 Modes `naive` / `static` / `oracle` scale the raw error instead of a residual-unit debt.
 """
@@ -24,6 +24,7 @@ from tpcomp_megatron.codecs import make_codec, parse_codec_spec
 torch.set_num_threads(2)
 CLAMP = os.environ.get('CLAMP', '1') == '1'
 PROJ = os.environ.get('PROJ', '1') == '1'
+CLAMP_FRACTION = float(os.environ['CLAMP_FRACTION']) if os.environ.get('CLAMP_FRACTION') else None
 model_name, tp, nwin = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 modes = sys.argv[4].split(",")
 model, tok, mid = load_model(model_name)
@@ -82,7 +83,10 @@ def patched(codec, partials, *, algorithm="one_shot", dtype=None, **kw):
                 send = torch.where(ok, a * K / torch.where(ok, g, torch.ones_like(g)), torch.zeros_like(a))
                 R, Hh = p.shape[1], p.shape[2]
                 M = p.abs().view(n, R, Hh // 32, 32).amax(-1, keepdim=True).expand(n, R, Hh // 32, 32).reshape(n, R, Hh)
-                x = torch.maximum(torch.minimum(p + send, M), -M)
+                if CLAMP_FRACTION is None:  # |x| never exceeds the block maximum
+                    x = torch.maximum(torch.minimum(p + send, M), -M)
+                else:  # each send at most CLAMP_FRACTION of its block's maximum
+                    x = p + torch.maximum(torch.minimum(send, M * CLAMP_FRACTION), -M * CLAMP_FRACTION)
             else:
                 x = p + a
         inner = codec.inner
