@@ -13,9 +13,10 @@ minus the ranks' current debts. An exact reduction (the gate's fallback, or a la
 pays the whole debt.
 
 Models that normalize a reduction's output before the residual add (Gemma 2/3's post-attention
-and post-MLP norms) are not supported: the debt would have to be rescaled by the next norm's gain
-and the next output's RMS, which no rank knows before that reduction. Measured on Gemma 3 270M,
-every variant tried made perplexity worse (benchmarks/results/quality_*.md).
+and post-MLP norms) are not supported yet: there the debt must be kept in residual units, rescaled
+by the next norm's gain and an estimate of the next output's RMS, and sent in small clamped steps
+so the norm stays near-linear. A prototype of that halves Gemma 3 270M's KL
+(benchmarks/experiments/feedback_postnorm_gemma.py; unclamped sends made it far worse).
 """
 
 from __future__ import annotations
