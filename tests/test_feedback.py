@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from tpcomp_megatron.codecs import make_codec
 from tpcomp_megatron.comm import CompressedComm, GatePolicy
-from tpcomp_megatron.comm.feedback import ErrorFeedback, FeedbackSite
+from tpcomp_megatron.comm.feedback import ErrorFeedback
 from tpcomp_megatron.quality.simtp import simulated_all_reduce
 from tpcomp_megatron.testing import run_ranks
 
@@ -31,19 +31,18 @@ def _chain(rank, world, seed, spec, algos):
     comm = CompressedComm(policy=GatePolicy(min_bytes=0, link="cpu"))
     gated = CompressedComm(policy=GatePolicy(min_bytes=1 << 40, link="cpu"))  # sends everything exactly
     state = ErrorFeedback()
-    site = FeedbackSite(state)
     outs = []
     for i, algo in enumerate(algos):
         p = _partials(world, seed + i, 2 * world + 1 if algo != "reduce_scatter" else 2 * world)[rank]
         if algo == "reduce_scatter":
-            shard = comm.reduce_scatter(p, codec, feedback=site)
+            shard = comm.reduce_scatter(p, codec, feedback=state)
             full = [torch.empty_like(shard) for _ in range(world)]
             dist.all_gather(full, shard)
             outs.append(torch.cat(full))
         elif algo == "exact":
-            outs.append(gated.all_reduce(p, codec, feedback=site))
+            outs.append(gated.all_reduce(p, codec, feedback=state))
         else:
-            outs.append(comm.all_reduce(p, codec, algorithm=algo, feedback=site))
+            outs.append(comm.all_reduce(p, codec, algorithm=algo, feedback=state))
     return outs, state.debt
 
 

@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
                 ops.encode(codec, x, source=0)
                 ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
 
-            def feedback():
-                send = x.float() + fb.debt
+            def feedback():  # the library's own steps, as CompressedComm takes them
+                send = fb.to_send(x)
                 own = ops.decode_each(codec, ops.encode(codec, send, source=0).unsqueeze(0), a.hidden, sources=[0],
                                       dtype=torch.float32)
-                torch.sub(send, own, out=fb.debt)
+                fb.settle(send, own)
                 ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
 
             ms_plain, ms_fb, ms_copy = _ms(plain), _ms(feedback), _ms(lambda: copy_dst.copy_(x))

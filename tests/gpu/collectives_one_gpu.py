@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tpcomp_megatron.calibration import OutlierParams, select_outlier_channels
 from tpcomp_megatron.codecs import make_codec
 from tpcomp_megatron.comm import CompressedComm, GatePolicy
-from tpcomp_megatron.comm.feedback import ErrorFeedback, FeedbackSite
+from tpcomp_megatron.comm.feedback import ErrorFeedback
 
 SPECS = ["fp4_e2m1/b32/e8m0", "fp4_e2m1/b32/e6m2", "int4/b16/bf16", "fp6_e2m3/b32/e8m0", "outlier_int4/k64", "outlier+fp4_e2m1/b32/e8m0/k64"]
 
@@ -64,8 +64,8 @@ def main() -> int:
             name, fb_ref, fb_gpu, ok = f"feedback {algo}", ErrorFeedback(), ErrorFeedback(), True
             for step in range(3):
                 xs = x * (step + 1)
-                want = ref.all_reduce(xs, codec, algorithm=algo, feedback=FeedbackSite(fb_ref))
-                got = comm.all_reduce(xs.cuda(), codec, algorithm=algo, feedback=FeedbackSite(fb_gpu))
+                want = ref.all_reduce(xs, codec, algorithm=algo, feedback=fb_ref)
+                got = comm.all_reduce(xs.cuda(), codec, algorithm=algo, feedback=fb_gpu)
                 ok = ok and torch.equal(got.cpu(), want) and torch.equal(fb_gpu.debt.cpu(), fb_ref.debt)
             print(f"rank {rank} {spec:32s} {name:20s} {'bit-exact' if ok else 'MISMATCH'}", flush=True)
             if not ok:

@@ -11,7 +11,7 @@ returns a new tensor; the gate sends ineligible calls to the exact collective in
 * reduce-scatter (sequence parallelism, along dim 0): encode, all-to-all, decode-sum own chunk.
 * all-gather (sequence parallelism, along dim 0): encode own shard, all-gather, decode all.
 
-With a `FeedbackSite` (error feedback, `feedback.py`) a rank sends its partial sum plus its debt
+With an `ErrorFeedback` state (`feedback.py`) a rank sends its partial sum plus its debt
 and settles the debt from what its payload decoded to; the exact fallback carries the debt too.
 
 Sums run in float32 in rank order, and every rank decodes the same payloads (its own included),
@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..codecs.base import REDUCED, Codec
-from .feedback import FeedbackSite
+from .feedback import ErrorFeedback
 from .gate import GatePolicy, ineligible
 from .stats import CommStats
 
@@ -117,40 +117,43 @@ class CompressedComm:
 
     # -- compressed collectives --------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor, codec: Codec | None, *, algorithm: str | None = None,
-                   feedback: FeedbackSite | None = None) -> torch.Tensor:
+                   feedback: ErrorFeedback | None = None) -> torch.Tensor:
         """Sum of `x` over the group; returns a new tensor of `x`'s shape and dtype (`codec` None:
         exact, for a layer left exact that still pays its error-feedback debt)."""
         n = self.world_size
         if n == 1:
             return x
         rows = _rows(x)
-        send = rows if feedback is None else feedback.state.to_send(rows)
+        send = rows if feedback is None else feedback.to_send(rows)
         why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy)
         if why:
-            out = self._exact_all_reduce(send.to(x.dtype), why)
+            exact_in = send.to(x.dtype)
+            out = self._exact_all_reduce(exact_in, why)
             if feedback is not None:  # an exact sum pays the debt (but for the rounding to x.dtype)
-                feedback.state.settle(send, send.to(x.dtype).float())
+                feedback.settle(send, exact_in.float())
             return out.view(x.shape)
         algo = algorithm or self.policy.choose_algorithm(n)
         hidden = x.shape[-1]
-        own = [] if feedback is not None else None  # what this rank's contribution decodes to
+        want_own = feedback is not None
         if algo == "one_shot":
-            out = self._one_shot(send, codec, x.dtype, own)
+            out, own = self._one_shot(send, codec, x.dtype, want_own)
             sent = (n - 1) * rows.shape[0] * codec.row_bytes(hidden)
         elif algo == "two_shot":
-            out = self._two_shot(send, codec, x.dtype, own)
+            out, own = self._two_shot(send, codec, x.dtype, want_own)
             sent = 2 * (n - 1) * (-(-rows.shape[0] // n)) * codec.row_bytes(hidden)
         else:
             raise ValueError(f"unknown all-reduce algorithm {algo!r}; valid: 'one_shot', 'two_shot'")
         if feedback is not None:
-            feedback.state.settle(send, own[0])
+            feedback.settle(send, own)
         self.stats.record_compressed(sent, _ring_bytes(x.numel() * x.element_size(), n, "all_reduce"))
         return out.view(x.shape)
 
     def _own(self, codec: Codec, payload: torch.Tensor, hidden: int, source: int) -> torch.Tensor:
         return ops.decode_each(codec, payload.unsqueeze(0), hidden, sources=[source], dtype=torch.float32)
 
-    def _one_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, own: list | None) -> torch.Tensor:
+    def _one_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype,
+                  want_own: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the sum, and with `want_own` what this rank's payload decodes to in float32)."""
         n, hidden = self.world_size, rows.shape[1]
         symm = self._symm_transport() if rows.is_cuda else None
         if symm is not None:
@@ -160,16 +163,16 @@ class CompressedComm:
             symm.barrier()  # peers are done reading the previous call's payloads
             ops.encode(codec, rows, source=self.rank, out=views[self.rank])
             symm.barrier()  # every payload is written
-            if own is not None:
-                own.append(self._own(codec, views[self.rank], hidden, self.rank))
-            return ops.decode_sum_list(codec, views, hidden, sources=range(n), dtype=dtype)
+            own = self._own(codec, views[self.rank], hidden, self.rank) if want_own else None
+            return ops.decode_sum_list(codec, views, hidden, sources=range(n), dtype=dtype), own
         payload = ops.encode(codec, rows, source=self.rank)
-        if own is not None:
-            own.append(self._own(codec, payload, hidden, self.rank))
+        own = self._own(codec, payload, hidden, self.rank) if want_own else None
         gathered = _gather_rows("all-reduce (one-shot all-gather)", self.group, n, payload)
-        return ops.decode_sum(codec, gathered, hidden, sources=range(n), dtype=dtype)
+        return ops.decode_sum(codec, gathered, hidden, sources=range(n), dtype=dtype), own
 
-    def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, own: list | None) -> torch.Tensor:
+    def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype,
+                  want_own: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `_one_shot`; this rank's own share also carries its chunk's requantization error."""
         n, (m, hidden) = self.world_size, rows.shape
         chunk = -(-m // n)
         if chunk * n != m:  # pad rows so they split evenly; padding rows are zeros, dropped after
@@ -177,7 +180,8 @@ class CompressedComm:
         payload = ops.encode(codec, rows, source=self.rank)
         received = torch.empty_like(payload)
         _run("all-reduce (two-shot all-to-all)", self.group, dist.all_to_all_single, received.view(-1), payload.view(-1))
-        if own is None:
+        own = None
+        if not want_own:
             reduced = ops.decode_sum_encode(codec, received.view(n, chunk, -1), hidden,
                                             sources=range(n), out_source=REDUCED)
         else:
@@ -188,28 +192,29 @@ class CompressedComm:
             mine = self._own(codec, payload, hidden, self.rank)
             lo = self.rank * chunk
             mine[lo:lo + chunk] += self._own(codec, reduced, hidden, REDUCED) - summed
-            own.append(mine[:m])
+            own = mine[:m]
         gathered = _gather_rows("all-reduce (two-shot all-gather)", self.group, n, reduced)
         out = ops.decode_each(codec, gathered, hidden, sources=[REDUCED] * n, dtype=dtype)
-        return out[:m]
+        return out[:m], own
 
-    def reduce_scatter(self, x: torch.Tensor, codec: Codec | None, *, feedback: FeedbackSite | None = None) -> torch.Tensor:
+    def reduce_scatter(self, x: torch.Tensor, codec: Codec | None, *, feedback: ErrorFeedback | None = None) -> torch.Tensor:
         """Sum over the group, split along dim 0: rank r gets rows [r*s/N, (r+1)*s/N)."""
         n = self.world_size
         if n == 1:
             return x
         rows = _rows(x)
-        send = rows if feedback is None else feedback.state.to_send(rows)
+        send = rows if feedback is None else feedback.to_send(rows)
         why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, rows_divisible=True)
         if why:
-            out = self._exact_reduce_scatter(send.to(x.dtype).view(x.shape), why)
+            exact_in = send.to(x.dtype)
+            out = self._exact_reduce_scatter(exact_in.view(x.shape), why)
             if feedback is not None:
-                feedback.state.settle(send, send.to(x.dtype).float())
+                feedback.settle(send, exact_in.float())
             return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
         hidden = x.shape[-1]
         payload = ops.encode(codec, send, source=self.rank)
         if feedback is not None:
-            feedback.state.settle(send, self._own(codec, payload, hidden, self.rank))
+            feedback.settle(send, self._own(codec, payload, hidden, self.rank))
         received = torch.empty_like(payload)
         _run("reduce-scatter (all-to-all)", self.group, dist.all_to_all_single, received.view(-1), payload.view(-1))
         out = ops.decode_sum(codec, received.view(n, rows.shape[0] // n, -1), hidden,

@@ -21,8 +21,6 @@ so the norm stays near-linear. A prototype of that halves Gemma 3 270M's KL
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
@@ -55,11 +53,3 @@ class ErrorFeedback:
         `contributed` what this rank's payload decoded to (its share of the output, float32);
         their difference is the new debt."""
         self.debt = sent - contributed
-
-
-@dataclass(frozen=True)
-class FeedbackSite:
-    """A reduction's place in the feedback chain: the state it shares with the model's other
-    compressed reductions on this rank."""
-
-    state: ErrorFeedback

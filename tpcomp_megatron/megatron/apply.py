@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from ..calibration import Calibration, load_calibration
 from ..codecs import BlockSpec, OutlierSpec, make_codec, parse_codec_spec
 from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
-from ..comm.feedback import ErrorFeedback, FeedbackSite
+from ..comm.feedback import ErrorFeedback
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from .mappings import LayerCompression
 
@@ -211,11 +211,9 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
                         params = calibration.params(name)
                     codec = make_codec(spec, params)
                     found += 1
-                site = None
                 if feedback is not None:
                     _check_no_post_norm(model.get_submodule(parent), name)
-                    site = FeedbackSite(feedback)
-                handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, codec, site))
+                handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, codec, feedback))
             elif (config.gather_codec_spec is not None and leaf in GATHER_LAYERS
                   and parent.endswith(GATHER_LAYERS[leaf]) and getattr(module, "sequence_parallel", False)):
                 _check_class(name, module, ColumnParallelLinear)

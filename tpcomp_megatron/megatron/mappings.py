@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..codecs.base import Codec
 from ..comm.collectives import CompressedComm
-from ..comm.feedback import FeedbackSite
+from ..comm.feedback import ErrorFeedback
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -24,12 +24,12 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 @dataclass(frozen=True)
 class LayerCompression:
     """What one layer compresses with: the group's communicator, the layer's codec and, with error
-    feedback on, the layer's place in the feedback chain."""
+    feedback on, the debt state this rank's reductions share."""
 
     comm: CompressedComm
     codec: Codec | None
     """None: an exact reduction (a layer left exact while error feedback is on)."""
-    feedback: FeedbackSite | None = None
+    feedback: ErrorFeedback | None = None
 
 
 def _exact_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:

@@ -65,32 +65,33 @@ def simulated_all_reduce(codec: Codec | None, partials: torch.Tensor, *, algorit
         why = codec.ineligible(hidden)
         if why:  # the real gate would silently send these exactly; a quality sweep must not
             raise ValueError(f"codec {codec.spec} cannot encode rows of {hidden} values: {why}")
-    if feedback is None:
-        if codec is None:
-            return exact_sum(partials).to(dtype)
-        payloads = torch.stack([codec.encode(p, source=r) for r, p in enumerate(partials)])
-        if algorithm == "one_shot":
-            return codec.decode_sum(payloads, hidden, range(n), dtype=dtype)
-        # Rows are coded independently, so splitting them into per-rank chunks changes nothing.
-        reduced = codec.encode(codec.decode_sum_f32(payloads, hidden, range(n)), source=REDUCED)
-        return codec.decode(reduced, hidden, source=REDUCED, dtype=dtype)
-    sends = torch.stack([fb.to_send(p) for fb, p in zip(feedback, partials)])
+    sends = partials if feedback is None else torch.stack([fb.to_send(p) for fb, p in zip(feedback, partials)])
+    own = None  # with feedback: what each rank's contribution decodes to, float32
     if codec is None:  # an exact reduction pays every debt (but for the rounding to the model's dtype)
-        out, own = exact_sum(sends.to(partials.dtype)).to(dtype), sends.to(partials.dtype).float()
+        exact_in = sends.to(partials.dtype)
+        out = exact_sum(exact_in).to(dtype)
+        if feedback is not None:
+            own = exact_in.float()
     else:
         payloads = torch.stack([codec.encode(x, source=r) for r, x in enumerate(sends)])
-        own = torch.stack([codec.decode_f32(p, hidden, source=r) for r, p in enumerate(payloads)])
+        if feedback is not None:
+            own = torch.stack([codec.decode_f32(p, hidden, source=r) for r, p in enumerate(payloads)])
         if algorithm == "one_shot":
             out = codec.decode_sum(payloads, hidden, range(n), dtype=dtype)
-        else:  # rank r owns rows chunk r (padded as CompressedComm pads) and its requantization error
+        else:
+            # Rows are coded independently, so splitting them into per-rank chunks changes the
+            # output nothing; with feedback rank r owns rows chunk r (padded as CompressedComm
+            # pads) and that chunk's requantization error.
             summed = codec.decode_sum_f32(payloads, hidden, range(n))
             requant = codec.decode_f32(codec.encode(summed, source=REDUCED), hidden, source=REDUCED)
             out = requant.to(dtype)
-            chunk = -(-rows // n)
-            for r in range(n):
-                own[r, r * chunk:(r + 1) * chunk] += (requant - summed)[r * chunk:(r + 1) * chunk]
-    for fb, x, c in zip(feedback, sends, own):
-        fb.settle(x, c)
+            if feedback is not None:
+                chunk = -(-rows // n)
+                for r in range(n):
+                    own[r, r * chunk:(r + 1) * chunk] += (requant - summed)[r * chunk:(r + 1) * chunk]
+    if feedback is not None:
+        for fb, x, c in zip(feedback, sends, own):
+            fb.settle(x, c)
     return out
 
 
@@ -185,8 +186,9 @@ class SimulatedTP:
         self._state = _Session()
         self.layers: dict[str, SimulatedRowParallel] = {}
         self._undo: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
-        for i, layer in enumerate(_decoder_layers(model)):
-            self.post_normed = _post_normed(layer)
+        layers = _decoder_layers(model)
+        self.post_normed = any(_post_normed(layer) for layer in layers)
+        for i, layer in enumerate(layers):
             for kind, (parent_attr, attr, _) in HF_SLOTS.items():
                 parent = getattr(layer, parent_attr, None)
                 linear = getattr(parent, attr, None)
