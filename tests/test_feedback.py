@@ -30,7 +30,7 @@ def _chain(rank, world, seed, spec, algos):
     codec = make_codec(spec)
     comm = CompressedComm(policy=GatePolicy(min_bytes=0, link="cpu"))
     gated = CompressedComm(policy=GatePolicy(min_bytes=1 << 40, link="cpu"))  # sends everything exactly
-    state = ErrorFeedback()
+    state = ErrorFeedback(world)
     outs = []
     for i, algo in enumerate(algos):
         p = _partials(world, seed + i, 2 * world + 1 if algo != "reduce_scatter" else 2 * world)[rank]
@@ -93,7 +93,7 @@ def test_errors_telescope_on_ranks(world):
 def _check_sim_agrees(rank, world, seed, spec):
     for algo in ("one_shot", "two_shot"):
         outs, _ = _chain(rank, world, seed, spec, [algo] * STEPS)
-        fbs = [ErrorFeedback() for _ in range(world)]
+        fbs = [ErrorFeedback(world) for _ in range(world)]
         codec = make_codec(spec)
         for i, out in enumerate(outs):
             parts = _partials(world, seed + i, out.shape[0])
@@ -108,9 +108,9 @@ def test_real_ranks_equal_simulation():
 
 
 def test_debt_of_other_rows_is_dropped_not_mixed():
-    fb = ErrorFeedback()
+    fb = ErrorFeedback(2)
     x = torch.randint(-64, 64, (4, HIDDEN)) / 8.0  # eighths: every sum below is exact in float32
-    fb.settle(x, x + 1)
+    fb.settle(fb.to_send(x), x + 1)
     assert torch.equal(fb.to_send(x), x - 1)
     y = torch.randn(5, HIDDEN)
     assert torch.equal(fb.to_send(y), y) and fb.dropped == 1 and fb.debt is None

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             (x,) = _inputs(rows, a.hidden, 1, seed=mb)
             parts = _inputs(rows, a.hidden, a.sources, 7)
             payloads = torch.stack([ops.encode(codec, p, source=r) for r, p in enumerate(parts)])
-            fb = ErrorFeedback()
+            fb = ErrorFeedback(a.sources)
             fb.debt = (x.float() * 0.05).contiguous()
             copy_dst = torch.empty_like(x)
 

@@ -61,7 +61,8 @@ def main() -> int:
             if not ok:
                 failures.append(f"{spec} {name}")
         for algo in ("one_shot", "two_shot"):  # error feedback: three chained reductions, debts too
-            name, fb_ref, fb_gpu, ok = f"feedback {algo}", ErrorFeedback(), ErrorFeedback(), True
+            name, ok = f"feedback {algo}", True
+            fb_ref, fb_gpu = ErrorFeedback(comm.world_size), ErrorFeedback(comm.world_size)
             for step in range(3):
                 xs = x * (step + 1)
                 want = ref.all_reduce(xs, codec, algorithm=algo, feedback=fb_ref)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..codecs.base import REDUCED, Codec
-from .feedback import ErrorFeedback
+from .feedback import ErrorFeedback, PostNorm
 from .gate import GatePolicy, ineligible
 from .stats import CommStats
 
@@ -117,20 +117,21 @@ class CompressedComm:
 
     # -- compressed collectives --------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor, codec: Codec | None, *, algorithm: str | None = None,
-                   feedback: ErrorFeedback | None = None) -> torch.Tensor:
+                   feedback: ErrorFeedback | None = None, norm: PostNorm | None = None) -> torch.Tensor:
         """Sum of `x` over the group; returns a new tensor of `x`'s shape and dtype (`codec` None:
-        exact, for a layer left exact that still pays its error-feedback debt)."""
+        exact, for a layer left exact that still pays its error-feedback debt; `norm`: the
+        post-norm the output passes before the residual add, for error feedback)."""
         n = self.world_size
         if n == 1:
             return x
         rows = _rows(x)
-        send = rows if feedback is None else feedback.to_send(rows)
+        send = rows if feedback is None else feedback.to_send(rows, norm)
         why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy)
         if why:
             exact_in = send.to(x.dtype)
             out = self._exact_all_reduce(exact_in, why)
             if feedback is not None:  # an exact sum pays the debt (but for the rounding to x.dtype)
-                feedback.settle(send, exact_in.float())
+                feedback.settle(send, exact_in.float(), out)
             return out.view(x.shape)
         algo = algorithm or self.policy.choose_algorithm(n)
         hidden = x.shape[-1]
@@ -144,7 +145,7 @@ class CompressedComm:
         else:
             raise ValueError(f"unknown all-reduce algorithm {algo!r}; valid: 'one_shot', 'two_shot'")
         if feedback is not None:
-            feedback.settle(send, own)
+            feedback.settle(send, own, out)
         self.stats.record_compressed(sent, _ring_bytes(x.numel() * x.element_size(), n, "all_reduce"))
         return out.view(x.shape)
 
@@ -197,8 +198,12 @@ class CompressedComm:
         out = ops.decode_each(codec, gathered, hidden, sources=[REDUCED] * n, dtype=dtype)
         return out[:m], own
 
-    def reduce_scatter(self, x: torch.Tensor, codec: Codec | None, *, feedback: ErrorFeedback | None = None) -> torch.Tensor:
+    def reduce_scatter(self, x: torch.Tensor, codec: Codec | None, *, feedback: ErrorFeedback | None = None,
+                       norm: PostNorm | None = None) -> torch.Tensor:
         """Sum over the group, split along dim 0: rank r gets rows [r*s/N, (r+1)*s/N)."""
+        if feedback is not None and norm is not None:
+            raise ValueError("error feedback through a post-norm needs every output row (the norm's RMS): "
+                             "use all-reduce, not the sequence-parallel reduce-scatter")
         n = self.world_size
         if n == 1:
             return x

@@ -6,50 +6,139 @@ partial sum, so it adds that difference, negated (its "debt"), to the partial su
 *next* reduction. The errors then telescope: after any reduction the residual stream holds only
 that reduction's error, not the sum of all earlier ones, and each error reaches a single sublayer's
 input before it is paid back. Payloads and bits are unchanged; each rank keeps one activation-sized
-float32 buffer.
+float32 buffer. The identity (tested on real ranks): the sum of all reductions' outputs so far
+equals the exact sum minus the ranks' current debts. An exact reduction (the gate's fallback, or a
+layer left exact) pays the whole debt.
 
-The identity (tested on real ranks): the sum of all reductions' outputs so far equals the exact sum
-minus the ranks' current debts. An exact reduction (the gate's fallback, or a layer left exact)
-pays the whole debt.
-
-Models that normalize a reduction's output before the residual add (Gemma 2/3's post-attention
-and post-MLP norms) are not supported yet: there the debt must be kept in residual units, rescaled
-by the next norm's gain and an estimate of the next output's RMS, and sent in small clamped steps
-so the norm stays near-linear. A prototype of that halves Gemma 3 270M's KL
-(benchmarks/experiments/feedback_postnorm_gemma.py; unclamped sends made it far worse).
+Post-norm models (Gemma 2/3) normalize a reduction's output S before the residual add:
+`residual += gain * S / rms(S)`. There a debt is kept in residual units: an error e in a rank's
+contribution to S reaches the residual stream as `gain * e / rms(S)` (first order; the norm's
+projection onto S itself changes the result too little to matter, measured on Gemma 3 270M).
+Paying it back through the next reduction means sending `debt * rms(S') / gain'`, where rms(S')
+of the output not yet formed is estimated as sqrt(ranks) x the rank's own partial-sum RMS
+(partials of different ranks are nearly uncorrelated; it needs no calibration). Sends are capped
+at CLAMP_FRACTION of their block's largest partial-sum magnitude, the remainder staying owed: a
+large send moves the norm's RMS and breaks the first-order step (uncapped sends made Gemma 3 270M
+far worse; see benchmarks/results/quality_cpu-amd-epyc_2026-11-23.md). Channels whose gain is
+near zero cannot pay anything back and keep their debt. The output RMS needs the whole output row,
+so post-norm feedback works with all-reduce, not with sequence-parallel reduce-scatter.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+CLAMP_FRACTION = 0.1
+"""A post-norm send may move a value by at most this fraction of its block's largest |partial|
+(0.05-0.25 measured on Gemma 3 270M: 0.1 best, 0.05 close)."""
+CLAMP_BLOCK = 32
+"""Values per clamp block, along the hidden dimension."""
+_PROBE = 1.0e3  # norm(PROBE * ones) = gain * PROBE / sqrt(PROBE^2 + eps): the gain to ~1e-12
+
+
+@dataclass(frozen=True)
+class PostNorm:
+    """The RMSNorm a reduction's output passes before the residual add, as error feedback sees it."""
+
+    gain: torch.Tensor
+    """float32 [hidden]: the norm's effective per-channel scale (Gemma: 1 + weight)."""
+    eps: float
+    inv_gain: torch.Tensor
+    """float32 [hidden]: 1 / gain, 0 where |gain| < 1e-3 x its median (no debt is paid there)."""
+
+    @classmethod
+    def probe(cls, norm: torch.nn.Module, hidden: int) -> PostNorm:
+        """Read the effective gain of an RMSNorm-like module (any weight convention) by running it
+        on a constant row; its eps from `eps` / `variance_epsilon` (1e-6 if it has neither)."""
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        param = next(norm.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        what = f"{type(norm).__name__} is not an RMSNorm over {hidden} channels"
+        try:
+            with torch.no_grad():
+                gain = norm(torch.full((1, hidden), _PROBE, dtype=torch.float32, device=device))
+        except RuntimeError as e:
+            raise ValueError(f"{what}: {e}") from e
+        gain = gain.reshape(-1).float()
+        if gain.shape != (hidden,) or not torch.isfinite(gain).all():
+            raise ValueError(f"{what}: probing it gave shape {tuple(gain.shape)} (or non-finite values)")
+        gain = gain * (1.0 + eps / _PROBE**2) ** 0.5
+        usable = gain.abs() > 1e-3 * gain.abs().median()
+        inv = torch.where(usable, 1.0 / torch.where(usable, gain, torch.ones_like(gain)), torch.zeros_like(gain))
+        return cls(gain=gain, eps=eps, inv_gain=inv)
+
+    def send(self, debt: torch.Tensor, raw: torch.Tensor, ranks: int) -> torch.Tensor:
+        """What to add to this rank's partial sum `raw` [rows, hidden] to pay `debt` (residual units)."""
+        out_rms = raw.pow(2).mean(-1, keepdim=True).sqrt() * ranks**0.5
+        want = debt * out_rms * self.inv_gain
+        limit = CLAMP_FRACTION * _block_absmax(raw, CLAMP_BLOCK)
+        return torch.minimum(torch.maximum(want, -limit), limit)
+
+    def to_residual(self, step: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """A change `step` of this rank's contribution, in residual units, given the output rows y:
+        the norm's Jacobian `gain / r * (I - y y^T / (hidden r^2))`, r = sqrt(mean(y^2) + eps)."""
+        y = output.float()
+        ms = y.pow(2).mean(-1, keepdim=True) + self.eps
+        along = (y * step).sum(-1, keepdim=True) / (y.shape[-1] * ms)
+        return (step - y * along) * (self.gain / ms.sqrt())
+
+
+def _block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Each value's block maximum of |x| (blocks of `block` along the last dim; a short last block)."""
+    h = x.shape[-1]
+    padded = F.pad(x.abs(), (0, -h % block))
+    peak = padded.view(*x.shape[:-1], -1, block).amax(-1)
+    return peak.repeat_interleave(block, dim=-1)[..., :h]
 
 
 class ErrorFeedback:
     """One rank's debt toward the residual stream, carried from reduction to reduction.
 
     `reset()` at the start of every forward (apply_tp_compression registers a model pre-hook; the
-    simulation does the same): a debt belongs to the rows of one forward.
+    simulation does the same): a debt belongs to the rows of one forward. `ranks`: the group size.
+    Every `to_send` is followed by one `settle` of the same reduction.
     """
 
-    def __init__(self) -> None:
-        self.debt: torch.Tensor | None = None  # float32 [rows, hidden]
+    def __init__(self, ranks: int) -> None:
+        if not isinstance(ranks, int) or ranks < 1:
+            raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
+        self.ranks = ranks
+        self.debt: torch.Tensor | None = None  # float32 [rows, hidden], residual units
         self.dropped = 0  # debts discarded because the next reduction had other rows
+        self._pending: tuple[torch.Tensor, PostNorm | None] | None = None
 
     def reset(self) -> None:
         self.debt = None
 
-    def to_send(self, rows: torch.Tensor) -> torch.Tensor:
-        """The float32 rows to send: this rank's partial sum plus its debt."""
-        if self.debt is None:
-            return rows.float()
-        if self.debt.shape != rows.shape or self.debt.device != rows.device:
+    def to_send(self, rows: torch.Tensor, norm: PostNorm | None = None) -> torch.Tensor:
+        """The float32 rows to send: this rank's partial sum plus its debt (`norm`: the post-norm
+        the reduction's output passes, None where it is added straight into the residual)."""
+        raw = rows.float()
+        self._pending = (raw, norm)
+        if self.debt is not None and (self.debt.shape != rows.shape or self.debt.device != rows.device):
             self.dropped += 1  # another forward's rows (no reset between them): never mix them
             self.reset()
-            return rows.float()
-        return rows.float() + self.debt
+        if self.debt is None:
+            return raw
+        if norm is None:
+            return raw + self.debt
+        return raw + norm.send(self.debt, raw, self.ranks)
 
-    def settle(self, sent: torch.Tensor, contributed: torch.Tensor) -> None:
-        """After a reduction: `sent` is what `to_send` returned (partial sum plus old debt),
-        `contributed` what this rank's payload decoded to (its share of the output, float32);
-        their difference is the new debt."""
-        self.debt = sent - contributed
+    def settle(self, sent: torch.Tensor, contributed: torch.Tensor, output: torch.Tensor | None = None) -> None:
+        """After a reduction: `sent` is what `to_send` returned, `contributed` what this rank's
+        payload decoded to (its share of the output, float32), `output` the reduction's output
+        rows (needed with a post-norm, whose RMS converts the change to residual units)."""
+        if self._pending is None:
+            raise RuntimeError("ErrorFeedback.settle without a to_send before it")
+        raw, norm = self._pending
+        self._pending = None
+        if norm is None:
+            self.debt = sent - contributed
+            return
+        if output is None:
+            raise ValueError("settling a post-norm reduction needs its output rows (for the norm's RMS)")
+        step = norm.to_residual(contributed - raw, output)
+        self.debt = -step if self.debt is None else self.debt - step

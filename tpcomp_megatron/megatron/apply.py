@@ -6,7 +6,8 @@ parallelism, the column-parallel `linear_qkv` / `linear_fc1`. Layers built from 
 `compressed_layer_spec` already have the compressed class; stock Megatron layers are switched to
 it in place (the subclass adds no state, so only `__class__` changes). With error feedback on,
 every row-parallel reduction (the compressed ones, and the exact ones, which pay the debt) shares
-one `ErrorFeedback` state, reset by a forward pre-hook on the model. The returned handle's
+one `ErrorFeedback` state, reset by a forward pre-hook on the model; a layer whose output passes a
+post-norm (Gemma 2/3: `post_layernorm` of its attention / MLP) pays through that norm's gain. The returned handle's
 `remove()` restores every class and attribute it changed and removes the hook. Nothing global is
 patched.
 """
@@ -24,7 +25,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from ..calibration import Calibration, load_calibration
 from ..codecs import BlockSpec, OutlierSpec, make_codec, parse_codec_spec
 from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
-from ..comm.feedback import ErrorFeedback
+from ..comm.feedback import ErrorFeedback, PostNorm
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from .mappings import LayerCompression
 
@@ -162,10 +163,15 @@ def _check_class(name: str, module: torch.nn.Module, base: type) -> None:
         )
 
 
-def _check_no_post_norm(parent: torch.nn.Module, name: str) -> None:
-    if getattr(parent, "post_layernorm", None) is not None:
-        raise ValueError(f"{name}: its output is normalized before the residual add (a post-norm, as in Gemma 2/3); "
-                         "error feedback needs outputs added straight into the residual stream (Llama-style)")
+def _post_norm(parent: torch.nn.Module, name: str, module: RowParallelLinear) -> PostNorm | None:
+    """The post-norm `name`'s output passes before the residual add (Gemma 2/3), for error feedback."""
+    norm = getattr(parent, "post_layernorm", None)
+    if norm is None:
+        return None
+    if module.sequence_parallel:
+        raise ValueError(f"{name}: error feedback through a post-norm needs every output row (the norm's RMS), "
+                         "which the sequence-parallel reduce-scatter does not give a rank; turn one of them off")
+    return PostNorm.probe(norm, module.output_size)
 
 
 def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, group=None,
@@ -186,7 +192,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         return CompressionHandle(None)
     comm = CompressedComm(group, GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes))
     model = _unwrap(model)
-    feedback = ErrorFeedback() if config.error_feedback else None
+    feedback = ErrorFeedback(comm.world_size) if config.error_feedback else None
     handle = CompressionHandle(comm, feedback)
     if feedback is not None:  # a debt belongs to one forward's rows
         handle._hooks.append(model.register_forward_pre_hook(lambda module, args: feedback.reset()))
@@ -211,9 +217,8 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
                         params = calibration.params(name)
                     codec = make_codec(spec, params)
                     found += 1
-                if feedback is not None:
-                    _check_no_post_norm(model.get_submodule(parent), name)
-                handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, codec, feedback))
+                norm = None if feedback is None else _post_norm(model.get_submodule(parent), name, module)
+                handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, codec, feedback, norm))
             elif (config.gather_codec_spec is not None and leaf in GATHER_LAYERS
                   and parent.endswith(GATHER_LAYERS[leaf]) and getattr(module, "sequence_parallel", False)):
                 _check_class(name, module, ColumnParallelLinear)

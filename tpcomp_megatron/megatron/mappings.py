@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..codecs.base import Codec
 from ..comm.collectives import CompressedComm
-from ..comm.feedback import ErrorFeedback
+from ..comm.feedback import ErrorFeedback, PostNorm
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -30,6 +30,8 @@ class LayerCompression:
     codec: Codec | None
     """None: an exact reduction (a layer left exact while error feedback is on)."""
     feedback: ErrorFeedback | None = None
+    norm: PostNorm | None = None
+    """With feedback: the post-norm the layer's output passes before the residual add (Gemma 2/3)."""
 
 
 def _exact_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
@@ -49,7 +51,7 @@ def _exact_reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
 class _AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lc: LayerCompression):
-        return lc.comm.all_reduce(x, lc.codec, feedback=lc.feedback)
+        return lc.comm.all_reduce(x, lc.codec, feedback=lc.feedback, norm=lc.norm)
 
     @staticmethod
     def backward(ctx, grad):
@@ -60,7 +62,7 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lc: LayerCompression):
         ctx.group = lc.comm.group
-        return lc.comm.reduce_scatter(x, lc.codec, feedback=lc.feedback)
+        return lc.comm.reduce_scatter(x, lc.codec, feedback=lc.feedback, norm=lc.norm)
 
     @staticmethod
     def backward(ctx, grad):

@@ -112,8 +112,6 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
     sim = SimulatedTP(model)
     hidden = sim.hidden
     points = [SweepPoint.parse(p, tp) for tp in cfg.tp for p in cfg.points]
-    if any(p.feedback for p in points):
-        sim.check_feedback()
     cals = _load_calibrations(cfg, points, model_id, hidden, canonical_text_spec(cfg.text))
 
     def rule_of(p: SweepPoint) -> str | None:

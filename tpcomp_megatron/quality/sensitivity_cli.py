@@ -89,8 +89,6 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     torch.set_num_threads(cfg.threads)
     model, tok, model_id = load_model(cfg.model)
     sim = SimulatedTP(model)
-    if cfg.feedback:
-        sim.check_feedback()
     low, highs = make_codec(cfg.low), [make_codec(h) for h in cfg.high]
     if cfg.ranking_in:
         ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=str(low.spec), layers=list(sim.layers),

@@ -13,7 +13,8 @@ rank's partial sum `x_r @ W_r^T` in the model's dtype, and reduces them:
   `decode_sum(stack(encode(p_r, source=r)))`; or two-shot, whose reduced chunk is requantized with
   the `REDUCED` source before it is sent again (an extra rounding the one-shot path does not have);
 * with `feedback=True`, each simulated rank keeps an `ErrorFeedback` debt as `CompressedComm`
-  does (comm/feedback.py), reset at the start of every forward (pre-norm models only).
+  does (comm/feedback.py), reset at the start of every forward; on post-norm models (Gemma 2/3)
+  each layer pays through the norm its output passes (`PostNorm.probe` of the HF norm).
 Outside a session the wrappers call the original linear: the model is the unmodified model.
 
 Why not real ranks: TP=8 on a 2-core CPU would be 8 processes of the whole model; here the cost is
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..codecs.base import REDUCED, Codec
-from ..comm.feedback import ErrorFeedback
+from ..comm.feedback import ErrorFeedback, PostNorm
 from .partition import RowParallelShapes, rank_columns
 
 ALGORITHMS = ("one_shot", "two_shot")
@@ -53,10 +54,12 @@ def exact_sum(partials: torch.Tensor) -> torch.Tensor:
 
 
 def simulated_all_reduce(codec: Codec | None, partials: torch.Tensor, *, algorithm: str = "one_shot",
-                         dtype: torch.dtype | None = None, feedback: Sequence[ErrorFeedback] | None = None) -> torch.Tensor:
+                         dtype: torch.dtype | None = None, feedback: Sequence[ErrorFeedback] | None = None,
+                         norm: PostNorm | None = None) -> torch.Tensor:
     """What every rank receives from the compressed all-reduce of `partials` [tp, rows, hidden]
     (`codec` None: the exact sum). With `feedback` (one state per rank), each rank sends its
-    partial sum plus its debt and settles the debt, as `CompressedComm.all_reduce` does."""
+    partial sum plus its debt and settles the debt, as `CompressedComm.all_reduce` does (`norm`:
+    the post-norm the output passes before the residual add)."""
     n, rows, hidden = partials.shape
     dtype = dtype or partials.dtype
     if algorithm not in ALGORITHMS:
@@ -65,7 +68,7 @@ def simulated_all_reduce(codec: Codec | None, partials: torch.Tensor, *, algorit
         why = codec.ineligible(hidden)
         if why:  # the real gate would silently send these exactly; a quality sweep must not
             raise ValueError(f"codec {codec.spec} cannot encode rows of {hidden} values: {why}")
-    sends = partials if feedback is None else torch.stack([fb.to_send(p) for fb, p in zip(feedback, partials)])
+    sends = partials if feedback is None else torch.stack([fb.to_send(p, norm) for fb, p in zip(feedback, partials)])
     own = None  # with feedback: what each rank's contribution decodes to, float32
     if codec is None:  # an exact reduction pays every debt (but for the rounding to the model's dtype)
         exact_in = sends.to(partials.dtype)
@@ -91,7 +94,7 @@ def simulated_all_reduce(codec: Codec | None, partials: torch.Tensor, *, algorit
                     own[r, r * chunk:(r + 1) * chunk] += (requant - summed)[r * chunk:(r + 1) * chunk]
     if feedback is not None:
         for fb, x, c in zip(feedback, sends, own):
-            fb.settle(x, c)
+            fb.settle(x, c, out)
     return out
 
 
@@ -103,6 +106,7 @@ class _Session:
     algorithm: str = "one_shot"
     observer: Observer | None = None
     feedback: list[ErrorFeedback] | None = None
+    norms: Mapping[str, PostNorm] | None = None  # with feedback on a post-norm model
 
 
 class SimulatedRowParallel(torch.nn.Module):
@@ -154,8 +158,9 @@ class SimulatedRowParallel(torch.nn.Module):
             st.observer(self.name, partials)
         codec = None if st.codecs is None or st.tp == 1 else st.codecs[self.name]
         # A layer mapped to None stays exact (per-layer mixed configurations).
+        norm = None if st.norms is None else st.norms[self.name]
         out = simulated_all_reduce(codec, partials, algorithm=st.algorithm, dtype=x.dtype,
-                                   feedback=st.feedback)
+                                   feedback=st.feedback, norm=norm)
         if self.linear.bias is not None:  # Megatron adds the bias after the reduction
             out = out + self.linear.bias
         return out.reshape(*x.shape[:-1], self.hidden)
@@ -168,6 +173,10 @@ def _decoder_layers(model: torch.nn.Module):
         raise ValueError(f"{type(model).__name__} has no `model.layers` list of decoder layers; "
                          "simulated TP supports Hugging Face Llama/Mistral/Gemma-style causal LMs")
     return layers
+
+
+POST_NORMS = {"linear_proj": "post_attention_layernorm", "linear_fc2": "post_feedforward_layernorm"}
+"""The norm each row-parallel output passes in a post-normed HF layer (Gemma 2/3)."""
 
 
 def _post_normed(layer: torch.nn.Module) -> bool:
@@ -185,9 +194,9 @@ class SimulatedTP:
         self.shapes = RowParallelShapes.from_hf_config(model.config)
         self._state = _Session()
         self.layers: dict[str, SimulatedRowParallel] = {}
+        self._post_norms: dict[str, torch.nn.Module] = {}  # layer name -> the norm its output passes
         self._undo: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
         layers = _decoder_layers(model)
-        self.post_normed = any(_post_normed(layer) for layer in layers)
         for i, layer in enumerate(layers):
             for kind, (parent_attr, attr, _) in HF_SLOTS.items():
                 parent = getattr(layer, parent_attr, None)
@@ -200,6 +209,8 @@ class SimulatedTP:
                 setattr(parent, attr, wrapper)
                 self._undo.append((parent, attr, linear))
                 self.layers[wrapper.name] = wrapper
+                if _post_normed(layer):
+                    self._post_norms[wrapper.name] = getattr(layer, POST_NORMS[kind])
         self.hidden = next(iter(self.layers.values())).hidden
 
     def _check_width(self, w: SimulatedRowParallel) -> None:
@@ -207,12 +218,6 @@ class SimulatedTP:
         want = s.num_heads * s.head_dim if w.kind == "linear_proj" else s.ffn_hidden_size
         if w.linear.in_features != want:
             raise ValueError(f"{w.name}: input width {w.linear.in_features} does not match the config ({want})")
-
-    def check_feedback(self) -> None:
-        """ValueError unless error feedback applies: outputs added straight into the residual stream."""
-        if self.post_normed:
-            raise ValueError(f"{type(self.model).__name__} normalizes its attention/MLP outputs before the residual "
-                             "adds (post-norms): error feedback needs outputs added straight into the residual stream")
 
     @contextlib.contextmanager
     def session(self, *, tp: int, codecs: Mapping[str, Codec | None] | None = None, algorithm: str = "one_shot",
@@ -229,11 +234,11 @@ class SimulatedTP:
                 raise ValueError(f"codecs missing for {len(missing)} layers, e.g. {missing[0]}")
         if self._state.active:
             raise RuntimeError("a simulated-TP session is already active on this model")
-        if feedback:
-            self.check_feedback()
         st = self._state
         st.tp, st.codecs, st.algorithm, st.observer = tp, codecs, algorithm, observer
-        st.feedback = [ErrorFeedback() for _ in range(tp)] if feedback and codecs is not None else None
+        st.feedback = [ErrorFeedback(tp) for _ in range(tp)] if feedback and codecs is not None else None
+        if st.feedback is not None and self._post_norms:
+            st.norms = {name: PostNorm.probe(norm, self.hidden) for name, norm in self._post_norms.items()}
         hook = None
         if st.feedback is not None:  # a debt belongs to one forward's rows
             def reset(module, args) -> None:  # returns None: a pre-hook's result would replace the args
@@ -245,7 +250,7 @@ class SimulatedTP:
         try:
             yield self
         finally:
-            st.active, st.codecs, st.observer, st.feedback = False, None, None, None
+            st.active, st.codecs, st.observer, st.feedback, st.norms = False, None, None, None, None
             if hook is not None:
                 hook.remove()
 
