@@ -6,7 +6,10 @@ Per message size (bf16 bytes of one `[rows, hidden]` partial sum) and codec, GPU
 replay, L2 flushed, as tools/bench_kernels.py) of one rank's local work without and with feedback:
 * plain: encode the bf16 partial sum, decode_sum `--sources` payloads;
 * feedback: add the float32 debt, encode the float32 sum, decode the own payload, settle the new
-  debt, decode_sum the same payloads.
+  debt, decode_sum the same payloads;
+* post_norm: the same through a Gemma-style post-norm (comm/feedback.py `PostNorm`: the send
+  scaled by the gain and the own-RMS estimate and capped per block, the settle through the norm's
+  Jacobian on the output rows).
 The transfer between them is the same bytes either way and is not timed. `copy_ms` is a copy of
 the bf16 message, for scale. One JSON record per line.
 """
@@ -29,7 +32,7 @@ from bench_kernels import _inputs, _ms  # noqa: E402  (tools/ is not a package)
 def main(argv: list[str] | None = None) -> int:
     from tpcomp_megatron import ops
     from tpcomp_megatron.codecs import make_codec
-    from tpcomp_megatron.comm.feedback import ErrorFeedback
+    from tpcomp_megatron.comm.feedback import ErrorFeedback, PostNorm
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--codecs", nargs="+", default=["fp4_e2m1/b32/e6m2", "fp6_e2m3/b32/e8m0"])
@@ -54,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             payloads = torch.stack([ops.encode(codec, p, source=r) for r, p in enumerate(parts)])
             fb = ErrorFeedback(a.sources)
             fb.debt = (x.float() * 0.05).contiguous()
+            norm_module = torch.nn.RMSNorm(a.hidden, eps=1e-6).cuda()
+            with torch.no_grad():
+                norm_module.weight.normal_().exp_()
+            norm = PostNorm.probe(norm_module, a.hidden)
             copy_dst = torch.empty_like(x)
 
             def plain():
@@ -67,9 +74,20 @@ def main(argv: list[str] | None = None) -> int:
                 fb.settle(send, own)
                 ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
 
+            def post_norm():
+                send = fb.to_send(x, norm)
+                own = ops.decode_each(codec, ops.encode(codec, send, source=0).unsqueeze(0), a.hidden, sources=[0],
+                                      dtype=torch.float32)
+                out = ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
+                fb.settle(send, own, out)
+                fb.debt = fb.debt.clamp_(-1, 1)  # keep the replayed debt bounded (same work)
+
             ms_plain, ms_fb, ms_copy = _ms(plain), _ms(feedback), _ms(lambda: copy_dst.copy_(x))
+            fb.debt = (x.float() * 0.05).contiguous()
+            ms_post = _ms(post_norm)
             rec = {"codec": spec, "message_mb": mb, "plain_ms": round(ms_plain, 5), "feedback_ms": round(ms_fb, 5),
-                   "feedback_over_plain": round(ms_fb / ms_plain, 3), "copy_ms": round(ms_copy, 5), **meta}
+                   "feedback_over_plain": round(ms_fb / ms_plain, 3), "post_norm_ms": round(ms_post, 5),
+                   "post_norm_over_plain": round(ms_post / ms_plain, 3), "copy_ms": round(ms_copy, 5), **meta}
             records.append(rec)
             print(json.dumps(rec), flush=True)
     if a.out:
