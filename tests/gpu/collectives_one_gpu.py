@@ -26,6 +26,10 @@ SPECS = ["fp4_e2m1/b32/e8m0", "fp4_e2m1/b32/e6m2", "int4/b16/bf16", "fp6_e2m3/b3
 
 
 def main() -> int:
+    from tpcomp_megatron import ops
+
+    if ops._kernels() is None:  # ops would silently serve CUDA tensors with the PyTorch reference
+        raise SystemExit("the Triton kernels are not importable: install the package (pip install -e .)")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(0)

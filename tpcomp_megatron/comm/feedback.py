@@ -89,9 +89,8 @@ class PostNorm:
 def _block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
     """Each value's block maximum of |x| (blocks of `block` along the last dim; a short last block)."""
     h = x.shape[-1]
-    padded = F.pad(x.abs(), (0, -h % block))
-    peak = padded.view(*x.shape[:-1], -1, block).amax(-1)
-    return peak.repeat_interleave(block, dim=-1)[..., :h]
+    blocks = F.pad(x.abs(), (0, -h % block)).view(*x.shape[:-1], -1, block)
+    return blocks.amax(-1, keepdim=True).expand_as(blocks).reshape(*x.shape[:-1], -1)[..., :h]
 
 
 class ErrorFeedback:
