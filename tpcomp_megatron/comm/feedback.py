@@ -12,11 +12,13 @@ layer left exact) pays the whole debt.
 
 Post-norm models (Gemma 2/3) normalize a reduction's output S before the residual add:
 `residual += gain * S / rms(S)`. There a debt is kept in residual units: an error e in a rank's
-contribution to S reaches the residual stream as `gain * e / rms(S)` (first order; the norm's
-projection onto S itself changes the result too little to matter, measured on Gemma 3 270M).
+contribution to S reaches the residual stream through the norm's Jacobian, `gain / rms(S)` times
+e less its projection onto S (first order; without the projection the residual error and the
+debts disagree by 60% on synthetic rows dominated by one channel, against 9% with it).
 Paying it back through the next reduction means sending `debt * rms(S') / gain'`, where rms(S')
 of the output not yet formed is estimated as sqrt(ranks) x the rank's own partial-sum RMS
-(partials of different ranks are nearly uncorrelated; it needs no calibration). Sends are capped
+(partials of different ranks are nearly uncorrelated; it needs no calibration; a rank holding
+only padding heads sends nothing back there and pays in the next layer). Sends are capped
 at CLAMP_FRACTION of their block's largest partial-sum magnitude, the remainder staying owed: a
 large send moves the norm's RMS and breaks the first-order step (uncapped sends made Gemma 3 270M
 far worse; see benchmarks/results/quality_cpu-amd-epyc_2026-11-23.md). Channels whose gain is

@@ -7,8 +7,8 @@ parallelism, the column-parallel `linear_qkv` / `linear_fc1`. Layers built from 
 it in place (the subclass adds no state, so only `__class__` changes). With error feedback on,
 every row-parallel reduction (the compressed ones, and the exact ones, which pay the debt) shares
 one `ErrorFeedback` state, reset by a forward pre-hook on the model; a layer whose output passes a
-post-norm (Gemma 2/3: `post_layernorm` of its attention / MLP) pays through that norm's gain. The returned handle's
-`remove()` restores every class and attribute it changed and removes the hook. Nothing global is
+post-norm (Gemma 2/3: `post_layernorm` of its attention / MLP) pays through that norm's gain. The
+returned handle's `remove()` restores every class and attribute it changed and removes the hook. Nothing global is
 patched.
 """
 
@@ -171,6 +171,8 @@ def _post_norm(parent: torch.nn.Module, name: str, module: RowParallelLinear) ->
     if module.sequence_parallel:
         raise ValueError(f"{name}: error feedback through a post-norm needs every output row (the norm's RMS), "
                          "which the sequence-parallel reduce-scatter does not give a rank; turn one of them off")
+    # The norm's RMS is taken over the reduction's output; a bias added after the reduction (Gemma
+    # has none) would shift it slightly, which the next settle corrects.
     return PostNorm.probe(norm, module.output_size)
 
 
