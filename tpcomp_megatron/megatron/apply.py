@@ -8,8 +8,8 @@ it in place (the subclass adds no state, so only `__class__` changes). With erro
 every row-parallel reduction (the compressed ones, and the exact ones, which pay the debt) shares
 one `ErrorFeedback` state, reset by a forward pre-hook on the model; a layer whose output passes a
 post-norm (Gemma 2/3: `post_layernorm` of its attention / MLP) pays through that norm's gain. The
-returned handle's `remove()` restores every class and attribute it changed and removes the hook. Nothing global is
-patched.
+returned handle's `remove()` restores every class and attribute it changed and removes the hook.
+Nothing global is patched.
 """
 
 from __future__ import annotations
