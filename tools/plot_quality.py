@@ -25,6 +25,14 @@ def load(paths: list[Path]) -> list[dict]:
         recs += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
     if not recs:
         raise SystemExit("no records in " + ", ".join(map(str, paths)))
+    texts = defaultdict(set)
+    for r in recs:
+        texts[r["model"]].add((r["text"], r["tokens_scored"]))
+    mixed = {m: sorted(t) for m, t in texts.items() if len(t) > 1}
+    if mixed:  # perplexities of different texts are not comparable, nor is one page header right
+        model, scored = next(iter(mixed.items()))
+        raise SystemExit(f"records of {model} were scored on {len(scored)} different texts "
+                         f"({'; '.join(f'{t} ({n} tokens)' for t, n in scored)}): plot each text's file separately")
     return recs
 
 
