@@ -69,24 +69,16 @@ def main(argv: list[str] | None = None) -> int:
                 ops.encode(codec, x, source=0)
                 ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
 
-            def feedback():  # the library's own steps, as CompressedComm takes them
+            def feedback(post_norm=None):  # the library's own steps, as CompressedComm takes them
                 fb.debt = debt0
-                send = fb.to_send(x)
-                own = ops.decode_each(codec, ops.encode(codec, send, source=0).unsqueeze(0), a.hidden, sources=[0],
-                                      dtype=torch.float32)
-                fb.settle(send, own)
-                ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
-
-            def post_norm():
-                fb.debt = debt0
-                send = fb.to_send(x, norm)
+                send = fb.to_send(x, post_norm)
                 own = ops.decode_each(codec, ops.encode(codec, send, source=0).unsqueeze(0), a.hidden, sources=[0],
                                       dtype=torch.float32)
                 out = ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
                 fb.settle(send, own, out)
 
             ms_plain, ms_fb, ms_copy = _ms(plain), _ms(feedback), _ms(lambda: copy_dst.copy_(x))
-            ms_post = _ms(post_norm)
+            ms_post = _ms(lambda: feedback(norm))
             rec = {"codec": spec, "message_mb": mb, "plain_ms": round(ms_plain, 5), "feedback_ms": round(ms_fb, 5),
                    "feedback_over_plain": round(ms_fb / ms_plain, 3), "post_norm_ms": round(ms_post, 5),
                    "post_norm_over_plain": round(ms_post / ms_plain, 3), "copy_ms": round(ms_copy, 5), **meta}

@@ -196,8 +196,8 @@ class SimulatedTP:
         self.layers: dict[str, SimulatedRowParallel] = {}
         self._post_norms: dict[str, torch.nn.Module] = {}  # layer name -> the norm its output passes
         self._undo: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
-        layers = _decoder_layers(model)
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(_decoder_layers(model)):
+            post_normed = _post_normed(layer)
             for kind, (parent_attr, attr, _) in HF_SLOTS.items():
                 parent = getattr(layer, parent_attr, None)
                 linear = getattr(parent, attr, None)
@@ -209,7 +209,7 @@ class SimulatedTP:
                 setattr(parent, attr, wrapper)
                 self._undo.append((parent, attr, linear))
                 self.layers[wrapper.name] = wrapper
-                if _post_normed(layer):
+                if post_normed:
                     self._post_norms[wrapper.name] = getattr(layer, POST_NORMS[kind])
         self.hidden = next(iter(self.layers.values())).hidden
 

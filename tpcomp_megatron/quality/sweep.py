@@ -57,7 +57,7 @@ SMALL_SWEEP = (
     "outlier_int4/k64:rule=range_sq_sum", "outlier+fp4_e2m1/b32/e8m0/k64:rule=range_sq_sum",
     "rot64+fp4_e2m1/b32/e8m0", "rot64+fp5_e2m2/b32/e8m0",
 )
-# Error feedback (pre-norm models only: comm/feedback.py).
+# Error feedback (comm/feedback.py; through the post-norms on Gemma 2/3).
 FEEDBACK_SWEEP = (
     "fp4_e2m1/b32/e6m2:feedback=on", "fp4_e2m1/b16/e6m2:feedback=on", "int4/b32/e6m2:feedback=on",
     "fp5_e2m2/b32/e6m2:feedback=on", "fp4_e2m1/b32/e6m2:algo=two_shot:feedback=on",
