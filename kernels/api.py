@@ -16,6 +16,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from tpcomp_megatron.codecs.base import SUPPORTED_DTYPES, Codec
 from tpcomp_megatron.codecs.block import BlockCodec
+from tpcomp_megatron.codecs.lowrank import LowRankCodec, coef_bytes, lowrank_sum, project
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
@@ -23,7 +24,7 @@ from . import outlier as _outlier
 from .tables import outlier_tables, source_progression, source_row
 
 Tensor = torch.Tensor
-SUPPORTED_CODECS = (BlockCodec, StaticOutlierCodec, HybridCodec)
+SUPPORTED_CODECS = (BlockCodec, StaticOutlierCodec, HybridCodec, LowRankCodec)
 # Kernels built while TRITON_INTERPRET=1 was set run on CPU tensors (tests); compiled ones need CUDA.
 INTERPRETED = isinstance(_block._block_encode_kernel, InterpretedFunction)
 
@@ -151,7 +152,7 @@ def _check_dtype(dtype: torch.dtype) -> None:
 def _block_args(codec: Codec, hidden: int, device: torch.device) -> tuple:
     """(element, block, scale, data_bytes, slot, first, chan, window_max, slots_off) of a block or
     hybrid codec."""
-    base = codec.block if isinstance(codec, HybridCodec) else codec
+    base = codec.block if isinstance(codec, (HybridCodec, LowRankCodec)) else codec
     if isinstance(codec, HybridCodec):
         t = outlier_tables(codec, device)
         tabs = (t.slot, t.first, t.chan, list(t.window_max))
@@ -181,11 +182,36 @@ def encode(codec: Codec, x: Tensor, *, source: int) -> Tensor:
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, x.device)
         return torch.ops.tpcomp.static_encode(x, t.lo, t.inv, t.chan, source_row(source, t.sources))
+    if isinstance(codec, LowRankCodec):
+        # The projection is two small matmuls (cuBLAS); the block kernel codes the residual into
+        # the head of each row, whose stride leaves room for the coordinates.
+        coef, resid = project(x, codec.basis(source, x.device))
+        out = torch.ops.tpcomp.block_encode(resid, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
+        out[:, codec.data_bytes(hidden):] = coef_bytes(coef)
+        return out
     return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
+
+
+def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,
+                    mode: str, out_source: int) -> Tensor:
+    """The block kernel decodes the residuals in float32; the coordinates add back through one
+    matmul (the reference's `lowrank_sum`), then the result is cast (or requantized)."""
+    n, rows, _ = payloads.shape
+    tails = payloads[:, :, codec.data_bytes(hidden):]
+    bases = codec.source_bases(sources, payloads.device)
+    args = _block_args(codec, hidden, payloads.device)
+    if mode == "each":
+        out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "each", torch.float32)
+        low = torch.cat([lowrank_sum(tails[i:i + 1], bases[i:i + 1]) for i in range(n)])
+        return (out + low).to(dtype)
+    out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32) + lowrank_sum(tails, bases)
+    return encode(codec, out, source=out_source) if mode == "encode" else out.to(dtype)
 
 
 def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,
             mode: str, out_source: int = 0) -> Tensor:
+    if isinstance(codec, LowRankCodec):
+        return _decode_lowrank(codec, payloads, hidden, sources, dtype, mode, out_source)
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, payloads.device)
         lo, step, first, stride = _static_sources(codec, t, sources)

@@ -161,3 +161,20 @@ def e6m2_boundary_rows(codec, gen: torch.Generator) -> torch.Tensor:
 
 def block_codec(element: str, block: int, scale: str):
     return make_codec(f"{element}/b{block}/{scale}")
+
+
+def lowrank_bases(hidden: int, world: int, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """Calibrated-looking bases `[world + 1, rank, hidden]`: orthonormal rows per source, each
+    direction concentrated on a few channels (as partial sums' shared directions are)."""
+    raw = torch.randn(world + 1, hidden, rank, generator=gen) * torch.rand(world + 1, hidden, 1, generator=gen).pow(8)
+    return torch.linalg.qr(raw).Q.transpose(1, 2).contiguous()
+
+
+def lowrank_input(rows: int, bases: torch.Tensor, source: int, dtype, gen, *, nonfinite: bool = True):
+    """Rows with large coordinates on `source`'s directions plus a smaller full-rank part."""
+    b = bases[source]
+    x = torch.randn(rows, b.shape[0], generator=gen) * 50 @ b + torch.randn(rows, b.shape[1], generator=gen)
+    if nonfinite and rows >= 3:
+        x[1, 3] = float("nan")
+        x[2, 7] = float("inf")
+    return x.to(dtype)

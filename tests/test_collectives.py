@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tpcomp_megatron.calibration import OutlierParams, select_outlier_channels
+from tpcomp_megatron.calibration import OutlierParams, select_outlier_channels, sketch_basis, sketch_rows
 from tpcomp_megatron.codecs import REDUCED, make_codec
 from tpcomp_megatron.comm import CollectiveError, CompressedComm, GatePolicy, check_same_config
 from tpcomp_megatron.testing import run_ranks
 
-SPECS = ["fp4_e2m1/b32/e8m0", "int4/b16/bf16", "fp6_e3m2/b8", "outlier_int4/k32", "outlier+fp5_e2m2/b32"]
+SPECS = ["fp4_e2m1/b32/e8m0", "int4/b16/bf16", "fp6_e3m2/b8", "outlier_int4/k32", "outlier+fp5_e2m2/b32",
+         "lowrank+fp4_e2m1/b32/e6m2/r2"]
 
 
 def _inputs(rank, seed, shape):
@@ -29,7 +30,14 @@ def _params(world, seed, shape):
     return OutlierParams.from_stats(lo, hi, select_outlier_channels(lo, hi, 2))
 
 
+def _bases(world, seed, shape, rank):
+    parts = torch.stack([_inputs(r, seed + 1, shape).float().reshape(-1, shape[-1]) for r in range(world)])
+    return sketch_basis(sketch_rows(None, torch.cat([parts, parts.sum(0, keepdim=True)])))[:, :rank]
+
+
 def _codec(spec, world, seed, shape):
+    if spec.startswith("lowrank"):
+        return make_codec(spec, _bases(world, seed, shape, 2))
     return make_codec(spec, _params(world, seed, shape) if spec.startswith("outlier") else None)
 
 
@@ -68,8 +76,9 @@ def _check_all(rank, world):
         mine = [x[rank * s:(rank + 1) * s].reshape(-1, 64) for x in xs_rs]
         want = codec.decode_sum(torch.stack([codec.encode(r, source=j) for j, r in enumerate(mine)]), 64)
         assert torch.equal(rs.reshape(-1, 64), want) and rs.shape == (s, 2, 64)
-        # all-gather along dim 0: every shard decoded, own shard included
-        if not spec.startswith("outlier"):
+        # all-gather along dim 0: every shard decoded, own shard included (block codecs: the
+        # sequence-parallel all-gather moves layer inputs, for which nothing is calibrated)
+        if not spec.startswith(("outlier", "lowrank")):
             ag = comm.all_gather(xs[rank], codec)
             want = torch.cat([codec.decode(codec.encode(x.reshape(-1, 64)), 64).reshape(shape) for x in xs])
             assert torch.equal(ag, want)

@@ -47,7 +47,7 @@ if not K.INTERPRETED:
                 "process; tests/gpu/ covers the compiled kernels)", allow_module_level=True)
 
 from kernel_cases import (BLOCK_CASES, block_codec, check_all_ops, e6m2_boundary_rows, hard_input,  # noqa: E402
-                          outlier_input, outlier_params, same)
+                          lowrank_bases, lowrank_input, outlier_input, outlier_params, same)
 
 from tpcomp_megatron.codecs import FORMATS, REDUCED, make_codec, parse_codec_spec  # noqa: E402
 
@@ -92,6 +92,20 @@ def test_outlier_codecs_bit_exact(spec, rows, hidden):
     for dtype in DTYPES:
         xs = [outlier_input(rows, params, src, dtype, gen) for src in range(world)]
         check_all_ops(K, codec, xs, hidden, "cpu", (dtype,))
+
+
+@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r1", "lowrank+fp6_e2m3/b8/r8"])
+@pytest.mark.parametrize("rows,hidden", [(17, 640), (3, 96)])
+def test_lowrank_codec_bit_exact(spec, rows, hidden):
+    """The kernels path (projection by torch, residual by the block kernel, coordinates added by
+    the reference's matmul) gives the reference's bytes and values, sources in any order."""
+    gen = _gen(spec, rows, hidden)
+    world = 3
+    codec = make_codec(spec, lowrank_bases(hidden, world, parse_codec_spec(spec).rank, gen))
+    srcs = [2, 0, REDUCED, 1]
+    for dtype in DTYPES:
+        xs = [lowrank_input(rows, codec.bases, s, dtype, gen) for s in srcs]
+        check_all_ops(K, codec, xs, hidden, "cpu", (dtype,), sources=srcs)
 
 
 def test_sources_in_any_order_and_reduced_rows():

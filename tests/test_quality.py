@@ -262,6 +262,32 @@ def test_eval_tool_metrics_equal_direct_computation(tiny):
             assert rec[key]
 
 
+def test_lowrank_codec_real_ranks_match_simulation(tiny):
+    """A calibrated low-rank codec (bases from `tpcomp-calibrate`, real-rank sketches) through
+    `apply_tp_compression` on two gloo ranks scores as the simulation does, with and without
+    error feedback; and its bases capture most of each rank's partial sums."""
+    root = tiny["root"]
+    cals = {}
+    for real in (False, True):
+        cals[real] = calibrate(CalibrateConfig(model=tiny["hf"], tp=(2,), output=str(root / f"lr{int(real)}_tp{{tp}}.safetensors"),
+                                               text=tiny["cal_text"], tokens=SEQ, seq_len=SEQ, real_ranks=real), log=_quiet)[0]
+    sim_cal, real_cal = load_calibration(str(cals[False])), load_calibration(str(cals[True]))
+    for name, b in sim_cal.bases.items():  # the same leading directions, sketched by either path
+        for src in range(3):
+            overlap = (b[src, :2] @ real_cal.bases[name][src, :2].T).pow(2).sum() / 2
+            assert overlap > 0.99, (name, src, overlap)
+    points = ("lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+fp4_e2m1/b32/e6m2/r2:feedback=on")
+    base = dict(model=tiny["hf"], tp=(2,), points=points, text=tiny["text"], seq_len=SEQ, windows=1,
+                calibration=str(cals[False]))
+    sim = evaluate(EvalConfig(out=str(root / "lr_sim.jsonl"), **base), log=_quiet)
+    real = evaluate(EvalConfig(out=str(root / "lr_real.jsonl"), real_ranks=True, **base), log=_quiet)
+    for s, r in zip(sim, real):
+        assert s["codec"] == r["codec"] == "lowrank+fp4_e2m1/b32/e6m2/r2" and s["outlier_rule"] is None
+        assert s["bits_per_value"] == pytest.approx(4.25 + 16 * 2 / CONFIG["hidden_size"], abs=1e-4)  # recorded rounded
+        assert r["ppl"] == pytest.approx(s["ppl"], rel=2e-2) and r["exact_fallback_calls"] == 0
+        assert s["kl"] > 0
+
+
 def test_mismatched_calibration_file_is_a_clear_error(tiny, capsys):
     from tpcomp_megatron.quality.eval_cli import main
 

@@ -1,14 +1,23 @@
-"""Calibration data for the outlier codecs: statistics, outlier selection, and the file format.
+"""Calibration data for the outlier and low-rank codecs: statistics, selection, and the file format.
 
-Statistics of one row-parallel layer are per-channel minimum and maximum of the partial sums, one
-row per source: ranks 0..world-1 and, last, the full (reduced) sum, `[world + 1, hidden]`.
+Statistics of one row-parallel layer, one row per source: ranks 0..world-1 and, last, the full
+(reduced) sum:
+* per-channel minimum and maximum of the partial sums, `[world + 1, hidden]` (outlier codecs);
+* a sketch of the partial sums' leading directions, `[world + 1, SKETCH_ROWS, hidden]` (low-rank
+  codecs): `sketch_rows` keeps, per source, the top right singular vectors (scaled by their
+  singular values) of all rows seen so far, each row first normalized to unit length, so every
+  token counts alike whatever its magnitude (a block codec's error is relative to its own row).
+  A codec of rank K uses the first K directions (`Calibration.basis`).
 
 File format (`*.safetensors`), for each layer name L (e.g. `decoder.layers.3.mlp.linear_fc2`):
-    `L.min`, `L.max`: float32 `[world + 1, hidden]`; `L.channels`: int64 `[k]` (ascending).
+    `L.min`, `L.max`: float32 `[world + 1, hidden]`; `L.channels`: int64 `[k]` (ascending);
+    version 2: `L.basis`: float32 `[world + 1, SKETCH_ROWS, hidden]`, orthonormal rows per source,
+    leading direction first.
 The safetensors metadata holds one key, `tpcomp_calibration`, a JSON object:
-    {"version": 1, "model": str, "tp_size": int, "hidden": int, "ratio": int, "rule": str,
+    {"version": 2, "model": str, "tp_size": int, "hidden": int, "ratio": int, "rule": str,
      "layers": [str, ...], "tokens": int, "text": str}
-Loading checks it against the model and TP size it is used with and names any mismatch.
+Version 1 files (no bases) still load; a low-rank codec then asks for a new calibration.
+Loading checks a file against the model and TP size it is used with and names any mismatch.
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 FORMAT_KEY = "tpcomp_calibration"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+SKETCH_ROWS = 32
+"""Directions kept per source: the largest low-rank codec rank a calibration file serves."""
 LEVELS = 15  # 4-bit unsigned codes
 RULES = ("range_sum", "absmax_max", "range_sq_sum")
 
@@ -59,6 +71,43 @@ def select_outlier_channels(ch_min: torch.Tensor, ch_max: torch.Tensor, k: int, 
     return order[:k].sort().values.to(torch.int64)
 
 
+def sketch_rows(sketch: torch.Tensor | None, rows: torch.Tensor, keep: int = SKETCH_ROWS) -> torch.Tensor:
+    """Fold `rows` `[sources, n, hidden]` into a running sketch `[sources, <= keep, hidden]`
+    (None: empty): the top `keep` right singular vectors, times their singular values, of the
+    sketch stacked on the rows normalized to unit length (zero rows stay zero). While fewer than
+    `keep` directions have been seen it is exact; then it keeps the leading subspace."""
+    if rows.dim() != 3:
+        raise ValueError(f"rows must be [sources, n, hidden], got {tuple(rows.shape)}")
+    r = rows.detach().double().cpu()
+    if not torch.isfinite(r).all():
+        raise ValueError("non-finite partial sums: the model or its inputs are broken")
+    r = r / r.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    if sketch is not None and (sketch.shape[0] != r.shape[0] or sketch.shape[2] != r.shape[2]):
+        raise ValueError(f"rows {tuple(rows.shape)} do not match the sketch {tuple(sketch.shape)}")
+    out = None if sketch is None else sketch.double()
+    # `keep` rows at a time, through the small Gram matrix: with m m^T = U diag(s^2) U^T, the top
+    # rows of U^T m are s_i v_i (the SVD of m, never computed: an SVD of a window's 512 x 640 rows
+    # took 7 s on 2 cores, this takes milliseconds).
+    for chunk in r.split(keep, dim=1):
+        m = chunk if out is None else torch.cat([out, chunk], dim=1)
+        _, u = torch.linalg.eigh(m @ m.transpose(1, 2))  # ascending eigenvalues
+        out = u[..., -keep:].flip(-1).transpose(1, 2) @ m
+    return out.float()
+
+
+def sketch_basis(sketch: torch.Tensor) -> torch.Tensor:
+    """A sketch -> orthonormal directions `[sources, SKETCH_ROWS, hidden]`, leading first; a
+    source that saw fewer directions is completed with zero rows (which project to nothing)."""
+    _, _, vh = torch.linalg.svd(sketch.double(), full_matrices=False)
+    out = torch.zeros(sketch.shape[0], SKETCH_ROWS, sketch.shape[2], dtype=torch.float32)
+    n = min(SKETCH_ROWS, vh.shape[1])
+    rank = torch.linalg.matrix_rank(sketch.double())
+    for s in range(sketch.shape[0]):
+        k = min(n, int(rank[s]))
+        out[s, :k] = vh[s, :k].float()
+    return out
+
+
 @dataclass(frozen=True)
 class OutlierParams:
     """Static codec parameters of one layer (derived from its statistics)."""
@@ -94,6 +143,8 @@ class Calibration:
     meta: dict
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
     channels: dict[str, torch.Tensor]
+    bases: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per layer, `[world + 1, SKETCH_ROWS, hidden]` orthonormal directions (version 2 files)."""
 
     def digest(self) -> str:
         """Short hash of the statistics and selections, to check that all ranks use the same."""
@@ -101,7 +152,8 @@ class Calibration:
 
         h = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode())
         for name in sorted(self.stats):
-            for t in (*self.stats[name], self.channels[name]):
+            extra = (self.bases[name],) if name in self.bases else ()
+            for t in (*self.stats[name], self.channels[name], *extra):
                 h.update(t.detach().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -110,6 +162,17 @@ class Calibration:
             raise ValueError(f"calibration has no entry for layer {layer!r}; it covers {sorted(self.channels)[:4]}...")
         lo, hi = self.stats[layer]
         return OutlierParams.from_stats(lo, hi, self.channels[layer])
+
+    def basis(self, layer: str, rank: int) -> torch.Tensor:
+        """The first `rank` directions of every source of `layer`, `[world + 1, rank, hidden]`."""
+        if not self.bases:
+            raise ValueError("this calibration file has no low-rank bases (made before format version 2): "
+                             "re-run tools/calibrate.py to use a lowrank+ codec")
+        if layer not in self.bases:
+            raise ValueError(f"calibration has no bases for layer {layer!r}; it covers {sorted(self.bases)[:4]}...")
+        if not 1 <= rank <= self.bases[layer].shape[1]:
+            raise ValueError(f"low-rank rank {rank}: the calibration file holds {self.bases[layer].shape[1]} directions per source")
+        return self.bases[layer][:, :rank].contiguous()
 
     def check_matches(self, *, tp_size: int, hidden: int, model: str | None = None) -> None:
         m = self.meta
@@ -132,6 +195,8 @@ def save_calibration(path: str, cal: Calibration) -> None:
         tensors[f"{name}.min"] = lo.float().contiguous()
         tensors[f"{name}.max"] = hi.float().contiguous()
         tensors[f"{name}.channels"] = cal.channels[name].to(torch.int64).contiguous()
+        if name in cal.bases:
+            tensors[f"{name}.basis"] = cal.bases[name].float().contiguous()
     meta = {**cal.meta, "version": VERSION, "layers": sorted(cal.stats)}
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={FORMAT_KEY: json.dumps(meta)})
@@ -146,10 +211,13 @@ def load_calibration(path: str) -> Calibration:
         if raw is None:
             raise ValueError(f"{path} is not a tpcomp calibration file (no {FORMAT_KEY!r} metadata)")
         meta = json.loads(raw)
-        if meta.get("version") != VERSION:
-            raise ValueError(f"{path}: calibration format version {meta.get('version')} is not {VERSION}")
-        stats, channels = {}, {}
+        if meta.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"{path}: calibration format version {meta.get('version')} is not one of {READABLE_VERSIONS}")
+        stats, channels, bases = {}, {}, {}
+        keys = set(f.keys())
         for name in meta["layers"]:
             stats[name] = (f.get_tensor(f"{name}.min"), f.get_tensor(f"{name}.max"))
             channels[name] = f.get_tensor(f"{name}.channels")
-    return Calibration(meta=meta, stats=stats, channels=channels)
+            if f"{name}.basis" in keys:
+                bases[name] = f.get_tensor(f"{name}.basis")
+    return Calibration(meta=meta, stats=stats, channels=channels, bases=bases)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..calibration import OutlierParams
 from .base import REDUCED, SUPPORTED_DTYPES, Codec
 from .block import BlockCodec
 from .formats import FORMATS, ElementFormat
+from .lowrank import LowRankCodec
 from .outlier import HybridCodec, StaticOutlierCodec
-from .spec import BLOCK_SIZES, BlockSpec, CodecSpec, OutlierSpec, parse_codec_spec
+from .spec import BLOCK_SIZES, BlockSpec, CodecSpec, LowRankSpec, OutlierSpec, needs_calibration, parse_codec_spec
 
 
-def make_codec(spec: CodecSpec | str, params: OutlierParams | None = None) -> Codec:
-    """Build the codec of a spec; outlier codecs need the layer's calibrated `params`."""
+def make_codec(spec: CodecSpec | str, params: OutlierParams | torch.Tensor | None = None) -> Codec:
+    """Build the codec of a spec; calibrated codecs need the layer's `params`: `OutlierParams`
+    (outlier codecs) or bases `[sources, K, hidden]` (low-rank codecs)."""
     if isinstance(spec, str):
         spec = parse_codec_spec(spec)
         if spec is None:
@@ -22,11 +26,15 @@ def make_codec(spec: CodecSpec | str, params: OutlierParams | None = None) -> Co
         if params is None:
             raise ValueError(f"codec {spec} needs a calibration file (tools/calibrate.py); none was given")
         return StaticOutlierCodec(spec, params) if spec.base is None else HybridCodec(spec, params)
+    if isinstance(spec, LowRankSpec):
+        if params is None:
+            raise ValueError(f"codec {spec} needs a calibration file with bases (tools/calibrate.py); none was given")
+        return LowRankCodec(spec, params)
     raise ValueError(f"not a codec spec: {spec!r}")
 
 
 __all__ = [
     "BLOCK_SIZES", "FORMATS", "REDUCED", "SUPPORTED_DTYPES", "BlockCodec", "BlockSpec", "Codec",
-    "CodecSpec", "ElementFormat", "HybridCodec", "OutlierParams", "OutlierSpec",
-    "StaticOutlierCodec", "make_codec", "parse_codec_spec",
+    "CodecSpec", "ElementFormat", "HybridCodec", "LowRankCodec", "LowRankSpec", "OutlierParams", "OutlierSpec",
+    "StaticOutlierCodec", "make_codec", "needs_calibration", "parse_codec_spec",
 ]

@@ -9,6 +9,9 @@ Grammar (parts separated by '/', order free after the first):
   travels in bf16, the rest as 4-bit codes with calibrated per-channel ranges.
 * Hybrid: ``outlier+<block spec>[/k<N>]``, e.g. ``outlier+fp4_e2m1/b32``: calibrated outlier
   channels in bf16, every other channel through the block codec.
+* Low-rank: ``lowrank+<block spec>[/r<K>]``, e.g. ``lowrank+fp4_e2m1/b32/e6m2/r4``: each row's
+  coordinates on K calibrated directions travel in bf16, the rest of the row through the block
+  codec (codecs/lowrank.py). Default K = 4.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ SCALE_BITS = {"e8m0": 8, "e8m0up": 8, "e6m2": 8, "bf16": 16}
 E8M0_SCALES = ("e8m0", "e8m0up")
 OUTLIER_INT4 = "outlier_int4"
 HYBRID_PREFIX = "outlier+"
+LOWRANK_PREFIX = "lowrank+"
+MAX_RANK = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,13 +85,38 @@ class OutlierSpec:
         return f"{HYBRID_PREFIX}{self.base}/k{self.ratio}"
 
 
-CodecSpec = Union[BlockSpec, OutlierSpec]
+@dataclass(frozen=True, kw_only=True)
+class LowRankSpec:
+    """A block codec on what is left of each row after its projection on `rank` calibrated
+    directions; the row's `rank` coordinates travel in bf16."""
+
+    base: BlockSpec
+    rank: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"low-rank r{self.rank}: the rank must be an integer in [1, {MAX_RANK}]")
+
+    def bits_per_value(self, hidden: int) -> float:
+        return self.base.bits_per_value() + 16.0 * self.rank / hidden
+
+    def __str__(self) -> str:
+        return f"{LOWRANK_PREFIX}{self.base}/r{self.rank}"
+
+
+CodecSpec = Union[BlockSpec, OutlierSpec, LowRankSpec]
+CALIBRATED = (OutlierSpec, LowRankSpec)
+"""Spec types whose codecs need a calibration file."""
+
+
+def needs_calibration(spec: CodecSpec | None) -> bool:
+    return isinstance(spec, CALIBRATED)
 
 _VALID = (
     "'none', '<element>[/b<block>][/<scale>]' (elements: "
     + ", ".join(sorted(FORMATS))
     + f"; blocks: {', '.join(map(str, BLOCK_SIZES))}; scales: e8m0, e8m0up, e6m2, bf16), "
-    "'outlier_int4[/k<N>]' or 'outlier+<block spec>[/k<N>]'"
+    "'outlier_int4[/k<N>]', 'outlier+<block spec>[/k<N>]' or 'lowrank+<block spec>[/r<K>]'"
 )
 
 
@@ -98,9 +128,11 @@ def parse_codec_spec(text: str) -> CodecSpec | None:
     if s == "none":
         return None
     hybrid = s.startswith(HYBRID_PREFIX)
-    parts = (s[len(HYBRID_PREFIX):] if hybrid else s).split("/")
+    lowrank = s.startswith(LOWRANK_PREFIX)
+    prefix = HYBRID_PREFIX if hybrid else LOWRANK_PREFIX if lowrank else ""
+    parts = s[len(prefix):].split("/")
     head, opts = parts[0], parts[1:]
-    block = scale = ratio = None
+    block = scale = ratio = rank = None
     for opt in opts:
         try:
             if opt in SCALE_BITS and scale is None:
@@ -109,12 +141,16 @@ def parse_codec_spec(text: str) -> CodecSpec | None:
                 block = int(opt[1:])
             elif opt.startswith("k") and ratio is None:
                 ratio = int(opt[1:])
+            elif opt.startswith("r") and rank is None:
+                rank = int(opt[1:])
             else:
                 raise ValueError
         except ValueError:
             raise ValueError(f"bad or repeated part {opt!r} in codec spec {text!r}; valid forms: {_VALID}") from None
     try:
-        if head == OUTLIER_INT4 and not hybrid:
+        if rank is not None and not lowrank:
+            raise ValueError("'/r<K>' (rank) needs the 'lowrank+' prefix")
+        if head == OUTLIER_INT4 and not prefix:
             if block is not None or scale is not None:
                 raise ValueError(f"{OUTLIER_INT4} has static per-channel scales: drop '/b..' and the scale type")
             return OutlierSpec(ratio=64 if ratio is None else ratio)
@@ -124,6 +160,8 @@ def parse_codec_spec(text: str) -> CodecSpec | None:
                 return OutlierSpec(ratio=64 if ratio is None else ratio, base=base)
             if ratio is not None:
                 raise ValueError("'/k<N>' (outlier ratio) needs the 'outlier+' prefix")
+            if lowrank:
+                return LowRankSpec(base=base, rank=4 if rank is None else rank)
             return base
     except ValueError as e:
         raise ValueError(f"invalid codec spec {text!r}: {e}; valid forms: {_VALID}") from None

@@ -23,7 +23,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from ..calibration import Calibration, load_calibration
-from ..codecs import BlockSpec, OutlierSpec, make_codec, parse_codec_spec
+from ..codecs import BlockSpec, LowRankSpec, make_codec, needs_calibration, parse_codec_spec
 from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
 from ..comm.feedback import ErrorFeedback, PostNorm
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
@@ -77,7 +77,7 @@ class CompressionConfig:
         object.__setattr__(self, "override_specs", override_specs)
         object.__setattr__(self, "reduce_spec", reduce_spec)
         if self.needs_calibration and not self.calibration:
-            spec = next(s for s in self._reduction_specs() if isinstance(s, OutlierSpec))
+            spec = next(s for s in self._reduction_specs() if needs_calibration(s))
             raise ValueError(f"codec {spec} needs a calibration file: run tools/calibrate.py and pass it")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm {self.algorithm!r}: choose one of {list(ALGORITHMS)}")
@@ -94,8 +94,8 @@ class CompressionConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether some reduction uses an outlier codec (which needs a calibration file)."""
-        return any(isinstance(spec, OutlierSpec) for spec in self._reduction_specs())
+        """Whether some reduction uses a calibrated (outlier or low-rank) codec."""
+        return any(needs_calibration(spec) for spec in self._reduction_specs())
 
     def layer_spec(self, name: str):
         """The reduction codec spec of the row-parallel layer `name` (None: exact)."""
@@ -214,9 +214,10 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
                 codec = None  # exact; with error feedback on, it still pays the rank's debt
                 if spec is not None:
                     params = None
-                    if isinstance(spec, OutlierSpec):
+                    if needs_calibration(spec):
                         calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size)
-                        params = calibration.params(name)
+                        params = (calibration.basis(name, spec.rank) if isinstance(spec, LowRankSpec)
+                                  else calibration.params(name))
                     codec = make_codec(spec, params)
                     found += 1
                 norm = None if feedback is None else _post_norm(model.get_submodule(parent), name, module)

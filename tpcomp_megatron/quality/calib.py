@@ -1,9 +1,10 @@
 """Calibration from partial-sum statistics: collect, select outlier channels, build per-layer codecs.
 
 Statistics follow `tpcomp_megatron.calibration`: per layer, per-channel min and max of every rank's
-partial sum and, in the last row, of the full (reduced) sum, `[tp + 1, hidden]` float32. They do
-not depend on the outlier rule or ratio, so one file serves every (rule, k): `reselect` derives the
-channels for another choice from the same statistics.
+partial sum and, in the last row, of the full (reduced) sum, `[tp + 1, hidden]` float32, and a
+sketch of their leading directions (the low-rank codecs' bases). They do not depend on the outlier
+rule, ratio or rank, so one file serves every (rule, k) and every rank up to SKETCH_ROWS:
+`reselect` derives the channels for another choice from the same statistics.
 """
 
 from __future__ import annotations
@@ -13,25 +14,37 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..calibration import RULES, Calibration, select_outlier_channels
-from ..codecs import OutlierSpec, make_codec, parse_codec_spec
+from ..calibration import RULES, Calibration, select_outlier_channels, sketch_basis, sketch_rows
+from ..codecs import LowRankSpec, OutlierSpec, make_codec, needs_calibration, parse_codec_spec
 from ..codecs.base import Codec
 from .simtp import exact_sum
 
 
 class PartialSumStats:
-    """Running per-channel min/max of each rank's partial sum and of their exact sum.
+    """Running per-channel min/max and direction sketch of each rank's partial sum and of their
+    exact sum.
 
-    Usable as a `SimulatedTP.session(observer=...)`; real ranks feed `update_rows` per rank.
+    Usable as a `SimulatedTP.session(observer=...)`; real ranks' statistics are merged with
+    `update` and `set_sketch`.
     """
 
     def __init__(self) -> None:
         self.min: dict[str, torch.Tensor] = {}
         self.max: dict[str, torch.Tensor] = {}
+        self.sketches: dict[str, torch.Tensor] = {}
 
     def __call__(self, name: str, partials: torch.Tensor) -> None:
         stacked = torch.cat([partials.float(), exact_sum(partials).unsqueeze(0)])
         self.update(name, stacked.amin(dim=1), stacked.amax(dim=1))
+        self.sketches[name] = sketch_rows(self.sketches.get(name), stacked)
+
+    def set_sketch(self, name: str, sketch: torch.Tensor) -> None:
+        """A finished sketch `[sources, rows, hidden]` of one layer (real ranks sketch their own)."""
+        self.sketches[name] = sketch.detach().float().cpu()
+
+    def bases(self) -> dict[str, torch.Tensor]:
+        """Orthonormal directions per layer, `[sources, SKETCH_ROWS, hidden]`."""
+        return {n: sketch_basis(s) for n, s in sorted(self.sketches.items())}
 
     def update(self, name: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Merge per-source extremes `[sources, hidden]` into the running ones."""
@@ -57,8 +70,10 @@ def num_outliers(hidden: int, ratio: int) -> int:
 
 def build_calibration(stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, model: str, tp: int,
                       ratio: int = 64, rule: str = "range_sum", tokens: int, text: str,
-                      codec: str | None = None, source: str = "simulated") -> Calibration:
-    """A `Calibration` (statistics + channels chosen by `rule`, k = ceil(hidden / ratio))."""
+                      codec: str | None = None, source: str = "simulated",
+                      bases: Mapping[str, torch.Tensor] | None = None) -> Calibration:
+    """A `Calibration` (statistics + channels chosen by `rule`, k = ceil(hidden / ratio), and the
+    low-rank `bases` when given)."""
     if rule not in RULES:
         raise ValueError(f"unknown outlier selection rule {rule!r}; valid: {list(RULES)}")
     if not stats:
@@ -72,7 +87,13 @@ def build_calibration(stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
     channels = {n: select_outlier_channels(lo, hi, k, rule) for n, (lo, hi) in stats.items()}
     meta = {"model": model, "tp_size": tp, "hidden": h, "ratio": ratio, "rule": rule, "tokens": tokens,
             "text": text, "codec": codec or f"outlier_int4/k{ratio}", "source": source}
-    return Calibration(meta=meta, stats=dict(stats), channels=channels)
+    bases = dict(bases or {})
+    if bases and set(bases) != set(stats):
+        raise ValueError(f"bases cover {len(bases)} layers, the statistics {len(stats)}: they must cover the same layers")
+    for n, b in bases.items():
+        if b.dim() != 3 or b.shape[0] != tp + 1 or b.shape[2] != h:
+            raise ValueError(f"{n}: bases of shape {tuple(b.shape)}, expected [tp + 1 = {tp + 1}, rank, {h}]")
+    return Calibration(meta=meta, stats=dict(stats), channels=channels, bases=bases)
 
 
 def reselect(cal: Calibration, *, ratio: int | None = None, rule: str | None = None) -> Calibration:
@@ -91,17 +112,20 @@ def reselect(cal: Calibration, *, ratio: int | None = None, rule: str | None = N
 def layer_codecs(spec: str, layers: Iterable[str], calibration: Calibration | None = None, *,
                  rule: str | None = None) -> dict[str, Codec]:
     """One codec per layer name for `spec`; outlier codecs take their channels from `calibration`
-    (re-selected for the spec's ratio and `rule`, default the file's rule)."""
+    (re-selected for the spec's ratio and `rule`, default the file's rule), low-rank codecs their
+    bases."""
     parsed = parse_codec_spec(spec)
     if parsed is None:
         raise ValueError("spec 'none' has no codec: compression is off")
     layers = list(layers)
-    if not isinstance(parsed, OutlierSpec):
-        if rule is not None:
-            raise ValueError(f"{spec}: an outlier rule only applies to outlier codecs")
+    if rule is not None and not isinstance(parsed, OutlierSpec):
+        raise ValueError(f"{spec}: an outlier rule only applies to outlier codecs")
+    if not needs_calibration(parsed):
         codec = make_codec(parsed)
         return {n: codec for n in layers}
     if calibration is None:
         raise ValueError(f"codec {spec} needs a calibration file: run tpcomp-calibrate first")
+    if isinstance(parsed, LowRankSpec):
+        return {n: make_codec(parsed, calibration.basis(n, parsed.rank)) for n in layers}
     cal = reselect(calibration, ratio=parsed.ratio, rule=rule)
     return {n: make_codec(parsed, cal.params(n)) for n in layers}

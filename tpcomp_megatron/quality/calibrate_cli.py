@@ -6,10 +6,11 @@
 Runs the calibration text through the model at each TP size, simulated in one process (default;
 exactly the partial sums Megatron's ranks form, head-aligned) or on real gloo ranks with the
 converted Megatron model (`--real-ranks`), collects per-layer, per-rank, per-channel min/max of the
-row-parallel partial sums (and of the reduced sum), selects k = ceil(hidden / ratio) outlier
-channels per layer with `--rule`, and writes a calibration file (safetensors + JSON metadata:
-model, TP size, layer names, codec, text). The statistics serve every rule and ratio: the
-evaluation re-selects channels from them when asked for another.
+row-parallel partial sums (and of the reduced sum) and a sketch of their leading directions,
+selects k = ceil(hidden / ratio) outlier channels per layer with `--rule` and the bases of the
+low-rank codecs (`lowrank+...`, up to rank 32), and writes a calibration file (safetensors + JSON
+metadata: model, TP size, layer names, codec, text). The statistics serve every rule, ratio and
+rank: the evaluation re-selects channels from them when asked for another.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class CalibrateConfig:
         return Path(self.output.replace("{tp}", str(tp)))
 
 
-def collect_simulated(model, windows, tp: int) -> dict:
+def collect_simulated(model, windows, tp: int):
     from .calib import PartialSumStats
     from .simtp import SimulatedTP
 
@@ -80,10 +81,10 @@ def collect_simulated(model, windows, tp: int) -> dict:
                 model(windows.inputs[i:i + 1])
     finally:
         sim.remove()
-    return stats.as_dict()
+    return stats
 
 
-def collect_real(hf_folder: Path, model_id: str, windows, tp: int) -> dict:
+def collect_real(hf_folder: Path, model_id: str, windows, tp: int):
     from ..testing import run_ranks
     from .calib import PartialSumStats
     from .realtp import convert_checkpoint, rank_statistics
@@ -95,7 +96,8 @@ def collect_real(hf_folder: Path, model_id: str, windows, tp: int) -> dict:
         lo = torch.stack([r[name][0] for r in per_rank] + [per_rank[0][name][2]])
         hi = torch.stack([r[name][1] for r in per_rank] + [per_rank[0][name][3]])
         stats.update(name, lo, hi)
-    return stats.as_dict()
+        stats.set_sketch(name, torch.cat([r[name][4] for r in per_rank] + [per_rank[0][name][5]]))
+    return stats
 
 
 def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
@@ -114,13 +116,13 @@ def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
             stats = collect_real(folder, model_id, windows, tp)
         else:
             stats = collect_simulated(model, windows, tp)
-        cal = build_calibration(stats, model=model_id, tp=tp, ratio=cfg.ratio, rule=cfg.rule, tokens=cfg.tokens, text=windows.description,
+        cal = build_calibration(stats.as_dict(), bases=stats.bases(), model=model_id, tp=tp, ratio=cfg.ratio, rule=cfg.rule, tokens=cfg.tokens, text=windows.description,
                                 source="real_ranks" if cfg.real_ranks else "simulated")
         path = cfg.path(tp)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_calibration(str(path), cal)
         written.append(path)
-        log(f"TP={tp}: {len(stats)} layers, k={next(iter(cal.channels.values())).numel()} channels ({cfg.rule}), "
+        log(f"TP={tp}: {len(cal.stats)} layers, k={next(iter(cal.channels.values())).numel()} channels ({cfg.rule}), "
             f"{time.perf_counter() - t0:.0f} s -> {path}")
         log(summarize(cal))
     return written

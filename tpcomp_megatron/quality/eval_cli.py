@@ -76,7 +76,7 @@ def _load_calibrations(cfg: EvalConfig, points: list[SweepPoint], model_id: str,
     for tp in sorted({p.tp for p in points if p.needs_calibration}):
         path = cfg.calibration_path(tp)
         if path is None:
-            raise ValueError(f"outlier codecs at TP={tp} need --calibration (make one with tpcomp-calibrate --tp {tp})")
+            raise ValueError(f"calibrated (outlier, low-rank) codecs at TP={tp} need --calibration (make one with tpcomp-calibrate --tp {tp})")
         if not path.exists():
             raise FileNotFoundError(f"calibration file {path} does not exist; run tpcomp-calibrate --tp {tp} --output {path}")
         cal = load_calibration(str(path))
@@ -115,7 +115,7 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
     cals = _load_calibrations(cfg, points, model_id, hidden, canonical_text_spec(cfg.text))
 
     def rule_of(p: SweepPoint) -> str | None:
-        return (p.rule or cals[p.tp][0].meta["rule"]) if p.needs_calibration else None
+        return (p.rule or cals[p.tp][0].meta["rule"]) if p.outlier else None
 
     if cfg.skip_done:
         done = {_done_key(r) for r in read_records(out)}
@@ -161,7 +161,7 @@ def _evaluate_real(folder, model_id, tp, points, cals, windows, common, rule_of,
     from .records import quality_record
 
     real = [RealPoint(spec=p.spec, calibration=cals[tp][1] if p.needs_calibration else None,
-                      ratio=parse_codec_spec(p.spec).ratio if p.needs_calibration else None,
+                      ratio=parse_codec_spec(p.spec).ratio if p.outlier else None,
                       rule=p.rule, algorithm=p.algorithm, feedback=p.feedback) for p in points]
     base, totals, seconds, fallbacks = evaluate_on_ranks(folder, model_id, tp, windows, real, log=log)
     return [quality_record(totals=tot, baseline=base, world_size=tp, simulated=False, codec=p.spec, bits=bits[p],

@@ -83,8 +83,15 @@ def rank_partial_sums(rank: int, world: int, ckpt: str, tokens: torch.Tensor) ->
 
 def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows) -> dict[str, tuple[torch.Tensor, ...]]:
     """Per layer: (min, max) of this rank's partial sums and (min, max) of the reduced output,
-    per channel, over every window."""
+    per channel, over every window, then the direction sketches `[1, rows, hidden]` of both."""
+    from ..calibration import sketch_rows
+
     stats: dict[str, list[torch.Tensor]] = {}
+    sketches: dict[str, list[torch.Tensor | None]] = {}
+
+    def sketch(name: str, i: int, rows: torch.Tensor) -> None:
+        s = sketches.setdefault(name, [None, None])
+        s[i] = sketch_rows(s[i], rows.unsqueeze(0))
 
     def merge(name: str, i: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         s = stats.setdefault(name, [None] * 4)
@@ -94,10 +101,12 @@ def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows) -> 
     def pre(mod, args, name):
         p = F.linear(args[0], mod.weight).float().reshape(-1, mod.weight.shape[0])
         merge(name, 0, p.amin(0), p.amax(0))
+        sketch(name, 0, p)
 
     def post(mod, args, output, name):
         y = output[0].float().reshape(-1, output[0].shape[-1])
         merge(name, 2, y.amin(0), y.amax(0))
+        sketch(name, 1, y)
 
     with _megatron(ckpt, world) as (model, cfg):
         hooks = []
@@ -108,7 +117,7 @@ def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows) -> 
             _forward(model, windows.inputs[i:i + 1], cfg.vocab_size)
         for h in hooks:
             h.remove()
-    return {n: tuple(s) for n, s in stats.items()}
+    return {n: (*s, *sketches[n]) for n, s in stats.items()}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration import RULES, Calibration
-from ..codecs import OutlierSpec, parse_codec_spec
+from ..codecs import OutlierSpec, needs_calibration, parse_codec_spec
 from ..codecs.base import Codec
 from .calib import layer_codecs
 from .metrics import Totals, add_compared, add_reference
@@ -101,8 +101,13 @@ class SweepPoint:
         return is_rotated_spec(self.spec)
 
     @property
-    def needs_calibration(self) -> bool:
+    def outlier(self) -> bool:
+        """An outlier codec (it has a selection rule)."""
         return not self.experimental and isinstance(parse_codec_spec(self.spec), OutlierSpec)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return not self.experimental and needs_calibration(parse_codec_spec(self.spec))
 
     @property
     def label(self) -> str:
