@@ -42,6 +42,21 @@ def _params(hidden: int, sources: int, gen: torch.Generator):
     return OutlierParams.from_stats(sample.amin(1), sample.amax(1), chans)
 
 
+def _bases(hidden: int, sources: int, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """Low-rank codec bases: orthonormal directions per source (their values do not change the
+    work, only K does)."""
+    return torch.linalg.qr(torch.randn(sources + 1, hidden, rank, generator=gen)).Q.transpose(1, 2).contiguous()
+
+
+def _make(spec: str, hidden: int, sources: int, params):
+    from tpcomp_megatron.codecs import LowRankSpec, make_codec, parse_codec_spec
+
+    parsed = parse_codec_spec(spec)
+    if isinstance(parsed, LowRankSpec):
+        return make_codec(parsed, _bases(hidden, sources, parsed.rank, torch.Generator().manual_seed(1)))
+    return make_codec(parsed, params)
+
+
 def _channel_scale(hidden: int, gen: torch.Generator) -> torch.Tensor:
     scale = torch.rand(hidden, generator=gen) + 0.5
     scale[torch.randperm(hidden, generator=gen)[: -(-hidden // 64)]] *= 30  # outlier channels
@@ -134,7 +149,7 @@ def _copy_gbps_moving(moved: int) -> float:
 
 def bench(args, meta) -> list[dict]:
     from tpcomp_megatron import kernels as K
-    from tpcomp_megatron.codecs import REDUCED, make_codec
+    from tpcomp_megatron.codecs import REDUCED
 
     params = _params(args.hidden, args.sources, torch.Generator().manual_seed(0))
     n, hidden, out = args.sources, args.hidden, []
@@ -148,7 +163,7 @@ def bench(args, meta) -> list[dict]:
         out.append({**_record("copy", "none", elements, copy_ms, 2 * xs[0].nbytes, copy_gbps, meta),
                     "message_mb": size_mb, "rows": rows, "hidden": hidden})
         for spec in args.codecs:
-            codec = make_codec(spec, params)
+            codec = _make(spec, hidden, n, params)
             p = torch.stack([K.encode(codec, x, source=i) for i, x in enumerate(xs)])
             pb = p[0].nbytes
             srcs = list(range(n))
