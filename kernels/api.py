@@ -16,7 +16,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from tpcomp_megatron.codecs.base import SUPPORTED_DTYPES, Codec
 from tpcomp_megatron.codecs.block import BlockCodec
-from tpcomp_megatron.codecs.lowrank import LowRankCodec, coef_bytes, lowrank_sum, project
+from tpcomp_megatron.codecs.lowrank import LowRankCodec, add_lowrank_each, add_lowrank_sum, coef_bytes, project
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
@@ -195,16 +195,14 @@ def encode(codec: Codec, x: Tensor, *, source: int) -> Tensor:
 def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,
                     mode: str, out_source: int) -> Tensor:
     """The block kernel decodes the residuals in float32; the coordinates add back through one
-    matmul (the reference's `lowrank_sum`), then the result is cast (or requantized)."""
-    n, rows, _ = payloads.shape
+    matmul (the reference's own functions), then the result is cast (or requantized)."""
     tails = payloads[:, :, codec.data_bytes(hidden):]
     bases = codec.source_bases(sources, payloads.device)
     args = _block_args(codec, hidden, payloads.device)
     if mode == "each":
         out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "each", torch.float32)
-        low = torch.cat([lowrank_sum(tails[i:i + 1], bases[i:i + 1]) for i in range(n)])
-        return (out + low).to(dtype)
-    out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32) + lowrank_sum(tails, bases)
+        return add_lowrank_each(out, tails, bases).to(dtype)
+    out = add_lowrank_sum(torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32), tails, bases)
     return encode(codec, out, source=out_source) if mode == "encode" else out.to(dtype)
 
 
