@@ -16,7 +16,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from tpcomp_megatron.codecs.base import SUPPORTED_DTYPES, Codec
 from tpcomp_megatron.codecs.block import BlockCodec
-from tpcomp_megatron.codecs.lowrank import LowRankCodec, add_lowrank_each, add_lowrank_sum, coef_bytes, project
+from tpcomp_megatron.codecs.lowrank import LowRankCodec, coef_bytes, coordinates
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
@@ -33,11 +33,16 @@ INTERPRETED = isinstance(_block._block_encode_kernel, InterpretedFunction)
 @torch.library.custom_op("tpcomp::block_encode", mutates_args=())
 def block_encode(x: Tensor, element: str, block: int, scale: str, data_bytes: int, slot: Optional[Tensor],
                  first: Optional[Tensor], chan: Optional[Tensor], window_max: List[int], slots_off: int,
-                 row_bytes: int) -> Tensor:
-    """Block codec, or hybrid when the outlier tables (slot, first, chan, window_max) are given."""
+                 row_bytes: int, coef: Optional[Tensor] = None, basis: Optional[Tensor] = None) -> Tensor:
+    """Block codec, or hybrid when the outlier tables (slot, first, chan, window_max) are given,
+    or low-rank when the coordinates `coef` and the `basis` are (they are also stored, at
+    `slots_off`)."""
     out = torch.empty(x.shape[0], row_bytes, dtype=torch.uint8, device=x.device)
     _block.launch_block_encode(x, out, element=element, block=block, scale=scale, data_bytes=data_bytes,
-                               outliers=_outliers(slot, first, chan, window_max), slots_off=slots_off)
+                               outliers=_outliers(slot, first, chan, window_max), slots_off=slots_off,
+                               lowrank=None if coef is None else (coef, basis))
+    if coef is not None:
+        out[:, slots_off:] = coef_bytes(coef)
     return out
 
 
@@ -46,28 +51,31 @@ def _outliers(slot, first, chan, window_max):
 
 
 @block_encode.register_fake
-def _(x, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, row_bytes):
+def _(x, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, row_bytes, coef=None, basis=None):
     return x.new_empty((x.shape[0], row_bytes), dtype=torch.uint8)
 
 
 @torch.library.custom_op("tpcomp::block_decode", mutates_args=())
 def block_decode(payloads: Tensor, hidden: int, element: str, block: int, scale: str, data_bytes: int,
                  slot: Optional[Tensor], first: Optional[Tensor], chan: Optional[Tensor], window_max: List[int],
-                 slots_off: int, mode: str, dtype: torch.dtype) -> Tensor:
-    """mode 'sum' -> [rows, hidden], 'each' -> [n * rows, hidden], 'encode' -> payload."""
+                 slots_off: int, mode: str, dtype: torch.dtype, bases: Optional[Tensor] = None) -> Tensor:
+    """mode 'sum' -> [rows, hidden], 'each' -> [n * rows, hidden], 'encode' -> payload.
+    `bases` [n, K, hidden]: low-rank payloads (mode 'each' then needs n == 1 or one basis)."""
     n, rows, row_bytes = payloads.shape
     out = _decode_out(payloads, hidden, mode, dtype)
     if mode == "each":  # no sources to tell apart: decode one payload of n * rows rows
         payloads = payloads.view(1, n * rows, row_bytes)
+        bases = None if bases is None else bases[:1]
     _block.launch_block_decode(payloads, out, hidden=hidden, element=element, block=block, scale=scale,
                                data_bytes=data_bytes, outliers=_outliers(slot, first, chan, window_max),
                                slots_off=slots_off,
-                               encode=mode == "encode", each=mode == "each")
+                               encode=mode == "encode", each=mode == "each", bases=bases)
     return out
 
 
 @block_decode.register_fake
-def _(payloads, hidden, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, mode, dtype):
+def _(payloads, hidden, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, mode, dtype,
+      bases=None):
     return _decode_out(payloads, hidden, mode, dtype)
 
 
@@ -182,28 +190,26 @@ def encode(codec: Codec, x: Tensor, *, source: int) -> Tensor:
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, x.device)
         return torch.ops.tpcomp.static_encode(x, t.lo, t.inv, t.chan, source_row(source, t.sources))
-    if isinstance(codec, LowRankCodec):
-        # The projection is two small matmuls (cuBLAS); the block kernel codes the residual into
-        # the head of each row, whose stride leaves room for the coordinates.
-        coef, resid = project(x, codec.basis(source, x.device))
-        out = torch.ops.tpcomp.block_encode(resid, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
-        out[:, codec.data_bytes(hidden):] = coef_bytes(coef)
-        return out
+    if isinstance(codec, LowRankCodec):  # coordinates by one matmul, the rest in the block kernel
+        basis = codec.basis(source, x.device)
+        return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden),
+                                             coordinates(x, basis), basis)
     return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
 
 
 def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,
                     mode: str, out_source: int) -> Tensor:
-    """The block kernel decodes the residuals in float32; the coordinates add back through one
-    matmul (the reference's own functions), then the result is cast (or requantized)."""
-    tails = payloads[:, :, codec.data_bytes(hidden):]
-    bases = codec.source_bases(sources, payloads.device)
+    """The block kernel adds each source's low-rank part as it decodes; a requantized sum needs
+    the full rows' coordinates first, so 'encode' is a decode in float32 and an encode."""
+    bases = codec.source_bases(sources, payloads.device).contiguous()
     args = _block_args(codec, hidden, payloads.device)
-    if mode == "each":
-        out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "each", torch.float32)
-        return add_lowrank_each(out, tails, bases).to(dtype)
-    out = add_lowrank_sum(torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32), tails, bases)
-    return encode(codec, out, source=out_source) if mode == "encode" else out.to(dtype)
+    if mode == "each" and len(set(sources)) > 1:
+        return torch.cat([torch.ops.tpcomp.block_decode(payloads[i:i + 1], hidden, *args, "each", dtype, bases[i:i + 1])
+                          for i in range(payloads.shape[0])])
+    if mode == "encode":
+        out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32, bases)
+        return encode(codec, out, source=out_source)
+    return torch.ops.tpcomp.block_decode(payloads, hidden, *args, mode, dtype, bases)
 
 
 def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,

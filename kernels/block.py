@@ -9,6 +9,11 @@ column tile are one contiguous range, at most KT long. Encode zeroes the outlier
 the block scales are taken and copies their values (a [R, KT] gather from cache) into the slots;
 decode sums the slots as [R, KT] and overwrites the outlier channels of the output with them, or
 (ENCODE) requantizes them into the slots. No per-element gather or scatter.
+
+Low-rank (`LOWRANK` = K > 0, codecs/lowrank.py): encode subtracts c_k * b_k for k = 0..K-1 from
+the tile before its scales are taken (c: the row's bf16 coordinates, computed beforehand by one
+matmul; b: the source's basis rows); decode adds them back per source, the coordinates read from
+the payload's tail (at `slots_off`). Same order of float32 operations as the reference, no FMA.
 """
 
 from __future__ import annotations
@@ -65,7 +70,16 @@ def _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T: tl.constexpr, KT: tl.co
 
 
 @triton.jit
-def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hidden, row_bytes, data_bytes, slots_off,
+def _lowrank_term(v, coef_bits, basis_ptr, c, hidden, SIGN: tl.constexpr):
+    """v + SIGN * c * b for one direction: c [R, 1] bf16 bits, b the basis row at columns c."""
+    b = tl.load(basis_ptr + c, mask=c < hidden, other=0.0)
+    cb = _bf16_bits_to_f32(coef_bits) * b
+    return v + cb if SIGN > 0 else v - cb
+
+
+@triton.jit
+def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr, basis_ptr, rows, hidden, row_bytes,
+                         data_bytes, slots_off, LOWRANK: tl.constexpr,
                          IN_BF16: tl.constexpr, IN_F16: tl.constexpr, OUTLIERS: tl.constexpr,
                          KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
                          SCALE: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
@@ -81,6 +95,9 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
     raw = tl.load(x_ptr + r * hidden + c, mask=m, other=0.0, eviction_policy="evict_first")
     x = _input_to_f32(raw, IN_BF16)
     row_off = r * row_bytes
+    for k in tl.static_range(LOWRANK):  # the residual x - sum_k c_k b_k, in k order
+        cbits = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0).to(tl.int32) & 0xFFFF
+        x = _lowrank_term(x, cbits, basis_ptr + k * hidden, c, hidden, -1)
     if OUTLIERS:
         is_o, j, jm = _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T, KT)
         # the tile's outlier values, re-read from cache, go to their slots (contiguous per row)
@@ -100,8 +117,9 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
 
 
 @triton.jit
-def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hidden, row_bytes, data_bytes, slots_off,
-                         src_stride, N: tl.constexpr, EACH: tl.constexpr, ENCODE: tl.constexpr,
+def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_ptr, rows, hidden, row_bytes, data_bytes,
+                         slots_off, src_stride, LOWRANK: tl.constexpr, N: tl.constexpr, EACH: tl.constexpr,
+                         ENCODE: tl.constexpr,
                          OUT_KIND: tl.constexpr,
                          OUTLIERS: tl.constexpr, KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
                          R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
@@ -131,6 +149,9 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, rows, hi
                                SCALE)
         v = tl.reshape(_code_to_value(codes, BITS, EBITS, MBITS, DEC_MUL), [R, T // B, B])
         v = tl.reshape(v * scale[:, :, None], [R, T])
+        for k in tl.static_range(LOWRANK):  # source i's low-rank part, in k order
+            cbits = _load_bf16_slots(p_ptr, off + slots_off + 2 * k, row_mask, EVEN)
+            v = _lowrank_term(v, cbits, basis_ptr + (i * LOWRANK + k) * hidden, c, hidden, 1)
         if OUTLIERS:
             ov = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, off + slots_off + 2 * j, row_mask & jm, EVEN))
             osum = ov if EACH else osum + ov
@@ -186,16 +207,19 @@ def _outlier_args(outliers, tiles: Tiles, dummy: torch.Tensor) -> tuple:
 
 
 def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, block: int, scale: str,
-                        data_bytes: int, outliers, slots_off: int, tiles: Tiles | None = None) -> None:
-    """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `tiles` overrides the
-    tile policy (tools/bench_kernels.py --tune)."""
+                        data_bytes: int, outliers, slots_off: int, lowrank=None, tiles: Tiles | None = None) -> None:
+    """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `lowrank` = (coordinates
+    bf16 [rows, K], basis float32 [K, hidden]): code x minus its low-rank part. `tiles` overrides
+    the tile policy (tools/bench_kernels.py --tune)."""
     rows, hidden = x.shape
     if rows == 0:
         return
     tiles = tiles or _choose(rows, hidden, block, x.is_cuda, outliers)
     ptrs, kt = _outlier_args(outliers, tiles, out)
+    coef, basis = lowrank if lowrank is not None else (out, out)
     _block_encode_kernel[_grid(rows, hidden, tiles)](
-        x, out, *ptrs, rows, hidden, out.shape[1], data_bytes, slots_off,
+        x, out, *ptrs, coef.view(torch.int16) if lowrank is not None else coef, basis, rows, hidden, out.shape[1],
+        data_bytes, slots_off, LOWRANK=0 if lowrank is None else coef.shape[1],
         IN_BF16=x.dtype == torch.bfloat16, IN_F16=x.dtype == torch.float16, OUTLIERS=outliers is not None,
         KT=kt, EVEN=slots_even(out, slots_off),
         I64=needs_int64(x.numel(), out.numel()), R=tiles.rows, T=tiles.cols,
@@ -204,9 +228,13 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
 
 def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: int, element: str,
                         block: int, scale: str, data_bytes: int, outliers,
-                        slots_off: int, encode: bool, each: bool = False, tiles: Tiles | None = None) -> None:
+                        slots_off: int, encode: bool, each: bool = False, bases: torch.Tensor | None = None,
+                        tiles: Tiles | None = None) -> None:
     """payloads [n, rows, row_bytes] -> out [rows, hidden] (float dtypes) or, with `encode`,
-    the requantized sum [rows, row_bytes] uint8."""
+    the requantized sum [rows, row_bytes] uint8. `bases` float32 [n, K, hidden]: low-rank
+    payloads, whose K bf16 coordinates sit at `slots_off` (`encode` not supported)."""
+    if bases is not None and (encode or bases.shape[0] != payloads.shape[0]):
+        raise ValueError("low-rank decode: one basis per payload, and no requantization in the kernel")
     n, rows, row_bytes = payloads.shape
     if rows == 0:
         return
@@ -214,8 +242,8 @@ def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: in
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
     ptrs, kt = _outlier_args(outliers, tiles, payloads)
     _block_decode_kernel[_grid(rows, hidden, tiles)](
-        payloads, dst, *ptrs, rows, hidden, row_bytes, data_bytes,
-        slots_off, rows * row_bytes, N=n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out),
+        payloads, dst, *ptrs, payloads if bases is None else bases, rows, hidden, row_bytes, data_bytes,
+        slots_off, rows * row_bytes, LOWRANK=0 if bases is None else bases.shape[1], N=n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out),
         OUTLIERS=outliers is not None, KT=kt, EVEN=slots_even(payloads, slots_off) and (not encode or slots_even(out, slots_off)),
         I64=needs_int64(payloads.numel(), out.numel()),
         R=tiles.rows, T=tiles.cols, num_warps=tiles.num_warps,

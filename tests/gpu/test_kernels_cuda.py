@@ -186,24 +186,26 @@ def test_ops_dispatch_cuda(spec):
 
 @pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r8"])
 def test_lowrank_codec_cuda(spec):
-    """Not bit for bit: the projection is a cuBLAS matmul, whose summation order differs from the
-    CPU's, so a coordinate or code may round the other way at a tie. Payload bytes agree but for
-    a few, and decoded sums agree within one element step of the residual."""
+    """Decoding is bit for bit (the coordinates come from the payload). Encoding is not quite:
+    the coordinates are a cuBLAS matmul, whose summation order differs from the CPU's, so a
+    coordinate, and then a code, may round the other way: a few payload bytes in a thousand."""
     hidden, rows, world = 4096, 300, 3
     gen = _gen(spec)
     codec = make_codec(spec, lowrank_bases(hidden, world, parse_codec_spec(spec).rank, gen))
-    xs = [lowrank_input(rows, codec.bases, s, torch.bfloat16, gen, nonfinite=False) for s in range(world)]
-    got = torch.stack([K.encode(codec, x.cuda(), source=s) for s, x in enumerate(xs)])
-    want = torch.stack([codec.encode(x, source=s) for s, x in enumerate(xs)])
-    assert (got.cpu() != want).float().mean() < 1e-3
+    srcs = [2, 0, REDUCED, 1]
+    xs = [lowrank_input(rows, codec.bases, s, torch.bfloat16, gen) for s in srcs]
+    got = torch.stack([K.encode(codec, x.cuda(), source=s) for s, x in zip(srcs, xs)]).cpu()
+    want = torch.stack([codec.encode(x, source=s) for s, x in zip(srcs, xs)])
+    assert (got != want).float().mean() < 3e-3
+    pd = want.cuda()
     for dtype in (torch.bfloat16, torch.float32):
-        out = K.decode_sum(codec, got, hidden, sources=range(world), dtype=dtype).float().cpu()
-        ref = codec.decode_sum_f32(got.cpu(), hidden, range(world))
-        assert ((out - ref).abs() <= 1e-2 * ref.abs() + 1e-3 * ref.abs().max()).all()
-    # graph capture of encode + decode_sum (the projection and the kernels)
+        assert same(K.decode_sum(codec, pd, hidden, sources=srcs, dtype=dtype), codec.decode_sum(want, hidden, srcs, dtype=dtype))
+        each = torch.cat([codec.decode(q, hidden, source=s, dtype=dtype) for q, s in zip(want, srcs)])
+        assert same(K.decode_each(codec, pd, hidden, sources=srcs, dtype=dtype), each)
+    # graph capture of encode + decode_sum (the coordinates' matmul and both kernels)
     x = xs[0].cuda()
-    g = torch.cuda.CUDAGraph()
     K.encode(codec, x, source=0)  # warm up
+    g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         p = K.encode(codec, x, source=0)
         y = K.decode_sum(codec, p.unsqueeze(0), hidden, sources=[0], dtype=torch.float32)

@@ -8,20 +8,15 @@ directions (its own: the basis depends on the source), sends the K coordinates i
 block-codes the residual, whose blocks are then much flatter:
 
     coef  = bf16(x @ B_s^T)                [rows, K]
-    resid = x - coef @ B_s                 (the coordinates' rounding stays in resid)
+    resid = x - c_0 b_0 - c_1 b_1 - ...    float32, one direction at a time, in k order
     row payload = [ block payload of resid ][ K coordinates, bf16 little-endian ]
 
-Both products run in the input's precision class: bf16 input -> bf16 matmuls (float32
-accumulation, one rounding of each result), fp16/fp32 input -> float32. Bases are rounded to bf16
-once, at construction, so a bf16 matmul uses exactly the directions the decoder adds back. A
-bf16 residual is exact to 2**-9 of itself, some 35 dB under what a 4- to 8-bit code loses; in
-exchange the GPU path reads and writes half the bytes, and feeds the block kernel bf16 as any
-partial sum would.
-
-Decoding adds `coef @ B_s` back. A sum of n payloads is the block codec's sum of the residuals
-(index order, bit-identical to the kernels) plus ONE float32 matmul of all coordinates with all
-bases, `cat(coef) @ cat(B)`: the kernels path runs that same matmul, so CPU and GPU differ only
-by the matmul's summation order.
+Decoding adds c_k b_k back the same way; a sum of n payloads adds the n decoded rows in index
+order from +0.0 (`Codec.decode_sum_f32`). The fused kernels do these float32 steps in the same
+order (no FMA), so they match the reference bit for bit on the same coordinates; only the
+coordinates' matmul (x @ B^T, a bf16 matmul for bf16 input, float32 otherwise) may round
+differently on the GPU, where cuBLAS sums in another order. Bases are rounded to bf16 once, at
+construction, so that bf16 matmul uses exactly the directions the decoder adds back.
 
 Bases come from a calibration file (`Calibration.bases`, the leading right singular vectors of
 each source's row-normalized partial sums: `tpcomp-calibrate`), one set per rank and one for the
@@ -42,18 +37,20 @@ from .block import BlockCodec
 from .spec import LowRankSpec
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision the projection runs in for an input of `dtype`."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+def coordinates(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """`x` [rows, hidden], `basis` [K, hidden] (bf16 values) -> bf16 coordinates [rows, K]: a bf16
+    matmul (float32 accumulation) for bf16 input, float32 otherwise."""
+    dt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    return (x.to(dt) @ basis.to(dt).T).to(torch.bfloat16)
 
 
-def project(x: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x` [rows, hidden], `basis` [K, hidden] (bf16 values) -> (coordinates, bf16 [rows, K];
-    residual [rows, hidden] in `compute_dtype(x.dtype)`)."""
-    dt = compute_dtype(x.dtype)
-    xc, b = x.to(dt), basis.to(dt)
-    coef = (xc @ b.T).to(torch.bfloat16)
-    return coef, torch.addmm(xc, coef.to(dt), b, alpha=-1.0)
+def add_lowrank(v: torch.Tensor, coef: torch.Tensor, basis: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """v [rows, hidden] float32 + sign * sum_k coef[:, k] * basis[k], one k at a time (the
+    kernels' order; a matmul would sum in its own)."""
+    for k in range(basis.shape[0]):
+        term = coef[:, k:k + 1].float() * basis[k]
+        v = v + term if sign > 0 else v - term
+    return v
 
 
 def coef_bytes(coef: torch.Tensor) -> torch.Tensor:
@@ -62,22 +59,8 @@ def coef_bytes(coef: torch.Tensor) -> torch.Tensor:
 
 
 def coef_values(tail: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., rows, 2K] -> float32 [..., rows, K]."""
-    return tail.contiguous().view(torch.bfloat16).float()
-
-
-def add_lowrank_sum(acc: torch.Tensor, tails: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
-    """`acc` [rows, hidden] float32 plus the sum of the low-rank parts of n payloads (coordinates
-    `[n, rows, 2K]`, bases `[n, K, hidden]`): one matmul over all n x K coordinates."""
-    n, rows, _ = tails.shape
-    coef = coef_values(tails).permute(1, 0, 2).reshape(rows, -1)
-    return torch.addmm(acc, coef, bases.reshape(-1, bases.shape[-1]))
-
-
-def add_lowrank_each(acc: torch.Tensor, tails: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
-    """`acc` [n * rows, hidden] float32 (n decoded payloads, stacked) plus each one's low-rank part."""
-    n, rows, _ = tails.shape
-    return torch.baddbmm(acc.view(n, rows, -1), coef_values(tails), bases).view(n * rows, -1)
+    """uint8 [..., rows, 2K] -> bf16 [..., rows, K]."""
+    return tail.contiguous().view(torch.bfloat16)
 
 
 class LowRankCodec(Codec):
@@ -138,16 +121,12 @@ class LowRankCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, source: int = 0) -> torch.Tensor:
         self.check_input(x)
-        coef, resid = project(x, self.basis(source, x.device))
+        basis = self.basis(source, x.device)
+        coef = coordinates(x, basis)
+        resid = add_lowrank(x.float(), coef, basis, sign=-1.0)
         return torch.cat([self.block.encode(resid), coef_bytes(coef)], dim=1)
 
     def decode_f32(self, payload: torch.Tensor, hidden: int, *, source: int = 0) -> torch.Tensor:
         n = self.data_bytes(hidden)
-        acc = self.block.decode_f32(payload[:, :n], hidden)
-        return add_lowrank_each(acc, payload[None, :, n:], self.basis(source, payload.device)[None])
-
-    def decode_sum_f32(self, payloads: torch.Tensor, hidden: int, sources: Sequence[int] | None = None) -> torch.Tensor:
-        sources = range(payloads.shape[0]) if sources is None else sources
-        n = self.data_bytes(hidden)
-        acc = self.block.decode_sum_f32(payloads[:, :, :n], hidden)
-        return add_lowrank_sum(acc, payloads[:, :, n:], self.source_bases(sources, payloads.device))
+        v = self.block.decode_f32(payload[:, :n], hidden)
+        return add_lowrank(v, coef_values(payload[:, n:]), self.basis(source, payload.device))
