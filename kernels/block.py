@@ -186,11 +186,16 @@ def _constexprs(element, block, scale) -> dict:
     return {"B": block, "SCALE": kind, "UP_MANT": up, **format_constexprs(fmt)}
 
 
-def _choose(rows: int, hidden: int, block: int, on_gpu: bool, outliers) -> Tiles:
+def _choose(rows: int, hidden: int, block: int, on_gpu: bool, outliers, lowrank: bool = False) -> Tiles:
     """The block codecs' tiles; the hybrid's are twice as tall (its per-column slot table is read
     once per tile: H100 sweep, kernels_tune_h100_2026-11-23-run3.jsonl, hybrid encode 0.74 vs 0.66
-    of copy at 64 MB with 4 x 1024 on 4 warps against 2 x 1024 on 2)."""
-    return choose_tiles(rows, hidden, block, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers is not None else GPU_TILE_ELEMS)
+    of copy at 64 MB with 4 x 1024 on 4 warps against 2 x 1024 on 2). Low-rank tiles get at least
+    4 warps: the K directions of every source live in registers (H100, 8 sources x 8 directions,
+    128 MB decode_sum: 4.8 ms on 2 warps, 1.06 ms on 4)."""
+    tiles = choose_tiles(rows, hidden, block, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers is not None else GPU_TILE_ELEMS)
+    if lowrank and on_gpu and tiles.num_warps < 4:
+        tiles = Tiles(tiles.rows, tiles.cols, 4)
+    return tiles
 
 
 def _grid(rows: int, hidden: int, tiles) -> tuple[int, int]:
@@ -214,7 +219,7 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
     rows, hidden = x.shape
     if rows == 0:
         return
-    tiles = tiles or _choose(rows, hidden, block, x.is_cuda, outliers)
+    tiles = tiles or _choose(rows, hidden, block, x.is_cuda, outliers, lowrank is not None)
     ptrs, kt = _outlier_args(outliers, tiles, out)
     coef, basis = lowrank if lowrank is not None else (out, out)
     _block_encode_kernel[_grid(rows, hidden, tiles)](
@@ -238,7 +243,7 @@ def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: in
     n, rows, row_bytes = payloads.shape
     if rows == 0:
         return
-    tiles = tiles or _choose(rows, hidden, block, payloads.is_cuda, outliers)
+    tiles = tiles or _choose(rows, hidden, block, payloads.is_cuda, outliers, bases is not None)
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
     ptrs, kt = _outlier_args(outliers, tiles, payloads)
     _block_decode_kernel[_grid(rows, hidden, tiles)](
