@@ -397,20 +397,46 @@ def test_sensitivity_plans_on_real_ranks(tiny, monkeypatch):
     assert real[2]["kl"] < real[0]["kl"] / 5
 
 
+def test_sensitivity_plans_with_calibrated_lowrank_codecs(tiny, monkeypatch):
+    """Low-rank codecs (per-layer bases from a calibration file) as --low and --high: the uniform
+    plan equals the evaluation tool's record, and the deployed plan on two gloo ranks (low-rank
+    codec plus per-layer low-rank overrides) agrees with the simulated one."""
+    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, run
+
+    monkeypatch.setenv("TPCOMP_CACHE", str(tiny["root"] / "cache"))
+    cal = calibrate(CalibrateConfig(model=tiny["hf"], tp=(2,), output=str(tiny["root"] / "sens_lr_tp{tp}.safetensors"),
+                                    text=tiny["cal_text"], tokens=SEQ, seq_len=SEQ), log=_quiet)[0]
+    low, high = "lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+fp8_e4m3/b32/e6m2/r2"
+    cfg = SensitivityConfig(model=tiny["hf"], tp=2, low=low, high=high, promote=(0, 2), calib_text=tiny["cal_text"],
+                            calib_windows=1, text=tiny["text"], windows=1, seq_len=SEQ, calibration=str(cal),
+                            out=str(tiny["root"] / "sens_lr.jsonl"), real_ranks=True)
+    recs = run(cfg, log=_quiet)
+    assert [r["simulated_tp"] for r in recs] == [True, True, False, False]
+    assert recs[1]["codec"] == f"{low} + 2 layers {high}" and recs[1]["calibration"] != "none"
+    uniform = evaluate(EvalConfig(model=tiny["hf"], tp=(2,), points=(low,), text=tiny["text"], seq_len=SEQ, windows=1,
+                                  calibration=str(cal), out=str(tiny["root"] / "sens_lr_uniform.jsonl")), log=_quiet)[0]
+    assert recs[0]["kl"] == pytest.approx(uniform["kl"], rel=1e-6)
+    for s, r in zip(recs[:2], recs[2:]):
+        assert r["ppl"] == pytest.approx(s["ppl"], rel=2e-2) and r["exact_fallback_calls"] == 0
+    assert recs[3]["kl"] < recs[2]["kl"]  # the promoted layers took their wider codec on the real ranks
+
+
 def test_sensitivity_config_rejects_bad_input():
     from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig
 
     with pytest.raises(ValueError, match="test set"):
         SensitivityConfig(model="m", calib_text="moby-dick", text="moby-dick")
-    with pytest.raises(ValueError, match="block codec"):
+    with pytest.raises(ValueError, match="static outlier codec"):
         SensitivityConfig(model="m", low="outlier_int4/k64")
+    with pytest.raises(ValueError, match="need --calibration"):
+        SensitivityConfig(model="m", low="lowrank+fp4_e2m1/b32/e6m2/r4")
     with pytest.raises(ValueError, match="TP=1"):
         SensitivityConfig(model="m", tp=1)
     with pytest.raises(ValueError, match="--promote"):
         SensitivityConfig(model="m", promote=(-1,))
     with pytest.raises(ValueError, match="--budget"):
         SensitivityConfig(model="m", budget=0.0)
-    with pytest.raises(ValueError, match="block codec"):
+    with pytest.raises(ValueError, match="static outlier codec"):
         SensitivityConfig(model="m", high=("fp6_e2m3/b32", "outlier_int4/k64"))
     assert SensitivityConfig(model="m", high="fp8_e4m3").high == ("fp8_e4m3",)
 
@@ -423,16 +449,16 @@ def test_budget_plans():
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     sens = {f"l{i}": float(v) for i, v in enumerate(torch.rand(10, generator=gen))}
-    low, fp6, fp8 = (make_codec(s) for s in ("fp4_e2m1/b32/e8m0", "fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0"))
+    low, fp6, fp8 = ({n: make_codec(s) for n in sens} for s in ("fp4_e2m1/b32/e8m0", "fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0"))
     for budget in (4.0, 4.25, 4.5, 4.65, 5.0, 9.0):
         for high in (fp6, fp8):
             k = budget_promotions(sens, low, high, 64, budget)
             brute = max([j for j in range(11) if plan_bits(mixed_codecs(sens, low, high, j), 64) <= budget + 1e-9],
                         default=0)
-            assert k == brute, (budget, str(high.spec))
+            assert k == brute, (budget, str(high["l0"].spec))
     assert budget_promotions(sens, low, fp8, 64, 4.65) == 1 and budget_promotions(sens, low, fp6, 64, 4.65) == 2
     cfg = SensitivityConfig(model="m", high=("fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0"), promote=(0, 2), budget=4.65)
-    got = [(str(h.spec), k) for h, k in _promotions(cfg, sens, low, [fp6, fp8], 64)]
+    got = _promotions(cfg, sens, low, {"fp6_e2m3/b32/e8m0": fp6, "fp8_e4m3/b32/e8m0": fp8}, 64)
     assert got == [("fp6_e2m3/b32/e8m0", 0), ("fp6_e2m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 1)]
     a = parse_args(["--model", "m", "--budget", "4.5", "--high", "fp5_e2m2/b32/e6m2", "fp6_e2m3/b32/e6m2"])
     assert a.promote == () and a.budget == 4.5 and len(a.high) == 2

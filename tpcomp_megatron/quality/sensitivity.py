@@ -18,13 +18,14 @@ from .sweep import Plan, compare
 from .text import TokenWindows
 
 
-def layer_sensitivity(model, sim: SimulatedTP, windows: TokenWindows, *, tp: int, codec: Codec, feedback: bool = False,
-                      log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
-    """Layer name -> mean KL (nats) with only that layer's reduction compressed by `codec` (with
-    `feedback`, its error is carried into the next, exact, reduction and cancelled there). One
-    window-major pass: each window's uncompressed logits are computed once for every layer."""
+def layer_sensitivity(model, sim: SimulatedTP, windows: TokenWindows, *, tp: int, codecs: Mapping[str, Codec],
+                      feedback: bool = False, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+    """Layer name -> mean KL (nats) with only that layer's reduction compressed by its codec in
+    `codecs` (with `feedback`, its error is carried into the next, exact, reduction and cancelled
+    there). One window-major pass: each window's uncompressed logits are computed once for every
+    layer."""
     names = list(sim.layers)
-    plans = [Plan(tp, {n: codec if n == name else None for n in names}, feedback=feedback) for name in names]
+    plans = [Plan(tp, {n: codecs[name] if n == name else None for n in names}, feedback=feedback) for name in names]
     _, totals, _ = compare(model, sim, windows, plans, labels=names, log=log)
     out = {name: tot.mean_kl for name, tot in zip(names, totals)}
     for name, kl in out.items():
@@ -40,10 +41,12 @@ def most_sensitive(sensitivity: Mapping[str, float], k: int) -> list[str]:
     return order[:k]
 
 
-def mixed_codecs(sensitivity: Mapping[str, float], low: Codec, high: Codec, k: int) -> dict[str, Codec]:
-    """`high` on the k most sensitive layers, `low` on the others."""
+def mixed_codecs(sensitivity: Mapping[str, float], low: Mapping[str, Codec], high: Mapping[str, Codec],
+                 k: int) -> dict[str, Codec]:
+    """Each layer's `high` codec on the k most sensitive layers, its `low` codec on the others
+    (codec maps by layer name: calibrated codecs differ from layer to layer)."""
     top = set(most_sensitive(sensitivity, k))
-    return {n: high if n in top else low for n in sensitivity}
+    return {n: high[n] if n in top else low[n] for n in sensitivity}
 
 
 def plan_bits(plan: Mapping[str, Codec], hidden: int) -> float:
@@ -53,7 +56,8 @@ def plan_bits(plan: Mapping[str, Codec], hidden: int) -> float:
     return sum(c.bits_per_value(hidden) for c in plan.values()) / len(plan)
 
 
-def budget_promotions(sensitivity: Mapping[str, float], low: Codec, high: Codec, hidden: int, budget: float) -> int:
+def budget_promotions(sensitivity: Mapping[str, float], low: Mapping[str, Codec], high: Mapping[str, Codec], hidden: int,
+                      budget: float) -> int:
     """The largest k whose plan (`high` on the k most sensitive layers) averages <= `budget` bits
     per value; 0 if even the uniform `low` plan is over the budget (then nothing fits)."""
     k = len(sensitivity)

@@ -13,6 +13,9 @@ plan (RESULTS.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_te
     tpcomp-sensitivity --model smollm2-135m --tp 8 --budget 4.5 \\
         --high fp5_e2m2/b32/e6m2 fp6_e2m3/b32/e8m0 fp8_e4m3/b32/e8m0up --ranking-in ranking.json
 
+Calibrated codecs (`lowrank+...`, `outlier+...`) need `--calibration` (a `tpcomp-calibrate` file
+made at `--tp`, never on the evaluation text).
+
 `--real-ranks` also runs every plan as it is deployed: the converted Megatron model on `--tp` gloo
 ranks, `--low` as the codec and one override per promoted layer (`apply_tp_compression`, as
 `--tp-comm-compression LOW --tp-comm-compression-override NAME=HIGH ...`); one more record per plan.
@@ -27,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from ..codecs import BlockSpec, make_codec, parse_codec_spec
+from ..codecs import OutlierSpec, needs_calibration, parse_codec_spec
+from .calib import layer_codecs
 from .records import append_records, default_results_path, environment, quality_record
+from .text import canonical_text_spec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +41,7 @@ class SensitivityConfig:
     model: str
     tp: int = 8
     low: str = "fp4_e2m1/b32/e6m2"
-    """Codec of every layer not promoted (a block codec: no calibration needed)."""
+    """Codec of every layer not promoted."""
     high: tuple[str, ...] = ("fp6_e2m3/b32/e8m0",)
     """Codecs of the promoted layers: every plan is evaluated with each (a single string is one)."""
     promote: tuple[int, ...] = (0, 2, 4)
@@ -58,6 +63,8 @@ class SensitivityConfig:
     """Also evaluate every plan on real gloo ranks through `apply_tp_compression` (per-layer overrides)."""
     feedback: bool = False
     """Error feedback on, for the ranking and every plan (`--tp-comm-error-feedback` when deployed)."""
+    calibration: str | None = None
+    """Calibration file for calibrated codecs (low-rank, hybrid outlier), made at `tp`."""
 
     def __post_init__(self) -> None:
         if isinstance(self.high, str):
@@ -66,9 +73,14 @@ class SensitivityConfig:
             raise ValueError(f"--tp must be an integer >= 2 (TP=1 communicates nothing), got {self.tp!r}")
         if not self.high:
             raise ValueError("--high: at least one codec")
-        for name, spec in [("low", self.low)] + [("high", h) for h in self.high]:
-            if not isinstance(parse_codec_spec(spec), BlockSpec):
-                raise ValueError(f"--{name} {spec!r}: a block codec spec is required, e.g. fp4_e2m1/b32/e6m2")
+        specs = [("low", self.low)] + [("high", h) for h in self.high]
+        for name, spec in specs:
+            parsed = parse_codec_spec(spec)
+            if parsed is None or (isinstance(parsed, OutlierSpec) and parsed.base is None):
+                raise ValueError(f"--{name} {spec!r}: a block, low-rank or hybrid codec spec is required, "
+                                 "e.g. fp4_e2m1/b32/e6m2 (the static outlier codec has no per-layer plans here)")
+        if self.calibration is None and any(needs_calibration(parse_codec_spec(s)) for _, s in specs):
+            raise ValueError("calibrated codecs (lowrank+..., outlier+...) need --calibration (tpcomp-calibrate --tp N)")
         if any(k < 0 for k in self.promote) or not (self.promote or self.budget is not None):
             raise ValueError(f"--promote: one or more layer counts >= 0 (or a --budget), got {list(self.promote)}")
         if self.budget is not None and not self.budget > 0:
@@ -89,37 +101,42 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     torch.set_num_threads(cfg.threads)
     model, tok, model_id = load_model(cfg.model)
     sim = SimulatedTP(model)
-    low, highs = make_codec(cfg.low), [make_codec(h) for h in cfg.high]
+    calibration = _calibration(cfg, model_id, sim.hidden)
+    # codec maps (layer name -> codec: calibrated codecs differ per layer), by canonical spec
+    low_spec = str(parse_codec_spec(cfg.low))
+    low = layer_codecs(low_spec, sim.layers, calibration)
+    highs = {str(parse_codec_spec(h)): layer_codecs(h, sim.layers, calibration) for h in cfg.high}
     if cfg.ranking_in:
-        ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=str(low.spec), layers=list(sim.layers),
+        ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=low_spec, layers=list(sim.layers),
                                 feedback=cfg.feedback)
         sens, ranking_text = ranking["kl"], ranking["text"]
     else:
         cal = make_windows(tok, cfg.calib_text, seq_len=cfg.seq_len, windows=cfg.calib_windows)
-        sens = layer_sensitivity(model, sim, cal, tp=cfg.tp, codec=low, feedback=cfg.feedback, log=log)
+        sens = layer_sensitivity(model, sim, cal, tp=cfg.tp, codecs=low, feedback=cfg.feedback, log=log)
         ranking_text = cal.description
-    ranking = {"model": model_id, "tp": cfg.tp, "codec": str(low.spec), "feedback": cfg.feedback, "text": ranking_text,
+    ranking = {"model": model_id, "tp": cfg.tp, "codec": low_spec, "feedback": cfg.feedback, "text": ranking_text,
                "kl": dict(sorted(sens.items(), key=lambda kv: -kv[1]))}
     if cfg.ranking:
         Path(cfg.ranking).write_text(json.dumps(ranking, indent=1) + "\n")
     windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows)
     chosen = _promotions(cfg, sens, low, highs, sim.hidden)
-    plans = [mixed_codecs(sens, low, high, k) for high, k in chosen]
+    plans = [mixed_codecs(sens, low, highs[high], k) for high, k in chosen]
     base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan, feedback=cfg.feedback) for plan in plans])
     env = environment()
     names = [most_sensitive(sens, k) for _, k in chosen]
     bits = [plan_bits(plan, sim.hidden) for plan in plans]
     runs = [(True, base, totals, [{}] * len(plans))]
     if cfg.real_ranks:
-        runs.append((False, *_evaluate_real(cfg, model_id, windows, low, [h for h, _ in chosen], names, log)))
+        runs.append((False, *_evaluate_real(cfg, model_id, windows, low_spec, [h for h, _ in chosen], names, log)))
     records = []
     for simulated, run_base, run_totals, extra in runs:
         for (high, k), layers, b, tot, more in zip(chosen, names, bits, run_totals, extra):
-            label = str(low.spec) if k == 0 else f"{low.spec} + {k} layers {high.spec}"
+            label = low_spec if k == 0 else f"{low_spec} + {k} layers {high}"
             label += ", feedback" if cfg.feedback else ""
             records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=run_base,
-                                          world_size=cfg.tp, simulated=simulated, codec=label, bits=b, calibration="none",
-                                          plan_low=str(low.spec), plan_high=str(high.spec), layers_high=layers,
+                                          world_size=cfg.tp, simulated=simulated, codec=label, bits=b,
+                                          calibration=_calibration_label(calibration),
+                                          plan_low=low_spec, plan_high=high, layers_high=layers,
                                           ranking_text=ranking_text, error_feedback=cfg.feedback, env=env, **more))
             r = records[-1]
             log(f"TP={cfg.tp} {'sim' if simulated else 'real'} {label:60s} {r['bits_per_value']:.3f} b/v ppl {r['ppl']:.3f} "
@@ -128,36 +145,57 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     return records
 
 
-def _evaluate_real(cfg: SensitivityConfig, model_id: str, windows, low, highs: list, names: list[list[str]], log) -> tuple:
+def _evaluate_real(cfg: SensitivityConfig, model_id: str, windows, low: str, highs: list[str], names: list[list[str]],
+                   log) -> tuple:
     """(baseline, [Totals], [extra record fields]) of each plan (its high codec, its promoted layers'
     names) on `cfg.tp` real gloo ranks: the deployed path, one override per promoted layer."""
     from .models import model_folder
     from .realtp import RealPoint, evaluate_on_ranks
 
-    points = [RealPoint(spec=str(low.spec), overrides=tuple((n, str(high.spec)) for n in layers), feedback=cfg.feedback)
-              for high, layers in zip(highs, names)]
+    points = [RealPoint(spec=low, overrides=tuple((n, high) for n in layers), feedback=cfg.feedback,
+                        calibration=cfg.calibration) for high, layers in zip(highs, names)]
     base, totals, seconds, fallbacks = evaluate_on_ranks(model_folder(cfg.model), model_id, cfg.tp, windows, points,
                                                          log=log)
     return base, totals, [{"seconds": round(s, 1), "exact_fallback_calls": f} for s, f in zip(seconds, fallbacks)]
 
 
-def _promotions(cfg: SensitivityConfig, sens, low, highs, hidden: int) -> list[tuple]:
-    """(high codec, k) of every plan: each --promote k with each --high codec, plus the budget's k
+def _promotions(cfg: SensitivityConfig, sens, low, highs: dict, hidden: int) -> list[tuple]:
+    """(high codec spec, k) of every plan: each --promote k with each --high codec, plus the budget's k
     per codec; the uniform --low plan (k = 0, whatever the codec) once; no plan twice."""
     from .sensitivity import budget_promotions
 
     chosen = []
-    for high in highs:
+    first = next(iter(highs))
+    for high, codecs in highs.items():
         ks = list(cfg.promote)
         if cfg.budget is not None:
-            ks.append(budget_promotions(sens, low, high, hidden, cfg.budget))
+            ks.append(budget_promotions(sens, low, codecs, hidden, cfg.budget))
         for k in ks:
             if k > len(sens):
                 raise ValueError(f"--promote {k}: the model has {len(sens)} row-parallel layers")
-            plan = (highs[0], 0) if k == 0 else (high, k)
+            plan = (first, 0) if k == 0 else (high, k)
             if plan not in chosen:
                 chosen.append(plan)
     return chosen
+
+
+def _calibration(cfg: SensitivityConfig, model_id: str, hidden: int):
+    """The calibration file of the run (None without one), checked against the model and TP size."""
+    if cfg.calibration is None:
+        return None
+    from ..calibration import load_calibration
+
+    cal = load_calibration(cfg.calibration)
+    cal.check_matches(tp_size=cfg.tp, hidden=hidden, model=model_id)
+    if cal.meta.get("text", "").split(" tokens ")[0] == canonical_text_spec(cfg.text):
+        raise ValueError(f"{cfg.calibration} was calibrated on {cfg.text}, the evaluation text: calibrate on another text")
+    return cal
+
+
+def _calibration_label(cal) -> str:
+    if cal is None:
+        return "none"
+    return f"{cal.meta['text']} ({cal.meta.get('source', 'simulated')} TP={cal.meta['tp_size']})"
 
 
 def _read_ranking(path: str, *, model: str, tp: int, codec: str, layers: list[str], feedback: bool) -> dict:
@@ -190,6 +228,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--ranking-in", help="reuse the ranking of an earlier run (same model, --tp, --low)")
     ap.add_argument("--real-ranks", action="store_true",
                     help="also run every plan on --tp real gloo ranks, as deployed (per-layer overrides)")
+    ap.add_argument("--calibration", help="calibration file (tpcomp-calibrate at --tp) for lowrank+ / outlier+ codecs")
     ap.add_argument("--error-feedback", action="store_true",
                     help="rank and run the plans with error feedback (deploy with --tp-comm-error-feedback)")
     a = ap.parse_args(argv)
@@ -197,7 +236,8 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
                              seq_len=a.seq_len, threads=a.threads, out=a.out, ranking=a.ranking,
-                             ranking_in=a.ranking_in, real_ranks=a.real_ranks, feedback=a.error_feedback)
+                             ranking_in=a.ranking_in, real_ranks=a.real_ranks, feedback=a.error_feedback,
+                             calibration=a.calibration)
 
 
 def main(argv: list[str] | None = None) -> int:
