@@ -154,3 +154,21 @@ def test_calibration_file_round_trip_and_old_files(tmp_path):
     old = Calibration(meta={**cal.meta}, stats=cal.stats, channels=cal.channels)  # as a version 1 file holds
     with pytest.raises(ValueError, match="no low-rank bases.*re-run tools/calibrate.py"):
         layer_codecs("lowrank+fp4_e2m1/b32/r3", stats, old)
+
+
+def test_gate_asks_more_of_the_costlier_kernels():
+    """The low-rank kernels cost ~5x the block codec's: the gate wants a message that much larger
+    on slow links, and never compresses with them over NVLink (unless min_bytes forces it)."""
+    from tpcomp_megatron.comm import GatePolicy
+
+    hidden = 4096
+    block = make_codec("fp4_e2m1/b32/e6m2")
+    low = make_codec("lowrank+fp4_e2m1/b32/e6m2/r4", torch.zeros(3, 4, hidden))
+    for link in ("pcie_class", "network_class"):
+        gate = GatePolicy(link=link)
+        ratio = gate.threshold(2, low, hidden) / gate.threshold(2, block, hidden)
+        saving = (1 - block.bits_per_value(hidden) / 16) / (1 - low.bits_per_value(hidden) / 16)
+        assert ratio == pytest.approx(low.kernel_cost * saving, rel=1e-6)
+    assert GatePolicy(link="nvlink").threshold(2, low, hidden) >= 1 << 62
+    assert GatePolicy(link="nvlink").threshold(2, block, hidden) < 1 << 40
+    assert GatePolicy(link="nvlink", min_bytes=0).threshold(2, low, hidden) == 0

@@ -27,6 +27,9 @@ class Codec(ABC):
     """A reference codec. Subclasses are immutable after construction."""
 
     spec: object
+    kernel_cost: float = 1.0
+    """GPU time of encode + decode_sum relative to the block codec of the same width (measured;
+    the gate asks more bytes of a costlier codec before compressing)."""
 
     @abstractmethod
     def row_bytes(self, hidden: int) -> int:

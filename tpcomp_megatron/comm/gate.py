@@ -95,10 +95,14 @@ class GatePolicy:
         if base is None:  # unmeasured world size: nearest measured one below, else never
             known = [w for (link, w) in self.thresholds if link == self.link and w <= world_size]
             base = self.thresholds[(self.link, max(known))] if known else NEVER
-        # Fewer bytes saved per message -> a larger message is needed to pay for the kernels.
+        # Fewer bytes saved per message, or costlier kernels -> a larger message is needed to pay
+        # for the kernels. Over NVLink a codec whose kernels cost more than the block codec's never
+        # pays: the link moves the bytes faster than those kernels run (codec.kernel_cost).
+        if codec.kernel_cost > 1.0 and self.link == "nvlink":
+            return NEVER
         saving_4bit = 1 - 4.25 / 16
         saving = max(1 - codec.bits_per_value(hidden) / 16, 1e-3)
-        return int(base * saving_4bit / saving)
+        return int(base * saving_4bit / saving * codec.kernel_cost)
 
     def choose_algorithm(self, world_size: int) -> str:
         if self.algorithm != "auto":
