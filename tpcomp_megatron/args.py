@@ -35,7 +35,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("tpcomp-megatron", "compressed tensor-parallel communication")
     g.add_argument("--tp-comm-compression", type=_spec, default="none", metavar="SPEC",
                    help="codec of the row-parallel all-reduce / reduce-scatter, e.g. fp4_e2m1/b32/e8m0, "
-                        "int4/b16/bf16, outlier_int4/k64, outlier+fp4_e2m1/b32; 'none' (default) is exact")
+                        "int4/b16/bf16, outlier_int4/k64, outlier+fp4_e2m1/b32, lowrank+fp4_e2m1/b32/e6m2/r4; "
+                        "'none' (default) is exact")
     g.add_argument("--tp-comm-compression-layers", nargs="+", choices=sorted(ROW_LAYERS),
                    default=["linear_proj", "linear_fc2"], help="which row-parallel layers to compress")
     g.add_argument("--tp-comm-compression-override", type=_override, action="append", default=[],
@@ -45,7 +46,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tp-comm-gather-compression", type=_spec, default="none", metavar="SPEC",
                    help="block codec of the sequence-parallel all-gather (default none)")
     g.add_argument("--tp-comm-calibration", default=None, metavar="PATH",
-                   help="calibration file from tools/calibrate.py (outlier codecs need one)")
+                   help="calibration file from tools/calibrate.py (outlier and low-rank codecs need one)")
     g.add_argument("--tp-comm-error-feedback", action="store_true",
                    help="each rank carries its quantization error into its next compressed reduction "
                         "(same bits; errors cancel along depth instead of adding up)")
