@@ -158,8 +158,8 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 
 def _block_args(codec: Codec, hidden: int, device: torch.device) -> tuple:
-    """(element, block, scale, data_bytes, slot, first, chan, window_max, slots_off) of a block or
-    hybrid codec."""
+    """(element, block, scale, data_bytes, slot, first, chan, window_max, slots_off) of a block,
+    hybrid or low-rank codec (slots_off: where the outlier slots or the coordinates start)."""
     base = codec.block if isinstance(codec, (HybridCodec, LowRankCodec)) else codec
     if isinstance(codec, HybridCodec):
         t = outlier_tables(codec, device)
