@@ -426,17 +426,19 @@ def test_sensitivity_config_rejects_bad_input():
 
     with pytest.raises(ValueError, match="test set"):
         SensitivityConfig(model="m", calib_text="moby-dick", text="moby-dick")
-    with pytest.raises(ValueError, match="static outlier codec"):
+    with pytest.raises(ValueError, match="need --calibration"):
         SensitivityConfig(model="m", low="outlier_int4/k64")
     with pytest.raises(ValueError, match="need --calibration"):
         SensitivityConfig(model="m", low="lowrank+fp4_e2m1/b32/e6m2/r4")
+    with pytest.raises(ValueError, match="--low none"):
+        SensitivityConfig(model="m", low="none")
     with pytest.raises(ValueError, match="TP=1"):
         SensitivityConfig(model="m", tp=1)
     with pytest.raises(ValueError, match="--promote"):
         SensitivityConfig(model="m", promote=(-1,))
     with pytest.raises(ValueError, match="--budget"):
         SensitivityConfig(model="m", budget=0.0)
-    with pytest.raises(ValueError, match="static outlier codec"):
+    with pytest.raises(ValueError, match="need --calibration"):
         SensitivityConfig(model="m", high=("fp6_e2m3/b32", "outlier_int4/k64"))
     assert SensitivityConfig(model="m", high="fp8_e4m3").high == ("fp8_e4m3",)
 

@@ -13,7 +13,7 @@ plan (RESULTS.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_te
     tpcomp-sensitivity --model smollm2-135m --tp 8 --budget 4.5 \\
         --high fp5_e2m2/b32/e6m2 fp6_e2m3/b32/e8m0 fp8_e4m3/b32/e8m0up --ranking-in ranking.json
 
-Calibrated codecs (`lowrank+...`, `outlier+...`) need `--calibration` (a `tpcomp-calibrate` file
+Calibrated codecs (`lowrank+...`, `outlier...`) need `--calibration` (a `tpcomp-calibrate` file
 made at `--tp`, never on the evaluation text).
 
 `--real-ranks` also runs every plan as it is deployed: the converted Megatron model on `--tp` gloo
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..codecs import OutlierSpec, needs_calibration, parse_codec_spec
+from ..codecs import needs_calibration, parse_codec_spec
 from .calib import layer_codecs
 from .records import append_records, default_results_path, environment, quality_record
 from .text import canonical_text_spec
@@ -64,7 +64,7 @@ class SensitivityConfig:
     feedback: bool = False
     """Error feedback on, for the ranking and every plan (`--tp-comm-error-feedback` when deployed)."""
     calibration: str | None = None
-    """Calibration file for calibrated codecs (low-rank, hybrid outlier), made at `tp`."""
+    """Calibration file for calibrated codecs (low-rank, outlier), made at `tp`."""
 
     def __post_init__(self) -> None:
         if isinstance(self.high, str):
@@ -75,12 +75,10 @@ class SensitivityConfig:
             raise ValueError("--high: at least one codec")
         specs = [("low", self.low)] + [("high", h) for h in self.high]
         for name, spec in specs:
-            parsed = parse_codec_spec(spec)
-            if parsed is None or (isinstance(parsed, OutlierSpec) and parsed.base is None):
-                raise ValueError(f"--{name} {spec!r}: a block, low-rank or hybrid codec spec is required, "
-                                 "e.g. fp4_e2m1/b32/e6m2 (the static outlier codec has no per-layer plans here)")
+            if parse_codec_spec(spec) is None:
+                raise ValueError(f"--{name} none: a plan compares codecs, e.g. fp4_e2m1/b32/e6m2")
         if self.calibration is None and any(needs_calibration(parse_codec_spec(s)) for _, s in specs):
-            raise ValueError("calibrated codecs (lowrank+..., outlier+...) need --calibration (tpcomp-calibrate --tp N)")
+            raise ValueError("calibrated codecs (lowrank+..., outlier...) need --calibration (tpcomp-calibrate --tp N)")
         if any(k < 0 for k in self.promote) or not (self.promote or self.budget is not None):
             raise ValueError(f"--promote: one or more layer counts >= 0 (or a --budget), got {list(self.promote)}")
         if self.budget is not None and not self.budget > 0:
