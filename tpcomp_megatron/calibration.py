@@ -163,6 +163,11 @@ class Calibration:
         lo, hi = self.stats[layer]
         return OutlierParams.from_stats(lo, hi, self.channels[layer])
 
+    def label(self) -> str:
+        """What the quality records name as the calibration: text, how it was collected, TP."""
+        m = self.meta
+        return f"{m['text']} ({m.get('source', 'simulated')} TP={m['tp_size']})"
+
     def basis(self, layer: str, rank: int) -> torch.Tensor:
         """The first `rank` directions of every source of `layer`, `[world + 1, rank, hidden]`."""
         if not self.bases:

@@ -33,8 +33,18 @@ def make_codec(spec: CodecSpec | str, params: OutlierParams | torch.Tensor | Non
     raise ValueError(f"not a codec spec: {spec!r}")
 
 
+def calibrated_params(spec: CodecSpec, calibration, layer: str) -> OutlierParams | torch.Tensor:
+    """What layer `layer`'s codec of a calibrated `spec` takes from `calibration` (a
+    `tpcomp_megatron.calibration.Calibration`): outlier parameters, or low-rank bases."""
+    if isinstance(spec, LowRankSpec):
+        return calibration.basis(layer, spec.rank)
+    if isinstance(spec, OutlierSpec):
+        return calibration.params(layer)
+    raise ValueError(f"codec {spec} takes nothing from a calibration file")
+
+
 __all__ = [
     "BLOCK_SIZES", "FORMATS", "REDUCED", "SUPPORTED_DTYPES", "BlockCodec", "BlockSpec", "Codec",
     "CodecSpec", "ElementFormat", "HybridCodec", "LowRankCodec", "LowRankSpec", "OutlierParams", "OutlierSpec",
-    "StaticOutlierCodec", "make_codec", "needs_calibration", "parse_codec_spec",
+    "StaticOutlierCodec", "calibrated_params", "make_codec", "needs_calibration", "parse_codec_spec",
 ]

@@ -23,7 +23,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from ..calibration import Calibration, load_calibration
-from ..codecs import BlockSpec, LowRankSpec, make_codec, needs_calibration, parse_codec_spec
+from ..codecs import BlockSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec
 from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
 from ..comm.feedback import ErrorFeedback, PostNorm
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
@@ -216,8 +216,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
                     params = None
                     if needs_calibration(spec):
                         calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size)
-                        params = (calibration.basis(name, spec.rank) if isinstance(spec, LowRankSpec)
-                                  else calibration.params(name))
+                        params = calibrated_params(spec, calibration, name)
                     codec = make_codec(spec, params)
                     found += 1
                 norm = None if feedback is None else _post_norm(model.get_submodule(parent), name, module)

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..calibration import RULES, Calibration, select_outlier_channels, sketch_basis, sketch_rows
-from ..codecs import LowRankSpec, OutlierSpec, make_codec, needs_calibration, parse_codec_spec
+from ..calibration import RULES, Calibration, load_calibration, select_outlier_channels, sketch_basis, sketch_rows
+from ..codecs import OutlierSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec
 from ..codecs.base import Codec
 from .simtp import exact_sum
 
@@ -62,6 +62,17 @@ class PartialSumStats:
         if bad:
             raise ValueError(f"non-finite partial sums seen in {bad[:3]}: the model or its inputs are broken")
         return {n: (self.min[n], self.max[n]) for n in sorted(self.min)}
+
+
+def load_for_evaluation(path: str, *, tp: int, hidden: int, model: str, eval_text: str) -> Calibration:
+    """A calibration file checked against the model and TP size it is used with, and refused when
+    it was made on the evaluation text (`eval_text`, a canonical text spec): that would tune the
+    codec on the test set."""
+    cal = load_calibration(str(path))
+    cal.check_matches(tp_size=tp, hidden=hidden, model=model)
+    if cal.meta.get("text", "").split(" tokens ")[0] == eval_text:
+        raise ValueError(f"{path} was calibrated on {eval_text}, the evaluation text: calibrate on another text")
+    return cal
 
 
 def num_outliers(hidden: int, ratio: int) -> int:
@@ -125,7 +136,5 @@ def layer_codecs(spec: str, layers: Iterable[str], calibration: Calibration | No
         return {n: codec for n in layers}
     if calibration is None:
         raise ValueError(f"codec {spec} needs a calibration file: run tpcomp-calibrate first")
-    if isinstance(parsed, LowRankSpec):
-        return {n: make_codec(parsed, calibration.basis(n, parsed.rank)) for n in layers}
-    cal = reselect(calibration, ratio=parsed.ratio, rule=rule)
-    return {n: make_codec(parsed, cal.params(n)) for n in layers}
+    cal = reselect(calibration, ratio=parsed.ratio, rule=rule) if isinstance(parsed, OutlierSpec) else calibration
+    return {n: make_codec(parsed, calibrated_params(parsed, cal, n)) for n in layers}

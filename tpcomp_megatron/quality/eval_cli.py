@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import Calibration, load_calibration
+from ..calibration import Calibration
+from .calib import load_for_evaluation
 from .sweep import SWEEPS, SweepPoint, point_codecs
 
 
@@ -79,19 +80,14 @@ def _load_calibrations(cfg: EvalConfig, points: list[SweepPoint], model_id: str,
             raise ValueError(f"calibrated (outlier, low-rank) codecs at TP={tp} need --calibration (make one with tpcomp-calibrate --tp {tp})")
         if not path.exists():
             raise FileNotFoundError(f"calibration file {path} does not exist; run tpcomp-calibrate --tp {tp} --output {path}")
-        cal = load_calibration(str(path))
-        cal.check_matches(tp_size=tp, hidden=hidden, model=model_id)
-        if cal.meta.get("text", "").split(" tokens ")[0] == text_spec:
-            raise ValueError(f"{path} was calibrated on {text_spec}, the evaluation text: calibrate on another text")
-        out[tp] = (cal, str(path))
+        out[tp] = (load_for_evaluation(str(path), tp=tp, hidden=hidden, model=model_id, eval_text=text_spec), str(path))
     return out
 
 
 def _calibration_label(point: SweepPoint, cals: dict) -> str:
     if not point.needs_calibration:
         return "none"
-    m = cals[point.tp][0].meta
-    return f"{m['text']} ({m.get('source', 'simulated')} TP={m['tp_size']})"
+    return cals[point.tp][0].label()
 
 
 def _done_key(r: dict) -> tuple:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..codecs import needs_calibration, parse_codec_spec
-from .calib import layer_codecs
+from .calib import layer_codecs, load_for_evaluation
 from .records import append_records, default_results_path, environment, quality_record
 from .text import canonical_text_spec
 
@@ -133,7 +133,7 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
             label += ", feedback" if cfg.feedback else ""
             records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=run_base,
                                           world_size=cfg.tp, simulated=simulated, codec=label, bits=b,
-                                          calibration=_calibration_label(calibration),
+                                          calibration="none" if calibration is None else calibration.label(),
                                           plan_low=low_spec, plan_high=high, layers_high=layers,
                                           ranking_text=ranking_text, error_feedback=cfg.feedback, env=env, **more))
             r = records[-1]
@@ -178,22 +178,11 @@ def _promotions(cfg: SensitivityConfig, sens, low, highs: dict, hidden: int) -> 
 
 
 def _calibration(cfg: SensitivityConfig, model_id: str, hidden: int):
-    """The calibration file of the run (None without one), checked against the model and TP size."""
+    """The calibration file of the run (None without one), checked as the evaluation tool checks it."""
     if cfg.calibration is None:
         return None
-    from ..calibration import load_calibration
-
-    cal = load_calibration(cfg.calibration)
-    cal.check_matches(tp_size=cfg.tp, hidden=hidden, model=model_id)
-    if cal.meta.get("text", "").split(" tokens ")[0] == canonical_text_spec(cfg.text):
-        raise ValueError(f"{cfg.calibration} was calibrated on {cfg.text}, the evaluation text: calibrate on another text")
-    return cal
-
-
-def _calibration_label(cal) -> str:
-    if cal is None:
-        return "none"
-    return f"{cal.meta['text']} ({cal.meta.get('source', 'simulated')} TP={cal.meta['tp_size']})"
+    return load_for_evaluation(cfg.calibration, tp=cfg.tp, hidden=hidden, model=model_id,
+                               eval_text=canonical_text_spec(cfg.text))
 
 
 def _read_ranking(path: str, *, model: str, tp: int, codec: str, layers: list[str], feedback: bool) -> dict:
