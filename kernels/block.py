@@ -38,7 +38,7 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
                        R: tl.constexpr, T: tl.constexpr, B: tl.constexpr, SCALE: tl.constexpr,
                        BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
                        BIAS: tl.constexpr, MAX_CODE: tl.constexpr, EMAX: tl.constexpr,
-                       MAXV: tl.constexpr, UP_MANT: tl.constexpr):
+                       MAXV: tl.constexpr, UP_MANT: tl.constexpr, LEVELS: tl.constexpr):
     """Quantize a float32 tile [R, T] (whole blocks) and store its codes and scales."""
     x3 = tl.reshape(x, [R, T // B, B])
     # One integer max of |x|'s bit patterns gives both the block maximum (non-negative floats
@@ -48,7 +48,7 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
     amax = tl.where(bad, 0.0, _from_bits(amax_bits))  # a non-finite value never reaches a scale
     stored, inv = _encode_scales(amax, bad, SCALE, EMAX, MAXV, UP_MANT)
     codes = _value_to_code(x3 * inv[:, :, None], BITS, EBITS, MBITS, 1 - BIAS,
-                           (1 << EBITS) - 1 - BIAS, MAX_CODE, SCALE != SCALE_BF16, SCALE == SCALE_E8M0)
+                           (1 << EBITS) - 1 - BIAS, MAX_CODE, SCALE != SCALE_BF16, SCALE == SCALE_E8M0, LEVELS)
     codes = tl.where(bad[:, :, None], 0, codes)
     _store_codes(out_ptr, row_off, row_mask, col0, hidden, tl.reshape(codes, [R, T]), R, T, BITS)
     _store_scales(out_ptr, row_off, row_mask, col0, hidden, data_bytes, stored, R, T, B,
@@ -84,7 +84,8 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr
                          KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
                          SCALE: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
                          MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
-                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr, UP_MANT: tl.constexpr):
+                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr, UP_MANT: tl.constexpr,
+                         LEVELS: tl.constexpr):
     r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
     col0 = tl.program_id(1) * T
     c = col0 + tl.arange(0, T)[None, :]
@@ -113,7 +114,7 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr
         _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, obits, row_mask & jm, EVEN)
         x = tl.where(is_o, 0.0, x)
     _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B, SCALE,
-                       BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT)
+                       BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT, LEVELS)
 
 
 @triton.jit
@@ -125,7 +126,8 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_pt
                          R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
                          SCALE: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
                          MBITS: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
-                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr, UP_MANT: tl.constexpr):
+                         EMAX: tl.constexpr, MAXV: tl.constexpr, DEC_MUL: tl.constexpr, UP_MANT: tl.constexpr,
+                         LEVELS: tl.constexpr):
     """Sum of N payloads [N, rows, row_bytes] in float32, in index order from +0.0; stored as
     the output dtype, or (ENCODE) requantized into one payload [rows, row_bytes]. EACH (N = 1):
     a plain decode, no accumulation."""
@@ -147,7 +149,7 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_pt
         codes = _load_codes(p_ptr, off, row_mask, col0, hidden, R, T, BITS)
         scale = _decode_scales(_load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB),
                                SCALE)
-        v = tl.reshape(_code_to_value(codes, BITS, EBITS, MBITS, DEC_MUL), [R, T // B, B])
+        v = tl.reshape(_code_to_value(codes, BITS, EBITS, MBITS, DEC_MUL, LEVELS), [R, T // B, B])
         v = tl.reshape(v * scale[:, :, None], [R, T])
         for k in tl.static_range(LOWRANK):  # source i's low-rank part, in k order
             cbits = _load_bf16_slots(p_ptr, off + slots_off + 2 * k, row_mask, EVEN)
@@ -164,7 +166,7 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_pt
             _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, _bf16_bits(osum), row_mask & jm, EVEN)
             acc = tl.where(is_o, 0.0, acc)
         _encode_block_tile(acc, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B,
-                           SCALE, BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT)
+                           SCALE, BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT, LEVELS)
     else:
         _store_output(out_ptr, r * hidden + c, acc, m, OUT_KIND)
         if OUTLIERS:

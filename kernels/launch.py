@@ -41,11 +41,11 @@ def _pow2_ceil(n: int) -> int:
 
 def format_constexprs(fmt: ElementFormat) -> dict:
     """The kernels' compile-time description of an element format (derived from the reference)."""
-    bias = fmt.bias if not fmt.is_int else 0
     return {
-        "BITS": fmt.bits, "EBITS": fmt.ebits, "MBITS": fmt.mbits, "BIAS": bias,
+        "BITS": fmt.bits, "EBITS": fmt.ebits, "MBITS": fmt.mbits, "BIAS": fmt.bias,
         "MAX_CODE": fmt.max_code, "EMAX": fmt.emax, "MAXV": float(fmt.max_value),
-        "DEC_MUL": 2.0 ** (127 - bias) if not fmt.is_int else 1.0,
+        "DEC_MUL": 2.0 ** (127 - fmt.bias) if fmt.ebits else 1.0,
+        "LEVELS": tuple(fmt.levels),  # () but for codebook formats
     }
 
 

@@ -87,7 +87,7 @@ def _with_sign(val, negative):
 @triton.jit
 def _value_to_code(v, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
                    EMIN: tl.constexpr, EMAXE: tl.constexpr, MAX_CODE: tl.constexpr,
-                   FINITE: tl.constexpr, BOUNDED: tl.constexpr):
+                   FINITE: tl.constexpr, BOUNDED: tl.constexpr, LEVELS: tl.constexpr = ()):
     """Scaled float32 value -> sign-magnitude code (int32), as `ElementFormat.value_to_code`.
 
     Float formats: e = clamp(floor(log2|v|), EMIN, EMAXE) (EMAXE: exponent of the top binade),
@@ -99,8 +99,15 @@ def _value_to_code(v, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constex
     FINITE (E8M0, E6M2 scales: a finite inverse, and the caller discards the codes of non-finite
     blocks): the NaN guard is skipped. BOUNDED (E8M0): |v| < 2**(emax + 1) is known, so is the cap
     (E6M2 needs it: a block past the top of its range saturates).
+    Codebook formats (LEVELS, the magnitudes, ascending): the number of midpoints between
+    consecutive levels strictly below |v| (exact float32 constants); NaN compares false (code 0).
     """
     a = tl.abs(v)
+    if len(LEVELS) > 0:
+        mag = tl.full(v.shape, 0, tl.int32)
+        for k in tl.static_range(len(LEVELS) - 1):
+            mag += (a > (LEVELS[k] + LEVELS[k + 1]) * 0.5).to(tl.int32)
+        return mag | ((v < 0).to(tl.int32) << (BITS - 1))
     if not FINITE:
         a = tl.where(v != v, 0.0, a)
     if EBITS == 0:
@@ -119,17 +126,23 @@ def _value_to_code(v, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constex
 
 @triton.jit
 def _code_to_value(c, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
-                   DEC_MUL: tl.constexpr):
+                   DEC_MUL: tl.constexpr, LEVELS: tl.constexpr = ()):
     """Sign-magnitude code (int32) -> signed float32, as `ElementFormat.decode` (exact).
 
     Float formats: the magnitude bits placed at the top of a float32 mantissa read as
     2**(ef - 127) * 1.mant (ef > 0) or, for ef = 0, as the float32 subnormal mant * 2**(-126 - m);
     one multiply by DEC_MUL = 2**(127 - bias) turns both into the format's value (exact: a power
     of two, and Triton keeps float32 subnormals, no flush-to-zero). The sign bit rides along, so
-    -0.0 survives. Integer formats: the magnitude converted, then the sign bit set.
+    -0.0 survives. Integer formats: the magnitude converted, then the sign bit set. Codebook
+    formats: the magnitude's level (a chain of selects), then the sign bit set.
     """
     sign = (c >> (BITS - 1)) << 31
     mag = c & ((1 << (BITS - 1)) - 1)
+    if len(LEVELS) > 0:
+        val = tl.full(c.shape, LEVELS[0], tl.float32)
+        for k in tl.static_range(1, len(LEVELS)):
+            val = tl.where(mag == k, LEVELS[k], val)
+        return _from_bits(_bits(val) | sign)
     if EBITS == 0:
         return _from_bits(_bits(mag.to(tl.float32)) | sign)
     return _from_bits(sign | (mag << (23 - MBITS))) * DEC_MUL
@@ -155,11 +168,13 @@ def _encode_scales(amax, bad, SCALE: tl.constexpr, EMAX: tl.constexpr, MAXV: tl.
                    UP_MANT: tl.constexpr):
     """Block maxima (float32, 0 for non-finite blocks) -> (stored scale bits, inverse scale).
 
-    E8M0: s = clamp(floor(log2 amax) - EMAX, -127, 127), stored s + 127, inverse 2**-s; a zero
-    or subnormal amax reads as exponent -127 - EMAX and clamps to -127, as in the reference.
+    E8M0: s = clamp(floor(log2 amax) - EMAX, -127, 127), stored s + 127, inverse 2**-s; a
+    subnormal amax is first scaled by 2**64 (exact) so that its exponent and mantissa bits read
+    right; a zero amax clamps to -127, as in the reference.
     E8M0-up (UP_MANT >= 0, the mantissa bits of MAXV): s + 1 where amax > MAXV * 2**s, i.e.
-    where amax's mantissa exceeds MAXV's (both are m * 2**floor(log2 amax) there); a subnormal
-    amax still clamps to -127.
+    where amax's mantissa exceeds MAXV's (both are m * 2**floor(log2 amax) there). (With
+    EMAX = 0, as for the codebook formats, a subnormal amax in [2**-127, 2**-126) rounds up to
+    s = -126: reading its exponent field as -127 without the normalization mis-rounds the others.)
     E6M2: q = amax * fp32(1 / MAXV), its mantissa rounded to 2 bits (ties to even, a carry
     bumps the exponent), biased exponent < 0 -> byte 0, else clamped to 0xFE; inverse = the
     IEEE 1 / scale, read from a 4-entry table of 1 / (1 + m / 4) shifted by the exponent (no
@@ -185,9 +200,11 @@ def _encode_scales(amax, bad, SCALE: tl.constexpr, EMAX: tl.constexpr, MAXV: tl.
         inv = _from_bits(rcp - (((s >> 2) - _E6M2_BIAS) << 23))
         stored = tl.where(bad, _E6M2_NAN, s)
     else:
-        s = (_bits(amax) >> 23) - 127 - EMAX
+        tiny = amax < 1.1754943508222875e-38  # subnormal (or zero): normalized exactly by 2**64
+        ab = _bits(tl.where(tiny, amax * 18446744073709551616.0, amax))
+        s = (ab >> 23) - 127 - EMAX - tl.where(tiny, 64, 0)
         if UP_MANT >= 0:
-            s += ((_bits(amax) & 0x7FFFFF) > UP_MANT).to(tl.int32)
+            s += ((ab & 0x7FFFFF) > UP_MANT).to(tl.int32)
         s = tl.minimum(tl.maximum(s, -127), 127)
         inv = _from_bits(tl.where(s == 127, 0x00400000, (127 - s) << 23))  # 2**-127 is subnormal
         stored = tl.where(bad, 0xFF, s + 127)

@@ -18,8 +18,19 @@ FORMATS64 = {
 }
 
 
+# codebook formats: name -> (bits, magnitude levels x 4096), each value to the nearest level
+# (a tie to the lower code)
+CODEBOOKS64 = {
+    "lloyd4": (4, [146, 590, 1097, 1636, 2192, 2767, 3412, 4096]),
+    "lloyd5": (5, [55, 183, 332, 497, 669, 845, 1025, 1212, 1412, 1633, 1887, 2180, 2538, 2977, 3536, 4096]),
+}
+FORMATS64.update({name: (bits, 0, 0) for name, (bits, _) in CODEBOOKS64.items()})
+
+
 def grid(name: str) -> list[float]:
     """Magnitude of every finite code, index = code."""
+    if name in CODEBOOKS64:
+        return [v / 4096 for v in CODEBOOKS64[name][1]]
     bits, e, m = FORMATS64[name]
     if e == 0:
         return [float(i) for i in range(2 ** (bits - 1))]
@@ -60,12 +71,12 @@ def e6m2_nearest(q: float) -> tuple[int, float]:
     return byte, (1 + (byte & 3) / 4) * 2.0 ** ((byte >> 2) - 32)
 
 
-def nearest_code(v: float, g: list[float]) -> int:
+def nearest_code(v: float, g: list[float], codebook: bool = False) -> int:
     a = abs(v)
     if a >= g[-1]:
         return len(g) - 1
-    best = min(range(len(g)), key=lambda i: (abs(g[i] - a), i % 2))  # tie: even code
-    return best
+    # tie: the even code (float formats, integers), the lower code (codebooks)
+    return min(range(len(g)), key=lambda i: (abs(g[i] - a), i if codebook else i % 2))
 
 
 def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> bytes:
@@ -98,7 +109,7 @@ def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> byte
             inv = np.float32(1.0) / np.float32(sc) if sc > 0 else np.float32(0.0)
             scaled = [float(np.float32(v) * inv) for v in blk]
         for v in scaled:
-            c = nearest_code(v, g)
+            c = nearest_code(v, g, codebook=name in CODEBOOKS64)
             codes.append(c | ((1 << (bits - 1)) if v < 0 else 0))
     return _pack(codes, bits) + b"".join(scales)
 

@@ -40,6 +40,16 @@ def test_payload_bytes_match_float64_reference(element, block, scale):
             assert bytes(payload[r].tolist()) == want, f"row {r} {dtype}"
 
 
+def _half_step(f) -> float:
+    """The largest rounding error below the largest code, in scale units: half the top binade's
+    step (floats), 0.5 (integers), half the widest gap between levels, or the distance from zero
+    to the lowest level (codebooks, which have no zero)."""
+    if f.is_codebook:
+        lv = list(f.levels)
+        return max([lv[0]] + [(b - a) / 2 for a, b in zip(lv, lv[1:])])
+    return 0.5 if f.is_int else 2.0 ** (f.emax - f.mbits - 1)
+
+
 def _abs_bound(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
     """Per-element worst-case |decode(encode(x)) - x| from the format, per block.
 
@@ -54,7 +64,7 @@ def _abs_bound(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
     rows, hidden = x.shape
     blocks = x.float().reshape(rows, -1, B)
     amax = blocks.abs().amax(-1, keepdim=True)
-    half_step = 0.5 if f.is_int else 2.0 ** (f.emax - f.mbits - 1)
+    half_step = _half_step(f)
     if codec.spec.scale == "e8m0":
         scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(amax)) - f.emax), torch.zeros_like(amax))
         sat = 2.0 ** (f.emax + 1) - f.max_value
@@ -67,7 +77,9 @@ def _abs_bound(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
     else:
         scale = amax / f.max_value * (1 + 2**-8)
         sat = f.max_value * 2**-8
-    return (scale * (half_step + sat) * (1 + 1e-6)).expand_as(blocks).reshape(rows, hidden)
+    # codebooks have no zero: a block below the smallest scale decodes to the lowest level times it
+    floor = f.levels[0] * {"e8m0": 2.0**-127, "e8m0up": 2.0**-127, "e6m2": 2.0**-32}.get(codec.spec.scale, 0.0) if f.is_codebook else 0.0
+    return (scale * (half_step + sat) * (1 + 1e-6) + floor).expand_as(blocks).reshape(rows, hidden)
 
 
 @pytest.mark.parametrize("element", ALL_FORMATS)
@@ -81,7 +93,10 @@ def test_round_trip_error_within_analytic_bound(element, scale):
         err = (y - x).abs()
         bound = _abs_bound(codec, x)
         assert torch.all(err <= bound), f"block {block}: worst excess {(err - bound).max()}"
-        assert torch.all(y[0, :block] == 0)  # an all-zero block stays exactly zero
+        if codec.fmt.is_codebook:  # no zero level: the lowest one times the smallest scale
+            assert torch.all(y[0, :block].abs() <= codec.fmt.levels[0] * 2.0**-32)
+        else:
+            assert torch.all(y[0, :block] == 0)  # an all-zero block stays exactly zero
 
 
 def test_nan_and_inf_poison_only_their_block():
@@ -226,8 +241,7 @@ def test_e8m0up_never_saturates_the_block_maximum(element):
         rel = ((y - top).abs() / top)
         if codec is up:
             # half a step of the top binade relative to a maximum at least half the largest code
-            step = 0.5 if f.is_int else 2.0 ** (f.emax - f.mbits - 1)
-            assert rel.max() <= step / (f.max_value / 2) * (1 + 1e-6)
+            assert rel.max() <= _half_step(f) / (f.max_value / 2) * (1 + 1e-6)
         elif f.max_value < 2.0 ** (f.emax + 1) - 2.0 ** (f.emax - f.mbits):  # formats the OCP rule clips
             assert rel.max() > 0.05
 

@@ -7,8 +7,12 @@ Every format stores a value as a sign-magnitude code of `bits` bits: the top bit
   `c = exp_field << m | mantissa`; exp_field 0 is subnormal. Every code is a finite value except
   in FP8 E4M3, whose all-ones code (0x7F) is NaN and is never produced (saturation stops at 448).
 * Integer formats: symmetric, magnitude code = |round(v)| clamped to 2**(bits-1)-1 (INT4: -7..7).
+* Codebook formats (`lloyd4`, `lloyd5`): magnitude code k stands for the k-th of 2**(bits-1)
+  fixed levels; a value takes the code of the nearest level (the number of midpoints between
+  consecutive levels that lie strictly below |v|: a tie goes to the lower level), so NaN gets
+  code 0 and Inf the top level. See `LLOYD_LEVELS`.
 
-Rounding is round-to-nearest, ties to even, and saturating. Quantization works on a value `v`
+For floating-point and integer formats, rounding is round-to-nearest, ties to even, and saturating. Quantization works on a value `v`
 that the caller already divided by the block scale. The magnitude code has a closed form for all
 floating-point formats: with `e = max(floor(log2|v|), emin)`, `q = rne(|v| * 2**(m-e))`,
 `code = (e - emin) * 2**m + q`, capped at the largest finite code. (A `q` that rounds up to
@@ -22,22 +26,54 @@ from dataclasses import dataclass
 import torch
 
 
+LLOYD_LEVELS: dict[str, tuple[int, ...]] = {
+    "lloyd4": (146, 590, 1097, 1636, 2192, 2767, 3412, 4096),
+    "lloyd5": (55, 183, 332, 497, 669, 845, 1025, 1212, 1412, 1633, 1887, 2180, 2538, 2977, 3536, 4096),
+}
+"""Magnitude levels x 4096 of the codebook formats: Lloyd-Max quantizers (minimum squared error)
+of block-normalized row-parallel partial sums. Fitted with E6M2 block scales of 32 values
+(the scale maps a block's maximum to the top level, 1.0) on SmolLM2-135M and Gemma 3 270M at
+TP=8, on the calibration text (the 1901 State of the Union), each rank's partial sums with and
+without their rank-4 low-rank part, every layer normalized to unit RMS and pooled. Then rounded
+to multiples of 2**-12, so that every level and every midpoint is exact in float32. No level is
+zero: a sign and 8 (16) magnitudes spend all 16 (32) codes, where FP4 E2M1 spends two on +-0.
+On the lowrank r4 residuals that gains 0.8-1.1 dB of SNR over E2M1 at the same 4 bits
+(benchmarks/results/quality_cpu-amd-epyc_2026-11-23.md, "Codebook elements")."""
+
+
 @dataclass(frozen=True)
 class ElementFormat:
     """One element format. `emax` is the exponent of the largest value (OCP MX `emax_elem`)."""
 
     name: str
     bits: int
-    ebits: int = 0  # 0 for integer formats
+    ebits: int = 0  # 0 for integer and codebook formats
     mbits: int = 0
+    levels: tuple[float, ...] = ()
+    """Codebook formats: the 2**(bits-1) magnitudes, ascending (empty for the others)."""
+
+    def __post_init__(self) -> None:
+        if self.levels and (len(self.levels) != 1 << (self.bits - 1) or list(self.levels) != sorted(set(self.levels))
+                            or self.levels[0] < 0):
+            raise ValueError(f"{self.name}: a codebook needs {1 << (self.bits - 1)} distinct ascending levels >= 0")
 
     @property
     def is_int(self) -> bool:
-        return self.ebits == 0
+        return self.ebits == 0 and not self.levels
+
+    @property
+    def is_codebook(self) -> bool:
+        return bool(self.levels)
+
+    @property
+    def midpoints(self) -> tuple[float, ...]:
+        """Codebook formats: the decision thresholds between consecutive levels."""
+        return tuple((a + b) / 2 for a, b in zip(self.levels, self.levels[1:]))
 
     @property
     def bias(self) -> int:
-        return (1 << (self.ebits - 1)) - 1
+        """Exponent bias (0 for integer and codebook formats)."""
+        return (1 << (self.ebits - 1)) - 1 if self.ebits else 0
 
     @property
     def emin(self) -> int:
@@ -64,6 +100,8 @@ class ElementFormat:
     def code_to_value(self, mag: torch.Tensor) -> torch.Tensor:
         """Magnitude code (integer tensor) -> non-negative float32 value."""
         mag = mag.to(torch.int32)
+        if self.is_codebook:
+            return torch.tensor(self.levels, dtype=torch.float32, device=mag.device)[mag.long()]
         if self.is_int:
             return mag.to(torch.float32)
         exp_field = mag >> self.mbits
@@ -77,7 +115,10 @@ class ElementFormat:
         """float32 values (already divided by the scale) -> sign-magnitude codes as uint8."""
         v = v.to(torch.float32)
         a = v.abs()
-        if self.is_int:
+        if self.is_codebook:
+            mids = torch.tensor(self.midpoints, dtype=torch.float32, device=v.device)
+            mag = (a.unsqueeze(-1) > mids).sum(-1).to(torch.float32)  # NaN: 0; +-Inf: the top level
+        elif self.is_int:
             mag = torch.round(a).clamp(max=self.max_code)  # torch.round is ties-to-even
         else:
             # frexp: a = f * 2**k with f in [0.5, 1), so floor(log2 a) = k - 1 (exact, no log2).
@@ -109,6 +150,8 @@ FORMATS: dict[str, ElementFormat] = {
         ElementFormat("fp8_e4m3", 8, 4, 3),
         ElementFormat("int4", 4),
         ElementFormat("int8", 8),
+        *(ElementFormat(name, 4 if len(lv) == 8 else 5, levels=tuple(v / 4096 for v in lv))
+          for name, lv in LLOYD_LEVELS.items()),
     )
 }
 
