@@ -172,3 +172,10 @@ def test_gate_asks_more_of_the_costlier_kernels():
     assert GatePolicy(link="nvlink").threshold(2, low, hidden) >= 1 << 62
     assert GatePolicy(link="nvlink").threshold(2, block, hidden) < 1 << 40
     assert GatePolicy(link="nvlink", min_bytes=0).threshold(2, low, hidden) == 0
+    # a codebook element (select-chain decode) costs more again, alone and under the low-rank part
+    lloyd = make_codec("lloyd4/b32/e6m2")
+    low_lloyd = make_codec("lowrank+lloyd4/b32/e6m2/r4", torch.zeros(3, 4, hidden))
+    gate = GatePolicy(link="pcie_class")
+    assert gate.threshold(2, lloyd, hidden) > gate.threshold(2, block, hidden)
+    assert low_lloyd.kernel_cost == pytest.approx(low.kernel_cost * lloyd.kernel_cost)
+    assert GatePolicy(link="nvlink").threshold(2, lloyd, hidden) >= 1 << 62

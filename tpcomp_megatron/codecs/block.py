@@ -65,11 +65,18 @@ def e6m2_round(q: torch.Tensor) -> torch.Tensor:
     return torch.where(e < 0, 0, torch.clamp(s, max=E6M2_MAX))
 
 
+CODEBOOK_KERNEL_COST = {"lloyd4": 3.3, "lloyd5": 5.5}
+"""encode + decode_sum GPU time against fp4_e2m1 / fp5_e2m2 of the same block and scale (H100, 8
+sources, 128 MB, benchmarks/results/kernels_lloyd_h100_2026-11-24.md): the codebook decode is a
+chain of selects per value, where a float format decodes with a shift and a multiply."""
+
+
 class BlockCodec(Codec):
     def __init__(self, spec: BlockSpec):
         self.spec = spec
         self.fmt = FORMATS[spec.element]
         self.scale_bytes = SCALE_BITS[spec.scale] // 8
+        self.kernel_cost = CODEBOOK_KERNEL_COST.get(spec.element, 1.0)
 
     def ineligible(self, hidden: int) -> str | None:
         if hidden % self.spec.block:

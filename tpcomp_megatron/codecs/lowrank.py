@@ -67,9 +67,10 @@ class LowRankCodec(Codec):
     """`lowrank+<block spec>/r<K>` with calibrated bases `[sources, K, hidden]` (sources: ranks,
     then the reduced sum; a source index -1 (`REDUCED`) picks the last)."""
 
-    kernel_cost = 5.0
+    LOWRANK_KERNEL_COST = 5.0
     """H100, 8 sources, 128 MB: encode + decode_sum 1.06 ms (r4) and 1.22 ms (r8) against 0.25 ms
-    for fp4_e2m1/b32/e6m2 (benchmarks/results/kernels_lowrank_h100_2026-11-24.md)."""
+    for fp4_e2m1/b32/e6m2 (benchmarks/results/kernels_lowrank_h100_2026-11-24.md); times the
+    block codec's own cost (a codebook element), an upper bound."""
 
     def __init__(self, spec: LowRankSpec, bases: torch.Tensor):
         if not isinstance(bases, torch.Tensor) or bases.dim() != 3 or bases.shape[1] != spec.rank:
@@ -79,6 +80,7 @@ class LowRankCodec(Codec):
             raise ValueError(f"{spec}: the calibrated bases hold non-finite values")
         self.spec = spec
         self.block = BlockCodec(spec.base)
+        self.kernel_cost = self.LOWRANK_KERNEL_COST * self.block.kernel_cost
         self.bases = bases.to(torch.bfloat16).float().contiguous()  # see the module docstring
         self._on_device: dict[torch.device, torch.Tensor] = {}  # copies, made once per device
 
