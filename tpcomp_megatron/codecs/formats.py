@@ -13,10 +13,11 @@ Every format stores a value as a sign-magnitude code of `bits` bits: the top bit
   code 0 and Inf the top level. See `LLOYD_LEVELS`.
 
 For floating-point and integer formats, rounding is round-to-nearest, ties to even, and
-saturating. Quantization works on a value `v` that the caller already divided by the block scale. The magnitude code has a closed form for all
-floating-point formats: with `e = max(floor(log2|v|), emin)`, `q = rne(|v| * 2**(m-e))`,
-`code = (e - emin) * 2**m + q`, capped at the largest finite code. (A `q` that rounds up to
-2**(m+1) lands exactly on the first code of the next binade, so no special case is needed.)
+saturating. Quantization works on a value `v` that the caller already divided by the block
+scale. The magnitude code has a closed form for all floating-point formats: with
+`e = max(floor(log2|v|), emin)`, `q = rne(|v| * 2**(m-e))`, `code = (e - emin) * 2**m + q`,
+capped at the largest finite code. (A `q` that rounds up to 2**(m+1) lands exactly on the first
+code of the next binade, so no special case is needed.)
 """
 
 from __future__ import annotations
