@@ -1,6 +1,6 @@
 """Fused Triton kernels of the codecs (installed as `tpcomp_megatron.kernels`).
 
-The four operations `tpcomp_megatron.ops` dispatches CUDA tensors to, bit-exact with the codecs'
+The operations `tpcomp_megatron.ops` dispatches CUDA tensors to, bit-exact with the codecs'
 PyTorch reference (`tpcomp_megatron.codecs`):
 
 * `encode(codec, x, *, source)`: quantize and pack in one pass.
@@ -8,6 +8,8 @@ PyTorch reference (`tpcomp_megatron.codecs`):
 * `decode_sum_encode(codec, payloads, hidden, *, sources, out_source)`: the two-shot middle,
   dequantize, sum and requantize without leaving registers.
 * `decode_each(codec, payloads, hidden, *, sources, dtype)`: dequantize n payloads side by side.
+* `encode_feedback(codec, x, debt, *, source)`: encode x + debt and update the error-feedback
+  debt in the same pass (block and low-rank codecs).
 
 Files by idea: `numerics.py` (bit-exact rounding and scales), `pack.py` (codes and scales <->
 bytes), `block.py` (block and hybrid codec kernels), `outlier.py` (static outlier codec kernels),
@@ -17,9 +19,11 @@ CPU tensors in Triton's interpreter (that is how CI tests them).
 """
 
 if __name__ == "tpcomp_megatron.kernels":
-    from .api import INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, encode
+    from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode,
+                      encode, encode_feedback)
 
-    __all__ = ["INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode", "encode"]
+    __all__ = ["FEEDBACK_CODECS", "INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode",
+               "encode", "encode_feedback"]
 else:
     # Imported as a top-level `kernels`: a checkout's root is on sys.path (`python -m ...` run
     # there) and something probed for the Hugging Face `kernels` package, as transformers does

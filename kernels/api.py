@@ -46,6 +46,26 @@ def block_encode(x: Tensor, element: str, block: int, scale: str, data_bytes: in
     return out
 
 
+@torch.library.custom_op("tpcomp::block_encode_feedback", mutates_args=("debt",))
+def block_encode_feedback(x: Tensor, debt: Tensor, element: str, block: int, scale: str, data_bytes: int,
+                          slots_off: int, row_bytes: int, coef: Optional[Tensor] = None,
+                          basis: Optional[Tensor] = None) -> Tensor:
+    """Block or low-rank encode of x + debt (error feedback); `debt` becomes x + debt minus what
+    the payload decodes to, in the same pass."""
+    out = torch.empty(x.shape[0], row_bytes, dtype=torch.uint8, device=x.device)
+    _block.launch_block_encode(x, out, element=element, block=block, scale=scale, data_bytes=data_bytes,
+                               outliers=None, slots_off=slots_off,
+                               lowrank=None if coef is None else (coef, basis), debt=debt)
+    if coef is not None:
+        out[:, slots_off:] = coef_bytes(coef)
+    return out
+
+
+@block_encode_feedback.register_fake
+def _(x, debt, element, block, scale, data_bytes, slots_off, row_bytes, coef=None, basis=None):
+    return x.new_empty((x.shape[0], row_bytes), dtype=torch.uint8)
+
+
 def _outliers(slot, first, chan, window_max):
     return None if slot is None else (slot, first, chan, tuple(window_max))
 
@@ -195,6 +215,32 @@ def encode(codec: Codec, x: Tensor, *, source: int) -> Tensor:
         return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden),
                                              coordinates(x, basis), basis)
     return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
+
+
+FEEDBACK_CODECS = (BlockCodec, LowRankCodec)
+"""Codecs whose encode can fold in error feedback (`encode_feedback`)."""
+
+
+def encode_feedback(codec: Codec, x: Tensor, debt: Tensor, *, source: int) -> Tensor:
+    """Payload of `x + debt` (`x` [rows, hidden] bf16/fp16/fp32, `debt` float32, contiguous),
+    and `debt` overwritten with `x + debt` minus what that payload decodes to: error feedback's
+    send and settle fused into the encode (one read of x, one read and one write of the debt)."""
+    if not isinstance(codec, FEEDBACK_CODECS):
+        raise ValueError(f"no fused error-feedback encode for {type(codec).__name__}; supported: "
+                         f"{[c.__name__ for c in FEEDBACK_CODECS]}")
+    codec.check_input(x)
+    _check_device(x)
+    if debt.dtype != torch.float32 or debt.shape != x.shape or debt.device != x.device or not debt.is_contiguous():
+        raise ValueError(f"debt must be a contiguous float32 tensor of the input's shape {tuple(x.shape)} on "
+                         f"{x.device}; got {debt.dtype} {tuple(debt.shape)} on {debt.device}")
+    x = x.contiguous()
+    hidden = x.shape[1]
+    element, block, scale, data_bytes, _, _, _, _, slots_off = _block_args(codec, hidden, x.device)
+    args = (element, block, scale, data_bytes, slots_off, codec.row_bytes(hidden))
+    if isinstance(codec, LowRankCodec):  # the coordinates are those of x + debt (one matmul)
+        basis = codec.basis(source, x.device)
+        return torch.ops.tpcomp.block_encode_feedback(x, debt, *args, coordinates(x.float() + debt, basis), basis)
+    return torch.ops.tpcomp.block_encode_feedback(x, debt, *args)
 
 
 def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,

@@ -39,7 +39,8 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
                        BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
                        BIAS: tl.constexpr, MAX_CODE: tl.constexpr, EMAX: tl.constexpr,
                        MAXV: tl.constexpr, UP_MANT: tl.constexpr, LEVELS: tl.constexpr):
-    """Quantize a float32 tile [R, T] (whole blocks) and store its codes and scales."""
+    """Quantize a float32 tile [R, T] (whole blocks) and store its codes and scales; returns the
+    codes [R, T // B, B] and scale bits [R, T // B] as stored (for a decode in registers)."""
     x3 = tl.reshape(x, [R, T // B, B])
     # One integer max of |x|'s bit patterns gives both the block maximum (non-negative floats
     # order as their bits) and the NaN/Inf flag (their patterns are the largest).
@@ -53,6 +54,17 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
     _store_codes(out_ptr, row_off, row_mask, col0, hidden, tl.reshape(codes, [R, T]), R, T, BITS)
     _store_scales(out_ptr, row_off, row_mask, col0, hidden, data_bytes, stored, R, T, B,
                   2 if SCALE == SCALE_BF16 else 1)
+    return codes, stored
+
+
+@triton.jit
+def _decode_block_tile(codes, stored, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr, SCALE: tl.constexpr,
+                       BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr, DEC_MUL: tl.constexpr,
+                       LEVELS: tl.constexpr):
+    """Codes [R, T // B, B] and scale bits [R, T // B] (int32, as loaded) -> values [R, T]."""
+    scale = _decode_scales(stored, SCALE)
+    v = tl.reshape(_code_to_value(codes, BITS, EBITS, MBITS, DEC_MUL, LEVELS), [R, T // B, B])
+    return tl.reshape(v * scale[:, :, None], [R, T])
 
 
 @triton.jit
@@ -78,8 +90,8 @@ def _lowrank_term(v, coef_bits, basis_ptr, c, hidden, SIGN: tl.constexpr):
 
 
 @triton.jit
-def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr, basis_ptr, rows, hidden, row_bytes,
-                         data_bytes, slots_off, LOWRANK: tl.constexpr,
+def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr, basis_ptr, debt_ptr, rows, hidden,
+                         row_bytes, data_bytes, slots_off, LOWRANK: tl.constexpr, FEEDBACK: tl.constexpr,
                          IN_BF16: tl.constexpr, IN_F16: tl.constexpr, OUTLIERS: tl.constexpr,
                          KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
                          SCALE: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr,
@@ -95,6 +107,9 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr
     m = row_mask & (c < hidden)
     raw = tl.load(x_ptr + r * hidden + c, mask=m, other=0.0, eviction_policy="evict_first")
     x = _input_to_f32(raw, IN_BF16)
+    if FEEDBACK:  # send x + debt (float32)
+        x = x + tl.load(debt_ptr + r * hidden + c, mask=m, other=0.0)
+    send = x
     row_off = r * row_bytes
     for k in tl.static_range(LOWRANK):  # the residual x - sum_k c_k b_k, in k order
         cbits = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0).to(tl.int32) & 0xFFFF
@@ -113,8 +128,15 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr
             obits = _bf16_bits(rawo)
         _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, obits, row_mask & jm, EVEN)
         x = tl.where(is_o, 0.0, x)
-    _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B, SCALE,
-                       BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT, LEVELS)
+    codes, stored = _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B, SCALE,
+                                       BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT, LEVELS)
+    if FEEDBACK:  # the new debt: send minus what the payload decodes to, as the decode kernel forms it
+        sbits = stored & (0xFFFF if SCALE == SCALE_BF16 else 0xFF)
+        v = _decode_block_tile(codes & ((1 << BITS) - 1), sbits, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL, LEVELS)
+        for k in tl.static_range(LOWRANK):
+            cbits = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0).to(tl.int32) & 0xFFFF
+            v = _lowrank_term(v, cbits, basis_ptr + k * hidden, c, hidden, 1)
+        tl.store(debt_ptr + r * hidden + c, send - v, mask=m)
 
 
 @triton.jit
@@ -147,10 +169,9 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_pt
     for i in tl.static_range(N):
         off = (r * 0 + i) * src_stride + row_off  # int64 when I64
         codes = _load_codes(p_ptr, off, row_mask, col0, hidden, R, T, BITS)
-        scale = _decode_scales(_load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB),
-                               SCALE)
-        v = tl.reshape(_code_to_value(codes, BITS, EBITS, MBITS, DEC_MUL, LEVELS), [R, T // B, B])
-        v = tl.reshape(v * scale[:, :, None], [R, T])
+        stored = _load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB)
+        v = _decode_block_tile(tl.reshape(codes, [R, T // B, B]), stored, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL,
+                               LEVELS)
         for k in tl.static_range(LOWRANK):  # source i's low-rank part, in k order
             cbits = _load_bf16_slots(p_ptr, off + slots_off + 2 * k, row_mask, EVEN)
             v = _lowrank_term(v, cbits, basis_ptr + (i * LOWRANK + k) * hidden, c, hidden, 1)
@@ -214,19 +235,26 @@ def _outlier_args(outliers, tiles: Tiles, dummy: torch.Tensor) -> tuple:
 
 
 def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, block: int, scale: str,
-                        data_bytes: int, outliers, slots_off: int, lowrank=None, tiles: Tiles | None = None) -> None:
+                        data_bytes: int, outliers, slots_off: int, lowrank=None, debt: torch.Tensor | None = None,
+                        tiles: Tiles | None = None) -> None:
     """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `lowrank` = (coordinates
-    bf16 [rows, K], basis float32 [K, hidden]): code x minus its low-rank part. `tiles` overrides
-    the tile policy (tools/bench_kernels.py --tune)."""
+    bf16 [rows, K], basis float32 [K, hidden]): code x minus its low-rank part. `debt` float32
+    [rows, hidden] (error feedback, not with outliers): code x + debt, and overwrite debt with
+    x + debt minus what the payload decodes to. `tiles` overrides the tile policy
+    (tools/bench_kernels.py --tune)."""
     rows, hidden = x.shape
+    if debt is not None and (outliers is not None or debt.dtype != torch.float32 or debt.shape != x.shape
+                             or not debt.is_contiguous()):
+        raise ValueError("error-feedback encode: a contiguous float32 debt of the input's shape, and no outliers")
     if rows == 0:
         return
     tiles = tiles or _choose(rows, hidden, block, x.is_cuda, outliers, lowrank is not None)
     ptrs, kt = _outlier_args(outliers, tiles, out)
     coef, basis = lowrank if lowrank is not None else (out, out)
     _block_encode_kernel[_grid(rows, hidden, tiles)](
-        x, out, *ptrs, coef.view(torch.int16) if lowrank is not None else coef, basis, rows, hidden, out.shape[1],
-        data_bytes, slots_off, LOWRANK=0 if lowrank is None else coef.shape[1],
+        x, out, *ptrs, coef.view(torch.int16) if lowrank is not None else coef, basis, out if debt is None else debt,
+        rows, hidden, out.shape[1], data_bytes, slots_off, LOWRANK=0 if lowrank is None else coef.shape[1],
+        FEEDBACK=debt is not None,
         IN_BF16=x.dtype == torch.bfloat16, IN_F16=x.dtype == torch.float16, OUTLIERS=outliers is not None,
         KT=kt, EVEN=slots_even(out, slots_off),
         I64=needs_int64(x.numel(), out.numel()), R=tiles.rows, T=tiles.cols,

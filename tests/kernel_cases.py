@@ -178,3 +178,22 @@ def lowrank_input(rows: int, bases: torch.Tensor, source: int, dtype, gen, *, no
         x[1, 3] = float("nan")
         x[2, 7] = float("inf")
     return x.to(dtype)
+
+
+def check_encode_feedback(K, codec, x: torch.Tensor, debt: torch.Tensor, source: int, device: str) -> None:
+    """The fused error-feedback encode against the reference's unfused steps: the payload of
+    x + debt, and the new debt (x + debt minus what that payload decodes to), bit for bit."""
+    send = x.float() + debt
+    want_payload = codec.encode(send, source=source)
+    want_debt = send - codec.decode_f32(want_payload, x.shape[1], source=source)
+    got_debt = debt.clone().to(device)
+    got_payload = K.encode_feedback(codec, x.to(device), got_debt, source=source)
+    assert same(got_payload, want_payload), f"encode_feedback payload {x.dtype}: {describe(got_payload, want_payload)}"
+    assert same(got_debt, want_debt), f"encode_feedback debt {x.dtype}: {describe(got_debt, want_debt)}"
+
+
+def feedback_debt(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A float32 debt a few percent of x's magnitude (finite where x is), with one NaN."""
+    d = torch.randn(x.shape, generator=gen) * 0.05 * torch.nan_to_num(x.float(), nan=1.0, posinf=1.0, neginf=1.0)
+    d[0, -1] = float("nan")
+    return d.contiguous()

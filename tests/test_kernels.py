@@ -46,8 +46,9 @@ if not K.INTERPRETED:
     pytest.skip("tpcomp_megatron.kernels was imported compiled before this module (run it in its own "
                 "process; tests/gpu/ covers the compiled kernels)", allow_module_level=True)
 
-from kernel_cases import (BLOCK_CASES, block_codec, check_all_ops, e6m2_boundary_rows, hard_input,  # noqa: E402
-                          lowrank_bases, lowrank_input, outlier_input, outlier_params, same)
+from kernel_cases import (BLOCK_CASES, block_codec, check_all_ops, check_encode_feedback,  # noqa: E402
+                          e6m2_boundary_rows, feedback_debt, hard_input, lowrank_bases, lowrank_input, outlier_input,
+                          outlier_params, same)
 
 from tpcomp_megatron.codecs import FORMATS, REDUCED, make_codec, parse_codec_spec  # noqa: E402
 
@@ -106,6 +107,39 @@ def test_lowrank_codec_bit_exact(spec, rows, hidden):
     for dtype in DTYPES:
         xs = [lowrank_input(rows, codec.bases, s, dtype, gen) for s in srcs]
         check_all_ops(K, codec, xs, hidden, "cpu", (dtype,), sources=srcs)
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2", "int4/b16/bf16", "fp6_e2m3/b8/e8m0up",
+                                  "fp5_e2m2/b32/e8m0"])
+@pytest.mark.parametrize("rows,hidden", [(17, 640), (3, 96)])
+def test_encode_feedback_bit_exact(spec, rows, hidden):
+    """Error feedback fused into the encode = the reference's send, encode, decode and settle."""
+    codec = make_codec(spec)
+    gen = _gen("feedback", spec, rows, hidden)
+    for dtype in DTYPES:
+        x = hard_input(rows, hidden, codec.spec.block, dtype, gen, fmt=codec.spec.element)
+        check_encode_feedback(K, codec, x, feedback_debt(x, gen), 1, "cpu")
+
+
+@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+lloyd4/b16/bf16/r2"])
+def test_lowrank_encode_feedback_bit_exact(spec):
+    gen = _gen("feedback", spec)
+    codec = make_codec(spec, lowrank_bases(96, 3, parse_codec_spec(spec).rank, gen))
+    for dtype, src in zip(DTYPES, [2, REDUCED, 0]):
+        x = lowrank_input(5, codec.bases, src, dtype, gen)
+        check_encode_feedback(K, codec, x, feedback_debt(x, gen), src, "cpu")
+
+
+def test_encode_feedback_refuses_what_it_cannot_fuse():
+    codec = make_codec("fp4_e2m1/b32")
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="contiguous float32 tensor of the input's shape"):
+        K.encode_feedback(codec, x, torch.zeros(3, 64, dtype=torch.bfloat16), source=0)
+    with pytest.raises(ValueError, match="contiguous float32 tensor of the input's shape"):
+        K.encode_feedback(codec, x, torch.zeros(3, 32), source=0)
+    params = outlier_params(64, 2, 32, _gen("fb-err"))
+    with pytest.raises(ValueError, match="no fused error-feedback encode for HybridCodec"):
+        K.encode_feedback(make_codec("outlier+fp4_e2m1/b32/k32", params), x, torch.zeros(3, 64), source=0)
 
 
 def test_sources_in_any_order_and_reduced_rows():

@@ -6,7 +6,9 @@ Per message size (bf16 bytes of one `[rows, hidden]` partial sum) and codec, GPU
 replay, L2 flushed, as tools/bench_kernels.py) of one rank's local work without and with feedback:
 * plain: encode the bf16 partial sum, decode_sum `--sources` payloads;
 * feedback: add the float32 debt, encode the float32 sum, decode the own payload, settle the new
-  debt, decode_sum the same payloads;
+  debt, decode_sum the same payloads (the unfused steps, as post-norm feedback and two-shot take);
+* fused: `ops.encode_feedback` (send, encode and settle in one kernel, as pre-norm feedback in a
+  one-shot all-reduce takes), decode_sum the same payloads;
 * post_norm: the same through a Gemma-style post-norm (comm/feedback.py `PostNorm`: the send
   scaled by the gain and the own-RMS estimate and capped per block, the settle through the norm's
   Jacobian on the output rows).
@@ -77,10 +79,18 @@ def main(argv: list[str] | None = None) -> int:
                 out = ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
                 fb.settle(send, own, out)
 
+            debt = debt0.clone()
+
+            def fused():  # each call leaves the next one a debt of the same size (a rounding error)
+                ops.encode_feedback(codec, x, debt, source=0)
+                ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
+
             ms_plain, ms_fb, ms_copy = _ms(plain), _ms(feedback), _ms(lambda: copy_dst.copy_(x))
+            ms_fused = _ms(fused)
             ms_post = _ms(lambda: feedback(norm))
             rec = {"codec": spec, "message_mb": mb, "plain_ms": round(ms_plain, 5), "feedback_ms": round(ms_fb, 5),
-                   "feedback_over_plain": round(ms_fb / ms_plain, 3), "post_norm_ms": round(ms_post, 5),
+                   "feedback_over_plain": round(ms_fb / ms_plain, 3),
+                   "fused_ms": round(ms_fused, 5), "fused_over_plain": round(ms_fused / ms_plain, 3), "post_norm_ms": round(ms_post, 5),
                    "post_norm_over_plain": round(ms_post / ms_plain, 3), "copy_ms": round(ms_copy, 5), **meta}
             records.append(rec)
             print(json.dumps(rec), flush=True)

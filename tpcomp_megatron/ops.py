@@ -1,4 +1,4 @@
-"""The four codec operations the collectives need, dispatched by device.
+"""The codec operations the collectives need, dispatched by device.
 
 CUDA tensors go to the fused Triton kernels (`tpcomp_megatron.kernels`); everything else, and
 any codec the kernels do not cover, to the codec's PyTorch reference. Both produce the same bytes.
@@ -35,6 +35,21 @@ def encode(codec: Codec, x: torch.Tensor, *, source: int, out: torch.Tensor | No
     payload = k.encode(codec, x, source=source) if k is not None else codec.encode(x, source=source)
     # The custom ops return new tensors (functional, for torch.compile); a caller's buffer (a
     # symmetric-memory slot) costs one copy of the payload, about a quarter of the input's bytes.
+    return payload if out is None else out.copy_(payload)
+
+
+def encode_feedback(codec: Codec, x: torch.Tensor, debt: torch.Tensor, *, source: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Payload of `x + debt` (error feedback's send; `debt` float32 `[rows, hidden]`), and `debt`
+    overwritten in place with that send minus what the payload decodes to (its settle): one
+    fused kernel for block and low-rank codecs on CUDA, the reference's steps elsewhere."""
+    k = _use_kernels(x)
+    if k is not None and isinstance(codec, k.FEEDBACK_CODECS):
+        payload = k.encode_feedback(codec, x, debt, source=source)
+    else:  # the unfused steps (a codec without the fused kernel, or not on CUDA)
+        send = x.float() + debt
+        payload = encode(codec, send, source=source)
+        debt.copy_(send - decode_each(codec, payload.unsqueeze(0), x.shape[1], sources=[source], dtype=torch.float32))
     return payload if out is None else out.copy_(payload)
 
 

@@ -22,8 +22,8 @@ from tpcomp_megatron import kernels as K  # noqa: E402
 if K.INTERPRETED:
     pytest.skip("kernels were built for the interpreter in this process", allow_module_level=True)
 
-from kernel_cases import (block_codec, check_all_ops, e6m2_boundary_rows, hard_input, lowrank_bases,  # noqa: E402
-                          lowrank_input, outlier_input, outlier_params, same)
+from kernel_cases import (block_codec, check_all_ops, check_encode_feedback, e6m2_boundary_rows,  # noqa: E402
+                          feedback_debt, hard_input, lowrank_bases, lowrank_input, outlier_input, outlier_params, same)
 
 from tpcomp_megatron.codecs import FORMATS, REDUCED, make_codec, parse_codec_spec  # noqa: E402
 
@@ -213,3 +213,55 @@ def test_lowrank_codec_cuda(spec):
     g.replay()
     assert torch.equal(p, K.encode(codec, x, source=0))
     assert same(y, K.decode_sum(codec, p.unsqueeze(0), hidden, sources=[0], dtype=torch.float32))  # NaN rows too
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2", "fp6_e2m3/b32/e8m0", "int4/b16/bf16"])
+@pytest.mark.parametrize("rows,hidden", [(300, 5120), (17, 640)])
+def test_encode_feedback_cuda(spec, rows, hidden):
+    codec = make_codec(spec)
+    gen = _gen("feedback", spec, rows)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = hard_input(rows, hidden, codec.spec.block, dtype, gen, fmt=codec.spec.element)
+        check_encode_feedback(K, codec, x, feedback_debt(x, gen), 0, "cuda")
+
+
+def test_lowrank_encode_feedback_cuda():
+    """The coordinates are cuBLAS's (see test_lowrank_codec_cuda), so the payload may differ from
+    the CPU's in a few bytes; the new debt is exactly the send minus what this payload decodes to."""
+    hidden, rows = 4096, 300
+    gen = _gen("lowrank-feedback")
+    codec = make_codec("lowrank+fp4_e2m1/b32/e6m2/r4", lowrank_bases(hidden, 2, 4, gen))
+    x = lowrank_input(rows, codec.bases, 1, torch.bfloat16, gen)
+    debt = feedback_debt(x, gen)
+    got_debt = debt.cuda()
+    payload = K.encode_feedback(codec, x.cuda(), got_debt, source=1).cpu()
+    send = x.float() + debt
+    assert (payload != codec.encode(send, source=1)).float().mean() < 3e-3
+    assert same(got_debt, send - codec.decode_f32(payload, hidden, source=1))
+
+
+def test_encode_feedback_graph_replay():
+    """Captured once, replayed on fresh inputs and debts: the reference's payload and debt."""
+    codec = make_codec("fp4_e2m1/b32/e6m2")
+    rows, hidden = 64, 1024
+    gen = _gen("feedback-graph")
+    x = torch.empty(rows, hidden, dtype=torch.bfloat16, device="cuda")
+    debt = torch.empty(rows, hidden, dtype=torch.float32, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        K.encode_feedback(codec, x.zero_(), debt.zero_(), source=0)  # warm-up: compiles the kernel
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        payload = K.encode_feedback(codec, x, debt, source=0)
+    for _ in range(2):
+        xs = hard_input(rows, hidden, 32, torch.bfloat16, gen)
+        d0 = feedback_debt(xs, gen)
+        x.copy_(xs)
+        debt.copy_(d0)
+        graph.replay()
+        torch.cuda.synchronize()
+        send = xs.float() + d0
+        want = codec.encode(send, source=0)
+        assert same(payload, want) and same(debt, send - codec.decode_f32(want, hidden, source=0))

@@ -13,6 +13,7 @@ returns a new tensor; the gate sends ineligible calls to the exact collective in
 
 With an `ErrorFeedback` state (`feedback.py`) a rank sends its partial sum plus its debt
 and settles the debt from what its payload decoded to; the exact fallback carries the debt too.
+Pre-norm feedback in a one-shot all-reduce does both inside the encode (`ops.encode_feedback`).
 
 Sums run in float32 in rank order, and every rank decodes the same payloads (its own included),
 so all-reduce results are bit-identical on every rank. Failures of the underlying collective (a
@@ -125,26 +126,29 @@ class CompressedComm:
         if n == 1:
             return x
         rows = _rows(x)
-        send = rows if feedback is None else feedback.to_send(rows, norm)
         why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy)
+        algo = None if why else algorithm or self.policy.choose_algorithm(n)
+        # Pre-norm feedback in a one-shot folds into the encode (send, encode, settle: one kernel).
+        fused = feedback is not None and norm is None and algo == "one_shot"
+        send = rows if feedback is None or fused else feedback.to_send(rows, norm)
         if why:
             exact_in = send.to(x.dtype)
             out = self._exact_all_reduce(exact_in, why)
             if feedback is not None:  # an exact sum pays the debt (but for the rounding to x.dtype)
                 feedback.settle(send, exact_in.float(), out)
             return out.view(x.shape)
-        algo = algorithm or self.policy.choose_algorithm(n)
         hidden = x.shape[-1]
-        want_own = feedback is not None
+        want_own = feedback is not None and not fused
         if algo == "one_shot":
-            out, own = self._one_shot(send, codec, x.dtype, want_own)
+            out, own = self._one_shot(send, codec, x.dtype, want_own,
+                                      debt=feedback.debt_buffer(rows) if fused else None)
             sent = (n - 1) * rows.shape[0] * codec.row_bytes(hidden)
         elif algo == "two_shot":
             out, own = self._two_shot(send, codec, x.dtype, want_own)
             sent = 2 * (n - 1) * (-(-rows.shape[0] // n)) * codec.row_bytes(hidden)
         else:
             raise ValueError(f"unknown all-reduce algorithm {algo!r}; valid: 'one_shot', 'two_shot'")
-        if feedback is not None:
+        if want_own:
             feedback.settle(send, own, out)
         self.stats.record_compressed(sent, _ring_bytes(x.numel() * x.element_size(), n, "all_reduce"))
         return out.view(x.shape)
@@ -152,21 +156,28 @@ class CompressedComm:
     def _own(self, codec: Codec, payload: torch.Tensor, hidden: int, source: int) -> torch.Tensor:
         return ops.decode_each(codec, payload.unsqueeze(0), hidden, sources=[source], dtype=torch.float32)
 
-    def _one_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype,
-                  want_own: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the sum, and with `want_own` what this rank's payload decodes to in float32)."""
+    def _one_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
+                  debt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the sum, and with `want_own` what this rank's payload decodes to in float32). With a
+        `debt` (pre-norm error feedback), `rows + debt` is sent and the debt updated in place."""
         n, hidden = self.world_size, rows.shape[1]
+
+        def encode(out=None):
+            if debt is None:
+                return ops.encode(codec, rows, source=self.rank, out=out)
+            return ops.encode_feedback(codec, rows, debt, source=self.rank, out=out)
+
         symm = self._symm_transport() if rows.is_cuda else None
         if symm is not None:
             shape = (rows.shape[0], codec.row_bytes(hidden))
             symm.ensure(shape[0] * shape[1])
             views = symm.peer_views(shape)
             symm.barrier()  # peers are done reading the previous call's payloads
-            ops.encode(codec, rows, source=self.rank, out=views[self.rank])
+            encode(out=views[self.rank])
             symm.barrier()  # every payload is written
             own = self._own(codec, views[self.rank], hidden, self.rank) if want_own else None
             return ops.decode_sum_list(codec, views, hidden, sources=range(n), dtype=dtype), own
-        payload = ops.encode(codec, rows, source=self.rank)
+        payload = encode()
         own = self._own(codec, payload, hidden, self.rank) if want_own else None
         gathered = _gather_rows("all-reduce (one-shot all-gather)", self.group, n, payload)
         return ops.decode_sum(codec, gathered, hidden, sources=range(n), dtype=dtype), own

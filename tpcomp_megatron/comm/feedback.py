@@ -142,14 +142,25 @@ class ErrorFeedback:
     def reset(self) -> None:
         self.debt = None
 
+    def _match(self, rows: torch.Tensor) -> None:
+        if self.debt is not None and (self.debt.shape != rows.shape or self.debt.device != rows.device):
+            self.dropped += 1  # another forward's rows (no reset between them): never mix them
+            self.reset()
+
+    def debt_buffer(self, rows: torch.Tensor) -> torch.Tensor:
+        """The float32 debt for a fused pre-norm encode of `rows` (`ops.encode_feedback` sends
+        rows + debt and updates it in place, so no `to_send` / `settle` pair): zeros at first."""
+        self._match(rows)
+        if self.debt is None:
+            self.debt = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        return self.debt
+
     def to_send(self, rows: torch.Tensor, norm: PostNorm | None = None) -> torch.Tensor:
         """The float32 rows to send: this rank's partial sum plus its debt (`norm`: the post-norm
         the reduction's output passes, None where it is added straight into the residual)."""
         raw = rows.float()
         self._pending = (raw, norm)
-        if self.debt is not None and (self.debt.shape != rows.shape or self.debt.device != rows.device):
-            self.dropped += 1  # another forward's rows (no reset between them): never mix them
-            self.reset()
+        self._match(rows)
         if self.debt is None:
             return raw
         if norm is None:
