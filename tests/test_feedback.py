@@ -7,7 +7,8 @@ import torch.distributed as dist
 
 from tpcomp_megatron.codecs import make_codec
 from tpcomp_megatron.comm import CompressedComm, GatePolicy
-from tpcomp_megatron.comm.feedback import ErrorFeedback
+from tpcomp_megatron.comm.feedback import ErrorFeedback, PostNorm, feedback_cost
+from tpcomp_megatron.comm.gate import ineligible
 from tpcomp_megatron.quality.simtp import simulated_all_reduce
 from tpcomp_megatron.testing import run_ranks
 
@@ -114,3 +115,22 @@ def test_debt_of_other_rows_is_dropped_not_mixed():
     assert torch.equal(fb.to_send(x), x - 1)
     y = torch.randn(5, HIDDEN)
     assert torch.equal(fb.to_send(y), y) and fb.dropped == 1 and fb.debt is None
+
+
+def test_gate_asks_feedback_to_pay_for_its_work():
+    """Feedback's extra kernel work raises the size threshold by its measured cost: the fused
+    pre-norm encode least, separate steps more, a post-norm most; over NVLink it never pays."""
+    codec = make_codec("fp4_e2m1/b32/e6m2")
+    gate = GatePolicy(link="pcie_class")
+    plain = gate.threshold(2, codec, HIDDEN)
+    norm = PostNorm.probe(torch.nn.RMSNorm(HIDDEN), HIDDEN)
+    costs = [feedback_cost(None, True), feedback_cost(None, False), feedback_cost(norm, False)]
+    assert 1.0 < costs[0] < costs[1] < costs[2]
+    for c in costs:
+        assert abs(gate.threshold(2, codec, HIDDEN, c) - plain * c) <= c
+    rows = (plain // 2) // HIDDEN + 1  # just above the plain threshold, below the fused one
+    x = torch.randn(rows, HIDDEN, dtype=torch.bfloat16)
+    assert ineligible(x, codec, 2, gate) is None
+    assert ineligible(x, codec, 2, gate, extra_cost=costs[0]) == "below size threshold"
+    assert GatePolicy(link="nvlink").threshold(2, codec, HIDDEN, costs[0]) >= 1 << 62
+    assert GatePolicy(link="nvlink", min_bytes=0).threshold(2, codec, HIDDEN, costs[2]) == 0

@@ -13,7 +13,8 @@ returns a new tensor; the gate sends ineligible calls to the exact collective in
 
 With an `ErrorFeedback` state (`feedback.py`) a rank sends its partial sum plus its debt
 and settles the debt from what its payload decoded to; the exact fallback carries the debt too.
-Pre-norm feedback in a one-shot all-reduce does both inside the encode (`ops.encode_feedback`).
+Pre-norm feedback in a one-shot all-reduce or a reduce-scatter does both inside the encode
+(`ops.encode_feedback`). The gate asks feedback's extra work to pay too (`feedback_cost`).
 
 Sums run in float32 in rank order, and every rank decodes the same payloads (its own included),
 so all-reduce results are bit-identical on every rank. Failures of the underlying collective (a
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..codecs.base import REDUCED, Codec
-from .feedback import ErrorFeedback, PostNorm
+from .feedback import ErrorFeedback, PostNorm, feedback_cost
 from .gate import GatePolicy, ineligible
 from .stats import CommStats
 
@@ -126,10 +127,12 @@ class CompressedComm:
         if n == 1:
             return x
         rows = _rows(x)
-        why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy)
-        algo = None if why else algorithm or self.policy.choose_algorithm(n)
+        algo = algorithm or self.policy.choose_algorithm(n)
         # Pre-norm feedback in a one-shot folds into the encode (send, encode, settle: one kernel).
         fused = feedback is not None and norm is None and algo == "one_shot"
+        extra = 1.0 if feedback is None else feedback_cost(norm, fused)
+        why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, extra_cost=extra)
+        fused = fused and not why
         send = rows if feedback is None or fused else feedback.to_send(rows, norm)
         if why:
             exact_in = send.to(x.dtype)
@@ -219,21 +222,23 @@ class CompressedComm:
         if n == 1:
             return x
         rows = _rows(x)
-        send = rows if feedback is None else feedback.to_send(rows)
-        why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, rows_divisible=True)
+        extra = 1.0 if feedback is None else feedback_cost(None, True)
+        why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, rows_divisible=True,
+                                                           extra_cost=extra)
         if why:
+            send = rows if feedback is None else feedback.to_send(rows)
             exact_in = send.to(x.dtype)
             out = self._exact_reduce_scatter(exact_in.view(x.shape), why)
             if feedback is not None:
                 feedback.settle(send, exact_in.float())
             return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
-        hidden = x.shape[-1]
-        payload = ops.encode(codec, send, source=self.rank)
-        if feedback is not None:
-            feedback.settle(send, self._own(codec, payload, hidden, self.rank))
+        if feedback is None:
+            payload = ops.encode(codec, rows, source=self.rank)
+        else:  # feedback (pre-norm here) folds into the encode
+            payload = ops.encode_feedback(codec, rows, feedback.debt_buffer(rows), source=self.rank)
         received = torch.empty_like(payload)
         _run("reduce-scatter (all-to-all)", self.group, dist.all_to_all_single, received.view(-1), payload.view(-1))
-        out = ops.decode_sum(codec, received.view(n, rows.shape[0] // n, -1), hidden,
+        out = ops.decode_sum(codec, received.view(n, rows.shape[0] // n, -1), x.shape[-1],
                              sources=range(n), dtype=x.dtype)
         self.stats.record_compressed((n - 1) * payload.numel() // n,
                                      _ring_bytes(x.numel() * x.element_size(), n, "reduce_scatter"))

@@ -38,7 +38,22 @@ CLAMP_FRACTION = 0.1
 (0.05-0.25 measured on Gemma 3 270M: 0.1 best, 0.05 close)."""
 CLAMP_BLOCK = 32
 """Values per clamp block, along the hidden dimension."""
+FUSED_COST = 1.7
+"""A rank's codec work with pre-norm feedback fused into the encode (`ops.encode_feedback`:
+one-shot all-reduce, reduce-scatter) over its work without feedback: H100, 8 sources, 8-128 MB,
+1.56-1.70x for FP4/b32/E6M2, 1.35-1.48x FP6, 1.2x lloyd4 (feedback_fused_h100_2026-11-24.jsonl)."""
+UNFUSED_COST = 4.5
+"""The same with separate steps (two-shot all-reduce): 3.4-4.5x for FP4/b32/E6M2, same file."""
+POST_NORM_COST = 8.2
+"""Through a post-norm (compiled steps; any algorithm): 6.3-8.2x for FP4/b32/E6M2, same file."""
 _PROBE = 1.0e3  # norm(PROBE * ones) = gain * PROBE / sqrt(PROBE^2 + eps): the gain to ~1e-12
+
+
+def feedback_cost(norm: PostNorm | None, fused: bool) -> float:
+    """How many times a rank's plain codec work feedback makes it (the gate's `extra_cost`)."""
+    if norm is not None:
+        return POST_NORM_COST
+    return FUSED_COST if fused else UNFUSED_COST
 
 
 @dataclass(frozen=True)
@@ -54,8 +69,10 @@ class PostNorm:
     @classmethod
     def probe(cls, norm: torch.nn.Module, hidden: int) -> PostNorm:
         """Read the effective gain of an RMSNorm-like module (any weight convention) by running it
-        on a constant row; its eps from `eps` / `variance_epsilon` (1e-6 if it has neither)."""
-        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        on a constant row; its eps from `eps` / `variance_epsilon` (1e-6 if it has neither; None,
+        as torch.nn.RMSNorm's default, means float32's machine epsilon)."""
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6))
+        eps = float(torch.finfo(torch.float32).eps if eps is None else eps)
         param = next(norm.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         what = f"{type(norm).__name__} is not an RMSNorm over {hidden} channels"

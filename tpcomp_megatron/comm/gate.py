@@ -88,7 +88,9 @@ class GatePolicy:
         if self.transport == "auto":
             object.__setattr__(self, "transport", "symm_mem" if self.link == "nvlink" else "nccl")
 
-    def threshold(self, world_size: int, codec: Codec, hidden: int) -> int:
+    def threshold(self, world_size: int, codec: Codec, hidden: int, extra_cost: float = 1.0) -> int:
+        """Smallest message (bf16 bytes) worth compressing with `codec`; `extra_cost` multiplies
+        the codec's kernel cost (error feedback's own work, `feedback.feedback_cost`)."""
         if self.min_bytes is not None:
             return self.min_bytes
         base = self.thresholds.get((self.link, world_size))
@@ -98,11 +100,12 @@ class GatePolicy:
         # Fewer bytes saved per message, or costlier kernels -> a larger message is needed to pay
         # for the kernels. Over NVLink a codec whose kernels cost more than the block codec's never
         # pays: the link moves the bytes faster than those kernels run (codec.kernel_cost).
-        if codec.kernel_cost > 1.0 and self.link == "nvlink":
+        cost = codec.kernel_cost * extra_cost
+        if cost > 1.0 and self.link == "nvlink":
             return NEVER
         saving_4bit = 1 - 4.25 / 16
         saving = max(1 - codec.bits_per_value(hidden) / 16, 1e-3)
-        return int(base * saving_4bit / saving * codec.kernel_cost)
+        return int(base * saving_4bit / saving * cost)
 
     def choose_algorithm(self, world_size: int) -> str:
         if self.algorithm != "auto":
@@ -112,8 +115,9 @@ class GatePolicy:
 
 
 def ineligible(x: torch.Tensor, codec: Codec, world_size: int, policy: GatePolicy, *,
-               rows_divisible: bool = False) -> str | None:
-    """Why `x` must take the exact collective, or None when it can be compressed."""
+               rows_divisible: bool = False, extra_cost: float = 1.0) -> str | None:
+    """Why `x` must take the exact collective, or None when it can be compressed (`extra_cost`:
+    see `GatePolicy.threshold`)."""
     if x.dtype not in SUPPORTED_DTYPES:
         return f"dtype {x.dtype}"
     if x.dim() == 0 or x.numel() == 0:
@@ -124,6 +128,6 @@ def ineligible(x: torch.Tensor, codec: Codec, world_size: int, policy: GatePolic
         return why
     if rows_divisible and x.shape[0] % world_size:
         return f"first dimension {x.shape[0]} not divisible by world size {world_size}"
-    if x.numel() * 2 < policy.threshold(world_size, codec, hidden):
+    if x.numel() * 2 < policy.threshold(world_size, codec, hidden, extra_cost):
         return "below size threshold"
     return None
