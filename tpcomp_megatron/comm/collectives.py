@@ -13,7 +13,7 @@ returns a new tensor; the gate sends ineligible calls to the exact collective in
 
 With an `ErrorFeedback` state (`feedback.py`) a rank sends its partial sum plus its debt
 and settles the debt from what its payload decoded to; the exact fallback carries the debt too.
-Pre-norm feedback in a one-shot all-reduce or a reduce-scatter does both inside the encode
+Pre-norm feedback (all-reduce, reduce-scatter) does both inside the encode
 (`ops.encode_feedback`). The gate asks feedback's extra work to pay too (`feedback_cost`).
 
 Sums run in float32 in rank order, and every rank decodes the same payloads (its own included),
@@ -128,9 +128,9 @@ class CompressedComm:
             return x
         rows = _rows(x)
         algo = algorithm or self.policy.choose_algorithm(n)
-        # Pre-norm feedback in a one-shot folds into the encode (send, encode, settle: one kernel).
-        fused = feedback is not None and norm is None and algo == "one_shot"
-        extra = 1.0 if feedback is None else feedback_cost(norm, fused)
+        # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
+        fused = feedback is not None and norm is None and algo in ("one_shot", "two_shot")
+        extra = 1.0 if feedback is None else feedback_cost(norm)
         why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, extra_cost=extra)
         fused = fused and not why
         send = rows if feedback is None or fused else feedback.to_send(rows, norm)
@@ -142,12 +142,12 @@ class CompressedComm:
             return out.view(x.shape)
         hidden = x.shape[-1]
         want_own = feedback is not None and not fused
+        debt = feedback.debt_buffer(rows) if fused else None
         if algo == "one_shot":
-            out, own = self._one_shot(send, codec, x.dtype, want_own,
-                                      debt=feedback.debt_buffer(rows) if fused else None)
+            out, own = self._one_shot(send, codec, x.dtype, want_own, debt=debt)
             sent = (n - 1) * rows.shape[0] * codec.row_bytes(hidden)
         elif algo == "two_shot":
-            out, own = self._two_shot(send, codec, x.dtype, want_own)
+            out, own = self._two_shot(send, codec, x.dtype, want_own, debt=debt)
             sent = 2 * (n - 1) * (-(-rows.shape[0] // n)) * codec.row_bytes(hidden)
         else:
             raise ValueError(f"unknown all-reduce algorithm {algo!r}; valid: 'one_shot', 'two_shot'")
@@ -185,18 +185,32 @@ class CompressedComm:
         gathered = _gather_rows("all-reduce (one-shot all-gather)", self.group, n, payload)
         return ops.decode_sum(codec, gathered, hidden, sources=range(n), dtype=dtype), own
 
-    def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype,
-                  want_own: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As `_one_shot`; this rank's own share also carries its chunk's requantization error."""
+    def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
+                  debt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `_one_shot`; this rank's own share also carries its chunk's requantization error
+        (with `debt`: taken off the debt after the fused encode has settled the rest)."""
         n, (m, hidden) = self.world_size, rows.shape
         chunk = -(-m // n)
+        padded = debt
         if chunk * n != m:  # pad rows so they split evenly; padding rows are zeros, dropped after
             rows = torch.cat([rows, rows.new_zeros(chunk * n - m, hidden)])
-        payload = ops.encode(codec, rows, source=self.rank)
+            if debt is not None:
+                padded = torch.cat([debt, debt.new_zeros(chunk * n - m, hidden)])
+        if debt is None:
+            payload = ops.encode(codec, rows, source=self.rank)
+        else:
+            payload = ops.encode_feedback(codec, rows, padded, source=self.rank)
         received = torch.empty_like(payload)
         _run("all-reduce (two-shot all-to-all)", self.group, dist.all_to_all_single, received.view(-1), payload.view(-1))
         own = None
-        if not want_own:
+        if debt is not None:  # the chunk's requantization error is this rank's debt too
+            summed = ops.decode_sum(codec, received.view(n, chunk, -1), hidden, sources=range(n), dtype=torch.float32)
+            reduced = ops.encode(codec, summed, source=REDUCED)
+            lo = self.rank * chunk
+            padded[lo:lo + chunk] -= self._own(codec, reduced, hidden, REDUCED) - summed
+            if padded is not debt:
+                debt.copy_(padded[:m])
+        elif not want_own:
             reduced = ops.decode_sum_encode(codec, received.view(n, chunk, -1), hidden,
                                             sources=range(n), out_source=REDUCED)
         else:
@@ -222,7 +236,7 @@ class CompressedComm:
         if n == 1:
             return x
         rows = _rows(x)
-        extra = 1.0 if feedback is None else feedback_cost(None, True)
+        extra = 1.0 if feedback is None else feedback_cost(None)
         why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, rows_divisible=True,
                                                            extra_cost=extra)
         if why:

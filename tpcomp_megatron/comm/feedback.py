@@ -39,21 +39,19 @@ CLAMP_FRACTION = 0.1
 CLAMP_BLOCK = 32
 """Values per clamp block, along the hidden dimension."""
 FUSED_COST = 1.7
-"""A rank's codec work with pre-norm feedback fused into the encode (`ops.encode_feedback`:
-one-shot all-reduce, reduce-scatter) over its work without feedback: H100, 8 sources, 8-128 MB,
-1.56-1.70x for FP4/b32/E6M2, 1.35-1.48x FP6, 1.2x lloyd4 (feedback_fused_h100_2026-11-24.jsonl)."""
-UNFUSED_COST = 4.5
-"""The same with separate steps (two-shot all-reduce): 3.4-4.5x for FP4/b32/E6M2, same file."""
+"""A rank's codec work with pre-norm feedback fused into the encode (`ops.encode_feedback`) over
+its work without feedback: one-shot on an H100, 8 sources, 8-128 MB, 1.56-1.70x for FP4/b32/E6M2,
+1.35-1.48x FP6, 1.2x lloyd4 (feedback_fused_h100_2026-11-24.jsonl; separate steps took 3.4-4.5x).
+Two-shot adds a decode and an encode of its own chunk (1/N of the rows), not measured apart."""
 POST_NORM_COST = 8.2
-"""Through a post-norm (compiled steps; any algorithm): 6.3-8.2x for FP4/b32/E6M2, same file."""
+"""Through a post-norm (separate, compiled steps; any algorithm): 6.3-8.2x for FP4/b32/E6M2, same
+file."""
 _PROBE = 1.0e3  # norm(PROBE * ones) = gain * PROBE / sqrt(PROBE^2 + eps): the gain to ~1e-12
 
 
-def feedback_cost(norm: PostNorm | None, fused: bool) -> float:
+def feedback_cost(norm: PostNorm | None) -> float:
     """How many times a rank's plain codec work feedback makes it (the gate's `extra_cost`)."""
-    if norm is not None:
-        return POST_NORM_COST
-    return FUSED_COST if fused else UNFUSED_COST
+    return FUSED_COST if norm is None else POST_NORM_COST
 
 
 @dataclass(frozen=True)

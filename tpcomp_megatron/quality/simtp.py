@@ -88,13 +88,19 @@ def simulated_all_reduce(codec: Codec | None, partials: torch.Tensor, *, algorit
             summed = codec.decode_sum_f32(payloads, hidden, range(n))
             requant = codec.decode_f32(codec.encode(summed, source=REDUCED), hidden, source=REDUCED)
             out = requant.to(dtype)
-            if feedback is not None:
+            if feedback is not None and norm is not None:  # through the norm with the rest
                 chunk = -(-rows // n)
                 for r in range(n):
                     own[r, r * chunk:(r + 1) * chunk] += (requant - summed)[r * chunk:(r + 1) * chunk]
     if feedback is not None:
         for fb, x, c in zip(feedback, sends, own):
             fb.settle(x, c, out)
+        if codec is not None and algorithm == "two_shot" and norm is None:
+            # CompressedComm's order: the fused encode settles, then the requantization error
+            # of a rank's chunk comes off its debt
+            chunk = -(-rows // n)
+            for r, fb in enumerate(feedback):
+                fb.debt[r * chunk:(r + 1) * chunk] -= (requant - summed)[r * chunk:(r + 1) * chunk]
     return out
 
 
