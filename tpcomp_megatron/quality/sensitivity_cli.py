@@ -54,6 +54,8 @@ class SensitivityConfig:
     text: str = "moby-dick"
     windows: int = 8
     seq_len: int = 512
+    offset: int = 0
+    """First evaluation-text token used (another offset: an independent sample of the same text)."""
     threads: int = 1
     out: str | None = None
     ranking: str | None = None
@@ -85,8 +87,8 @@ class SensitivityConfig:
             raise ValueError(f"--budget must be a positive number of bits per value, got {self.budget!r}")
         if self.calib_text == self.text:
             raise ValueError("ranking on the evaluation text would select layers on the test set: use another --calib-text")
-        if min(self.calib_windows, self.windows, self.threads) < 1 or self.seq_len < 2:
-            raise ValueError("--calib-windows, --windows, --threads >= 1 and --seq-len >= 2 are required")
+        if min(self.calib_windows, self.windows, self.threads) < 1 or self.seq_len < 2 or self.offset < 0:
+            raise ValueError("--calib-windows, --windows, --threads >= 1, --seq-len >= 2 and --offset >= 0 are required")
 
 
 def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
@@ -116,7 +118,7 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
                "kl": dict(sorted(sens.items(), key=lambda kv: -kv[1]))}
     if cfg.ranking:
         Path(cfg.ranking).write_text(json.dumps(ranking, indent=1) + "\n")
-    windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows)
+    windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows, offset=cfg.offset)
     chosen = _promotions(cfg, sens, low, highs, sim.hidden)
     plans = [mixed_codecs(sens, low, highs[high], k) for high, k in chosen]
     base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan, feedback=cfg.feedback) for plan in plans])
@@ -209,6 +211,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--text", default="moby-dick")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--offset", type=int, default=0, help="first evaluation-text token used")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="JSON Lines file to append to (default: benchmarks/results/quality_<model>_<cpu>_<date>.jsonl)")
     ap.add_argument("--ranking", help="write the per-layer ranking (JSON) here")
@@ -222,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     promote = tuple(a.promote) if a.promote is not None else () if a.budget is not None else (0, 2, 4)
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
-                             seq_len=a.seq_len, threads=a.threads, out=a.out, ranking=a.ranking,
+                             seq_len=a.seq_len, offset=a.offset, threads=a.threads, out=a.out, ranking=a.ranking,
                              ranking_in=a.ranking_in, real_ranks=a.real_ranks, feedback=a.error_feedback,
                              calibration=a.calibration)
 
