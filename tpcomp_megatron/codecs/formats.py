@@ -36,7 +36,8 @@ of block-normalized row-parallel partial sums. Fitted with E6M2 block scales of 
 (the scale maps a block's maximum to the top level, 1.0) on SmolLM2-135M and Gemma 3 270M at
 TP=8, on the calibration text (the 1901 State of the Union), each rank's partial sums with and
 without their rank-4 low-rank part, every layer normalized to unit RMS and pooled. Then rounded
-to multiples of 2**-12, so that every level and every midpoint is exact in float32. No level is
+to multiples of 2**-12, so that every level and every midpoint is exact in float32
+(tools/fit_codebook.py does all this and reproduces these values exactly). No level is
 zero: a sign and 8 (16) magnitudes spend all 16 (32) codes, where FP4 E2M1 spends two on +-0.
 On the lowrank r4 residuals that gains 0.8-1.1 dB of SNR over E2M1 at the same 4 bits
 (benchmarks/results/quality_cpu-amd-epyc_2026-11-23.md, "Codebook elements")."""
