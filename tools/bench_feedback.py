@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             ms_post = _ms(lambda: feedback(norm))
             rec = {"codec": spec, "message_mb": mb, "plain_ms": round(ms_plain, 5), "feedback_ms": round(ms_fb, 5),
                    "feedback_over_plain": round(ms_fb / ms_plain, 3),
-                   "fused_ms": round(ms_fused, 5), "fused_over_plain": round(ms_fused / ms_plain, 3), "post_norm_ms": round(ms_post, 5),
+                   "fused_ms": round(ms_fused, 5), "fused_over_plain": round(ms_fused / ms_plain, 3),
+                   "post_norm_ms": round(ms_post, 5),
                    "post_norm_over_plain": round(ms_post / ms_plain, 3), "copy_ms": round(ms_copy, 5), **meta}
             records.append(rec)
             print(json.dumps(rec), flush=True)

@@ -88,7 +88,8 @@ class SensitivityConfig:
         if self.calib_text == self.text:
             raise ValueError("ranking on the evaluation text would select layers on the test set: use another --calib-text")
         if min(self.calib_windows, self.windows, self.threads) < 1 or self.seq_len < 2 or self.offset < 0:
-            raise ValueError("--calib-windows, --windows, --threads >= 1, --seq-len >= 2 and --offset >= 0 are required")
+            raise ValueError("--calib-windows, --windows, --threads >= 1, --seq-len >= 2 and --offset >= 0 "
+                             "are required")
 
 
 def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
