@@ -143,7 +143,8 @@ class ErrorFeedback:
 
     `reset()` at the start of every forward (apply_tp_compression registers a model pre-hook; the
     simulation does the same): a debt belongs to the rows of one forward. `ranks`: the group size.
-    Every `to_send` is followed by one `settle` of the same reduction.
+    Every `to_send` is followed by one `settle` of the same reduction; a fused encode
+    (`ops.encode_feedback`, pre-norm only) takes `debt_buffer` instead of both.
     """
 
     def __init__(self, ranks: int) -> None:
