@@ -9,6 +9,9 @@ replay, L2 flushed, as tools/bench_kernels.py) of one rank's local work without 
   debt, decode_sum the same payloads (the unfused steps, as post-norm feedback and two-shot take);
 * fused: `ops.encode_feedback` (send, encode and settle in one kernel, as pre-norm feedback in a
   one-shot all-reduce takes), decode_sum the same payloads;
+* two-shot, plain and fused: encode (or `encode_feedback`) every row, then reduce this rank's
+  chunk of the `--sources` payloads (decode_sum_encode; with feedback decode_sum, encode, and the
+  chunk's requantization error taken off the debt) and decode the `--sources` reduced chunks;
 * post_norm: the same through a Gemma-style post-norm (comm/feedback.py `PostNorm`: the send
   scaled by the gain and the own-RMS estimate and capped per block, the settle through the norm's
   Jacobian on the output rows).
@@ -33,7 +36,7 @@ from bench_kernels import _inputs, _ms  # noqa: E402  (tools/ is not a package)
 
 def main(argv: list[str] | None = None) -> int:
     from tpcomp_megatron import ops
-    from tpcomp_megatron.codecs import make_codec
+    from tpcomp_megatron.codecs import REDUCED, make_codec
     from tpcomp_megatron.comm.feedback import ErrorFeedback, PostNorm
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -85,13 +88,31 @@ def main(argv: list[str] | None = None) -> int:
                 ops.encode_feedback(codec, x, debt, source=0)
                 ops.decode_sum(codec, payloads, a.hidden, sources=range(a.sources), dtype=x.dtype)
 
+            chunk = rows // a.sources  # two-shot: this rank reduces one chunk of every source's rows
+            chunks = payloads[:, :chunk].contiguous()
+
+            def two_shot_plain():
+                ops.encode(codec, x, source=0)
+                ops.decode_sum_encode(codec, chunks, a.hidden, sources=range(a.sources), out_source=REDUCED)
+                ops.decode_each(codec, chunks, a.hidden, sources=[REDUCED] * a.sources, dtype=x.dtype)
+
+            def two_shot_fused():  # as CompressedComm._two_shot with a debt
+                ops.encode_feedback(codec, x, debt, source=0)
+                summed = ops.decode_sum(codec, chunks, a.hidden, sources=range(a.sources), dtype=torch.float32)
+                reduced = ops.encode(codec, summed, source=REDUCED)
+                debt[:chunk] -= ops.decode_each(codec, reduced.unsqueeze(0), a.hidden, sources=[REDUCED],
+                                                dtype=torch.float32) - summed
+                ops.decode_each(codec, chunks, a.hidden, sources=[REDUCED] * a.sources, dtype=x.dtype)
+
+            ms_two_plain, ms_two_fused = _ms(two_shot_plain), _ms(two_shot_fused)
             ms_plain, ms_fb, ms_copy = _ms(plain), _ms(feedback), _ms(lambda: copy_dst.copy_(x))
             ms_fused = _ms(fused)
             ms_post = _ms(lambda: feedback(norm))
             rec = {"codec": spec, "message_mb": mb, "plain_ms": round(ms_plain, 5), "feedback_ms": round(ms_fb, 5),
                    "feedback_over_plain": round(ms_fb / ms_plain, 3),
                    "fused_ms": round(ms_fused, 5), "fused_over_plain": round(ms_fused / ms_plain, 3),
-                   "post_norm_ms": round(ms_post, 5),
+                   "two_shot_plain_ms": round(ms_two_plain, 5), "two_shot_fused_ms": round(ms_two_fused, 5),
+                   "two_shot_fused_over_plain": round(ms_two_fused / ms_two_plain, 3), "post_norm_ms": round(ms_post, 5),
                    "post_norm_over_plain": round(ms_post / ms_plain, 3), "copy_ms": round(ms_copy, 5), **meta}
             records.append(rec)
             print(json.dumps(rec), flush=True)
