@@ -119,12 +119,14 @@ def test_debt_of_other_rows_is_dropped_not_mixed():
 
 def test_gate_asks_feedback_to_pay_for_its_work():
     """Feedback's extra kernel work raises the size threshold by its measured cost: the fused
-    pre-norm encode less than a post-norm's steps; over NVLink it never pays."""
+    pre-norm encode in one-shot least, in two-shot more, a post-norm's steps most; over NVLink it
+    never pays."""
     codec = make_codec("fp4_e2m1/b32/e6m2")
     gate = GatePolicy(link="pcie_class")
     plain = gate.threshold(2, codec, HIDDEN)
-    costs = [feedback_cost(None), feedback_cost(PostNorm.probe(torch.nn.RMSNorm(HIDDEN), HIDDEN))]
-    assert 1.0 < costs[0] < costs[1]
+    costs = [feedback_cost(None, "one_shot"), feedback_cost(None, "two_shot"),
+             feedback_cost(PostNorm.probe(torch.nn.RMSNorm(HIDDEN), HIDDEN), "one_shot")]
+    assert 1.0 < costs[0] < costs[1] < costs[2]
     for c in costs:
         assert abs(gate.threshold(2, codec, HIDDEN, c) - plain * c) <= c
     rows = (plain // 2) // HIDDEN + 1  # just above the plain threshold, below the fused one
@@ -132,4 +134,4 @@ def test_gate_asks_feedback_to_pay_for_its_work():
     assert ineligible(x, codec, 2, gate) is None
     assert ineligible(x, codec, 2, gate, extra_cost=costs[0]) == "below size threshold"
     assert GatePolicy(link="nvlink").threshold(2, codec, HIDDEN, costs[0]) >= 1 << 62
-    assert GatePolicy(link="nvlink", min_bytes=0).threshold(2, codec, HIDDEN, costs[1]) == 0
+    assert GatePolicy(link="nvlink", min_bytes=0).threshold(2, codec, HIDDEN, costs[2]) == 0

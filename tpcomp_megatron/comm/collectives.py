@@ -130,7 +130,7 @@ class CompressedComm:
         algo = algorithm or self.policy.choose_algorithm(n)
         # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
         fused = feedback is not None and norm is None and algo in ("one_shot", "two_shot")
-        extra = 1.0 if feedback is None else feedback_cost(norm)
+        extra = 1.0 if feedback is None else feedback_cost(norm, algo)
         why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, extra_cost=extra)
         fused = fused and not why
         send = rows if feedback is None or fused else feedback.to_send(rows, norm)
@@ -236,7 +236,7 @@ class CompressedComm:
         if n == 1:
             return x
         rows = _rows(x)
-        extra = 1.0 if feedback is None else feedback_cost(None)
+        extra = 1.0 if feedback is None else feedback_cost(None, "two_shot")  # its first half
         why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, rows_divisible=True,
                                                            extra_cost=extra)
         if why:

@@ -38,20 +38,22 @@ CLAMP_FRACTION = 0.1
 (0.05-0.25 measured on Gemma 3 270M: 0.1 best, 0.05 close)."""
 CLAMP_BLOCK = 32
 """Values per clamp block, along the hidden dimension."""
-FUSED_COST = 1.7
+FUSED_COST = {"one_shot": 1.7, "two_shot": 2.7}
 """A rank's codec work with pre-norm feedback fused into the encode (`ops.encode_feedback`) over
-its work without feedback: one-shot on an H100, 8 sources, 8-128 MB, 1.56-1.70x for FP4/b32/E6M2,
-1.35-1.48x FP6, 1.2x lloyd4 (feedback_fused_h100_2026-11-24.jsonl; separate steps took 3.4-4.5x).
-Two-shot adds a decode and an encode of its own chunk (1/N of the rows), not measured apart."""
+its work without feedback, per all-reduce algorithm; H100, 8 sources, 8-128 MB, FP4/b32/E6M2
+(FP6/b32/E8M0): one-shot 1.45-1.70x (1.32-1.49x), separate steps took 3.4-4.5x
+(feedback_fused_h100_2026-11-24.jsonl); two-shot 2.1-2.7x (2.0-2.4x), its plain work being
+smaller (feedback_two_shot_h100_2026-11-24.jsonl). Reduce-scatter, two-shot's first half, takes
+the two-shot figure."""
 POST_NORM_COST = 8.2
 """Through a post-norm (separate, compiled steps; any algorithm): 6.3-8.2x for FP4/b32/E6M2, same
 file."""
 _PROBE = 1.0e3  # norm(PROBE * ones) = gain * PROBE / sqrt(PROBE^2 + eps): the gain to ~1e-12
 
 
-def feedback_cost(norm: PostNorm | None) -> float:
+def feedback_cost(norm: PostNorm | None, algorithm: str = "one_shot") -> float:
     """How many times a rank's plain codec work feedback makes it (the gate's `extra_cost`)."""
-    return FUSED_COST if norm is None else POST_NORM_COST
+    return POST_NORM_COST if norm is not None else FUSED_COST.get(algorithm, max(FUSED_COST.values()))
 
 
 @dataclass(frozen=True)
