@@ -131,8 +131,7 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr
     codes, stored = _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes, R, T, B, SCALE,
                                        BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT, LEVELS)
     if FEEDBACK:  # the new debt: send minus what the payload decodes to, as the decode kernel forms it
-        sbits = stored & (0xFFFF if SCALE == SCALE_BF16 else 0xFF)
-        v = _decode_block_tile(codes & ((1 << BITS) - 1), sbits, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL, LEVELS)
+        v = _decode_block_tile(codes, stored, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL, LEVELS)
         for k in tl.static_range(LOWRANK):
             cbits = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0).to(tl.int32) & 0xFFFF
             v = _lowrank_term(v, cbits, basis_ptr + k * hidden, c, hidden, 1)

@@ -128,11 +128,10 @@ class CompressedComm:
             return x
         rows = _rows(x)
         algo = algorithm or self.policy.choose_algorithm(n)
-        # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
-        fused = feedback is not None and norm is None and algo in ("one_shot", "two_shot")
         extra = 1.0 if feedback is None else feedback_cost(norm, algo)
         why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, extra_cost=extra)
-        fused = fused and not why
+        # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
+        fused = feedback is not None and norm is None and not why and algo in ("one_shot", "two_shot")
         send = rows if feedback is None or fused else feedback.to_send(rows, norm)
         if why:
             exact_in = send.to(x.dtype)
@@ -203,25 +202,24 @@ class CompressedComm:
         received = torch.empty_like(payload)
         _run("all-reduce (two-shot all-to-all)", self.group, dist.all_to_all_single, received.view(-1), payload.view(-1))
         own = None
-        if debt is not None:  # the chunk's requantization error is this rank's debt too
-            summed = ops.decode_sum(codec, received.view(n, chunk, -1), hidden, sources=range(n), dtype=torch.float32)
-            reduced = ops.encode(codec, summed, source=REDUCED)
-            lo = self.rank * chunk
-            padded[lo:lo + chunk] -= self._own(codec, reduced, hidden, REDUCED) - summed
-            if padded is not debt:
-                debt.copy_(padded[:m])
-        elif not want_own:
+        if debt is None and not want_own:
             reduced = ops.decode_sum_encode(codec, received.view(n, chunk, -1), hidden,
                                             sources=range(n), out_source=REDUCED)
         else:
             # Unfused (same bytes as decode_sum_encode): this rank owns its chunk's requantization
-            # error and carries it with its own first rounding.
+            # error, taken off its debt after the fused encode, or carried with its own first rounding.
             summed = ops.decode_sum(codec, received.view(n, chunk, -1), hidden, sources=range(n), dtype=torch.float32)
             reduced = ops.encode(codec, summed, source=REDUCED)
-            mine = self._own(codec, payload, hidden, self.rank)
+            requant = self._own(codec, reduced, hidden, REDUCED) - summed
             lo = self.rank * chunk
-            mine[lo:lo + chunk] += self._own(codec, reduced, hidden, REDUCED) - summed
-            own = mine[:m]
+            if debt is not None:
+                padded[lo:lo + chunk] -= requant
+                if padded is not debt:
+                    debt.copy_(padded[:m])
+            else:
+                mine = self._own(codec, payload, hidden, self.rank)
+                mine[lo:lo + chunk] += requant
+                own = mine[:m]
         gathered = _gather_rows("all-reduce (two-shot all-gather)", self.group, n, reduced)
         out = ops.decode_each(codec, gathered, hidden, sources=[REDUCED] * n, dtype=dtype)
         return out[:m], own
