@@ -1,15 +1,13 @@
 """Packaging for tpcomp-megatron.
 
-`kernels/` is a top-level folder in the repository but installs as `tpcomp_megatron.kernels`:
-a top-level module named `kernels` would collide with an unrelated PyPI package.
+The Triton kernels live in `tpcomp_megatron/kernels/`, not in a top-level `kernels/` folder: a
+checkout's root is on sys.path under `python -m ...`, and there a top-level `kernels` shadows
+Hugging Face's `kernels` package, which transformers (5.x) requires and imports by that name.
 """
 
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["tpcomp_megatron", "tpcomp_megatron.*"])
-packages += ["tpcomp_megatron.kernels"] + [
-    "tpcomp_megatron.kernels." + p for p in find_packages(where="kernels")
-]
 
 setup(
     name="tpcomp-megatron",
@@ -19,7 +17,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"tpcomp_megatron.kernels": "kernels"},
     package_data={"tpcomp_megatron.comm": ["gate_table.json"]},
     install_requires=[
         # torch first in install order matters on CPU machines: see README.

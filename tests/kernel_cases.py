@@ -1,7 +1,7 @@
 """Inputs and checks shared by the kernel tests (interpreter on CPU, and CUDA).
 
 The reference is always the codec's PyTorch method run on the CPU: its bytes are the definition
-(torch's CPU and CUDA conversions disagree on NaN bit patterns, see kernels/numerics.py).
+(torch's CPU and CUDA conversions disagree on NaN bit patterns, see tpcomp_megatron/kernels/numerics.py).
 """
 
 from __future__ import annotations

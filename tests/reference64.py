@@ -21,6 +21,7 @@ FORMATS64 = {
 # codebook formats: name -> (bits, magnitude levels x 4096), each value to the nearest level
 # (a tie to the lower code)
 CODEBOOKS64 = {
+    "lloyd3": (3, [299, 1400, 2657, 4096]),
     "lloyd4": (4, [146, 590, 1097, 1636, 2192, 2767, 3412, 4096]),
     "lloyd5": (5, [55, 183, 332, 497, 669, 845, 1025, 1212, 1412, 1633, 1887, 2180, 2538, 2977, 3536, 4096]),
 }
@@ -120,7 +121,9 @@ def _fields(values, width):
 
 
 def _pack(codes, bits):
-    """8 and 4 bits: one bit string; 5 and 6: the low-nibble plane, then the top-bits plane."""
+    """8 and 4 bits: one bit string; 5 and 6: the low-nibble plane, then the top-bits plane;
+    3: the plane of the low 2 bits, then the top-bit plane."""
     if bits in (4, 8):
         return _fields(codes, bits)
-    return _fields([c & 15 for c in codes], 4) + _fields([c >> 4 for c in codes], bits - 4)
+    low = 2 if bits == 3 else 4
+    return _fields([c & ((1 << low) - 1) for c in codes], low) + _fields([c >> low for c in codes], bits - low)

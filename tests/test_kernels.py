@@ -7,7 +7,7 @@ of the whole suite), this module is skipped: tests/gpu/ checks them there.
 
 Tolerance: none. Every payload byte and every output bit must match (NaN matches NaN). The
 interpreter's own bf16 conversions are not bit-exact (they truncate, and mangle subnormals); the
-kernels never use them (bf16 is converted through its bits, see kernels/numerics.py), so no
+kernels never use them (bf16 is converted through its bits, see tpcomp_megatron/kernels/numerics.py), so no
 1-ulp allowance is needed.
 """
 
@@ -227,24 +227,16 @@ def test_custom_ops_trace_with_fake_tensors(spec):
                               test_utils=utils)
 
 
-def test_top_level_kernels_import_is_inert(monkeypatch):
-    """A checkout's root on sys.path makes the source folder importable as `kernels`, and
-    transformers imports that name on its own import (its probe for the Hugging Face `kernels`
-    package). That import must neither run our kernels nor re-register the `tpcomp::` ops, which
-    would replace the implementations of the installed `tpcomp_megatron.kernels`."""
-    import sys
+def test_checkout_root_shadows_no_dependency():
+    """`python -m ...` puts a checkout's root first on sys.path. A top-level folder there named
+    like a dependency's import name would replace it: `kernels/` once replaced Hugging Face's
+    `kernels`, which transformers 5.x requires, and model loading failed. The checkout's top-level
+    packages must be ours alone."""
     from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
-        monkeypatch.delitem(sys.modules, name)
-    top = importlib.import_module("kernels")
-    assert Path(top.__file__).resolve().parent == Path(K.__file__).resolve().parent
-    assert top.__all__ == [] and not any(m.startswith("kernels.") for m in sys.modules)
-    # the ops still run the interpreted kernels on CPU tensors, bit-exact with the reference
-    codec = block_codec("int4", 16, "e8m0")
-    x = torch.randn(3, 48)
-    assert torch.equal(K.encode(codec, x, source=0), codec.encode(x, source=0))
+    root = Path(__file__).resolve().parents[1]
+    top = {p.name for p in root.iterdir() if (p / "__init__.py").exists()}
+    assert top == {"tpcomp_megatron"}, f"top-level packages besides tpcomp_megatron: {sorted(top - {'tpcomp_megatron'})}"
 
 
 @pytest.mark.parametrize("element", sorted(FORMATS))

@@ -29,8 +29,11 @@ import torch
 
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6
 E2M2 = torch.tensor([0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7]) / 7
+INT3 = torch.tensor([0, 1, 2, 3]) / 3
+REFERENCE = {4: ("INT3", INT3), 8: ("E2M1", E2M1), 16: ("E2M2", E2M2)}
+"""The float (integer) format of the same width each fit is compared with."""
 GRID = 4096
-FITS = (("lloyd4", 8, False), ("lloyd4 with a zero level", 8, True), ("lloyd5", 16, False))
+FITS = (("lloyd4", 8, False), ("lloyd4 with a zero level", 8, True), ("lloyd5", 16, False), ("lloyd3", 4, False))
 
 
 def normalized_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -136,11 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         levels = torch.round(lloyd_max(pool, n, zero=zero) * GRID) / GRID
         fitted[name] = tuple(int(x) for x in (levels * GRID).tolist())
         print(f"{name}: levels x {GRID} = {fitted[name]}")
-        ref = E2M1 if n == 8 else E2M2
+        ref_name, ref = REFERENCE[n]
         for set_name, blocks in sets.items():
-            print(f"    {set_name:24s} {snr_db(blocks, levels):6.2f} dB  ({'E2M1' if n == 8 else 'E2M2'} "
+            print(f"    {set_name:24s} {snr_db(blocks, levels):6.2f} dB  ({ref_name} "
                   f"{snr_db(blocks, ref):6.2f} dB)")
-    for name in ("lloyd4", "lloyd5"):
+    for name in LLOYD_LEVELS:
         same = fitted[name] == LLOYD_LEVELS[name]
         print(f"{name}: {'reproduces' if same else 'differs from'} LLOYD_LEVELS[{name!r}] {LLOYD_LEVELS[name]}")
     return 0

@@ -1,7 +1,7 @@
 """Fused kernels on CUDA against the CPU reference, bit for bit, plus CUDA-graph capture/replay
 and torch.compile of the custom ops. Skipped without CUDA.
 
-The reference runs on the CPU (its bytes are the definition; see kernels/numerics.py on NaN
+The reference runs on the CPU (its bytes are the definition; see tpcomp_megatron/kernels/numerics.py on NaN
 patterns). Tolerance: none; NaN matches NaN. Run alone or with tests/gpu only: the CPU kernel
 tests interpret the same kernels and cannot share a process with compiled ones.
 """
@@ -215,7 +215,7 @@ def test_lowrank_codec_cuda(spec):
     assert same(y, K.decode_sum(codec, p.unsqueeze(0), hidden, sources=[0], dtype=torch.float32))  # NaN rows too
 
 
-@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2", "fp6_e2m3/b32/e8m0", "int4/b16/bf16"])
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2", "lloyd3/b32/e6m2", "fp6_e2m3/b32/e8m0", "int4/b16/bf16"])
 @pytest.mark.parametrize("rows,hidden", [(300, 5120), (17, 640)])
 def test_encode_feedback_cuda(spec, rows, hidden):
     codec = make_codec(spec)

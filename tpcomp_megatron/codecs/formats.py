@@ -7,7 +7,7 @@ Every format stores a value as a sign-magnitude code of `bits` bits: the top bit
   `c = exp_field << m | mantissa`; exp_field 0 is subnormal. Every code is a finite value except
   in FP8 E4M3, whose all-ones code (0x7F) is NaN and is never produced (saturation stops at 448).
 * Integer formats: symmetric, magnitude code = |round(v)| clamped to 2**(bits-1)-1 (INT4: -7..7).
-* Codebook formats (`lloyd4`, `lloyd5`): magnitude code k stands for the k-th of 2**(bits-1)
+* Codebook formats (`lloyd3`, `lloyd4`, `lloyd5`): magnitude code k stands for the k-th of 2**(bits-1)
   fixed levels; a value takes the code of the nearest level (the number of midpoints between
   consecutive levels that lie strictly below |v|: a tie goes to the lower level), so NaN gets
   code 0 and Inf the top level. See `LLOYD_LEVELS`.
@@ -28,6 +28,7 @@ import torch
 
 
 LLOYD_LEVELS: dict[str, tuple[int, ...]] = {
+    "lloyd3": (299, 1400, 2657, 4096),
     "lloyd4": (146, 590, 1097, 1636, 2192, 2767, 3412, 4096),
     "lloyd5": (55, 183, 332, 497, 669, 845, 1025, 1212, 1412, 1633, 1887, 2180, 2538, 2977, 3536, 4096),
 }
@@ -38,9 +39,10 @@ TP=8, on the calibration text (the 1901 State of the Union), each rank's partial
 without their rank-4 low-rank part, every layer normalized to unit RMS and pooled. Then rounded
 to multiples of 2**-12, so that every level and every midpoint is exact in float32
 (tools/fit_codebook.py does all this and reproduces these values exactly). No level is
-zero: a sign and 8 (16) magnitudes spend all 16 (32) codes, where FP4 E2M1 spends two on +-0.
-On the lowrank r4 residuals that gains 0.8-1.1 dB of SNR over E2M1 at the same 4 bits
-(benchmarks/results/quality_cpu-amd-epyc_2026-11-23.md, "Codebook elements")."""
+zero: a sign and 4 (8, 16) magnitudes spend all 8 (16, 32) codes, where FP4 E2M1 spends two on
++-0. On the lowrank r4 residuals that gains 0.8-1.1 dB of SNR over E2M1 at the same 4 bits
+(benchmarks/results/quality_cpu-amd-epyc_2026-11-23.md, "Codebook elements"); lloyd3, 3 bits
+for the least sensitive layers of a bit allocation, is 6.4 dB below lloyd4 and 2.0 dB above INT3."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ FORMATS: dict[str, ElementFormat] = {
         ElementFormat("fp8_e4m3", 8, 4, 3),
         ElementFormat("int4", 4),
         ElementFormat("int8", 8),
-        *(ElementFormat(name, 4 if len(lv) == 8 else 5, levels=tuple(v / 4096 for v in lv))
+        *(ElementFormat(name, len(lv).bit_length(), levels=tuple(v / 4096 for v in lv))
           for name, lv in LLOYD_LEVELS.items()),
     )
 }
@@ -175,31 +177,48 @@ def _unpack_fields(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
     return ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << width) - 1)).reshape(packed.shape[0], n)
 
 
+def code_planes(bits: int) -> tuple[int, ...]:
+    """Field widths of the bit planes a row of `bits`-bit codes is stored in, low bits first:
+    8 -> (8,), 4 -> (4,), 5 / 6 -> (4, 1) / (4, 2), 3 -> (2, 1). Every width is a power of two,
+    so a byte holds whole fields of adjacent elements."""
+    if bits in (4, 8):
+        return (bits,)
+    if bits in (5, 6):
+        return (4, bits - 4)
+    if bits == 3:
+        return (2, 1)
+    raise ValueError(f"no packing for {bits}-bit codes (3, 4, 5, 6 or 8)")
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack `[rows, n]` codes of `bits` bits into `[rows, n * bits // 8]` bytes.
 
-    8 bits: one code per byte. 4 bits: code 2i in the low nibble of byte i. 5 and 6 bits: two bit
-    planes (as FP6-LLM's bit-level pre-packing), each a power-of-two field width a GPU thread packs
-    and unpacks within its registers: first the low 4 bits of every code (as 4-bit codes, n / 2
-    bytes), then the top 1 / 2 bits of every code (8 / 4 per byte, n / 8 or n / 4 bytes).
-    `n` must be a multiple of 8 (every block size is).
+    8 bits: one code per byte. 4 bits: code 2i in the low nibble of byte i. 3, 5 and 6 bits: two
+    bit planes (as FP6-LLM's bit-level pre-packing), each a power-of-two field width a GPU thread
+    packs and unpacks within its registers (`code_planes`): first the low 4 (3 bits: 2) bits of
+    every code (n / 2, resp. n / 4 bytes), then the top 1 / 2 (3 bits: 1) bits of every code
+    (8 / 4 per byte, n / 8 or n / 4 bytes). `n` must be a multiple of 8 (every block size is).
     """
     rows, n = codes.shape
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
     if n % 8:
         raise ValueError(f"codes per row must be a multiple of 8, got {n}")
-    low = _pack_fields(codes.to(torch.int32) & 15, 4)
-    if bits == 4:
-        return low
-    return torch.cat([low, _pack_fields(codes.to(torch.int32) >> 4, bits - 4)], dim=1)
+    codes = codes.to(torch.int32)
+    planes, shift = [], 0
+    for width in code_planes(bits):
+        planes.append(_pack_fields((codes >> shift) & ((1 << width) - 1), width))
+        shift += width
+    return torch.cat(planes, dim=1)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack_codes`: `[rows, n * bits // 8]` bytes -> `[rows, n]` codes (uint8)."""
     if bits == 8:
         return packed
-    codes = _unpack_fields(packed[:, : n // 2], 4, n)
-    if bits > 4:
-        codes = codes | (_unpack_fields(packed[:, n // 2:], bits - 4, n) << 4)
+    codes, shift, start = 0, 0, 0
+    for width in code_planes(bits):
+        size = n * width // 8
+        codes = codes | (_unpack_fields(packed[:, start:start + size], width, n) << shift)
+        shift, start = shift + width, start + size
     return codes.to(torch.uint8)

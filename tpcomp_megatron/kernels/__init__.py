@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the codecs (installed as `tpcomp_megatron.kernels`).
+"""Fused Triton kernels of the codecs.
 
 The operations `tpcomp_megatron.ops` dispatches CUDA tensors to, bit-exact with the codecs'
 PyTorch reference (`tpcomp_megatron.codecs`):
@@ -18,17 +18,8 @@ and the validated public functions). Built while TRITON_INTERPRET=1 is set, the 
 CPU tensors in Triton's interpreter (that is how CI tests them).
 """
 
-if __name__ == "tpcomp_megatron.kernels":
-    from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode,
-                      encode, encode_feedback)
+from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, encode,
+                  encode_feedback)
 
-    __all__ = ["FEEDBACK_CODECS", "INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode",
-               "encode", "encode_feedback"]
-else:
-    # Imported as a top-level `kernels`: a checkout's root is on sys.path (`python -m ...` run
-    # there) and something probed for the Hugging Face `kernels` package, as transformers does
-    # on import. This folder is not that package: stay empty, with a version no probe accepts,
-    # and above all do not register the `tpcomp::` custom ops a second time (the second
-    # registration would replace the implementation `tpcomp_megatron.kernels` installed).
-    __version__ = "0"
-    __all__ = []
+__all__ = ["FEEDBACK_CODECS", "INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode", "encode",
+           "encode_feedback"]

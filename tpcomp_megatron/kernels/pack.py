@@ -7,7 +7,9 @@ columns `col0 .. col0 + T` of a row of `hidden` values. Layouts are those of
 * 8 bits: one code per byte.
 * 4 bits: element 2i in the low nibble of byte i.
 * 5 / 6 bits: the low-nibble plane of the row (as 4 bits, `hidden / 2` bytes), then the plane of
-  the top 1 / 2 bits (8 / 4 fields per byte). A tile's slice of each plane is contiguous and a
+  the top 1 / 2 bits (8 / 4 fields per byte).
+* 3 bits: the plane of the low 2 bits (4 fields per byte, `hidden / 4` bytes), then the plane
+  of the top bit (8 per byte). A tile's slice of each plane is contiguous and a
   byte's fields are adjacent elements, which one thread holds: no cross-thread traffic.
 * scales after the `data_bytes` of codes: one byte (E8M0) or two (bf16, little-endian) per block.
 """
@@ -21,6 +23,26 @@ from .numerics import _SUM
 
 
 @triton.jit
+def _store_plane(ptr, plane_off, row_mask, col0, hidden, fields, R: tl.constexpr, T: tl.constexpr,
+                 W: tl.constexpr):
+    """Store fields [R, T] of W bits (1 or 2, or 4 below) into the plane at byte offsets
+    `plane_off` ([R, 1]): 8 // W fields per byte, summed (disjoint bits) within a thread."""
+    P: tl.constexpr = 8 // W
+    packed = tl.reshape(fields, [R, T // P, P]) << (W * tl.arange(0, P))[None, None, :]
+    h = col0 // P + tl.arange(0, T // P)[None, :]
+    tl.store(ptr + plane_off + h, tl.reduce(packed, 2, _SUM).to(tl.uint8), mask=row_mask & (h < hidden // P))
+
+
+@triton.jit
+def _load_plane(ptr, plane_off, row_mask, col0, hidden, R: tl.constexpr, T: tl.constexpr, W: tl.constexpr):
+    """Inverse of `_store_plane` -> int32 fields [R, T] (0 outside the row)."""
+    P: tl.constexpr = 8 // W
+    h = col0 // P + tl.arange(0, T // P)[None, :]
+    t = tl.load(ptr + plane_off + h, mask=row_mask & (h < hidden // P), other=0).to(tl.int32)
+    return tl.reshape((t[:, :, None] >> (W * tl.arange(0, P))[None, None, :]) & ((1 << W) - 1), [R, T])
+
+
+@triton.jit
 def _store_codes(ptr, row_off, row_mask, col0, hidden, codes, R: tl.constexpr, T: tl.constexpr,
                  BITS: tl.constexpr, NARROW: tl.constexpr = False):
     """Pack int32 codes [R, T] and store them (columns >= hidden are dropped). NARROW: as in
@@ -28,6 +50,9 @@ def _store_codes(ptr, row_off, row_mask, col0, hidden, codes, R: tl.constexpr, T
     if BITS == 8:
         cols = col0 + tl.arange(0, T)[None, :]
         tl.store(ptr + row_off + cols, codes.to(tl.uint8), mask=row_mask & (cols < hidden))
+    elif BITS == 3:  # a plane of the low 2 bits, then a plane of the top bit
+        _store_plane(ptr, row_off, row_mask, col0, hidden, codes & 3, R, T, 2)
+        _store_plane(ptr, row_off + hidden // 4, row_mask, col0, hidden, codes >> 2, R, T, 1)
     else:
         lo, hi = tl.split(tl.reshape(codes & 15, [R, T // 2, 2]))
         j = col0 // 2 + tl.arange(0, T // 2)[None, :]
@@ -35,13 +60,8 @@ def _store_codes(ptr, row_off, row_mask, col0, hidden, codes, R: tl.constexpr, T
         if NARROW:
             offs = tl.max_contiguous(offs, [1, 2])
         tl.store(ptr + offs, (lo | (hi << 4)).to(tl.uint8), mask=row_mask & (j < hidden // 2))
-        if BITS > 4:  # the high plane: P fields of HB bits per byte, summed (disjoint bits) in-thread
-            HB: tl.constexpr = BITS - 4
-            P: tl.constexpr = 8 // HB
-            top = tl.reshape(codes >> 4, [R, T // P, P]) << (HB * tl.arange(0, P))[None, None, :]
-            h = col0 // P + tl.arange(0, T // P)[None, :]
-            tl.store(ptr + row_off + hidden // 2 + h, tl.reduce(top, 2, _SUM).to(tl.uint8),
-                     mask=row_mask & (h < hidden // P))
+        if BITS > 4:  # the high plane: the top BITS - 4 bits
+            _store_plane(ptr, row_off + hidden // 2, row_mask, col0, hidden, codes >> 4, R, T, BITS - 4)
 
 
 @triton.jit
@@ -53,6 +73,9 @@ def _load_codes(ptr, row_off, row_mask, col0, hidden, R: tl.constexpr, T: tl.con
     if BITS == 8:
         cols = col0 + tl.arange(0, T)[None, :]
         return tl.load(ptr + row_off + cols, mask=row_mask & (cols < hidden), other=0).to(tl.int32)
+    if BITS == 3:
+        return (_load_plane(ptr, row_off, row_mask, col0, hidden, R, T, 2)
+                | (_load_plane(ptr, row_off + hidden // 4, row_mask, col0, hidden, R, T, 1) << 2))
     j = col0 // 2 + tl.arange(0, T // 2)[None, :]
     offs = row_off + j
     if NARROW:
@@ -60,12 +83,7 @@ def _load_codes(ptr, row_off, row_mask, col0, hidden, R: tl.constexpr, T: tl.con
     b = tl.load(ptr + offs, mask=row_mask & (j < hidden // 2), other=0).to(tl.int32)
     codes = tl.reshape(tl.join(b & 15, b >> 4), [R, T])
     if BITS > 4:
-        HB: tl.constexpr = BITS - 4
-        P: tl.constexpr = 8 // HB
-        h = col0 // P + tl.arange(0, T // P)[None, :]
-        t = tl.load(ptr + row_off + hidden // 2 + h, mask=row_mask & (h < hidden // P), other=0).to(tl.int32)
-        top = (t[:, :, None] >> (HB * tl.arange(0, P))[None, None, :]) & ((1 << HB) - 1)
-        codes = codes | (tl.reshape(top, [R, T]) << 4)
+        codes = codes | (_load_plane(ptr, row_off + hidden // 2, row_mask, col0, hidden, R, T, BITS - 4) << 4)
     return codes
 
 
