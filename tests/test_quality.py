@@ -460,8 +460,12 @@ def test_budget_plans():
             assert k == brute, (budget, str(high["l0"].spec))
     assert budget_promotions(sens, low, fp8, 64, 4.65) == 1 and budget_promotions(sens, low, fp6, 64, 4.65) == 2
     cfg = SensitivityConfig(model="m", high=("fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0"), promote=(0, 2), budget=4.65)
-    got = _promotions(cfg, sens, low, {"fp6_e2m3/b32/e8m0": fp6, "fp8_e4m3/b32/e8m0": fp8}, 64)
-    assert got == [("fp6_e2m3/b32/e8m0", 0), ("fp6_e2m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 1)]
+    codecs = {"fp4_e2m1/b32/e8m0": low, "fp6_e2m3/b32/e8m0": fp6, "fp8_e4m3/b32/e8m0": fp8}
+    got = _promotions(cfg, sens, "fp4_e2m1/b32/e8m0", codecs, 64)
+    assert [(c.fields["plan_high"], len(c.fields["layers_high"])) for c in got] == [
+        ("fp6_e2m3/b32/e8m0", 0), ("fp6_e2m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 1)]
+    for c in got:  # each plan's codecs: the promoted layers on their --high codec, the rest on --low
+        assert c.specs == {n: c.fields["plan_high"] if n in c.fields["layers_high"] else "fp4_e2m1/b32/e8m0" for n in sens}
     a = parse_args(["--model", "m", "--budget", "4.5", "--high", "fp5_e2m2/b32/e6m2", "fp6_e2m3/b32/e6m2"])
     assert a.promote == () and a.budget == 4.5 and len(a.high) == 2
     with pytest.raises(ValueError, match="--promote"):
@@ -474,3 +478,63 @@ def test_checkpoint_cache_folder_is_created(tiny):
     ckpt = convert_checkpoint(tiny["hf"], 2, model_id="tiny", out=out)
     assert ckpt == out and any(out.iterdir())
     assert convert_checkpoint(tiny["hf"], 2, model_id="tiny", out=out) == out  # cached: no second conversion
+
+
+def test_allocate_matches_brute_force():
+    """The allocation is the least summed KL within the budget, as an exhaustive search over every
+    plan finds it (fresh sensitivities, odd bit costs); an impossible budget and codecs measured on
+    different layers are clear errors."""
+    import itertools
+
+    from tpcomp_megatron.quality.sensitivity import allocate
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    layers = [f"l{i}" for i in range(6)]
+    bits = {"c3": 3.35, "c4": 4.35, "c5": 5.35, "c4b": 4.6}
+    for trial in range(5):
+        sens = {c: {n: float(v) for n, v in zip(layers, torch.rand(6, generator=gen) * 4.0 ** (4.35 - b))}
+                for c, b in bits.items()}
+        for budget in (3.35, 3.9, 4.35, 4.5, 4.77, 5.35):
+            plan = allocate(sens, bits, budget)
+            assert list(plan) == layers
+            got = sum(sens[c][n] for n, c in plan.items())
+            assert sum(bits[c] for c in plan.values()) / len(layers) <= budget + 1e-9
+            best = min(sum(sens[c][n] for n, c in zip(layers, combo))
+                       for combo in itertools.product(bits, repeat=len(layers))
+                       if sum(bits[c] for c in combo) / len(layers) <= budget + 1e-9)
+            assert got == pytest.approx(best, rel=1e-12), (trial, budget)
+    with pytest.raises(ValueError, match="over the budget"):
+        allocate(sens, bits, 3.3)
+    with pytest.raises(ValueError, match="other layers"):
+        allocate({"c3": sens["c3"], "c4": {"x": 1.0}}, bits, 4.5)
+
+
+def test_sensitivity_allocation_plan(tiny, monkeypatch):
+    """--allocate measures every candidate's single-layer KL, evaluates the plan `allocate` picks
+    from them (within the budget, lloyd3 on some layers and wider codecs on others), reuses a saved
+    multi-codec ranking as is, and runs the plan on two gloo ranks as deployed (one override per
+    layer off --low), in agreement with the simulation."""
+    from tpcomp_megatron.quality.sensitivity import allocate
+    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, run
+
+    monkeypatch.setenv("TPCOMP_CACHE", str(tiny["root"] / "cache"))
+    low, highs = "fp4_e2m1/b32/e6m2", ("lloyd3/b32/e6m2", "fp8_e4m3/b32/e8m0up")
+    ranking = tiny["root"] / "alloc_ranking.json"
+    cfg = SensitivityConfig(model=tiny["hf"], tp=2, low=low, high=highs, promote=(), budget=5.0, allocate=True,
+                            calib_text=tiny["cal_text"], calib_windows=1, text=tiny["text"], windows=WINDOWS, seq_len=SEQ,
+                            out=str(tiny["root"] / "alloc.jsonl"), ranking=str(ranking), real_ranks=True)
+    sim, real = run(cfg, log=_quiet)
+    saved = json.loads(ranking.read_text())
+    assert sorted(saved["kl_by_codec"]) == sorted((low, *highs)) and saved["kl"] == saved["kl_by_codec"][low]
+    bits = {c: make_codec(c).bits_per_value(96) for c in (low, *highs)}
+    assert sim["layer_codecs"] == allocate(saved["kl_by_codec"], bits, 5.0)
+    assert set(sim["layer_codecs"].values()) > {"lloyd3/b32/e6m2"}  # a mixed plan, not a uniform one
+    mean = sum(bits[c] for c in sim["layer_codecs"].values()) / len(sim["layer_codecs"])
+    assert sim["bits_per_value"] == pytest.approx(mean, abs=1e-4) and mean <= 5.0 + 1e-9
+    assert (real["codec"], real["layer_codecs"]) == (sim["codec"], sim["layer_codecs"]) and not real["simulated_tp"]
+    assert real["kl"] == pytest.approx(sim["kl"], rel=1e-3) and real["exact_fallback_calls"] == 0
+
+    again, = run(dataclasses.replace(cfg, ranking=None, ranking_in=str(ranking), real_ranks=False), log=_quiet)
+    assert again["layer_codecs"] == sim["layer_codecs"] and again["kl"] == pytest.approx(sim["kl"], rel=1e-9)
+    with pytest.raises(ValueError, match="--allocate needs --budget"):
+        SensitivityConfig(model="m", allocate=True)

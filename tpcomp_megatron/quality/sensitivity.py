@@ -5,11 +5,14 @@ TP=N and scores each layer by the mean KL of the model's next-token distribution
 uncompressed model. Run it on calibration text, never on the evaluation text. Where a few layers
 dominate (in SmolLM2-135M at TP=8 with FP4: the last MLP, the first two layers and one middle MLP), a
 plan that sends those layers with a wider codec and all others with the narrow one costs a few
-tenths of a bit per value on average (`mixed_codecs`, `plan_bits`).
+tenths of a bit per value on average (`mixed_codecs`, `plan_bits`). Where sensitivity is spread
+more evenly (Gemma 3 270M), `allocate` gives every layer its own codec among several widths
+(3, 4 and 5 bits): the least summed KL within a bits budget.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 from ..codecs.base import Codec
@@ -64,3 +67,51 @@ def budget_promotions(sensitivity: Mapping[str, float], low: Mapping[str, Codec]
     while k > 0 and plan_bits(mixed_codecs(sensitivity, low, high, k), hidden) > budget + 1e-9:
         k -= 1
     return k
+
+
+BITS_UNIT = 10_000
+"""`allocate` counts bits per value in units of 1 / BITS_UNIT (every codec's cost rounded up)."""
+
+
+def allocate(sensitivity: Mapping[str, Mapping[str, float]], bits: Mapping[str, float], budget: float) -> dict[str, str]:
+    """Each layer's codec such that the summed single-layer KL is least and the mean bits per value
+    stay within `budget`: a multiple-choice knapsack, solved exactly by dynamic programming over
+    the layers. `sensitivity` maps each candidate codec (spec) to its `layer_sensitivity`, `bits`
+    each codec to its bits per value (every reduction carries the same number of values, so the
+    plan's bits are the mean over layers). Costs are rounded up to 1 / BITS_UNIT of a bit, so a
+    plan never exceeds the budget. Summing single-layer KLs assumes the layers' errors add: for
+    Gemma 3 270M at TP=8 the sum is within 10% of the all-layer KL. Returns layer -> codec spec."""
+    import numpy as np
+
+    specs = list(sensitivity)
+    if not specs:
+        raise ValueError("allocate: no candidate codecs")
+    layers = list(sensitivity[specs[0]])
+    for s in specs:
+        if sorted(sensitivity[s]) != sorted(layers):
+            raise ValueError(f"allocate: codec {s} was measured on other layers than {specs[0]}")
+        if s not in bits:
+            raise ValueError(f"allocate: no bits per value for codec {s}")
+    cost = [math.ceil(bits[s] * BITS_UNIT - 1e-6) for s in specs]
+    cap = math.floor(budget * len(layers) * BITS_UNIT + 1e-6)
+    if min(cost) * len(layers) > cap:
+        raise ValueError(f"allocate: even every layer on the cheapest codec ({min(bits.values()):.4f} bits) "
+                         f"is over the budget of {budget} bits per value")
+    unit = math.gcd(cap, *cost)
+    cost, cap = [c // unit for c in cost], cap // unit
+    best = np.zeros(cap + 1)  # least summed KL of the layers so far within c units
+    choice = np.zeros((len(layers), cap + 1), dtype=np.int16)
+    for i, layer in enumerate(layers):
+        new = np.full(cap + 1, np.inf)
+        for j, (s, c) in enumerate(zip(specs, cost)):
+            cand = np.full(cap + 1, np.inf)
+            cand[c:] = best[:cap + 1 - c] + sensitivity[s][layer]
+            better = cand < new
+            new[better], choice[i, better] = cand[better], j
+        best = new
+    plan, c = {}, cap
+    for i in reversed(range(len(layers))):
+        j = int(choice[i, c])
+        plan[layers[i]] = specs[j]
+        c -= cost[j]
+    return {n: plan[n] for n in layers}

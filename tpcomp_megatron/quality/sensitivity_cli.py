@@ -13,6 +13,14 @@ plan (RESULTS.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_te
     tpcomp-sensitivity --model smollm2-135m --tp 8 --budget 4.5 \\
         --high fp5_e2m2/b32/e6m2 fp6_e2m3/b32/e8m0 fp8_e4m3/b32/e8m0up --ranking-in ranking.json
 
+`--allocate` (with `--budget`) gives every layer its own codec among `--low` and the `--high`
+codecs: each candidate's single-layer KL is measured for every layer on the calibration text,
+and `sensitivity.allocate` picks the plan of least summed KL within the budget; one more record
+(`layer_codecs`: layer -> codec) instead of the per-codec budget plans:
+
+    tpcomp-sensitivity --model gemma3-270m --tp 8 --low lowrank+lloyd4/b32/e6m2/r4 --allocate --budget 4.5 \
+        --high lowrank+lloyd3/b32/e6m2/r4 lowrank+lloyd5/b32/e6m2/r4 --calibration cal.safetensors --error-feedback
+
 Calibrated codecs (`lowrank+...`, `outlier...`) need `--calibration` (a `tpcomp-calibrate` file
 made at `--tp`, never on the evaluation text).
 
@@ -48,6 +56,9 @@ class SensitivityConfig:
     """Numbers of layers promoted (0: the uniform --low plan)."""
     budget: float | None = None
     """Bits per value: each --high codec also gets the plan with the most layers within it."""
+    allocate: bool = False
+    """With `budget`: one plan with each layer's codec chosen among --low and --high (`allocate`),
+    in place of the per-codec budget plans."""
     calib_text: str = "sotu-1901"
     """Text the layers are ranked on (never the evaluation text)."""
     calib_windows: int = 2
@@ -83,6 +94,8 @@ class SensitivityConfig:
             raise ValueError("calibrated codecs (lowrank+..., outlier...) need --calibration (tpcomp-calibrate --tp N)")
         if any(k < 0 for k in self.promote) or not (self.promote or self.budget is not None):
             raise ValueError(f"--promote: one or more layer counts >= 0 (or a --budget), got {list(self.promote)}")
+        if self.allocate and self.budget is None:
+            raise ValueError("--allocate needs --budget (bits per value)")
         if self.budget is not None and not self.budget > 0:
             raise ValueError(f"--budget must be a positive number of bits per value, got {self.budget!r}")
         if self.calib_text == self.text:
@@ -94,7 +107,7 @@ class SensitivityConfig:
 
 def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     from .models import load_model
-    from .sensitivity import layer_sensitivity, mixed_codecs, most_sensitive, plan_bits
+    from .sensitivity import allocate, layer_sensitivity, plan_bits
     from .simtp import SimulatedTP
     from .sweep import Plan, compare
     from .text import make_windows
@@ -105,40 +118,58 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     calibration = _calibration(cfg, model_id, sim.hidden)
     # codec maps (layer name -> codec: calibrated codecs differ per layer), by canonical spec
     low_spec = str(parse_codec_spec(cfg.low))
-    low = layer_codecs(low_spec, sim.layers, calibration)
-    highs = {str(parse_codec_spec(h)): layer_codecs(h, sim.layers, calibration) for h in cfg.high}
+    codecs = {low_spec: layer_codecs(low_spec, sim.layers, calibration)}
+    codecs.update({str(parse_codec_spec(h)): layer_codecs(h, sim.layers, calibration) for h in cfg.high})
+    # per-layer KL of every codec that needs one: --low (the ranking), and with --allocate every candidate
+    wanted = list(codecs) if cfg.allocate else [low_spec]
+    kl_by_codec, ranking_text = {}, None
     if cfg.ranking_in:
         ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=low_spec, layers=list(sim.layers),
                                 feedback=cfg.feedback)
-        sens, ranking_text = ranking["kl"], ranking["text"]
-    else:
+        kl_by_codec = {c: kl for c, kl in ranking.get("kl_by_codec", {low_spec: ranking["kl"]}).items() if c in wanted}
+        ranking_text = ranking["text"]
+    missing = [c for c in wanted if c not in kl_by_codec]
+    if missing:
         cal = make_windows(tok, cfg.calib_text, seq_len=cfg.seq_len, windows=cfg.calib_windows)
-        sens = layer_sensitivity(model, sim, cal, tp=cfg.tp, codecs=low, feedback=cfg.feedback, log=log)
+        if ranking_text is not None and ranking_text != cal.description:
+            raise ValueError(f"--ranking-in was measured on {ranking_text}, the codecs it lacks ({', '.join(missing)}) "
+                             f"would be measured on {cal.description}")
+        for c in missing:
+            kl_by_codec[c] = layer_sensitivity(model, sim, cal, tp=cfg.tp, codecs=codecs[c], feedback=cfg.feedback,
+                                               log=log)
         ranking_text = cal.description
+    sens = kl_by_codec[low_spec]
     ranking = {"model": model_id, "tp": cfg.tp, "codec": low_spec, "feedback": cfg.feedback, "text": ranking_text,
-               "kl": dict(sorted(sens.items(), key=lambda kv: -kv[1]))}
+               "kl": _by_kl(sens)}
+    if len(kl_by_codec) > 1:
+        ranking["kl_by_codec"] = {c: _by_kl(kl) for c, kl in kl_by_codec.items()}
     if cfg.ranking:
         Path(cfg.ranking).write_text(json.dumps(ranking, indent=1) + "\n")
     windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows, offset=cfg.offset)
-    chosen = _promotions(cfg, sens, low, highs, sim.hidden)
-    plans = [mixed_codecs(sens, low, highs[high], k) for high, k in chosen]
+    choices = _promotions(cfg, sens, low_spec, codecs, sim.hidden)
+    if cfg.allocate:
+        bits = {c: plan_bits(codecs[c], sim.hidden) for c in kl_by_codec}
+        specs = allocate(kl_by_codec, bits, cfg.budget)
+        counts = ", ".join(f"{sum(v == c for v in specs.values())} layers {c}" for c in kl_by_codec
+                           if c != low_spec and c in specs.values())
+        choices.append(_Choice(f"{low_spec} + {counts}" if counts else low_spec, specs,
+                               {"plan_low": low_spec, "layer_codecs": specs, "allocation_budget": cfg.budget}))
+    plans = [{n: codecs[c][n] for n, c in ch.specs.items()} for ch in choices]
     base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan, feedback=cfg.feedback) for plan in plans])
     env = environment()
-    names = [most_sensitive(sens, k) for _, k in chosen]
     bits = [plan_bits(plan, sim.hidden) for plan in plans]
     runs = [(True, base, totals, [{}] * len(plans))]
     if cfg.real_ranks:
-        runs.append((False, *_evaluate_real(cfg, model_id, windows, low_spec, [h for h, _ in chosen], names, log)))
+        runs.append((False, *_evaluate_real(cfg, model_id, windows, low_spec, choices, log)))
     records = []
     for simulated, run_base, run_totals, extra in runs:
-        for (high, k), layers, b, tot, more in zip(chosen, names, bits, run_totals, extra):
-            label = low_spec if k == 0 else f"{low_spec} + {k} layers {high}"
-            label += ", feedback" if cfg.feedback else ""
+        for ch, b, tot, more in zip(choices, bits, run_totals, extra):
+            label = ch.label + (", feedback" if cfg.feedback else "")
             records.append(quality_record(model=model_id, text=windows.description, totals=tot, baseline=run_base,
                                           world_size=cfg.tp, simulated=simulated, codec=label, bits=b,
                                           calibration="none" if calibration is None else calibration.label(),
-                                          plan_low=low_spec, plan_high=high, layers_high=layers,
-                                          ranking_text=ranking_text, error_feedback=cfg.feedback, env=env, **more))
+                                          **ch.fields, ranking_text=ranking_text, error_feedback=cfg.feedback,
+                                          env=env, **more))
             r = records[-1]
             log(f"TP={cfg.tp} {'sim' if simulated else 'real'} {label:60s} {r['bits_per_value']:.3f} b/v ppl {r['ppl']:.3f} "
                 f"({r['ppl_increase_pct']:+.2f}%) top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
@@ -146,38 +177,56 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     return records
 
 
-def _evaluate_real(cfg: SensitivityConfig, model_id: str, windows, low: str, highs: list[str], names: list[list[str]],
-                   log) -> tuple:
-    """(baseline, [Totals], [extra record fields]) of each plan (its high codec, its promoted layers'
-    names) on `cfg.tp` real gloo ranks: the deployed path, one override per promoted layer."""
+@dataclass(frozen=True)
+class _Choice:
+    """One plan to evaluate: its label, each layer's codec spec, and its record's extra fields."""
+
+    label: str
+    specs: dict[str, str]
+    fields: dict
+
+
+def _by_kl(kl: dict[str, float]) -> dict[str, float]:
+    return dict(sorted(kl.items(), key=lambda kv: -kv[1]))
+
+
+def _evaluate_real(cfg: SensitivityConfig, model_id: str, windows, low: str, choices: list[_Choice], log) -> tuple:
+    """(baseline, [Totals], [extra record fields]) of each plan on `cfg.tp` real gloo ranks: the
+    deployed path, `low` as the codec and one override per layer on another codec."""
     from .models import model_folder
     from .realtp import RealPoint, evaluate_on_ranks
 
-    points = [RealPoint(spec=low, overrides=tuple((n, high) for n in layers), feedback=cfg.feedback,
-                        calibration=cfg.calibration) for high, layers in zip(highs, names)]
+    points = [RealPoint(spec=low, overrides=tuple((n, c) for n, c in ch.specs.items() if c != low),
+                        feedback=cfg.feedback, calibration=cfg.calibration) for ch in choices]
     base, totals, seconds, fallbacks = evaluate_on_ranks(model_folder(cfg.model), model_id, cfg.tp, windows, points,
                                                          log=log)
     return base, totals, [{"seconds": round(s, 1), "exact_fallback_calls": f} for s, f in zip(seconds, fallbacks)]
 
 
-def _promotions(cfg: SensitivityConfig, sens, low, highs: dict, hidden: int) -> list[tuple]:
-    """(high codec spec, k) of every plan: each --promote k with each --high codec, plus the budget's k
-    per codec; the uniform --low plan (k = 0, whatever the codec) once; no plan twice."""
-    from .sensitivity import budget_promotions
+def _promotions(cfg: SensitivityConfig, sens, low: str, codecs: dict, hidden: int) -> list[_Choice]:
+    """Every promotion plan: each --promote k with each --high codec, plus (without --allocate)
+    the budget's k per codec; the uniform --low plan (k = 0, whatever the codec) once; no plan twice."""
+    from .sensitivity import budget_promotions, most_sensitive
 
     chosen = []
-    first = next(iter(highs))
-    for high, codecs in highs.items():
+    highs = [c for c in codecs if c != low] or [low]
+    for high in highs:
         ks = list(cfg.promote)
-        if cfg.budget is not None:
-            ks.append(budget_promotions(sens, low, codecs, hidden, cfg.budget))
+        if cfg.budget is not None and not cfg.allocate:
+            ks.append(budget_promotions(sens, codecs[low], codecs[high], hidden, cfg.budget))
         for k in ks:
             if k > len(sens):
                 raise ValueError(f"--promote {k}: the model has {len(sens)} row-parallel layers")
-            plan = (first, 0) if k == 0 else (high, k)
+            plan = (highs[0], 0) if k == 0 else (high, k)
             if plan not in chosen:
                 chosen.append(plan)
-    return chosen
+    choices = []
+    for high, k in chosen:
+        top = most_sensitive(sens, k)
+        specs = {n: high if n in top else low for n in sens}
+        choices.append(_Choice(low if k == 0 else f"{low} + {k} layers {high}", specs,
+                               {"plan_low": low, "plan_high": high, "layers_high": top}))
+    return choices
 
 
 def _calibration(cfg: SensitivityConfig, model_id: str, hidden: int):
@@ -207,6 +256,8 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--high", nargs="+", default=["fp6_e2m3/b32/e8m0"], help="codec(s) of the promoted layers")
     ap.add_argument("--promote", type=int, nargs="+", help="layer counts to promote (default 0 2 4; with --budget: none)")
     ap.add_argument("--budget", type=float, help="bits per value: per --high codec, also the plan with the most layers within it")
+    ap.add_argument("--allocate", action="store_true",
+                    help="with --budget: one plan, each layer's codec chosen among --low and --high (least summed KL)")
     ap.add_argument("--calib-text", default="sotu-1901")
     ap.add_argument("--calib-windows", type=int, default=2)
     ap.add_argument("--text", default="moby-dick")
@@ -225,6 +276,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     a = ap.parse_args(argv)
     promote = tuple(a.promote) if a.promote is not None else () if a.budget is not None else (0, 2, 4)
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,
+                             allocate=a.allocate,
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
                              seq_len=a.seq_len, offset=a.offset, threads=a.threads, out=a.out, ranking=a.ranking,
                              ranking_in=a.ranking_in, real_ranks=a.real_ranks, feedback=a.error_feedback,
