@@ -15,9 +15,9 @@ centroid of its cell, each value weighted by its squared scale (the error the mo
 error times the scale), and the top level stays 1. Levels are rounded to multiples of 2**-12.
 
 Fitted in this order with one seed: 8 levels (lloyd4), 8 levels with one of them held at zero
-(shown for comparison: it spends a code on 0), 16 levels (lloyd5). With the defaults this
-reproduces `LLOYD_LEVELS`; the last lines say whether it did. Prints each fit's SNR on every
-set beside FP4 E2M1's and FP5 E2M2's.
+(shown for comparison: it spends a code on 0), 16 levels (lloyd5), 4 levels (lloyd3). With the
+defaults this reproduces `LLOYD_LEVELS`; the last lines say whether it did. Prints each fit's
+SNR on every set beside that of the float (integer) format of its width: INT3, FP4 E2M1, FP5 E2M2.
 """
 
 from __future__ import annotations
