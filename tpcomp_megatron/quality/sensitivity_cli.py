@@ -107,7 +107,7 @@ class SensitivityConfig:
 
 def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     from .models import load_model
-    from .sensitivity import allocate, layer_sensitivity, plan_bits
+    from .sensitivity import plan_bits
     from .simtp import SimulatedTP
     from .sweep import Plan, compare
     from .text import make_windows
@@ -120,24 +120,7 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     low_spec = str(parse_codec_spec(cfg.low))
     codecs = {low_spec: layer_codecs(low_spec, sim.layers, calibration)}
     codecs.update({str(parse_codec_spec(h)): layer_codecs(h, sim.layers, calibration) for h in cfg.high})
-    # per-layer KL of every codec that needs one: --low (the ranking), and with --allocate every candidate
-    wanted = list(codecs) if cfg.allocate else [low_spec]
-    kl_by_codec, ranking_text = {}, None
-    if cfg.ranking_in:
-        ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=low_spec, layers=list(sim.layers),
-                                feedback=cfg.feedback)
-        kl_by_codec = {c: kl for c, kl in ranking.get("kl_by_codec", {low_spec: ranking["kl"]}).items() if c in wanted}
-        ranking_text = ranking["text"]
-    missing = [c for c in wanted if c not in kl_by_codec]
-    if missing:
-        cal = make_windows(tok, cfg.calib_text, seq_len=cfg.seq_len, windows=cfg.calib_windows)
-        if ranking_text is not None and ranking_text != cal.description:
-            raise ValueError(f"--ranking-in was measured on {ranking_text}, the codecs it lacks ({', '.join(missing)}) "
-                             f"would be measured on {cal.description}")
-        for c in missing:
-            kl_by_codec[c] = layer_sensitivity(model, sim, cal, tp=cfg.tp, codecs=codecs[c], feedback=cfg.feedback,
-                                               log=log)
-        ranking_text = cal.description
+    kl_by_codec, ranking_text = _sensitivities(cfg, model, sim, tok, model_id, codecs, low_spec, log)
     sens = kl_by_codec[low_spec]
     ranking = {"model": model_id, "tp": cfg.tp, "codec": low_spec, "feedback": cfg.feedback, "text": ranking_text,
                "kl": _by_kl(sens)}
@@ -148,12 +131,7 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows, offset=cfg.offset)
     choices = _promotions(cfg, sens, low_spec, codecs, sim.hidden)
     if cfg.allocate:
-        bits = {c: plan_bits(codecs[c], sim.hidden) for c in kl_by_codec}
-        specs = allocate(kl_by_codec, bits, cfg.budget)
-        counts = ", ".join(f"{sum(v == c for v in specs.values())} layers {c}" for c in kl_by_codec
-                           if c != low_spec and c in specs.values())
-        choices.append(_Choice(f"{low_spec} + {counts}" if counts else low_spec, specs,
-                               {"plan_low": low_spec, "layer_codecs": specs, "allocation_budget": cfg.budget}))
+        choices.append(_allocation(cfg.budget, kl_by_codec, low_spec, codecs, sim.hidden))
     plans = [{n: codecs[c][n] for n, c in ch.specs.items()} for ch in choices]
     base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan, feedback=cfg.feedback) for plan in plans])
     env = environment()
@@ -175,6 +153,33 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
                 f"({r['ppl_increase_pct']:+.2f}%) top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
     append_records(Path(cfg.out) if cfg.out else default_results_path(model_id), records)
     return records
+
+
+def _sensitivities(cfg: SensitivityConfig, model, sim, tok, model_id: str, codecs: dict, low: str, log) -> tuple:
+    """({codec: {layer: single-layer KL}}, the text they were measured on) for every codec that
+    needs them: --low (the ranking), and with --allocate every candidate. Taken from --ranking-in
+    where it has them; the others are measured on the calibration text (the same windows)."""
+    from .sensitivity import layer_sensitivity
+    from .text import make_windows
+
+    wanted = list(codecs) if cfg.allocate else [low]
+    kl_by_codec, text = {}, None
+    if cfg.ranking_in:
+        ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=low, layers=list(sim.layers),
+                                feedback=cfg.feedback)
+        kl_by_codec = {c: kl for c, kl in ranking.get("kl_by_codec", {low: ranking["kl"]}).items() if c in wanted}
+        text = ranking["text"]
+    missing = [c for c in wanted if c not in kl_by_codec]
+    if missing:
+        cal = make_windows(tok, cfg.calib_text, seq_len=cfg.seq_len, windows=cfg.calib_windows)
+        if text is not None and text != cal.description:
+            raise ValueError(f"--ranking-in was measured on {text}, the codecs it lacks ({', '.join(missing)}) "
+                             f"would be measured on {cal.description}")
+        for c in missing:
+            kl_by_codec[c] = layer_sensitivity(model, sim, cal, tp=cfg.tp, codecs=codecs[c], feedback=cfg.feedback,
+                                               log=log)
+        text = cal.description
+    return kl_by_codec, text
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,17 @@ def _promotions(cfg: SensitivityConfig, sens, low: str, codecs: dict, hidden: in
         choices.append(_Choice(low if k == 0 else f"{low} + {k} layers {high}", specs,
                                {"plan_low": low, "plan_high": high, "layers_high": top}))
     return choices
+
+
+def _allocation(budget: float, kl_by_codec: dict, low: str, codecs: dict, hidden: int) -> _Choice:
+    """The plan `sensitivity.allocate` picks among the measured codecs within `budget`."""
+    from .sensitivity import allocate, plan_bits
+
+    specs = allocate(kl_by_codec, {c: plan_bits(codecs[c], hidden) for c in kl_by_codec}, budget)
+    counts = ", ".join(f"{sum(v == c for v in specs.values())} layers {c}" for c in kl_by_codec
+                       if c != low and c in specs.values())
+    return _Choice(f"{low} + {counts}" if counts else low, specs,
+                   {"plan_low": low, "layer_codecs": specs, "allocation_budget": budget})
 
 
 def _calibration(cfg: SensitivityConfig, model_id: str, hidden: int):
