@@ -65,12 +65,11 @@ def e6m2_round(q: torch.Tensor) -> torch.Tensor:
     return torch.where(e < 0, 0, torch.clamp(s, max=E6M2_MAX))
 
 
-CODEBOOK_KERNEL_COST = {"lloyd3": 3.3, "lloyd4": 3.3, "lloyd5": 5.5}
-"""encode + decode_sum GPU time against fp4_e2m1 / fp5_e2m2 of the same block and scale (H100, 8
-sources, 128 MB, benchmarks/results/kernels_lloyd_h100_2026-11-24.md): the codebook decode is a
-chain of selects per value, where a float format decodes with a shift and a multiply. lloyd3 is
-not measured yet (no GPU was lent on 2026-12-05): lloyd4's factor, an upper bound (its chains
-are 3 selects and 3 compares long, lloyd4's 7), keeps the gate on the safe side."""
+CODEBOOK_KERNEL_COST = {"lloyd3": 2.8, "lloyd4": 3.3, "lloyd5": 5.5}
+"""encode + decode_sum GPU time against fp4_e2m1 / fp5_e2m2 of the same block and scale (8 sources,
+128 MB; H100, benchmarks/results/kernels_lloyd_h100_2026-11-24.md; lloyd3 on an H200,
+kernels_lloyd3_h200_2026-12-06.md, where lloyd4 measured 3.5): the codebook decode is a chain of
+selects per value, where a float format decodes with a shift and a multiply."""
 
 
 class BlockCodec(Codec):
