@@ -236,7 +236,7 @@ def test_checkout_root_shadows_no_dependency():
 
     root = Path(__file__).resolve().parents[1]
     top = {p.name for p in root.iterdir() if (p / "__init__.py").exists()}
-    assert top == {"tpcomp_megatron"}, f"top-level packages besides tpcomp_megatron: {sorted(top - {'tpcomp_megatron'})}"
+    assert top == {"tpcomp_megatron"}, f"top-level packages besides ours: {sorted(top - {'tpcomp_megatron'})}"
 
 
 @pytest.mark.parametrize("element", sorted(FORMATS))

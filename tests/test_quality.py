@@ -465,7 +465,8 @@ def test_budget_plans():
     assert [(c.fields["plan_high"], len(c.fields["layers_high"])) for c in got] == [
         ("fp6_e2m3/b32/e8m0", 0), ("fp6_e2m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 1)]
     for c in got:  # each plan's codecs: the promoted layers on their --high codec, the rest on --low
-        assert c.specs == {n: c.fields["plan_high"] if n in c.fields["layers_high"] else "fp4_e2m1/b32/e8m0" for n in sens}
+        high, top = c.fields["plan_high"], c.fields["layers_high"]
+        assert c.specs == {n: high if n in top else "fp4_e2m1/b32/e8m0" for n in sens}
     a = parse_args(["--model", "m", "--budget", "4.5", "--high", "fp5_e2m2/b32/e6m2", "fp6_e2m3/b32/e6m2"])
     assert a.promote == () and a.budget == 4.5 and len(a.high) == 2
     with pytest.raises(ValueError, match="--promote"):
@@ -521,8 +522,8 @@ def test_sensitivity_allocation_plan(tiny, monkeypatch):
     low, highs = "fp4_e2m1/b32/e6m2", ("lloyd3/b32/e6m2", "fp8_e4m3/b32/e8m0up")
     ranking = tiny["root"] / "alloc_ranking.json"
     cfg = SensitivityConfig(model=tiny["hf"], tp=2, low=low, high=highs, promote=(), budget=5.0, allocate=True,
-                            calib_text=tiny["cal_text"], calib_windows=1, text=tiny["text"], windows=WINDOWS, seq_len=SEQ,
-                            out=str(tiny["root"] / "alloc.jsonl"), ranking=str(ranking), real_ranks=True)
+                            calib_text=tiny["cal_text"], calib_windows=1, text=tiny["text"], windows=WINDOWS,
+                            seq_len=SEQ, out=str(tiny["root"] / "alloc.jsonl"), ranking=str(ranking), real_ranks=True)
     sim, real = run(cfg, log=_quiet)
     saved = json.loads(ranking.read_text())
     assert sorted(saved["kl_by_codec"]) == sorted((low, *highs)) and saved["kl"] == saved["kl_by_codec"][low]

@@ -215,7 +215,8 @@ def test_lowrank_codec_cuda(spec):
     assert same(y, K.decode_sum(codec, p.unsqueeze(0), hidden, sources=[0], dtype=torch.float32))  # NaN rows too
 
 
-@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2", "lloyd3/b32/e6m2", "fp6_e2m3/b32/e8m0", "int4/b16/bf16"])
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2", "lloyd3/b32/e6m2", "fp6_e2m3/b32/e8m0",
+                                  "int4/b16/bf16"])
 @pytest.mark.parametrize("rows,hidden", [(300, 5120), (17, 640)])
 def test_encode_feedback_cuda(spec, rows, hidden):
     codec = make_codec(spec)

@@ -7,10 +7,10 @@ Every format stores a value as a sign-magnitude code of `bits` bits: the top bit
   `c = exp_field << m | mantissa`; exp_field 0 is subnormal. Every code is a finite value except
   in FP8 E4M3, whose all-ones code (0x7F) is NaN and is never produced (saturation stops at 448).
 * Integer formats: symmetric, magnitude code = |round(v)| clamped to 2**(bits-1)-1 (INT4: -7..7).
-* Codebook formats (`lloyd3`, `lloyd4`, `lloyd5`): magnitude code k stands for the k-th of 2**(bits-1)
-  fixed levels; a value takes the code of the nearest level (the number of midpoints between
-  consecutive levels that lie strictly below |v|: a tie goes to the lower level), so NaN gets
-  code 0 and Inf the top level. See `LLOYD_LEVELS`.
+* Codebook formats (`lloyd3`, `lloyd4`, `lloyd5`): magnitude code k stands for the k-th of
+  2**(bits-1) fixed levels; a value takes the code of the nearest level (the number of midpoints
+  between consecutive levels that lie strictly below |v|: a tie goes to the lower level), so NaN
+  gets code 0 and Inf the top level. See `LLOYD_LEVELS`.
 
 For floating-point and integer formats, rounding is round-to-nearest, ties to even, and
 saturating. Quantization works on a value `v` that the caller already divided by the block

@@ -21,5 +21,5 @@ CPU tensors in Triton's interpreter (that is how CI tests them).
 from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, encode,
                   encode_feedback)
 
-__all__ = ["FEEDBACK_CODECS", "INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode", "encode",
-           "encode_feedback"]
+__all__ = ["FEEDBACK_CODECS", "INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode",
+           "encode", "encode_feedback"]

@@ -9,8 +9,9 @@ columns `col0 .. col0 + T` of a row of `hidden` values. Layouts are those of
 * 5 / 6 bits: the low-nibble plane of the row (as 4 bits, `hidden / 2` bytes), then the plane of
   the top 1 / 2 bits (8 / 4 fields per byte).
 * 3 bits: the plane of the low 2 bits (4 fields per byte, `hidden / 4` bytes), then the plane
-  of the top bit (8 per byte). A tile's slice of each plane is contiguous and a
-  byte's fields are adjacent elements, which one thread holds: no cross-thread traffic.
+  of the top bit (8 per byte).
+  In both, a tile's slice of each plane is contiguous and a byte's fields are adjacent
+  elements, which one thread holds: no cross-thread traffic.
 * scales after the `data_bytes` of codes: one byte (E8M0) or two (bf16, little-endian) per block.
 """
 
@@ -25,7 +26,7 @@ from .numerics import _SUM
 @triton.jit
 def _store_plane(ptr, plane_off, row_mask, col0, hidden, fields, R: tl.constexpr, T: tl.constexpr,
                  W: tl.constexpr):
-    """Store fields [R, T] of W bits (1 or 2, or 4 below) into the plane at byte offsets
+    """Store fields [R, T] of W bits (1 or 2) into the plane at byte offsets
     `plane_off` ([R, 1]): 8 // W fields per byte, summed (disjoint bits) within a thread."""
     P: tl.constexpr = 8 // W
     packed = tl.reshape(fields, [R, T // P, P]) << (W * tl.arange(0, P))[None, None, :]

@@ -73,7 +73,8 @@ BITS_UNIT = 10_000
 """`allocate` counts bits per value in units of 1 / BITS_UNIT (every codec's cost rounded up)."""
 
 
-def allocate(sensitivity: Mapping[str, Mapping[str, float]], bits: Mapping[str, float], budget: float) -> dict[str, str]:
+def allocate(sensitivity: Mapping[str, Mapping[str, float]], bits: Mapping[str, float],
+             budget: float) -> dict[str, str]:
     """Each layer's codec such that the summed single-layer KL is least and the mean bits per value
     stay within `budget`: a multiple-choice knapsack, solved exactly by dynamic programming over
     the layers. `sensitivity` maps each candidate codec (spec) to its `layer_sensitivity`, `bits`
