@@ -19,6 +19,8 @@ CAL_TEXT = (
     "prosperity, and the condition of the country calls for our thanks and our resolve to keep it so. "
 ) * 6
 VOCAB = 128  # characters map to their code point (ASCII text)
+PLANTED = {"o_proj": [5, 40, 77], "down_proj": [12, 60, 90]}  # outlier channels of the `tiny` fixture's model
+SEQ, WINDOWS = 64, 2  # the quality tests' window length and count
 # 6 heads in 3 KV groups: TP=2 pads with a dummy group; FFN 90 -> 2 x 45; TP=3 splits evenly.
 CONFIG = dict(num_hidden_layers=2, hidden_size=96, intermediate_size=90, num_attention_heads=6,
               num_key_value_heads=3, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256,
@@ -66,3 +68,7 @@ def make_tiny_model(folder: Path, *, seed: int = 0, planted: dict[str, list[int]
 def write_text(path: Path, text: str) -> str:
     path.write_text(text, encoding="utf-8")
     return f"file:{path}"
+
+
+def quiet(*_a) -> None:
+    """A `log` that prints nothing."""

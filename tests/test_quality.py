@@ -1,18 +1,17 @@
 """The quality tools on a tiny random Llama: simulated-TP layout against the converter and against
 real gloo ranks, calibration (deterministic, brute-force selection on planted outlier channels),
-the evaluation's metrics against a direct computation, and calibration-file mismatch errors."""
+the evaluation's metrics against a direct computation, and calibration-file mismatch errors.
+The sensitivity tool's tests are in test_sensitivity.py."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from quality_helpers import CAL_TEXT, CONFIG, TEXT, make_tiny_model, write_text
+from quality_helpers import CONFIG, PLANTED, SEQ, WINDOWS, make_tiny_model, quiet
 
 from tpcomp_megatron.calibration import RULES, load_calibration
 from tpcomp_megatron.codecs import make_codec
@@ -24,21 +23,6 @@ from tpcomp_megatron.quality.simtp import SimulatedTP
 from tpcomp_megatron.quality.sweep import SweepPoint
 from tpcomp_megatron.quality.text import make_windows
 from tpcomp_megatron.testing import run_ranks
-
-PLANTED = {"o_proj": [5, 40, 77], "down_proj": [12, 60, 90]}
-SEQ, WINDOWS = 64, 2
-
-
-def _quiet(*_a) -> None:
-    pass
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quality")
-    model = make_tiny_model(root / "hf", planted=PLANTED)
-    return {"root": root, "hf": str(root / "hf"), "model": model, "text": write_text(root / "eval.txt", TEXT),
-            "cal_text": write_text(root / "cal.txt", CAL_TEXT)}
 
 
 # -- layout -----------------------------------------------------------------------------------
@@ -127,8 +111,8 @@ def test_error_feedback_real_ranks_match_simulation(tiny):
     _, tok, _ = load_model(tiny["hf"])
     points = ("fp4_e2m1/b32/e8m0", "fp4_e2m1/b32/e8m0:feedback=on")
     common = dict(model=tiny["hf"], tp=(2,), points=points, text=tiny["text"], seq_len=SEQ, windows=WINDOWS)
-    sim = evaluate(EvalConfig(**common, out=str(tiny["root"] / "fb_sim.jsonl")), log=_quiet)
-    real = evaluate(EvalConfig(**common, real_ranks=True, out=str(tiny["root"] / "fb_real.jsonl")), log=_quiet)
+    sim = evaluate(EvalConfig(**common, out=str(tiny["root"] / "fb_sim.jsonl")), log=quiet)
+    real = evaluate(EvalConfig(**common, real_ranks=True, out=str(tiny["root"] / "fb_real.jsonl")), log=quiet)
     assert [r["error_feedback"] for r in sim] == [r["error_feedback"] for r in real] == [False, True]
     for s, r in zip(sim, real):
         # The same codes on both sides but for ~1e-7 input differences (see the test above).
@@ -188,7 +172,7 @@ def test_calibration_deterministic_and_matches_brute_force(tiny):
     for run in range(2):
         cfg = CalibrateConfig(model=tiny["hf"], tp=(tp,), output=str(root / f"cal{run}_tp{{tp}}.safetensors"),
                               text=tiny["cal_text"], tokens=2 * SEQ, seq_len=SEQ, ratio=32, rule="range_sum")
-        paths += calibrate(cfg, log=_quiet)
+        paths += calibrate(cfg, log=quiet)
     assert paths[0].read_bytes() == paths[1].read_bytes()  # bit-identical statistics, channels and metadata
     cal = load_calibration(str(paths[0]))
     assert cal.meta["tp_size"] == tp and cal.meta["hidden"] == CONFIG["hidden_size"] and cal.meta["codec"] == "outlier_int4/k32"
@@ -243,7 +227,7 @@ def test_eval_tool_metrics_equal_direct_computation(tiny):
     out = tiny["root"] / "eval.jsonl"
     specs = ("fp4_e2m1/b32/e8m0", "int4/b16/bf16")
     recs = evaluate(EvalConfig(model=tiny["hf"], tp=(3,), points=specs, text=tiny["text"], seq_len=SEQ, windows=WINDOWS,
-                               out=str(out)), log=_quiet)
+                               out=str(out)), log=quiet)
     assert len(out.read_text().splitlines()) == len(specs)
     model = load_model(tiny["hf"])[0]  # loaded as the tool loads it (same attention implementation)
     text = Path(tiny["text"].removeprefix("file:")).read_text()
@@ -270,7 +254,7 @@ def test_lowrank_codec_real_ranks_match_simulation(tiny):
     cals = {}
     for real in (False, True):
         cals[real] = calibrate(CalibrateConfig(model=tiny["hf"], tp=(2,), output=str(root / f"lr{int(real)}_tp{{tp}}.safetensors"),
-                                               text=tiny["cal_text"], tokens=SEQ, seq_len=SEQ, real_ranks=real), log=_quiet)[0]
+                                               text=tiny["cal_text"], tokens=SEQ, seq_len=SEQ, real_ranks=real), log=quiet)[0]
     sim_cal, real_cal = load_calibration(str(cals[False])), load_calibration(str(cals[True]))
     for name, b in sim_cal.bases.items():  # the same leading directions, sketched by either path
         for src in range(3):
@@ -279,8 +263,8 @@ def test_lowrank_codec_real_ranks_match_simulation(tiny):
     points = ("lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+fp4_e2m1/b32/e6m2/r2:feedback=on")
     base = dict(model=tiny["hf"], tp=(2,), points=points, text=tiny["text"], seq_len=SEQ, windows=1,
                 calibration=str(cals[False]))
-    sim = evaluate(EvalConfig(out=str(root / "lr_sim.jsonl"), **base), log=_quiet)
-    real = evaluate(EvalConfig(out=str(root / "lr_real.jsonl"), real_ranks=True, **base), log=_quiet)
+    sim = evaluate(EvalConfig(out=str(root / "lr_sim.jsonl"), **base), log=quiet)
+    real = evaluate(EvalConfig(out=str(root / "lr_real.jsonl"), real_ranks=True, **base), log=quiet)
     for s, r in zip(sim, real):
         assert s["codec"] == r["codec"] == "lowrank+fp4_e2m1/b32/e6m2/r2" and s["outlier_rule"] is None
         assert s["bits_per_value"] == pytest.approx(4.25 + 16 * 2 / CONFIG["hidden_size"], abs=1e-4)  # recorded rounded
@@ -293,22 +277,22 @@ def test_mismatched_calibration_file_is_a_clear_error(tiny, capsys):
 
     root = tiny["root"]
     cal = calibrate(CalibrateConfig(model=tiny["hf"], tp=(3,), output=str(root / "mm_tp{tp}.safetensors"),
-                                    text=tiny["cal_text"], tokens=SEQ, seq_len=SEQ), log=_quiet)[0]
+                                    text=tiny["cal_text"], tokens=SEQ, seq_len=SEQ), log=quiet)[0]
     base = dict(model=tiny["hf"], points=("outlier_int4/k64",), text=tiny["text"], seq_len=SEQ, windows=1,
                 out=str(root / "mm.jsonl"))
     with pytest.raises(ValueError, match="made at TP=3, the model runs at TP=2"):
-        evaluate(EvalConfig(tp=(2,), calibration=str(cal), **base), log=_quiet)
+        evaluate(EvalConfig(tp=(2,), calibration=str(cal), **base), log=quiet)
     same_text = calibrate(CalibrateConfig(model=tiny["hf"], tp=(3,), output=str(root / "same_tp{tp}.safetensors"),
-                                          text=tiny["text"], tokens=SEQ, seq_len=SEQ), log=_quiet)[0]
+                                          text=tiny["text"], tokens=SEQ, seq_len=SEQ), log=quiet)[0]
     with pytest.raises(ValueError, match="the evaluation text"):
-        evaluate(EvalConfig(tp=(3,), calibration=str(same_text), **base), log=_quiet)
+        evaluate(EvalConfig(tp=(3,), calibration=str(same_text), **base), log=quiet)
     with pytest.raises(ValueError, match="need --calibration"):
-        evaluate(EvalConfig(tp=(3,), **base), log=_quiet)
+        evaluate(EvalConfig(tp=(3,), **base), log=quiet)
     # Another model of the same width: named in the error.
     other = make_tiny_model(root / "other", seed=1)
     del other
     with pytest.raises(ValueError, match="it was made for model 'hf', not 'other'"):
-        evaluate(EvalConfig(tp=(3,), calibration=str(cal), **{**base, "model": str(root / "other")}), log=_quiet)
+        evaluate(EvalConfig(tp=(3,), calibration=str(cal), **{**base, "model": str(root / "other")}), log=quiet)
     # The console script reports it and exits with 2, no traceback.
     assert main(["--model", tiny["hf"], "--tp", "2", "--codecs", "outlier_int4/k64", "--calibration", str(cal),
                  "--text", tiny["text"], "--seq-len", str(SEQ), "--windows", "1", "--out", str(root / "mm.jsonl")]) == 2
@@ -331,211 +315,9 @@ def test_configs_reject_bad_input():
         SweepPoint.parse("fp4_e2m1/b32", 1)
 
 
-def test_sensitivity_ranking_and_mixed_plans(tiny):
-    """Each layer's score is the KL of compressing that layer alone (checked against a direct
-    single-layer run for the top layer); the plans promote exactly the top-k layers; k = 0 and
-    k = all equal the uniform codecs' records of the evaluation tool; bits are the layer mean."""
-    from tpcomp_megatron.quality.models import load_model
-    from tpcomp_megatron.quality.sweep import Plan, compare
-    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, run
-
-    low, high = "fp4_e2m1/b32/e8m0", "fp8_e4m3/b32/e8m0up"
-    model, tok, _ = load_model(tiny["hf"])
-    n_layers = 2 * model.config.num_hidden_layers
-    ranking = tiny["root"] / "ranking.json"
-    cfg = SensitivityConfig(model=tiny["hf"], tp=3, low=low, high=high, promote=(0, 1, n_layers), calib_text=tiny["cal_text"],
-                            calib_windows=1, text=tiny["text"], windows=WINDOWS, seq_len=SEQ, out=str(tiny["root"] / "sens.jsonl"),
-                            ranking=str(ranking))
-    recs = run(cfg, log=_quiet)
-    kl = json.loads(ranking.read_text())["kl"]
-    order = list(kl)
-    assert len(order) == n_layers and all(kl[a] >= kl[b] for a, b in zip(order, order[1:]))
-    assert len(set(kl.values())) > 1  # the layers differ: a ranking that means something
-
-    sim = SimulatedTP(model)
-    cal = make_windows(tok, tiny["cal_text"], seq_len=SEQ, windows=1)
-    _, (top,), _ = compare(model, sim, cal, [Plan(3, {n: make_codec(low) if n == order[0] else None for n in sim.layers})])
-    assert top.mean_kl == pytest.approx(kl[order[0]], rel=1e-6)
-    sim.remove()
-
-    assert [r["layers_high"] for r in recs] == [[], order[:1], order]
-    lb, hb = make_codec(low).bits_per_value(96), make_codec(high).bits_per_value(96)
-    assert recs[1]["bits_per_value"] == pytest.approx(((n_layers - 1) * lb + hb) / n_layers, abs=1e-4)
-    uniform = evaluate(EvalConfig(model=tiny["hf"], tp=(3,), points=(low, high), text=tiny["text"], seq_len=SEQ,
-                                  windows=WINDOWS, out=str(tiny["root"] / "uniform.jsonl")), log=_quiet)
-    for mixed, ref in ((recs[0], uniform[0]), (recs[2], uniform[1])):
-        for key in ("ppl", "baseline_ppl", "top1_agreement", "kl", "bits_per_value"):
-            assert mixed[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
-
-    # A saved ranking is reused as is (same plan, same scores); one made for another TP size is refused.
-    again = run(dataclasses.replace(cfg, promote=(1,), ranking=None, ranking_in=str(ranking)), log=_quiet)
-    assert again[0]["layers_high"] == order[:1] and again[0]["kl"] == pytest.approx(recs[1]["kl"], rel=1e-9)
-    with pytest.raises(ValueError, match="was made for"):
-        run(dataclasses.replace(cfg, tp=2, ranking=None, ranking_in=str(ranking)), log=_quiet)
-
-
-def test_sensitivity_plans_on_real_ranks(tiny, monkeypatch):
-    """--real-ranks runs each plan as deployed (the converted model on two gloo ranks, one override
-    per promoted layer) and agrees with the simulated plan; the overrides take effect (every layer
-    promoted to FP8 is far closer to the exact model than the uniform FP4 plan)."""
-    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, run
-
-    monkeypatch.setenv("TPCOMP_CACHE", str(tiny["root"] / "cache"))  # the converted checkpoint goes there
-    n_layers = 2 * CONFIG["num_hidden_layers"]
-    cfg = SensitivityConfig(model=tiny["hf"], tp=2, low="fp4_e2m1/b32/e8m0", high="fp8_e4m3/b32/e8m0up",
-                            promote=(0, 1, n_layers), calib_text=tiny["cal_text"], calib_windows=1, text=tiny["text"],
-                            windows=WINDOWS, seq_len=SEQ, out=str(tiny["root"] / "sens_real.jsonl"), real_ranks=True)
-    recs = run(cfg, log=_quiet)
-    assert [r["simulated_tp"] for r in recs] == [True] * 3 + [False] * 3
-    sim, real = recs[:3], recs[3:]
-    for s, r in zip(sim, real):
-        assert (r["codec"], r["layers_high"], r["bits_per_value"]) == (s["codec"], s["layers_high"], s["bits_per_value"])
-        assert r["baseline_ppl"] == pytest.approx(s["baseline_ppl"], rel=1e-5)
-        # measured agreement ~1e-7 (same codes on both sides); a plan that lost an override is off by 3-50x
-        assert r["kl"] == pytest.approx(s["kl"], rel=1e-3)
-        assert r["exact_fallback_calls"] == 0
-    assert real[2]["kl"] < real[0]["kl"] / 5
-
-
-def test_sensitivity_plans_with_calibrated_lowrank_codecs(tiny, monkeypatch):
-    """Low-rank codecs (per-layer bases from a calibration file) as --low and --high: the uniform
-    plan equals the evaluation tool's record, and the deployed plan on two gloo ranks (low-rank
-    codec plus per-layer low-rank overrides) agrees with the simulated one."""
-    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, run
-
-    monkeypatch.setenv("TPCOMP_CACHE", str(tiny["root"] / "cache"))
-    cal = calibrate(CalibrateConfig(model=tiny["hf"], tp=(2,), output=str(tiny["root"] / "sens_lr_tp{tp}.safetensors"),
-                                    text=tiny["cal_text"], tokens=SEQ, seq_len=SEQ), log=_quiet)[0]
-    low, high = "lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+fp8_e4m3/b32/e6m2/r2"
-    cfg = SensitivityConfig(model=tiny["hf"], tp=2, low=low, high=high, promote=(0, 2), calib_text=tiny["cal_text"],
-                            calib_windows=1, text=tiny["text"], windows=1, seq_len=SEQ, calibration=str(cal),
-                            out=str(tiny["root"] / "sens_lr.jsonl"), real_ranks=True)
-    recs = run(cfg, log=_quiet)
-    assert [r["simulated_tp"] for r in recs] == [True, True, False, False]
-    assert recs[1]["codec"] == f"{low} + 2 layers {high}" and recs[1]["calibration"] != "none"
-    uniform = evaluate(EvalConfig(model=tiny["hf"], tp=(2,), points=(low,), text=tiny["text"], seq_len=SEQ, windows=1,
-                                  calibration=str(cal), out=str(tiny["root"] / "sens_lr_uniform.jsonl")), log=_quiet)[0]
-    assert recs[0]["kl"] == pytest.approx(uniform["kl"], rel=1e-6)
-    for s, r in zip(recs[:2], recs[2:]):
-        assert r["ppl"] == pytest.approx(s["ppl"], rel=2e-2) and r["exact_fallback_calls"] == 0
-    assert recs[3]["kl"] < recs[2]["kl"]  # the promoted layers took their wider codec on the real ranks
-
-
-def test_sensitivity_config_rejects_bad_input():
-    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig
-
-    with pytest.raises(ValueError, match="test set"):
-        SensitivityConfig(model="m", calib_text="moby-dick", text="moby-dick")
-    with pytest.raises(ValueError, match="need --calibration"):
-        SensitivityConfig(model="m", low="outlier_int4/k64")
-    with pytest.raises(ValueError, match="need --calibration"):
-        SensitivityConfig(model="m", low="lowrank+fp4_e2m1/b32/e6m2/r4")
-    with pytest.raises(ValueError, match="--low none"):
-        SensitivityConfig(model="m", low="none")
-    with pytest.raises(ValueError, match="TP=1"):
-        SensitivityConfig(model="m", tp=1)
-    with pytest.raises(ValueError, match="--promote"):
-        SensitivityConfig(model="m", promote=(-1,))
-    with pytest.raises(ValueError, match="--budget"):
-        SensitivityConfig(model="m", budget=0.0)
-    with pytest.raises(ValueError, match="need --calibration"):
-        SensitivityConfig(model="m", high=("fp6_e2m3/b32", "outlier_int4/k64"))
-    assert SensitivityConfig(model="m", high="fp8_e4m3").high == ("fp8_e4m3",)
-
-
-def test_budget_plans():
-    """The budget's k is the largest whose plan mean is within it (fresh sensitivities, so the
-    order is not the layer order); --promote and budget plans per --high codec, k = 0 once."""
-    from tpcomp_megatron.quality.sensitivity import budget_promotions, mixed_codecs, plan_bits
-    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, _promotions, parse_args
-
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    sens = {f"l{i}": float(v) for i, v in enumerate(torch.rand(10, generator=gen))}
-    low, fp6, fp8 = ({n: make_codec(s) for n in sens} for s in ("fp4_e2m1/b32/e8m0", "fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0"))
-    for budget in (4.0, 4.25, 4.5, 4.65, 5.0, 9.0):
-        for high in (fp6, fp8):
-            k = budget_promotions(sens, low, high, 64, budget)
-            brute = max([j for j in range(11) if plan_bits(mixed_codecs(sens, low, high, j), 64) <= budget + 1e-9],
-                        default=0)
-            assert k == brute, (budget, str(high["l0"].spec))
-    assert budget_promotions(sens, low, fp8, 64, 4.65) == 1 and budget_promotions(sens, low, fp6, 64, 4.65) == 2
-    cfg = SensitivityConfig(model="m", high=("fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0"), promote=(0, 2), budget=4.65)
-    codecs = {"fp4_e2m1/b32/e8m0": low, "fp6_e2m3/b32/e8m0": fp6, "fp8_e4m3/b32/e8m0": fp8}
-    got = _promotions(cfg, sens, "fp4_e2m1/b32/e8m0", codecs, 64)
-    assert [(c.fields["plan_high"], len(c.fields["layers_high"])) for c in got] == [
-        ("fp6_e2m3/b32/e8m0", 0), ("fp6_e2m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 2), ("fp8_e4m3/b32/e8m0", 1)]
-    for c in got:  # each plan's codecs: the promoted layers on their --high codec, the rest on --low
-        high, top = c.fields["plan_high"], c.fields["layers_high"]
-        assert c.specs == {n: high if n in top else "fp4_e2m1/b32/e8m0" for n in sens}
-    a = parse_args(["--model", "m", "--budget", "4.5", "--high", "fp5_e2m2/b32/e6m2", "fp6_e2m3/b32/e6m2"])
-    assert a.promote == () and a.budget == 4.5 and len(a.high) == 2
-    with pytest.raises(ValueError, match="--promote"):
-        SensitivityConfig(model="m", promote=())
-
-
 def test_checkpoint_cache_folder_is_created(tiny):
     """The real-rank path converts into a cache folder that a fresh machine does not have yet."""
     out = tiny["root"] / "fresh" / "cache" / "megatron" / "tiny-tp2"
     ckpt = convert_checkpoint(tiny["hf"], 2, model_id="tiny", out=out)
     assert ckpt == out and any(out.iterdir())
     assert convert_checkpoint(tiny["hf"], 2, model_id="tiny", out=out) == out  # cached: no second conversion
-
-
-def test_allocate_matches_brute_force():
-    """The allocation is the least summed KL within the budget, as an exhaustive search over every
-    plan finds it (fresh sensitivities, odd bit costs); an impossible budget and codecs measured on
-    different layers are clear errors."""
-    import itertools
-
-    from tpcomp_megatron.quality.sensitivity import allocate
-
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    layers = [f"l{i}" for i in range(6)]
-    bits = {"c3": 3.35, "c4": 4.35, "c5": 5.35, "c4b": 4.6}
-    for trial in range(5):
-        sens = {c: {n: float(v) for n, v in zip(layers, torch.rand(6, generator=gen) * 4.0 ** (4.35 - b))}
-                for c, b in bits.items()}
-        for budget in (3.35, 3.9, 4.35, 4.5, 4.77, 5.35):
-            plan = allocate(sens, bits, budget)
-            assert list(plan) == layers
-            got = sum(sens[c][n] for n, c in plan.items())
-            assert sum(bits[c] for c in plan.values()) / len(layers) <= budget + 1e-9
-            best = min(sum(sens[c][n] for n, c in zip(layers, combo))
-                       for combo in itertools.product(bits, repeat=len(layers))
-                       if sum(bits[c] for c in combo) / len(layers) <= budget + 1e-9)
-            assert got == pytest.approx(best, rel=1e-12), (trial, budget)
-    with pytest.raises(ValueError, match="over the budget"):
-        allocate(sens, bits, 3.3)
-    with pytest.raises(ValueError, match="other layers"):
-        allocate({"c3": sens["c3"], "c4": {"x": 1.0}}, bits, 4.5)
-
-
-def test_sensitivity_allocation_plan(tiny, monkeypatch):
-    """--allocate measures every candidate's single-layer KL, evaluates the plan `allocate` picks
-    from them (within the budget, lloyd3 on some layers and wider codecs on others), reuses a saved
-    multi-codec ranking as is, and runs the plan on two gloo ranks as deployed (one override per
-    layer off --low), in agreement with the simulation."""
-    from tpcomp_megatron.quality.sensitivity import allocate
-    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, run
-
-    monkeypatch.setenv("TPCOMP_CACHE", str(tiny["root"] / "cache"))
-    low, highs = "fp4_e2m1/b32/e6m2", ("lloyd3/b32/e6m2", "fp8_e4m3/b32/e8m0up")
-    ranking = tiny["root"] / "alloc_ranking.json"
-    cfg = SensitivityConfig(model=tiny["hf"], tp=2, low=low, high=highs, promote=(), budget=5.0, allocate=True,
-                            calib_text=tiny["cal_text"], calib_windows=1, text=tiny["text"], windows=WINDOWS,
-                            seq_len=SEQ, out=str(tiny["root"] / "alloc.jsonl"), ranking=str(ranking), real_ranks=True)
-    sim, real = run(cfg, log=_quiet)
-    saved = json.loads(ranking.read_text())
-    assert sorted(saved["kl_by_codec"]) == sorted((low, *highs)) and saved["kl"] == saved["kl_by_codec"][low]
-    bits = {c: make_codec(c).bits_per_value(96) for c in (low, *highs)}
-    assert sim["layer_codecs"] == allocate(saved["kl_by_codec"], bits, 5.0)
-    assert set(sim["layer_codecs"].values()) > {"lloyd3/b32/e6m2"}  # a mixed plan, not a uniform one
-    mean = sum(bits[c] for c in sim["layer_codecs"].values()) / len(sim["layer_codecs"])
-    assert sim["bits_per_value"] == pytest.approx(mean, abs=1e-4) and mean <= 5.0 + 1e-9
-    assert (real["codec"], real["layer_codecs"]) == (sim["codec"], sim["layer_codecs"]) and not real["simulated_tp"]
-    assert real["kl"] == pytest.approx(sim["kl"], rel=1e-3) and real["exact_fallback_calls"] == 0
-
-    again, = run(dataclasses.replace(cfg, ranking=None, ranking_in=str(ranking), real_ranks=False), log=_quiet)
-    assert again["layer_codecs"] == sim["layer_codecs"] and again["kl"] == pytest.approx(sim["kl"], rel=1e-9)
-    with pytest.raises(ValueError, match="--allocate needs --budget"):
-        SensitivityConfig(model="m", allocate=True)
