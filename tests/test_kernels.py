@@ -95,11 +95,13 @@ def test_outlier_codecs_bit_exact(spec, rows, hidden):
         check_all_ops(K, codec, xs, hidden, "cpu", (dtype,))
 
 
-@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r1", "lowrank+fp6_e2m3/b8/r8"])
+@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r1", "lowrank+fp6_e2m3/b8/r8",
+                                  "lowrank+lloyd3/b32/e6m2/r64/cfp4_e2m1", "lowrank+fp4_e2m1/b16/bf16/r48/clloyd4"])
 @pytest.mark.parametrize("rows,hidden", [(17, 640), (3, 96)])
 def test_lowrank_codec_bit_exact(spec, rows, hidden):
-    """The kernels path (projection by torch, residual by the block kernel, coordinates added by
-    the reference's matmul) gives the reference's bytes and values, sources in any order."""
+    """The kernels path (projection by torch, coded coordinates by the block kernels, residual by
+    the block kernel, coordinates added back by it) gives the reference's bytes and values,
+    sources in any order."""
     gen = _gen(spec, rows, hidden)
     world = 3
     codec = make_codec(spec, lowrank_bases(hidden, world, parse_codec_spec(spec).rank, gen))
@@ -121,7 +123,8 @@ def test_encode_feedback_bit_exact(spec, rows, hidden):
         check_encode_feedback(K, codec, x, feedback_debt(x, gen), 1, "cpu")
 
 
-@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+lloyd4/b16/bf16/r2"])
+@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+lloyd4/b16/bf16/r2",
+                                  "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1"])
 def test_lowrank_encode_feedback_bit_exact(spec):
     gen = _gen("feedback", spec)
     codec = make_codec(spec, lowrank_bases(96, 3, parse_codec_spec(spec).rank, gen))

@@ -28,18 +28,27 @@ def test_spec_grammar_and_bits():
     assert str(s) == "lowrank+fp4_e2m1/b32/e6m2/r8" and parse_codec_spec(str(s)) == s
     assert parse_codec_spec("lowrank+int4/bf16").rank == 4  # default rank
     assert s.bits_per_value(640) == pytest.approx(4.25 + 16 * 8 / 640)
+    c = parse_codec_spec("lowrank+lloyd4/r64/b32/clloyd3/e6m2")  # coded coordinates, parts in any order
+    assert c == LowRankSpec(base=parse_codec_spec("lloyd4/b32/e6m2"), rank=64, coords="lloyd3")
+    assert str(c) == "lowrank+lloyd4/b32/e6m2/r64/clloyd3" and parse_codec_spec(str(c)) == c
+    assert c.bits_per_value(640) == pytest.approx(4.25 + 64 * 3.25 / 640)
     for bad, why in [("fp4_e2m1/r4", "needs the 'lowrank\\+' prefix"), ("lowrank+fp4_e2m1/r0", "rank must be"),
-                     ("lowrank+fp4_e2m1/r65", "rank must be"), ("lowrank+fp4_e2m1/k8", "outlier\\+"),
-                     ("lowrank+outlier_int4", "unknown codec")]:
+                     ("lowrank+fp4_e2m1/r129", "rank must be"), ("lowrank+fp4_e2m1/k8", "outlier\\+"),
+                     ("lowrank+outlier_int4", "unknown codec"), ("fp4_e2m1/cfp4_e2m1", "needs the 'lowrank\\+' prefix"),
+                     ("lowrank+fp4_e2m1/b32/r48/cfp4_e2m1", "multiple of the block size 32"),
+                     ("lowrank+fp4_e2m1/r32/cfp9", "unknown coordinate format")]:
         with pytest.raises(ValueError, match=why):
             parse_codec_spec(bad)
 
 
 @pytest.mark.parametrize("spec,hidden", [("lowrank+fp4_e2m1/b32/e6m2/r4", 640), ("lowrank+int4/b16/bf16/r1", 96),
-                                         ("lowrank+fp8_e4m3/b8/e8m0/r8", 200)])
+                                         ("lowrank+fp8_e4m3/b8/e8m0/r8", 200),
+                                         ("lowrank+lloyd4/b32/e6m2/r64/clloyd4", 640),
+                                         ("lowrank+fp4_e2m1/b8/e8m0/r24/cfp8_e4m3", 200)])
 def test_payload_equals_float64_composition(spec, hidden):
-    """Row payload = the float64 block codec's bytes of x - c @ B, then c = bf16(x @ B^T), for
-    every source's basis; a sum of payloads decodes to the sum of their decodes."""
+    """Row payload = the float64 block codec's bytes of x - c @ B, then the coordinates: bf16(x @
+    B^T), or with coded coordinates the float64 block codec's bytes of those, c being what they
+    decode to; for every source's basis. A sum of payloads decodes to the sum of their decodes."""
     gen = _gen(spec, hidden)
     parsed = parse_codec_spec(spec)
     bases = lowrank_bases(hidden, 2, parsed.rank, gen)
@@ -49,10 +58,17 @@ def test_payload_equals_float64_composition(spec, hidden):
         x = lowrank_input(9, bases, src, torch.float32, gen, nonfinite=False)
         b = codec.bases[src].double()  # the codec rounds its bases to bf16 once
         coef = (x.double() @ b.T).to(torch.bfloat16)
-        resid = (x.double() - coef.double() @ b).float().numpy()
         payload = codec.encode(x, source=src)
         # float32 (codec) against float64 (here) arithmetic may flip a value at a rounding tie
-        assert (payload[:, n:].contiguous().view(torch.bfloat16) != coef).float().mean() <= 0.02, src
+        if parsed.coords is None:
+            assert (payload[:, n:].contiguous().view(torch.bfloat16) != coef).float().mean() <= 0.02, src
+        else:
+            cs = parsed.coord_spec
+            tail = torch.tensor([list(encode_block_row(r, cs.element, cs.block, cs.scale))
+                                 for r in coef.double().numpy()], dtype=torch.uint8)
+            assert (payload[:, n:] != tail).float().mean() <= 0.02, src
+            coef = codec.coords.decode_f32(tail, parsed.rank)
+        resid = (x.double() - coef.double() @ b).float().numpy()
         want = torch.tensor([list(encode_block_row(r, parsed.base.element, parsed.base.block, parsed.base.scale))
                              for r in resid], dtype=torch.uint8)
         assert (payload[:, :n] != want).float().mean() <= 0.01, src
@@ -73,15 +89,21 @@ def test_low_rank_part_is_what_the_block_codec_no_longer_pays_for():
     x = lowrank_input(64, bases, 0, torch.float32, gen, nonfinite=False)
     err = lambda c: (c.decode_f32(c.encode(x, source=0), hidden, source=0) - x).norm() / x.norm()
     assert err(low) < 0.3 * err(plain)
+    # coded coordinates: their error lands in the residual, so the row still gains
+    coded = make_codec("lowrank+fp4_e2m1/b32/e6m2/r32/cfp4_e2m1", lowrank_bases(hidden, 1, 32, gen))
+    x = lowrank_input(64, coded.bases, 0, torch.float32, gen, nonfinite=False)
+    assert err(coded) < 0.3 * err(plain)
     span = torch.randn(8, 4, generator=gen).to(torch.bfloat16).float() @ low.bases[0]
     back = low.decode_f32(low.encode(span, source=0), hidden, source=0)
     assert (back - span).norm() < 1e-4 * span.norm()
 
 
-def test_nonfinite_values_poison_only_their_row():
-    gen = _gen("nan")
-    bases = lowrank_bases(96, 1, 2, gen)
-    codec = make_codec("lowrank+fp4_e2m1/b32/e6m2/r2", bases)
+@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+fp4_e2m1/b16/e6m2/r32/cfp4_e2m1"])
+def test_nonfinite_values_poison_only_their_row(spec):
+    gen = _gen("nan", spec)
+    codec_spec = parse_codec_spec(spec)
+    bases = lowrank_bases(96, 1, codec_spec.rank, gen)
+    codec = make_codec(codec_spec, bases)
     x = lowrank_input(4, bases, 0, torch.float32, gen, nonfinite=False)
     x[1, 5], x[2, 9] = float("nan"), float("-inf")
     out = codec.decode_f32(codec.encode(x, source=0), 96, source=0)
@@ -145,8 +167,8 @@ def test_calibration_file_round_trip_and_old_files(tmp_path):
     codecs = layer_codecs("lowrank+fp4_e2m1/b32/e6m2/r3", stats, back)
     want = bases["decoder.layers.0.mlp.linear_fc2"][:, :3].to(torch.bfloat16).float()  # rounded once by the codec
     assert torch.equal(codecs["decoder.layers.0.mlp.linear_fc2"].bases, want)
-    with pytest.raises(ValueError, match="holds 32 directions"):
-        back.basis("decoder.layers.0.mlp.linear_fc2", 33)
+    with pytest.raises(ValueError, match=f"holds {SKETCH_ROWS} directions.*--directions"):
+        back.basis("decoder.layers.0.mlp.linear_fc2", SKETCH_ROWS + 1)
     with pytest.raises(ValueError, match="no bases for layer"):
         back.basis("decoder.layers.1.mlp.linear_fc2", 2)
     with pytest.raises(ValueError, match=r"expected \[tp \+ 1 = 3, rank, 64\]"):

@@ -3,16 +3,16 @@
 Statistics of one row-parallel layer, one row per source: ranks 0..world-1 and, last, the full
 (reduced) sum:
 * per-channel minimum and maximum of the partial sums, `[world + 1, hidden]` (outlier codecs);
-* a sketch of the partial sums' leading directions, `[world + 1, SKETCH_ROWS, hidden]` (low-rank
-  codecs): `sketch_rows` keeps, per source, the top right singular vectors (scaled by their
+* a sketch of the partial sums' leading directions, `[world + 1, directions, hidden]` (low-rank
+  codecs; `tpcomp-calibrate --directions`, default SKETCH_ROWS, up to MAX_RANK): `sketch_rows` keeps, per source, the top right singular vectors (scaled by their
   singular values) of all rows seen so far, each row first normalized to unit length, so every
   token counts alike whatever its magnitude (a block codec's error is relative to its own row).
   A codec of rank K uses the first K directions (`Calibration.basis`).
 
 File format (`*.safetensors`), for each layer name L (e.g. `decoder.layers.3.mlp.linear_fc2`):
     `L.min`, `L.max`: float32 `[world + 1, hidden]`; `L.channels`: int64 `[k]` (ascending);
-    version 2: `L.basis`: float32 `[world + 1, SKETCH_ROWS, hidden]`, orthonormal rows per source,
-    leading direction first.
+    version 2: `L.basis`: float32 `[world + 1, directions, hidden]`, orthonormal rows per source,
+    leading direction first (the same number of directions in every layer).
 The safetensors metadata holds one key, `tpcomp_calibration`, a JSON object:
     {"version": 2, "model": str, "tp_size": int, "hidden": int, "ratio": int, "rule": str,
      "layers": [str, ...], "tokens": int, "text": str}
@@ -31,8 +31,9 @@ import torch
 FORMAT_KEY = "tpcomp_calibration"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
-SKETCH_ROWS = 32
-"""Directions kept per source: the largest low-rank codec rank a calibration file serves."""
+SKETCH_ROWS = 64
+"""Directions kept per source by default: the largest low-rank codec rank a calibration file
+serves (`tpcomp-calibrate --directions`, up to `codecs.spec.MAX_RANK`)."""
 LEVELS = 15  # 4-bit unsigned codes
 RULES = ("range_sum", "absmax_max", "range_sq_sum")
 
@@ -95,12 +96,12 @@ def sketch_rows(sketch: torch.Tensor | None, rows: torch.Tensor, keep: int = SKE
     return out.float()
 
 
-def sketch_basis(sketch: torch.Tensor) -> torch.Tensor:
-    """A sketch -> orthonormal directions `[sources, SKETCH_ROWS, hidden]`, leading first; a
+def sketch_basis(sketch: torch.Tensor, directions: int = SKETCH_ROWS) -> torch.Tensor:
+    """A sketch -> orthonormal directions `[sources, directions, hidden]`, leading first; a
     source that saw fewer directions is completed with zero rows (which project to nothing)."""
     _, _, vh = torch.linalg.svd(sketch.double(), full_matrices=False)
-    out = torch.zeros(sketch.shape[0], SKETCH_ROWS, sketch.shape[2], dtype=torch.float32)
-    n = min(SKETCH_ROWS, vh.shape[1])
+    out = torch.zeros(sketch.shape[0], directions, sketch.shape[2], dtype=torch.float32)
+    n = min(directions, vh.shape[1])
     rank = torch.linalg.matrix_rank(sketch.double())
     for s in range(sketch.shape[0]):
         k = min(n, int(rank[s]))
@@ -144,7 +145,7 @@ class Calibration:
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
     channels: dict[str, torch.Tensor]
     bases: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per layer, `[world + 1, SKETCH_ROWS, hidden]` orthonormal directions (version 2 files)."""
+    """Per layer, `[world + 1, directions, hidden]` orthonormal directions (version 2 files)."""
 
     def digest(self) -> str:
         """Short hash of the statistics and selections, to check that all ranks use the same."""
@@ -176,7 +177,8 @@ class Calibration:
         if layer not in self.bases:
             raise ValueError(f"calibration has no bases for layer {layer!r}; it covers {sorted(self.bases)[:4]}...")
         if not 1 <= rank <= self.bases[layer].shape[1]:
-            raise ValueError(f"low-rank rank {rank}: the calibration file holds {self.bases[layer].shape[1]} directions per source")
+            raise ValueError(f"low-rank rank {rank}: the calibration file holds {self.bases[layer].shape[1]} directions per "
+                             "source; re-run tpcomp-calibrate with --directions >= the rank")
         return self.bases[layer][:, :rank].contiguous()
 
     def check_matches(self, *, tp_size: int, hidden: int, model: str | None = None) -> None:

@@ -184,7 +184,8 @@ def test_ops_dispatch_cuda(spec):
                                     dtype=torch.bfloat16), ref)
 
 
-@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r8"])
+@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r8",
+                                  "lowrank+lloyd3/b32/e6m2/r128/cfp4_e2m1", "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1"])
 def test_lowrank_codec_cuda(spec):
     """Decoding is bit for bit (the coordinates come from the payload). Encoding is not quite:
     the coordinates are a cuBLAS matmul, whose summation order differs from the CPU's, so a
@@ -226,12 +227,13 @@ def test_encode_feedback_cuda(spec, rows, hidden):
         check_encode_feedback(K, codec, x, feedback_debt(x, gen), 0, "cuda")
 
 
-def test_lowrank_encode_feedback_cuda():
+@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1"])
+def test_lowrank_encode_feedback_cuda(spec):
     """The coordinates are cuBLAS's (see test_lowrank_codec_cuda), so the payload may differ from
     the CPU's in a few bytes; the new debt is exactly the send minus what this payload decodes to."""
     hidden, rows = 4096, 300
-    gen = _gen("lowrank-feedback")
-    codec = make_codec("lowrank+fp4_e2m1/b32/e6m2/r4", lowrank_bases(hidden, 2, 4, gen))
+    gen = _gen("lowrank-feedback", spec)
+    codec = make_codec(spec, lowrank_bases(hidden, 2, parse_codec_spec(spec).rank, gen))
     x = lowrank_input(rows, codec.bases, 1, torch.bfloat16, gen)
     debt = feedback_debt(x, gen)
     got_debt = debt.cuda()

@@ -4,12 +4,20 @@ The row-parallel partial sums of a layer share a few directions from token to to
 Llama's consistently large channels are the visible part of them). A block codec spends its
 scale on a block's largest value, so a shared direction concentrated in a few channels sets
 the step of every block it touches. Here each rank projects a row on K calibrated orthonormal
-directions (its own: the basis depends on the source), sends the K coordinates in bf16, and
-block-codes the residual, whose blocks are then much flatter:
+directions (its own: the basis depends on the source), sends the K coordinates, and block-codes
+the residual, whose blocks are then much flatter:
 
     coef  = bf16(x @ B_s^T)                [rows, K]
+    c     = coef, or with `/c<element>` what coef's block payload decodes to (float32)
     resid = x - c_0 b_0 - c_1 b_1 - ...    float32, one direction at a time, in k order
-    row payload = [ block payload of resid ][ K coordinates, bf16 little-endian ]
+    row payload = [ block payload of resid ][ coordinates: K bf16 little-endian, or their payload ]
+
+Coded coordinates (`/c<element>`: the residual's block size and scale type, that element) cost
+4-8 bits each instead of 16, so many more directions fit the same bits; their coding error is
+not lost but lands in the residual, which the block codec then codes with the rest. At TP=8 a
+rank's partial sum of Gemma 3 270M lies in a 128-dimensional (attention) or 256-dimensional
+(MLP) subspace of its 640 channels (the rank's slice of the weight has that many columns), so
+tens of directions carry most of a row's energy.
 
 Decoding adds c_k b_k back the same way; a sum of n payloads adds the n decoded rows in index
 order from +0.0 (`Codec.decode_sum_f32`). The fused kernels do these float32 steps in the same
@@ -80,6 +88,7 @@ class LowRankCodec(Codec):
             raise ValueError(f"{spec}: the calibrated bases hold non-finite values")
         self.spec = spec
         self.block = BlockCodec(spec.base)
+        self.coords = None if spec.coord_spec is None else BlockCodec(spec.coord_spec)
         self.kernel_cost = self.LOWRANK_KERNEL_COST * self.block.kernel_cost
         self.bases = bases.to(torch.bfloat16).float().contiguous()  # see the module docstring
         self._on_device: dict[torch.device, torch.Tensor] = {}  # copies, made once per device
@@ -119,8 +128,27 @@ class LowRankCodec(Codec):
         """Bytes of the block part of a row (the coordinates follow)."""
         return self.block.row_bytes(hidden)
 
+    def coord_bytes(self) -> int:
+        """Bytes of a row's coordinates (the payload's tail)."""
+        k = self.spec.rank
+        return 2 * k if self.coords is None else self.coords.row_bytes(k)
+
+    def code_coordinates(self, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 coordinates [rows, K] -> (their bytes in the payload [rows, coord_bytes], the
+        float32 values the decoder will read back)."""
+        if self.coords is None:
+            return coef_bytes(coef), coef.float()
+        tail = self.coords.encode(coef)
+        return tail, self.coords.decode_f32(tail, self.spec.rank)
+
+    def coordinate_values(self, tail: torch.Tensor) -> torch.Tensor:
+        """The payload's tail [rows, coord_bytes] -> float32 coordinates [rows, K]."""
+        if self.coords is None:
+            return coef_values(tail).float()
+        return self.coords.decode_f32(tail, self.spec.rank)
+
     def row_bytes(self, hidden: int) -> int:
-        return self.block.row_bytes(hidden) + 2 * self.spec.rank
+        return self.block.row_bytes(hidden) + self.coord_bytes()
 
     def bits_per_value(self, hidden: int) -> float:
         return self.row_bytes(hidden) * 8 / hidden
@@ -128,11 +156,11 @@ class LowRankCodec(Codec):
     def encode(self, x: torch.Tensor, *, source: int = 0) -> torch.Tensor:
         self.check_input(x)
         basis = self.basis(source, x.device)
-        coef = coordinates(x, basis)
+        tail, coef = self.code_coordinates(coordinates(x, basis))
         resid = add_lowrank(x.float(), coef, basis, sign=-1.0)
-        return torch.cat([self.block.encode(resid), coef_bytes(coef)], dim=1)
+        return torch.cat([self.block.encode(resid), tail], dim=1)
 
     def decode_f32(self, payload: torch.Tensor, hidden: int, *, source: int = 0) -> torch.Tensor:
         n = self.data_bytes(hidden)
         v = self.block.decode_f32(payload[:, :n], hidden)
-        return add_lowrank(v, coef_values(payload[:, n:]), self.basis(source, payload.device))
+        return add_lowrank(v, self.coordinate_values(payload[:, n:]), self.basis(source, payload.device))

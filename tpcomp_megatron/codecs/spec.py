@@ -9,9 +9,11 @@ Grammar (parts separated by '/', order free after the first):
   travels in bf16, the rest as 4-bit codes with calibrated per-channel ranges.
 * Hybrid: ``outlier+<block spec>[/k<N>]``, e.g. ``outlier+fp4_e2m1/b32``: calibrated outlier
   channels in bf16, every other channel through the block codec.
-* Low-rank: ``lowrank+<block spec>[/r<K>]``, e.g. ``lowrank+fp4_e2m1/b32/e6m2/r4``: each row's
-  coordinates on K calibrated directions travel in bf16, the rest of the row through the block
-  codec (codecs/lowrank.py). Default K = 4.
+* Low-rank: ``lowrank+<block spec>[/r<K>][/c<element>]``, e.g. ``lowrank+fp4_e2m1/b32/e6m2/r4``:
+  each row's coordinates on K calibrated directions travel in bf16 or, with ``/c<element>``,
+  block-coded like the residual (same block size and scale type, that element format; K a
+  multiple of the block size), the rest of the row through the block codec (codecs/lowrank.py).
+  Default K = 4.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ E8M0_SCALES = ("e8m0", "e8m0up")
 OUTLIER_INT4 = "outlier_int4"
 HYBRID_PREFIX = "outlier+"
 LOWRANK_PREFIX = "lowrank+"
-MAX_RANK = 64
+MAX_RANK = 128
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,20 +90,40 @@ class OutlierSpec:
 @dataclass(frozen=True, kw_only=True)
 class LowRankSpec:
     """A block codec on what is left of each row after its projection on `rank` calibrated
-    directions; the row's `rank` coordinates travel in bf16."""
+    directions; the row's `rank` coordinates travel in bf16 (`coords` None) or block-coded with
+    element format `coords` and the base's block size and scale type."""
 
     base: BlockSpec
     rank: int = 4
+    coords: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
             raise ValueError(f"low-rank r{self.rank}: the rank must be an integer in [1, {MAX_RANK}]")
+        if self.coords is not None:
+            if self.coords not in FORMATS:
+                raise ValueError(f"unknown coordinate format c{self.coords!r}; valid: {sorted(FORMATS)}")
+            if self.rank % self.base.block:
+                raise ValueError(f"r{self.rank} with coded coordinates (/c{self.coords}): the rank must be a "
+                                 f"multiple of the block size {self.base.block}")
+
+    @property
+    def coord_spec(self) -> BlockSpec | None:
+        """How the coordinates are coded (None: bf16)."""
+        if self.coords is None:
+            return None
+        return BlockSpec(element=self.coords, block=self.base.block, scale=self.base.scale)
+
+    def coord_bits(self) -> float:
+        """Bits of one row's coordinates."""
+        per = 16.0 if self.coords is None else self.coord_spec.bits_per_value()
+        return per * self.rank
 
     def bits_per_value(self, hidden: int) -> float:
-        return self.base.bits_per_value() + 16.0 * self.rank / hidden
+        return self.base.bits_per_value() + self.coord_bits() / hidden
 
     def __str__(self) -> str:
-        return f"{LOWRANK_PREFIX}{self.base}/r{self.rank}"
+        return f"{LOWRANK_PREFIX}{self.base}/r{self.rank}" + ("" if self.coords is None else f"/c{self.coords}")
 
 
 CodecSpec = Union[BlockSpec, OutlierSpec, LowRankSpec]
@@ -116,7 +138,7 @@ _VALID = (
     "'none', '<element>[/b<block>][/<scale>]' (elements: "
     + ", ".join(sorted(FORMATS))
     + f"; blocks: {', '.join(map(str, BLOCK_SIZES))}; scales: e8m0, e8m0up, e6m2, bf16), "
-    "'outlier_int4[/k<N>]', 'outlier+<block spec>[/k<N>]' or 'lowrank+<block spec>[/r<K>]'"
+    "'outlier_int4[/k<N>]', 'outlier+<block spec>[/k<N>]' or 'lowrank+<block spec>[/r<K>][/c<element>]'"
 )
 
 
@@ -132,7 +154,7 @@ def parse_codec_spec(text: str) -> CodecSpec | None:
     prefix = HYBRID_PREFIX if hybrid else LOWRANK_PREFIX if lowrank else ""
     parts = s[len(prefix):].split("/")
     head, opts = parts[0], parts[1:]
-    block = scale = ratio = rank = None
+    block = scale = ratio = rank = coords = None
     for opt in opts:
         try:
             if opt in SCALE_BITS and scale is None:
@@ -143,6 +165,8 @@ def parse_codec_spec(text: str) -> CodecSpec | None:
                 ratio = int(opt[1:])
             elif opt.startswith("r") and rank is None:
                 rank = int(opt[1:])
+            elif opt.startswith("c") and coords is None and len(opt) > 1:
+                coords = opt[1:]
             else:
                 raise ValueError
         except ValueError:
@@ -150,6 +174,8 @@ def parse_codec_spec(text: str) -> CodecSpec | None:
     try:
         if rank is not None and not lowrank:
             raise ValueError("'/r<K>' (rank) needs the 'lowrank+' prefix")
+        if coords is not None and not lowrank:
+            raise ValueError("'/c<element>' (coordinate format) needs the 'lowrank+' prefix")
         if head == OUTLIER_INT4 and not prefix:
             if block is not None or scale is not None:
                 raise ValueError(f"{OUTLIER_INT4} has static per-channel scales: drop '/b..' and the scale type")
@@ -161,7 +187,7 @@ def parse_codec_spec(text: str) -> CodecSpec | None:
             if ratio is not None:
                 raise ValueError("'/k<N>' (outlier ratio) needs the 'outlier+' prefix")
             if lowrank:
-                return LowRankSpec(base=base, rank=4 if rank is None else rank)
+                return LowRankSpec(base=base, rank=4 if rank is None else rank, coords=coords)
             return base
     except ValueError as e:
         raise ValueError(f"invalid codec spec {text!r}: {e}; valid forms: {_VALID}") from None

@@ -16,7 +16,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from tpcomp_megatron.codecs.base import SUPPORTED_DTYPES, Codec
 from tpcomp_megatron.codecs.block import BlockCodec
-from tpcomp_megatron.codecs.lowrank import LowRankCodec, coef_bytes, coordinates
+from tpcomp_megatron.codecs.lowrank import LowRankCodec, coef_bytes, coef_values, coordinates
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
@@ -33,23 +33,24 @@ INTERPRETED = isinstance(_block._block_encode_kernel, InterpretedFunction)
 @torch.library.custom_op("tpcomp::block_encode", mutates_args=())
 def block_encode(x: Tensor, element: str, block: int, scale: str, data_bytes: int, slot: Optional[Tensor],
                  first: Optional[Tensor], chan: Optional[Tensor], window_max: List[int], slots_off: int,
-                 row_bytes: int, coef: Optional[Tensor] = None, basis: Optional[Tensor] = None) -> Tensor:
+                 row_bytes: int, coef: Optional[Tensor] = None, basis: Optional[Tensor] = None,
+                 tail: Optional[Tensor] = None) -> Tensor:
     """Block codec, or hybrid when the outlier tables (slot, first, chan, window_max) are given,
-    or low-rank when the coordinates `coef` and the `basis` are (they are also stored, at
-    `slots_off`)."""
+    or low-rank when the coordinates (`coef`: float32 values, `tail`: their bytes, stored at
+    `slots_off`) and the `basis` are."""
     out = torch.empty(x.shape[0], row_bytes, dtype=torch.uint8, device=x.device)
     _block.launch_block_encode(x, out, element=element, block=block, scale=scale, data_bytes=data_bytes,
                                outliers=_outliers(slot, first, chan, window_max), slots_off=slots_off,
                                lowrank=None if coef is None else (coef, basis))
     if coef is not None:
-        out[:, slots_off:] = coef_bytes(coef)
+        out[:, slots_off:] = tail
     return out
 
 
 @torch.library.custom_op("tpcomp::block_encode_feedback", mutates_args=("debt",))
 def block_encode_feedback(x: Tensor, debt: Tensor, element: str, block: int, scale: str, data_bytes: int,
                           slots_off: int, row_bytes: int, coef: Optional[Tensor] = None,
-                          basis: Optional[Tensor] = None) -> Tensor:
+                          basis: Optional[Tensor] = None, tail: Optional[Tensor] = None) -> Tensor:
     """Block or low-rank encode of x + debt (error feedback); `debt` becomes x + debt minus what
     the payload decodes to, in the same pass."""
     out = torch.empty(x.shape[0], row_bytes, dtype=torch.uint8, device=x.device)
@@ -57,12 +58,12 @@ def block_encode_feedback(x: Tensor, debt: Tensor, element: str, block: int, sca
                                outliers=None, slots_off=slots_off,
                                lowrank=None if coef is None else (coef, basis), debt=debt)
     if coef is not None:
-        out[:, slots_off:] = coef_bytes(coef)
+        out[:, slots_off:] = tail
     return out
 
 
 @block_encode_feedback.register_fake
-def _(x, debt, element, block, scale, data_bytes, slots_off, row_bytes, coef=None, basis=None):
+def _(x, debt, element, block, scale, data_bytes, slots_off, row_bytes, coef=None, basis=None, tail=None):
     return x.new_empty((x.shape[0], row_bytes), dtype=torch.uint8)
 
 
@@ -71,31 +72,35 @@ def _outliers(slot, first, chan, window_max):
 
 
 @block_encode.register_fake
-def _(x, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, row_bytes, coef=None, basis=None):
+def _(x, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, row_bytes, coef=None, basis=None,
+      tail=None):
     return x.new_empty((x.shape[0], row_bytes), dtype=torch.uint8)
 
 
 @torch.library.custom_op("tpcomp::block_decode", mutates_args=())
 def block_decode(payloads: Tensor, hidden: int, element: str, block: int, scale: str, data_bytes: int,
                  slot: Optional[Tensor], first: Optional[Tensor], chan: Optional[Tensor], window_max: List[int],
-                 slots_off: int, mode: str, dtype: torch.dtype, bases: Optional[Tensor] = None) -> Tensor:
+                 slots_off: int, mode: str, dtype: torch.dtype, bases: Optional[Tensor] = None,
+                 coefs: Optional[Tensor] = None) -> Tensor:
     """mode 'sum' -> [rows, hidden], 'each' -> [n * rows, hidden], 'encode' -> payload.
-    `bases` [n, K, hidden]: low-rank payloads (mode 'each' then needs n == 1 or one basis)."""
+    `bases` [n, K, hidden] and `coefs` float32 [n, rows, K] (the coordinates, decoded): low-rank
+    payloads (mode 'each' then needs n == 1 or one basis)."""
     n, rows, row_bytes = payloads.shape
     out = _decode_out(payloads, hidden, mode, dtype)
     if mode == "each":  # no sources to tell apart: decode one payload of n * rows rows
         payloads = payloads.view(1, n * rows, row_bytes)
         bases = None if bases is None else bases[:1]
+        coefs = None if coefs is None else coefs.reshape(1, n * rows, coefs.shape[-1])
     _block.launch_block_decode(payloads, out, hidden=hidden, element=element, block=block, scale=scale,
                                data_bytes=data_bytes, outliers=_outliers(slot, first, chan, window_max),
                                slots_off=slots_off,
-                               encode=mode == "encode", each=mode == "each", bases=bases)
+                               encode=mode == "encode", each=mode == "each", bases=bases, coefs=coefs)
     return out
 
 
 @block_decode.register_fake
 def _(payloads, hidden, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, mode, dtype,
-      bases=None):
+      bases=None, coefs=None):
     return _decode_out(payloads, hidden, mode, dtype)
 
 
@@ -212,8 +217,9 @@ def encode(codec: Codec, x: Tensor, *, source: int) -> Tensor:
         return torch.ops.tpcomp.static_encode(x, t.lo, t.inv, t.chan, source_row(source, t.sources))
     if isinstance(codec, LowRankCodec):  # coordinates by one matmul, the rest in the block kernel
         basis = codec.basis(source, x.device)
+        tail, coef = _code_coordinates(codec, coordinates(x, basis))
         return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden),
-                                             coordinates(x, basis), basis)
+                                             coef, basis, tail)
     return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
 
 
@@ -239,8 +245,29 @@ def encode_feedback(codec: Codec, x: Tensor, debt: Tensor, *, source: int) -> Te
     args = (element, block, scale, data_bytes, slots_off, codec.row_bytes(hidden))
     if isinstance(codec, LowRankCodec):  # the coordinates are those of x + debt (one matmul)
         basis = codec.basis(source, x.device)
-        return torch.ops.tpcomp.block_encode_feedback(x, debt, *args, coordinates(x.float() + debt, basis), basis)
+        tail, coef = _code_coordinates(codec, coordinates(x.float() + debt, basis))
+        return torch.ops.tpcomp.block_encode_feedback(x, debt, *args, coef, basis, tail)
     return torch.ops.tpcomp.block_encode_feedback(x, debt, *args)
+
+
+def _code_coordinates(codec: LowRankCodec, coef: Tensor) -> tuple[Tensor, Tensor]:
+    """bf16 coordinates [rows, K] -> (their bytes in the payload, the float32 values the decoder
+    reads back): `LowRankCodec.code_coordinates` through the block kernels."""
+    if codec.coords is None:
+        return coef_bytes(coef), coef.float()
+    tail = encode(codec.coords, coef, source=0)
+    return tail, decode_each(codec.coords, tail.unsqueeze(0), codec.spec.rank, sources=[0], dtype=torch.float32)
+
+
+def _coordinate_values(codec: LowRankCodec, payloads: Tensor, slots_off: int) -> Tensor:
+    """The coordinates of payloads [n, rows, row_bytes] (their tails), float32 [n, rows, K]."""
+    n, rows, _ = payloads.shape
+    tails = payloads[:, :, slots_off:].contiguous()
+    if codec.coords is None:
+        return coef_values(tails).float()
+    k = codec.spec.rank
+    flat = decode_each(codec.coords, tails.view(1, n * rows, -1), k, sources=[0], dtype=torch.float32)
+    return flat.view(n, rows, k)
 
 
 def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,
@@ -249,13 +276,15 @@ def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources:
     the full rows' coordinates first, so 'encode' is a decode in float32 and an encode."""
     bases = codec.source_bases(sources, payloads.device).contiguous()
     args = _block_args(codec, hidden, payloads.device)
+    coefs = _coordinate_values(codec, payloads, args[-1])
     if mode == "each" and len(set(sources)) > 1:
-        return torch.cat([torch.ops.tpcomp.block_decode(payloads[i:i + 1], hidden, *args, "each", dtype, bases[i:i + 1])
+        return torch.cat([torch.ops.tpcomp.block_decode(payloads[i:i + 1], hidden, *args, "each", dtype, bases[i:i + 1],
+                                                        coefs[i:i + 1])
                           for i in range(payloads.shape[0])])
     if mode == "encode":
-        out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32, bases)
+        out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32, bases, coefs)
         return encode(codec, out, source=out_source)
-    return torch.ops.tpcomp.block_decode(payloads, hidden, *args, mode, dtype, bases)
+    return torch.ops.tpcomp.block_decode(payloads, hidden, *args, mode, dtype, bases, coefs)
 
 
 def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,

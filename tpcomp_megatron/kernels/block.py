@@ -11,9 +11,11 @@ decode sums the slots as [R, KT] and overwrites the outlier channels of the outp
 (ENCODE) requantizes them into the slots. No per-element gather or scatter.
 
 Low-rank (`LOWRANK` = K > 0, codecs/lowrank.py): encode subtracts c_k * b_k for k = 0..K-1 from
-the tile before its scales are taken (c: the row's bf16 coordinates, computed beforehand by one
-matmul; b: the source's basis rows); decode adds them back per source, the coordinates read from
-the payload's tail (at `slots_off`). Same order of float32 operations as the reference, no FMA.
+the tile before its scales are taken (c: the row's float32 coordinates as the decoder will see
+them, computed beforehand: one matmul, and for coded coordinates their block encode and decode;
+b: the source's basis rows); decode adds them back per source, the coordinates decoded
+beforehand from the payloads' tails into a float32 [n, rows, K] tensor. Same order of float32
+operations as the reference, no FMA. The k loop is a runtime loop: K goes up to 128.
 """
 
 from __future__ import annotations
@@ -82,10 +84,10 @@ def _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T: tl.constexpr, KT: tl.co
 
 
 @triton.jit
-def _lowrank_term(v, coef_bits, basis_ptr, c, hidden, SIGN: tl.constexpr):
-    """v + SIGN * c * b for one direction: c [R, 1] bf16 bits, b the basis row at columns c."""
+def _lowrank_term(v, coef, basis_ptr, c, hidden, SIGN: tl.constexpr):
+    """v + SIGN * c * b for one direction: c [R, 1] float32, b the basis row at columns c."""
     b = tl.load(basis_ptr + c, mask=c < hidden, other=0.0)
-    cb = _bf16_bits_to_f32(coef_bits) * b
+    cb = coef * b
     return v + cb if SIGN > 0 else v - cb
 
 
@@ -111,9 +113,9 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr
         x = x + tl.load(debt_ptr + r * hidden + c, mask=m, other=0.0)
     send = x
     row_off = r * row_bytes
-    for k in tl.static_range(LOWRANK):  # the residual x - sum_k c_k b_k, in k order
-        cbits = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0).to(tl.int32) & 0xFFFF
-        x = _lowrank_term(x, cbits, basis_ptr + k * hidden, c, hidden, -1)
+    for k in range(LOWRANK):  # the residual x - sum_k c_k b_k, in k order
+        cv = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0.0)
+        x = _lowrank_term(x, cv, basis_ptr + k * hidden, c, hidden, -1)
     if OUTLIERS:
         is_o, j, jm = _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T, KT)
         # the tile's outlier values, re-read from cache, go to their slots (contiguous per row)
@@ -132,14 +134,15 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr
                                        BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT, LEVELS)
     if FEEDBACK:  # the new debt: send minus what the payload decodes to, as the decode kernel forms it
         v = _decode_block_tile(codes, stored, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL, LEVELS)
-        for k in tl.static_range(LOWRANK):
-            cbits = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0).to(tl.int32) & 0xFFFF
-            v = _lowrank_term(v, cbits, basis_ptr + k * hidden, c, hidden, 1)
+        for k in range(LOWRANK):
+            cv = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0.0)
+            v = _lowrank_term(v, cv, basis_ptr + k * hidden, c, hidden, 1)
         tl.store(debt_ptr + r * hidden + c, send - v, mask=m)
 
 
 @triton.jit
-def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_ptr, rows, hidden, row_bytes, data_bytes,
+def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_ptr, coef_ptr, rows, hidden, row_bytes,
+                         data_bytes,
                          slots_off, src_stride, LOWRANK: tl.constexpr, N: tl.constexpr, EACH: tl.constexpr,
                          ENCODE: tl.constexpr,
                          OUT_KIND: tl.constexpr,
@@ -171,9 +174,9 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_pt
         stored = _load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB)
         v = _decode_block_tile(tl.reshape(codes, [R, T // B, B]), stored, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL,
                                LEVELS)
-        for k in tl.static_range(LOWRANK):  # source i's low-rank part, in k order
-            cbits = _load_bf16_slots(p_ptr, off + slots_off + 2 * k, row_mask, EVEN)
-            v = _lowrank_term(v, cbits, basis_ptr + (i * LOWRANK + k) * hidden, c, hidden, 1)
+        for k in range(LOWRANK):  # source i's low-rank part, in k order
+            cv = tl.load(coef_ptr + ((r * 0 + i) * rows + r) * LOWRANK + k, mask=row_mask, other=0.0)
+            v = _lowrank_term(v, cv, basis_ptr + (i * LOWRANK + k) * hidden, c, hidden, 1)
         if OUTLIERS:
             ov = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, off + slots_off + 2 * j, row_mask & jm, EVEN))
             osum = ov if EACH else osum + ov
@@ -237,7 +240,7 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
                         data_bytes: int, outliers, slots_off: int, lowrank=None, debt: torch.Tensor | None = None,
                         tiles: Tiles | None = None) -> None:
     """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `lowrank` = (coordinates
-    bf16 [rows, K], basis float32 [K, hidden]): code x minus its low-rank part. `debt` float32
+    float32 [rows, K], basis float32 [K, hidden]): code x minus its low-rank part. `debt` float32
     [rows, hidden] (error feedback, not with outliers): code x + debt, and overwrite debt with
     x + debt minus what the payload decodes to. `tiles` overrides the tile policy
     (tools/bench_kernels.py --tune)."""
@@ -250,8 +253,10 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
     tiles = tiles or _choose(rows, hidden, block, x.is_cuda, outliers, lowrank is not None)
     ptrs, kt = _outlier_args(outliers, tiles, out)
     coef, basis = lowrank if lowrank is not None else (out, out)
+    if lowrank is not None and (coef.dtype != torch.float32 or not coef.is_contiguous() or coef.shape[0] != rows):
+        raise ValueError(f"low-rank encode: contiguous float32 coordinates [{rows}, K]; got {coef.dtype} {tuple(coef.shape)}")
     _block_encode_kernel[_grid(rows, hidden, tiles)](
-        x, out, *ptrs, coef.view(torch.int16) if lowrank is not None else coef, basis, out if debt is None else debt,
+        x, out, *ptrs, coef, basis, out if debt is None else debt,
         rows, hidden, out.shape[1], data_bytes, slots_off, LOWRANK=0 if lowrank is None else coef.shape[1],
         FEEDBACK=debt is not None,
         IN_BF16=x.dtype == torch.bfloat16, IN_F16=x.dtype == torch.float16, OUTLIERS=outliers is not None,
@@ -263,20 +268,24 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
 def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: int, element: str,
                         block: int, scale: str, data_bytes: int, outliers,
                         slots_off: int, encode: bool, each: bool = False, bases: torch.Tensor | None = None,
-                        tiles: Tiles | None = None) -> None:
+                        coefs: torch.Tensor | None = None, tiles: Tiles | None = None) -> None:
     """payloads [n, rows, row_bytes] -> out [rows, hidden] (float dtypes) or, with `encode`,
-    the requantized sum [rows, row_bytes] uint8. `bases` float32 [n, K, hidden]: low-rank
-    payloads, whose K bf16 coordinates sit at `slots_off` (`encode` not supported)."""
-    if bases is not None and (encode or bases.shape[0] != payloads.shape[0]):
-        raise ValueError("low-rank decode: one basis per payload, and no requantization in the kernel")
+    the requantized sum [rows, row_bytes] uint8. `bases` float32 [n, K, hidden] and `coefs`
+    float32 [n, rows, K] (decoded from the payloads' tails): low-rank payloads (`encode` not
+    supported)."""
     n, rows, row_bytes = payloads.shape
+    if bases is not None and (encode or bases.shape[0] != n or coefs is None or coefs.dtype != torch.float32
+                              or tuple(coefs.shape) != (n, rows, bases.shape[1]) or not coefs.is_contiguous()):
+        raise ValueError("low-rank decode: one basis per payload, contiguous float32 coordinates [n, rows, K], "
+                         "and no requantization in the kernel")
     if rows == 0:
         return
     tiles = tiles or _choose(rows, hidden, block, payloads.is_cuda, outliers, bases is not None)
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
     ptrs, kt = _outlier_args(outliers, tiles, payloads)
     _block_decode_kernel[_grid(rows, hidden, tiles)](
-        payloads, dst, *ptrs, payloads if bases is None else bases, rows, hidden, row_bytes, data_bytes,
+        payloads, dst, *ptrs, payloads if bases is None else bases, payloads if coefs is None else coefs, rows,
+        hidden, row_bytes, data_bytes,
         slots_off, rows * row_bytes, LOWRANK=0 if bases is None else bases.shape[1], N=n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out),
         OUTLIERS=outliers is not None, KT=kt, EVEN=slots_even(payloads, slots_off) and (not encode or slots_even(out, slots_off)),
         I64=needs_int64(payloads.numel(), out.numel()),

@@ -3,7 +3,7 @@
 Statistics follow `tpcomp_megatron.calibration`: per layer, per-channel min and max of every rank's
 partial sum and, in the last row, of the full (reduced) sum, `[tp + 1, hidden]` float32, and a
 sketch of their leading directions (the low-rank codecs' bases). They do not depend on the outlier
-rule, ratio or rank, so one file serves every (rule, k) and every rank up to SKETCH_ROWS:
+rule, ratio or rank, so one file serves every (rule, k) and every rank up to its directions:
 `reselect` derives the channels for another choice from the same statistics.
 """
 
@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..calibration import RULES, Calibration, load_calibration, select_outlier_channels, sketch_basis, sketch_rows
+from ..calibration import (RULES, SKETCH_ROWS, Calibration, load_calibration, select_outlier_channels, sketch_basis,
+                           sketch_rows)
 from ..codecs import OutlierSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec
 from ..codecs.base import Codec
 from .simtp import exact_sum
@@ -28,7 +29,8 @@ class PartialSumStats:
     `update` and `set_sketch`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, directions: int = SKETCH_ROWS) -> None:
+        self.directions = directions
         self.min: dict[str, torch.Tensor] = {}
         self.max: dict[str, torch.Tensor] = {}
         self.sketches: dict[str, torch.Tensor] = {}
@@ -36,15 +38,15 @@ class PartialSumStats:
     def __call__(self, name: str, partials: torch.Tensor) -> None:
         stacked = torch.cat([partials.float(), exact_sum(partials).unsqueeze(0)])
         self.update(name, stacked.amin(dim=1), stacked.amax(dim=1))
-        self.sketches[name] = sketch_rows(self.sketches.get(name), stacked)
+        self.sketches[name] = sketch_rows(self.sketches.get(name), stacked, self.directions)
 
     def set_sketch(self, name: str, sketch: torch.Tensor) -> None:
         """A finished sketch `[sources, rows, hidden]` of one layer (real ranks sketch their own)."""
         self.sketches[name] = sketch.detach().float().cpu()
 
     def bases(self) -> dict[str, torch.Tensor]:
-        """Orthonormal directions per layer, `[sources, SKETCH_ROWS, hidden]`."""
-        return {n: sketch_basis(s) for n, s in sorted(self.sketches.items())}
+        """Orthonormal directions per layer, `[sources, directions, hidden]`."""
+        return {n: sketch_basis(s, self.directions) for n, s in sorted(self.sketches.items())}
 
     def update(self, name: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Merge per-source extremes `[sources, hidden]` into the running ones."""

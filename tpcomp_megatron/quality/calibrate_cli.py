@@ -8,7 +8,7 @@ exactly the partial sums Megatron's ranks form, head-aligned) or on real gloo ra
 converted Megatron model (`--real-ranks`), collects per-layer, per-rank, per-channel min/max of the
 row-parallel partial sums (and of the reduced sum) and a sketch of their leading directions,
 selects k = ceil(hidden / ratio) outlier channels per layer with `--rule` and the bases of the
-low-rank codecs (`lowrank+...`, up to rank 32), and writes a calibration file (safetensors + JSON
+low-rank codecs (`lowrank+...`, up to rank `--directions`, default 64, at most 128), and writes a calibration file (safetensors + JSON
 metadata: model, TP size, layer names, codec, text). The statistics serve every rule, ratio and
 rank: the evaluation re-selects channels from them when asked for another.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import RULES, Calibration, save_calibration
+from ..calibration import RULES, SKETCH_ROWS, Calibration, save_calibration
+from ..codecs.spec import MAX_RANK
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +51,8 @@ class CalibrateConfig:
     """Collect on real gloo ranks (converted Megatron model) instead of simulated TP."""
     threads: int = 1
     """torch threads for the simulated run (the machine is shared)."""
+    directions: int = SKETCH_ROWS
+    """Low-rank directions kept per source and layer: the largest rank the file serves."""
 
     def __post_init__(self) -> None:
         if not self.tp or any(not isinstance(t, int) or t < 2 for t in self.tp):
@@ -64,17 +67,19 @@ class CalibrateConfig:
             raise ValueError(f"--ratio must be >= 2, got {self.ratio}")
         if self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if not 1 <= self.directions <= MAX_RANK:
+            raise ValueError(f"--directions must be in [1, {MAX_RANK}] (the largest low-rank rank), got {self.directions}")
 
     def path(self, tp: int) -> Path:
         return Path(self.output.replace("{tp}", str(tp)))
 
 
-def collect_simulated(model, windows, tp: int):
+def collect_simulated(model, windows, tp: int, directions: int = SKETCH_ROWS):
     from .calib import PartialSumStats
     from .simtp import SimulatedTP
 
     sim = SimulatedTP(model)
-    stats = PartialSumStats()
+    stats = PartialSumStats(directions)
     try:
         with torch.no_grad(), sim.session(tp=tp, observer=stats):
             for i in range(windows.inputs.shape[0]):
@@ -84,14 +89,14 @@ def collect_simulated(model, windows, tp: int):
     return stats
 
 
-def collect_real(hf_folder: Path, model_id: str, windows, tp: int):
+def collect_real(hf_folder: Path, model_id: str, windows, tp: int, directions: int = SKETCH_ROWS):
     from ..testing import run_ranks
     from .calib import PartialSumStats
     from .realtp import convert_checkpoint, rank_statistics
 
     ckpt = convert_checkpoint(hf_folder, tp, model_id=model_id)
-    per_rank = run_ranks(rank_statistics, tp, str(ckpt), windows, timeout_s=3600, pg_timeout_s=600)
-    stats = PartialSumStats()
+    per_rank = run_ranks(rank_statistics, tp, str(ckpt), windows, directions, timeout_s=3600, pg_timeout_s=600)
+    stats = PartialSumStats(directions)
     for name in per_rank[0]:
         lo = torch.stack([r[name][0] for r in per_rank] + [per_rank[0][name][2]])
         hi = torch.stack([r[name][1] for r in per_rank] + [per_rank[0][name][3]])
@@ -113,9 +118,9 @@ def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
         t0 = time.perf_counter()
         if cfg.real_ranks:
             folder = model_folder(cfg.model)
-            stats = collect_real(folder, model_id, windows, tp)
+            stats = collect_real(folder, model_id, windows, tp, cfg.directions)
         else:
-            stats = collect_simulated(model, windows, tp)
+            stats = collect_simulated(model, windows, tp, cfg.directions)
         cal = build_calibration(stats.as_dict(), bases=stats.bases(), model=model_id, tp=tp, ratio=cfg.ratio, rule=cfg.rule, tokens=cfg.tokens, text=windows.description,
                                 source="real_ranks" if cfg.real_ranks else "simulated")
         path = cfg.path(tp)
@@ -155,9 +160,12 @@ def parse_args(argv: list[str] | None = None) -> CalibrateConfig:
     ap.add_argument("--rule", default="range_sum", choices=RULES)
     ap.add_argument("--real-ranks", action="store_true", help="collect on real gloo ranks (Megatron model)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--directions", type=int, default=SKETCH_ROWS,
+                    help="low-rank directions kept per source and layer (the largest lowrank+ rank served)")
     a = ap.parse_args(argv)
     return CalibrateConfig(model=a.model, tp=tuple(a.tp), output=a.output, text=a.text, tokens=a.tokens,
-                           seq_len=a.seq_len, ratio=a.ratio, rule=a.rule, real_ranks=a.real_ranks, threads=a.threads)
+                           seq_len=a.seq_len, ratio=a.ratio, rule=a.rule, real_ranks=a.real_ranks, threads=a.threads,
+                           directions=a.directions)
 
 
 def main(argv: list[str] | None = None) -> int:

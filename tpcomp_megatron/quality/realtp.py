@@ -81,17 +81,21 @@ def rank_partial_sums(rank: int, world: int, ckpt: str, tokens: torch.Tensor) ->
     return out
 
 
-def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows) -> dict[str, tuple[torch.Tensor, ...]]:
+def rank_statistics(rank: int, world: int, ckpt: str, windows: TokenWindows,
+                    directions: int | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
     """Per layer: (min, max) of this rank's partial sums and (min, max) of the reduced output,
-    per channel, over every window, then the direction sketches `[1, rows, hidden]` of both."""
-    from ..calibration import sketch_rows
+    per channel, over every window, then the direction sketches `[1, <= directions, hidden]` of
+    both (default `SKETCH_ROWS`)."""
+    from ..calibration import SKETCH_ROWS, sketch_rows
+
+    keep = directions or SKETCH_ROWS
 
     stats: dict[str, list[torch.Tensor]] = {}
     sketches: dict[str, list[torch.Tensor | None]] = {}
 
     def sketch(name: str, i: int, rows: torch.Tensor) -> None:
         s = sketches.setdefault(name, [None, None])
-        s[i] = sketch_rows(s[i], rows.unsqueeze(0))
+        s[i] = sketch_rows(s[i], rows.unsqueeze(0), keep)
 
     def merge(name: str, i: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         s = stats.setdefault(name, [None] * 4)
