@@ -98,7 +98,7 @@ def capture(model_name: str, tp: int, text: str, seq_len: int) -> dict[str, torc
 def model_sets(model_name: str, calibration: str, args) -> dict[str, torch.Tensor]:
     """The model's pooled blocks with ('<model> lowrank') and without ('<model>') their rank-4 part."""
     from tpcomp_megatron.calibration import load_calibration
-    from tpcomp_megatron.codecs.lowrank import add_lowrank, coordinates
+    from tpcomp_megatron.codecs.lowrank import coordinates, lowrank_sum
     from tpcomp_megatron.quality.calib import layer_codecs
 
     partials = capture(model_name, args.tp, args.text, args.seq_len)
@@ -108,7 +108,7 @@ def model_sets(model_name: str, calibration: str, args) -> dict[str, torch.Tenso
         for r, x in enumerate(p[:, 1:].float()):
             basis = codecs[name].basis(r, x.device)
             plain.append(x)
-            lowrank.append(add_lowrank(x, coordinates(x, basis), basis, -1.0))
+            lowrank.append(x - lowrank_sum(coordinates(x, basis)[None], basis[None]))
     return {f"{model_name} lowrank": torch.cat([normalized_blocks(x, args.block) for x in lowrank]),
             model_name: torch.cat([normalized_blocks(x, args.block) for x in plain])}
 

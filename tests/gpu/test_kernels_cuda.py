@@ -187,9 +187,9 @@ def test_ops_dispatch_cuda(spec):
 @pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r8",
                                   "lowrank+lloyd3/b32/e6m2/r128/cfp4_e2m1", "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1"])
 def test_lowrank_codec_cuda(spec):
-    """Decoding is bit for bit (the coordinates come from the payload). Encoding is not quite:
-    the coordinates are a cuBLAS matmul, whose summation order differs from the CPU's, so a
-    coordinate, and then a code, may round the other way: a few payload bytes in a thousand."""
+    """Encoding and decoding run their matmuls through cuBLAS (coordinates, low-rank parts), which
+    sums in another order than the CPU: a coordinate, and then a code, may round the other way (a
+    few payload bytes in a thousand), and decoded values may differ in the last bits."""
     hidden, rows, world = 4096, 300, 3
     gen = _gen(spec)
     codec = make_codec(spec, lowrank_bases(hidden, world, parse_codec_spec(spec).rank, gen))
@@ -200,10 +200,10 @@ def test_lowrank_codec_cuda(spec):
     assert (got != want).float().mean() < 3e-3
     pd = want.cuda()
     for dtype in (torch.bfloat16, torch.float32):
-        assert same(K.decode_sum(codec, pd, hidden, sources=srcs, dtype=dtype), codec.decode_sum(want, hidden, srcs, dtype=dtype))
+        assert close(K.decode_sum(codec, pd, hidden, sources=srcs, dtype=dtype), codec.decode_sum(want, hidden, srcs, dtype=dtype))
         each = torch.cat([codec.decode(q, hidden, source=s, dtype=dtype) for q, s in zip(want, srcs)])
-        assert same(K.decode_each(codec, pd, hidden, sources=srcs, dtype=dtype), each)
-    # graph capture of encode + decode_sum (the coordinates' matmul and both kernels)
+        assert close(K.decode_each(codec, pd, hidden, sources=srcs, dtype=dtype), each)
+    # graph capture of encode + decode_sum (the matmuls and the kernels)
     x = xs[0].cuda()
     K.encode(codec, x, source=0)  # warm up
     g = torch.cuda.CUDAGraph()
@@ -214,6 +214,18 @@ def test_lowrank_codec_cuda(spec):
     g.replay()
     assert torch.equal(p, K.encode(codec, x, source=0))
     assert same(y, K.decode_sum(codec, p.unsqueeze(0), hidden, sources=[0], dtype=torch.float32))  # NaN rows too
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """NaN where the reference has NaN; elsewhere within 1e-5 of the row's largest magnitude plus
+    one unit in the last place of the output dtype (a last-bit difference in float32 may round a
+    bf16 output the other way)."""
+    got, want = got.cpu().float(), want.cpu().float()
+    if got.shape != want.shape or not torch.equal(torch.isnan(got), torch.isnan(want)):
+        return False
+    g, w = torch.nan_to_num(got), torch.nan_to_num(want)
+    tol = 1e-5 * w.abs().amax(dim=-1, keepdim=True) + 2 ** -7 * w.abs()
+    return bool(((g - w).abs() <= tol).all())
 
 
 @pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2", "lloyd3/b32/e6m2", "fp6_e2m3/b32/e8m0",
@@ -240,7 +252,11 @@ def test_lowrank_encode_feedback_cuda(spec):
     payload = K.encode_feedback(codec, x.cuda(), got_debt, source=1).cpu()
     send = x.float() + debt
     assert (payload != codec.encode(send, source=1)).float().mean() < 3e-3
-    assert same(got_debt, send - codec.decode_f32(payload, hidden, source=1))
+    # the debt is the send minus what the payload decodes to, the low-rank part being cuBLAS's
+    got_back = send - got_debt.cpu()
+    want_back = codec.decode_f32(payload, hidden, source=1)
+    assert close(got_back, want_back)
+    assert same(got_debt, send - K.decode_each(codec, payload.cuda()[None], hidden, sources=[1], dtype=torch.float32).cpu())
 
 
 def test_encode_feedback_graph_replay():

@@ -9,7 +9,7 @@ the residual, whose blocks are then much flatter:
 
     coef  = bf16(x @ B_s^T)                [rows, K]
     c     = coef, or with `/c<element>` what coef's block payload decodes to (float32)
-    resid = x - c_0 b_0 - c_1 b_1 - ...    float32, one direction at a time, in k order
+    resid = x - c @ B_s                     float32 (one float32 matmul)
     row payload = [ block payload of resid ][ coordinates: K bf16 little-endian, or their payload ]
 
 Coded coordinates (`/c<element>`: the residual's block size and scale type, that element) cost
@@ -19,12 +19,17 @@ rank's partial sum of Gemma 3 270M lies in a 128-dimensional (attention) or 256-
 (MLP) subspace of its 640 channels (the rank's slice of the weight has that many columns), so
 tens of directions carry most of a row's energy.
 
-Decoding adds c_k b_k back the same way; a sum of n payloads adds the n decoded rows in index
-order from +0.0 (`Codec.decode_sum_f32`). The fused kernels do these float32 steps in the same
-order (no FMA), so they match the reference bit for bit on the same coordinates; only the
-coordinates' matmul (x @ B^T, a bf16 matmul for bf16 input, float32 otherwise) may round
-differently on the GPU, where cuBLAS sums in another order. Bases are rounded to bf16 once, at
-construction, so that bf16 matmul uses exactly the directions the decoder adds back.
+Decoding adds c @ B_s back. A sum of n payloads adds the n block parts in index order from +0.0,
+then all low-rank parts at once, as one matmul of the n sources' coordinates side by side
+`[rows, n K]` with their bases stacked `[n K, hidden]` (`lowrank_sum`): on the GPU that is one
+tensor-core GEMM (a loop over directions in the kernel was 100x slower at K = 128). The fused
+kernels take that matmul's float32 result and do the other steps in the reference's order, so
+on the CPU (the interpreter) they match it bit for bit. On the GPU the matmuls are cuBLAS's,
+which sum in another order: decoded values may differ from the CPU's in the last bits, and a
+coordinate, and so a code, may round the other way. Bases are rounded to bf16 once, at
+construction; coordinates that bf16 holds exactly (bf16 ones, or coded with a floating-point
+element and a power-of-two or E6M2 scale: `coords_exact_in_bf16`) go through a bf16 GEMM with
+float32 output on the GPU, which computes the same products as float32.
 
 Bases come from a calibration file (`Calibration.bases`, the leading right singular vectors of
 each source's row-normalized partial sums: `tpcomp-calibrate`), one set per rank and one for the
@@ -52,13 +57,12 @@ def coordinates(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (x.to(dt) @ basis.to(dt).T).to(torch.bfloat16)
 
 
-def add_lowrank(v: torch.Tensor, coef: torch.Tensor, basis: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-    """v [rows, hidden] float32 + sign * sum_k coef[:, k] * basis[k], one k at a time (the
-    kernels' order; a matmul would sum in its own)."""
-    for k in range(basis.shape[0]):
-        term = coef[:, k:k + 1].float() * basis[k]
-        v = v + term if sign > 0 else v - term
-    return v
+def lowrank_sum(coefs: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """sum_i coefs[i] @ bases[i], float32 [rows, hidden], as ONE float32 matmul of the
+    coordinates side by side (`coefs` [n, rows, K]) with the bases stacked (`bases` [n, K, hidden])."""
+    n, rows, k = coefs.shape
+    side = coefs.float().permute(1, 0, 2).reshape(rows, n * k)
+    return side @ bases.float().reshape(n * k, -1)
 
 
 def coef_bytes(coef: torch.Tensor) -> torch.Tensor:
@@ -69,6 +73,20 @@ def coef_bytes(coef: torch.Tensor) -> torch.Tensor:
 def coef_values(tail: torch.Tensor) -> torch.Tensor:
     """uint8 [..., rows, 2K] -> bf16 [..., rows, K]."""
     return tail.contiguous().view(torch.bfloat16)
+
+
+def _exact_in_bf16(spec) -> bool:
+    """Whether every decoded value of block spec `spec` (an element level times a scale) has at
+    most bf16's 8 significant bits: floating-point and small integer elements with a
+    power-of-two or E6M2 scale; not codebooks (12-bit levels) nor bf16 scales."""
+    from .formats import FORMATS
+
+    fmt = FORMATS[spec.element]
+    if fmt.is_codebook:
+        return False
+    element = fmt.mbits + 1 if fmt.ebits else fmt.bits - 1
+    scale = {"e8m0": 1, "e8m0up": 1, "e6m2": 3}.get(spec.scale, 8)
+    return element + scale <= 8
 
 
 class LowRankCodec(Codec):
@@ -89,6 +107,8 @@ class LowRankCodec(Codec):
         self.spec = spec
         self.block = BlockCodec(spec.base)
         self.coords = None if spec.coord_spec is None else BlockCodec(spec.coord_spec)
+        self.coords_exact_in_bf16 = spec.coord_spec is None or _exact_in_bf16(spec.coord_spec)
+        """Whether every coordinate value the decoder reads is a bf16 number (the GPU's bf16 GEMM)."""
         self.kernel_cost = self.LOWRANK_KERNEL_COST * self.block.kernel_cost
         self.bases = bases.to(torch.bfloat16).float().contiguous()  # see the module docstring
         self._on_device: dict[torch.device, torch.Tensor] = {}  # copies, made once per device
@@ -157,10 +177,21 @@ class LowRankCodec(Codec):
         self.check_input(x)
         basis = self.basis(source, x.device)
         tail, coef = self.code_coordinates(coordinates(x, basis))
-        resid = add_lowrank(x.float(), coef, basis, sign=-1.0)
+        resid = x.float() - lowrank_sum(coef[None], basis[None])
         return torch.cat([self.block.encode(resid), tail], dim=1)
 
     def decode_f32(self, payload: torch.Tensor, hidden: int, *, source: int = 0) -> torch.Tensor:
         n = self.data_bytes(hidden)
         v = self.block.decode_f32(payload[:, :n], hidden)
-        return add_lowrank(v, self.coordinate_values(payload[:, n:]), self.basis(source, payload.device))
+        return v + lowrank_sum(self.coordinate_values(payload[:, n:])[None], self.basis(source, payload.device)[None])
+
+    def decode_sum_f32(self, payloads: torch.Tensor, hidden: int, sources: Sequence[int] | None = None) -> torch.Tensor:
+        """The block parts summed in index order from +0.0, then every source's low-rank part
+        added as one matmul (`lowrank_sum`)."""
+        sources = range(payloads.shape[0]) if sources is None else sources
+        n = self.data_bytes(hidden)
+        acc = torch.zeros(payloads.shape[1], hidden, dtype=torch.float32, device=payloads.device)
+        for p in payloads:
+            acc = acc + self.block.decode_f32(p[:, :n], hidden)
+        coefs = torch.stack([self.coordinate_values(p[:, n:]) for p in payloads])
+        return acc + lowrank_sum(coefs, self.source_bases(sources, payloads.device))

@@ -9,6 +9,8 @@ produces the same bytes as the codec's PyTorch reference.
 
 from __future__ import annotations
 
+import functools
+
 from typing import List, Optional, Sequence
 
 import torch
@@ -16,7 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from tpcomp_megatron.codecs.base import SUPPORTED_DTYPES, Codec
 from tpcomp_megatron.codecs.block import BlockCodec
-from tpcomp_megatron.codecs.lowrank import LowRankCodec, coef_bytes, coef_values, coordinates
+from tpcomp_megatron.codecs.lowrank import LowRankCodec, coef_bytes, coef_values, coordinates, lowrank_sum
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
@@ -33,37 +35,35 @@ INTERPRETED = isinstance(_block._block_encode_kernel, InterpretedFunction)
 @torch.library.custom_op("tpcomp::block_encode", mutates_args=())
 def block_encode(x: Tensor, element: str, block: int, scale: str, data_bytes: int, slot: Optional[Tensor],
                  first: Optional[Tensor], chan: Optional[Tensor], window_max: List[int], slots_off: int,
-                 row_bytes: int, coef: Optional[Tensor] = None, basis: Optional[Tensor] = None,
-                 tail: Optional[Tensor] = None) -> Tensor:
+                 row_bytes: int, lowrank: Optional[Tensor] = None, tail: Optional[Tensor] = None) -> Tensor:
     """Block codec, or hybrid when the outlier tables (slot, first, chan, window_max) are given,
-    or low-rank when the coordinates (`coef`: float32 values, `tail`: their bytes, stored at
-    `slots_off`) and the `basis` are."""
+    or low-rank when the low-rank part (float32 [rows, hidden]) and the coordinates' bytes
+    (`tail`, stored at `slots_off`) are."""
     out = torch.empty(x.shape[0], row_bytes, dtype=torch.uint8, device=x.device)
     _block.launch_block_encode(x, out, element=element, block=block, scale=scale, data_bytes=data_bytes,
                                outliers=_outliers(slot, first, chan, window_max), slots_off=slots_off,
-                               lowrank=None if coef is None else (coef, basis))
-    if coef is not None:
+                               lowrank=lowrank)
+    if lowrank is not None:
         out[:, slots_off:] = tail
     return out
 
 
 @torch.library.custom_op("tpcomp::block_encode_feedback", mutates_args=("debt",))
 def block_encode_feedback(x: Tensor, debt: Tensor, element: str, block: int, scale: str, data_bytes: int,
-                          slots_off: int, row_bytes: int, coef: Optional[Tensor] = None,
-                          basis: Optional[Tensor] = None, tail: Optional[Tensor] = None) -> Tensor:
+                          slots_off: int, row_bytes: int, lowrank: Optional[Tensor] = None,
+                          tail: Optional[Tensor] = None) -> Tensor:
     """Block or low-rank encode of x + debt (error feedback); `debt` becomes x + debt minus what
     the payload decodes to, in the same pass."""
     out = torch.empty(x.shape[0], row_bytes, dtype=torch.uint8, device=x.device)
     _block.launch_block_encode(x, out, element=element, block=block, scale=scale, data_bytes=data_bytes,
-                               outliers=None, slots_off=slots_off,
-                               lowrank=None if coef is None else (coef, basis), debt=debt)
-    if coef is not None:
+                               outliers=None, slots_off=slots_off, lowrank=lowrank, debt=debt)
+    if lowrank is not None:
         out[:, slots_off:] = tail
     return out
 
 
 @block_encode_feedback.register_fake
-def _(x, debt, element, block, scale, data_bytes, slots_off, row_bytes, coef=None, basis=None, tail=None):
+def _(x, debt, element, block, scale, data_bytes, slots_off, row_bytes, lowrank=None, tail=None):
     return x.new_empty((x.shape[0], row_bytes), dtype=torch.uint8)
 
 
@@ -72,7 +72,7 @@ def _outliers(slot, first, chan, window_max):
 
 
 @block_encode.register_fake
-def _(x, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, row_bytes, coef=None, basis=None,
+def _(x, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, row_bytes, lowrank=None,
       tail=None):
     return x.new_empty((x.shape[0], row_bytes), dtype=torch.uint8)
 
@@ -80,27 +80,23 @@ def _(x, element, block, scale, data_bytes, slot, first, chan, window_max, slots
 @torch.library.custom_op("tpcomp::block_decode", mutates_args=())
 def block_decode(payloads: Tensor, hidden: int, element: str, block: int, scale: str, data_bytes: int,
                  slot: Optional[Tensor], first: Optional[Tensor], chan: Optional[Tensor], window_max: List[int],
-                 slots_off: int, mode: str, dtype: torch.dtype, bases: Optional[Tensor] = None,
-                 coefs: Optional[Tensor] = None) -> Tensor:
+                 slots_off: int, mode: str, dtype: torch.dtype, lowrank: Optional[Tensor] = None) -> Tensor:
     """mode 'sum' -> [rows, hidden], 'each' -> [n * rows, hidden], 'encode' -> payload.
-    `bases` [n, K, hidden] and `coefs` float32 [n, rows, K] (the coordinates, decoded): low-rank
-    payloads (mode 'each' then needs n == 1 or one basis)."""
+    `lowrank`: the low-rank part of low-rank payloads, float32, [rows, hidden] for 'sum' (all
+    sources together), [n * rows, hidden] for 'each'."""
     n, rows, row_bytes = payloads.shape
     out = _decode_out(payloads, hidden, mode, dtype)
     if mode == "each":  # no sources to tell apart: decode one payload of n * rows rows
         payloads = payloads.view(1, n * rows, row_bytes)
-        bases = None if bases is None else bases[:1]
-        coefs = None if coefs is None else coefs.reshape(1, n * rows, coefs.shape[-1])
     _block.launch_block_decode(payloads, out, hidden=hidden, element=element, block=block, scale=scale,
                                data_bytes=data_bytes, outliers=_outliers(slot, first, chan, window_max),
-                               slots_off=slots_off,
-                               encode=mode == "encode", each=mode == "each", bases=bases, coefs=coefs)
+                               slots_off=slots_off, encode=mode == "encode", each=mode == "each", lowrank=lowrank)
     return out
 
 
 @block_decode.register_fake
 def _(payloads, hidden, element, block, scale, data_bytes, slot, first, chan, window_max, slots_off, mode, dtype,
-      bases=None, coefs=None):
+      lowrank=None):
     return _decode_out(payloads, hidden, mode, dtype)
 
 
@@ -219,7 +215,7 @@ def encode(codec: Codec, x: Tensor, *, source: int) -> Tensor:
         basis = codec.basis(source, x.device)
         tail, coef = _code_coordinates(codec, coordinates(x, basis))
         return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden),
-                                             coef, basis, tail)
+                                             _lowrank_sum(codec, coef[None], basis[None]), tail)
     return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
 
 
@@ -246,7 +242,7 @@ def encode_feedback(codec: Codec, x: Tensor, debt: Tensor, *, source: int) -> Te
     if isinstance(codec, LowRankCodec):  # the coordinates are those of x + debt (one matmul)
         basis = codec.basis(source, x.device)
         tail, coef = _code_coordinates(codec, coordinates(x.float() + debt, basis))
-        return torch.ops.tpcomp.block_encode_feedback(x, debt, *args, coef, basis, tail)
+        return torch.ops.tpcomp.block_encode_feedback(x, debt, *args, _lowrank_sum(codec, coef[None], basis[None]), tail)
     return torch.ops.tpcomp.block_encode_feedback(x, debt, *args)
 
 
@@ -257,6 +253,26 @@ def _code_coordinates(codec: LowRankCodec, coef: Tensor) -> tuple[Tensor, Tensor
         return coef_bytes(coef), coef.float()
     tail = encode(codec.coords, coef, source=0)
     return tail, decode_each(codec.coords, tail.unsqueeze(0), codec.spec.rank, sources=[0], dtype=torch.float32)
+
+
+def _lowrank_sum(codec: LowRankCodec, coefs: Tensor, bases: Tensor) -> Tensor:
+    """`lowrank_sum`; on the GPU, coordinates that bf16 holds exactly go through a bf16 GEMM with
+    float32 output (the same products, tensor cores) where this torch has one."""
+    if coefs.is_cuda and codec.coords_exact_in_bf16 and _bf16_gemm_f32_out():
+        n, rows, k = coefs.shape
+        side = coefs.permute(1, 0, 2).reshape(rows, n * k).to(torch.bfloat16)
+        return torch.mm(side, bases.reshape(n * k, -1).to(torch.bfloat16), out_dtype=torch.float32)
+    return lowrank_sum(coefs, bases)
+
+
+@functools.cache
+def _bf16_gemm_f32_out() -> bool:
+    """Whether `torch.mm(bf16, bf16, out_dtype=torch.float32)` runs on CUDA (torch >= 2.8)."""
+    try:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _coordinate_values(codec: LowRankCodec, payloads: Tensor, slots_off: int) -> Tensor:
@@ -272,19 +288,18 @@ def _coordinate_values(codec: LowRankCodec, payloads: Tensor, slots_off: int) ->
 
 def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,
                     mode: str, out_source: int) -> Tensor:
-    """The block kernel adds each source's low-rank part as it decodes; a requantized sum needs
-    the full rows' coordinates first, so 'encode' is a decode in float32 and an encode."""
+    """The low-rank parts come from one GEMM over every source's coordinates (one per payload
+    for 'each'), which the block kernel adds to the block parts; a requantized sum needs the
+    full rows' coordinates first, so 'encode' is a decode in float32 and an encode."""
     bases = codec.source_bases(sources, payloads.device).contiguous()
     args = _block_args(codec, hidden, payloads.device)
     coefs = _coordinate_values(codec, payloads, args[-1])
-    if mode == "each" and len(set(sources)) > 1:
-        return torch.cat([torch.ops.tpcomp.block_decode(payloads[i:i + 1], hidden, *args, "each", dtype, bases[i:i + 1],
-                                                        coefs[i:i + 1])
-                          for i in range(payloads.shape[0])])
-    if mode == "encode":
-        out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32, bases, coefs)
-        return encode(codec, out, source=out_source)
-    return torch.ops.tpcomp.block_decode(payloads, hidden, *args, mode, dtype, bases, coefs)
+    if mode == "each":
+        lowrank = torch.cat([_lowrank_sum(codec, coefs[i:i + 1], bases[i:i + 1]) for i in range(len(sources))])
+        return torch.ops.tpcomp.block_decode(payloads, hidden, *args, "each", dtype, lowrank)
+    out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32 if mode == "encode" else dtype,
+                                        _lowrank_sum(codec, coefs, bases))
+    return encode(codec, out, source=out_source) if mode == "encode" else out
 
 
 def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,

@@ -10,12 +10,10 @@ the block scales are taken and copies their values (a [R, KT] gather from cache)
 decode sums the slots as [R, KT] and overwrites the outlier channels of the output with them, or
 (ENCODE) requantizes them into the slots. No per-element gather or scatter.
 
-Low-rank (`LOWRANK` = K > 0, codecs/lowrank.py): encode subtracts c_k * b_k for k = 0..K-1 from
-the tile before its scales are taken (c: the row's float32 coordinates as the decoder will see
-them, computed beforehand: one matmul, and for coded coordinates their block encode and decode;
-b: the source's basis rows); decode adds them back per source, the coordinates decoded
-beforehand from the payloads' tails into a float32 [n, rows, K] tensor. Same order of float32
-operations as the reference, no FMA. The k loop is a runtime loop: K goes up to 128.
+Low-rank (`LOWRANK`, codecs/lowrank.py): the low-rank part, a float32 [rows, hidden] tensor L
+computed beforehand by a GEMM (coordinates times basis; for a sum, all sources' at once), is
+subtracted from the tile before its scales are taken (encode), or added to the sum of the block
+parts (decode). Same order of float32 operations as the reference.
 """
 
 from __future__ import annotations
@@ -84,15 +82,7 @@ def _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T: tl.constexpr, KT: tl.co
 
 
 @triton.jit
-def _lowrank_term(v, coef, basis_ptr, c, hidden, SIGN: tl.constexpr):
-    """v + SIGN * c * b for one direction: c [R, 1] float32, b the basis row at columns c."""
-    b = tl.load(basis_ptr + c, mask=c < hidden, other=0.0)
-    cb = coef * b
-    return v + cb if SIGN > 0 else v - cb
-
-
-@triton.jit
-def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr, basis_ptr, debt_ptr, rows, hidden,
+def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, debt_ptr, rows, hidden,
                          row_bytes, data_bytes, slots_off, LOWRANK: tl.constexpr, FEEDBACK: tl.constexpr,
                          IN_BF16: tl.constexpr, IN_F16: tl.constexpr, OUTLIERS: tl.constexpr,
                          KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr, R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
@@ -113,9 +103,9 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr
         x = x + tl.load(debt_ptr + r * hidden + c, mask=m, other=0.0)
     send = x
     row_off = r * row_bytes
-    for k in range(LOWRANK):  # the residual x - sum_k c_k b_k, in k order
-        cv = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0.0)
-        x = _lowrank_term(x, cv, basis_ptr + k * hidden, c, hidden, -1)
+    if LOWRANK:  # the residual x - L
+        lr = tl.load(lr_ptr + r * hidden + c, mask=m, other=0.0)
+        x = x - lr
     if OUTLIERS:
         is_o, j, jm = _tile_slots(slot_ptr, first_ptr, col0, c, hidden, T, KT)
         # the tile's outlier values, re-read from cache, go to their slots (contiguous per row)
@@ -134,15 +124,13 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, coef_ptr
                                        BITS, EBITS, MBITS, BIAS, MAX_CODE, EMAX, MAXV, UP_MANT, LEVELS)
     if FEEDBACK:  # the new debt: send minus what the payload decodes to, as the decode kernel forms it
         v = _decode_block_tile(codes, stored, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL, LEVELS)
-        for k in range(LOWRANK):
-            cv = tl.load(coef_ptr + r * LOWRANK + k, mask=row_mask, other=0.0)
-            v = _lowrank_term(v, cv, basis_ptr + k * hidden, c, hidden, 1)
+        if LOWRANK:
+            v = v + lr
         tl.store(debt_ptr + r * hidden + c, send - v, mask=m)
 
 
 @triton.jit
-def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_ptr, coef_ptr, rows, hidden, row_bytes,
-                         data_bytes,
+def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, rows, hidden, row_bytes, data_bytes,
                          slots_off, src_stride, LOWRANK: tl.constexpr, N: tl.constexpr, EACH: tl.constexpr,
                          ENCODE: tl.constexpr,
                          OUT_KIND: tl.constexpr,
@@ -174,9 +162,6 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_pt
         stored = _load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB)
         v = _decode_block_tile(tl.reshape(codes, [R, T // B, B]), stored, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL,
                                LEVELS)
-        for k in range(LOWRANK):  # source i's low-rank part, in k order
-            cv = tl.load(coef_ptr + ((r * 0 + i) * rows + r) * LOWRANK + k, mask=row_mask, other=0.0)
-            v = _lowrank_term(v, cv, basis_ptr + (i * LOWRANK + k) * hidden, c, hidden, 1)
         if OUTLIERS:
             ov = _bf16_bits_to_f32(_load_bf16_slots(p_ptr, off + slots_off + 2 * j, row_mask & jm, EVEN))
             osum = ov if EACH else osum + ov
@@ -184,6 +169,8 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, basis_pt
             acc = v  # a plain decode: -0.0 stays -0.0 (0.0 + -0.0 would not)
         else:
             acc = acc + v
+    if LOWRANK:  # every source's low-rank part, summed beforehand
+        acc = acc + tl.load(lr_ptr + r * hidden + c, mask=m, other=0.0)
     if ENCODE:
         if OUTLIERS:
             _store_bf16_slots(out_ptr, row_off + slots_off + 2 * j, _bf16_bits(osum), row_mask & jm, EVEN)
@@ -211,16 +198,18 @@ def _constexprs(element, block, scale) -> dict:
     return {"B": block, "SCALE": kind, "UP_MANT": up, **format_constexprs(fmt)}
 
 
-def _choose(rows: int, hidden: int, block: int, on_gpu: bool, outliers, lowrank: bool = False) -> Tiles:
+def _choose(rows: int, hidden: int, block: int, on_gpu: bool, outliers) -> Tiles:
     """The block codecs' tiles; the hybrid's are twice as tall (its per-column slot table is read
     once per tile: H100 sweep, kernels_tune_h100_2026-11-23-run3.jsonl, hybrid encode 0.74 vs 0.66
-    of copy at 64 MB with 4 x 1024 on 4 warps against 2 x 1024 on 2). Low-rank tiles get at least
-    4 warps: the K directions of every source live in registers (H100, 8 sources x 8 directions,
-    128 MB decode_sum: 4.8 ms on 2 warps, 1.06 ms on 4)."""
-    tiles = choose_tiles(rows, hidden, block, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers is not None else GPU_TILE_ELEMS)
-    if lowrank and on_gpu and tiles.num_warps < 4:
-        tiles = Tiles(tiles.rows, tiles.cols, 4)
-    return tiles
+    of copy at 64 MB with 4 x 1024 on 4 warps against 2 x 1024 on 2)."""
+    return choose_tiles(rows, hidden, block, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers is not None else GPU_TILE_ELEMS)
+
+
+def _check_lowrank(lowrank: torch.Tensor | None, rows: int, hidden: int) -> None:
+    if lowrank is not None and (lowrank.dtype != torch.float32 or tuple(lowrank.shape) != (rows, hidden)
+                                or not lowrank.is_contiguous()):
+        raise ValueError(f"low-rank part: a contiguous float32 [{rows}, {hidden}] tensor; "
+                         f"got {lowrank.dtype} {tuple(lowrank.shape)}")
 
 
 def _grid(rows: int, hidden: int, tiles) -> tuple[int, int]:
@@ -239,8 +228,8 @@ def _outlier_args(outliers, tiles: Tiles, dummy: torch.Tensor) -> tuple:
 def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, block: int, scale: str,
                         data_bytes: int, outliers, slots_off: int, lowrank=None, debt: torch.Tensor | None = None,
                         tiles: Tiles | None = None) -> None:
-    """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `lowrank` = (coordinates
-    float32 [rows, K], basis float32 [K, hidden]): code x minus its low-rank part. `debt` float32
+    """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `lowrank`: the low-rank part
+    L, float32 [rows, hidden]: code x - L. `debt` float32
     [rows, hidden] (error feedback, not with outliers): code x + debt, and overwrite debt with
     x + debt minus what the payload decodes to. `tiles` overrides the tile policy
     (tools/bench_kernels.py --tune)."""
@@ -250,14 +239,12 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
         raise ValueError("error-feedback encode: a contiguous float32 debt of the input's shape, and no outliers")
     if rows == 0:
         return
-    tiles = tiles or _choose(rows, hidden, block, x.is_cuda, outliers, lowrank is not None)
+    tiles = tiles or _choose(rows, hidden, block, x.is_cuda, outliers)
     ptrs, kt = _outlier_args(outliers, tiles, out)
-    coef, basis = lowrank if lowrank is not None else (out, out)
-    if lowrank is not None and (coef.dtype != torch.float32 or not coef.is_contiguous() or coef.shape[0] != rows):
-        raise ValueError(f"low-rank encode: contiguous float32 coordinates [{rows}, K]; got {coef.dtype} {tuple(coef.shape)}")
+    _check_lowrank(lowrank, rows, hidden)
     _block_encode_kernel[_grid(rows, hidden, tiles)](
-        x, out, *ptrs, coef, basis, out if debt is None else debt,
-        rows, hidden, out.shape[1], data_bytes, slots_off, LOWRANK=0 if lowrank is None else coef.shape[1],
+        x, out, *ptrs, out if lowrank is None else lowrank, out if debt is None else debt,
+        rows, hidden, out.shape[1], data_bytes, slots_off, LOWRANK=lowrank is not None,
         FEEDBACK=debt is not None,
         IN_BF16=x.dtype == torch.bfloat16, IN_F16=x.dtype == torch.float16, OUTLIERS=outliers is not None,
         KT=kt, EVEN=slots_even(out, slots_off),
@@ -267,26 +254,23 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
 
 def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: int, element: str,
                         block: int, scale: str, data_bytes: int, outliers,
-                        slots_off: int, encode: bool, each: bool = False, bases: torch.Tensor | None = None,
-                        coefs: torch.Tensor | None = None, tiles: Tiles | None = None) -> None:
+                        slots_off: int, encode: bool, each: bool = False, lowrank: torch.Tensor | None = None,
+                        tiles: Tiles | None = None) -> None:
     """payloads [n, rows, row_bytes] -> out [rows, hidden] (float dtypes) or, with `encode`,
-    the requantized sum [rows, row_bytes] uint8. `bases` float32 [n, K, hidden] and `coefs`
-    float32 [n, rows, K] (decoded from the payloads' tails): low-rank payloads (`encode` not
-    supported)."""
+    the requantized sum [rows, row_bytes] uint8. `lowrank`: the payloads' low-rank part, all
+    sources together, float32 [rows, hidden] (`encode` not supported)."""
     n, rows, row_bytes = payloads.shape
-    if bases is not None and (encode or bases.shape[0] != n or coefs is None or coefs.dtype != torch.float32
-                              or tuple(coefs.shape) != (n, rows, bases.shape[1]) or not coefs.is_contiguous()):
-        raise ValueError("low-rank decode: one basis per payload, contiguous float32 coordinates [n, rows, K], "
-                         "and no requantization in the kernel")
+    if lowrank is not None and encode:
+        raise ValueError("low-rank decode: no requantization in the kernel")
+    _check_lowrank(lowrank, rows, hidden)
     if rows == 0:
         return
-    tiles = tiles or _choose(rows, hidden, block, payloads.is_cuda, outliers, bases is not None)
+    tiles = tiles or _choose(rows, hidden, block, payloads.is_cuda, outliers)
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
     ptrs, kt = _outlier_args(outliers, tiles, payloads)
     _block_decode_kernel[_grid(rows, hidden, tiles)](
-        payloads, dst, *ptrs, payloads if bases is None else bases, payloads if coefs is None else coefs, rows,
-        hidden, row_bytes, data_bytes,
-        slots_off, rows * row_bytes, LOWRANK=0 if bases is None else bases.shape[1], N=n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out),
+        payloads, dst, *ptrs, payloads if lowrank is None else lowrank, rows, hidden, row_bytes, data_bytes,
+        slots_off, rows * row_bytes, LOWRANK=lowrank is not None, N=n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out),
         OUTLIERS=outliers is not None, KT=kt, EVEN=slots_even(payloads, slots_off) and (not encode or slots_even(out, slots_off)),
         I64=needs_int64(payloads.numel(), out.numel()),
         R=tiles.rows, T=tiles.cols, num_warps=tiles.num_warps,
