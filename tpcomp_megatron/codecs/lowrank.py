@@ -93,10 +93,12 @@ class LowRankCodec(Codec):
     """`lowrank+<block spec>/r<K>` with calibrated bases `[sources, K, hidden]` (sources: ranks,
     then the reduced sum; a source index -1 (`REDUCED`) picks the last)."""
 
-    LOWRANK_KERNEL_COST = 5.0
-    """H100, 8 sources, 128 MB: encode + decode_sum 1.06 ms (r4) and 1.22 ms (r8) against 0.25 ms
-    for fp4_e2m1/b32/e6m2 (benchmarks/results/kernels_lowrank_h100_2026-11-24.md); times the
-    block codec's own cost (a codebook element), an upper bound."""
+    LOWRANK_KERNEL_COST = 3.0
+    """Times the block codec's own cost (an upper bound). H100, 8 sources, hidden 8192, with the
+    low-rank parts as GEMMs (benchmarks/results/kernels_lowrank_gemm_h100_2026-12-06.md): encode +
+    decode_sum 1.9-2.2x the plain block codec's time at 32-128 MB for r4 (bf16 coordinates) to
+    r128 (coded), 2.6-4x at 8 MB; the per-direction loop this replaced took 5x at r4 and 70x
+    at r128."""
 
     def __init__(self, spec: LowRankSpec, bases: torch.Tensor):
         if not isinstance(bases, torch.Tensor) or bases.dim() != 3 or bases.shape[1] != spec.rank:
