@@ -7,12 +7,12 @@ import torch
 import torch.distributed as dist
 
 from tpcomp_megatron.calibration import OutlierParams, select_outlier_channels, sketch_basis, sketch_rows
-from tpcomp_megatron.codecs import REDUCED, make_codec
+from tpcomp_megatron.codecs import REDUCED, make_codec, parse_codec_spec
 from tpcomp_megatron.comm import CollectiveError, CompressedComm, GatePolicy, check_same_config
 from tpcomp_megatron.testing import run_ranks
 
 SPECS = ["fp4_e2m1/b32/e8m0", "int4/b16/bf16", "fp6_e3m2/b8", "outlier_int4/k32", "outlier+fp5_e2m2/b32",
-         "lowrank+fp4_e2m1/b32/e6m2/r2"]
+         "lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+lloyd4/b16/e6m2/r16/cfp4_e2m1"]
 
 
 def _inputs(rank, seed, shape):
@@ -37,7 +37,7 @@ def _bases(world, seed, shape, rank):
 
 def _codec(spec, world, seed, shape):
     if spec.startswith("lowrank"):
-        return make_codec(spec, _bases(world, seed, shape, 2))
+        return make_codec(spec, _bases(world, seed, shape, parse_codec_spec(spec).rank))
     return make_codec(spec, _params(world, seed, shape) if spec.startswith("outlier") else None)
 
 

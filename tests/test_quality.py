@@ -260,14 +260,18 @@ def test_lowrank_codec_real_ranks_match_simulation(tiny):
         for src in range(3):
             overlap = (b[src, :2] @ real_cal.bases[name][src, :2].T).pow(2).sum() / 2
             assert overlap > 0.99, (name, src, overlap)
-    points = ("lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+fp4_e2m1/b32/e6m2/r2:feedback=on")
+    coded = "lowrank+fp4_e2m1/b16/e6m2/r16/cfp4_e2m1"  # 16 coordinates block-coded
+    points = ("lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+fp4_e2m1/b32/e6m2/r2:feedback=on", f"{coded}:feedback=on")
     base = dict(model=tiny["hf"], tp=(2,), points=points, text=tiny["text"], seq_len=SEQ, windows=1,
                 calibration=str(cals[False]))
     sim = evaluate(EvalConfig(out=str(root / "lr_sim.jsonl"), **base), log=quiet)
     real = evaluate(EvalConfig(out=str(root / "lr_real.jsonl"), real_ranks=True, **base), log=quiet)
+    bits = {"lowrank+fp4_e2m1/b32/e6m2/r2": 4.25 + 16 * 2 / CONFIG["hidden_size"],
+            coded: 4.5 + 4.5 * 16 / CONFIG["hidden_size"]}
+    assert [s["codec"] for s in sim] == [r["codec"] for r in real] == [p.split(":")[0] for p in points]
     for s, r in zip(sim, real):
-        assert s["codec"] == r["codec"] == "lowrank+fp4_e2m1/b32/e6m2/r2" and s["outlier_rule"] is None
-        assert s["bits_per_value"] == pytest.approx(4.25 + 16 * 2 / CONFIG["hidden_size"], abs=1e-4)  # recorded rounded
+        assert s["outlier_rule"] is None
+        assert s["bits_per_value"] == pytest.approx(bits[s["codec"]], abs=1e-4)  # recorded rounded
         assert r["ppl"] == pytest.approx(s["ppl"], rel=2e-2) and r["exact_fallback_calls"] == 0
         assert s["kl"] > 0
 
