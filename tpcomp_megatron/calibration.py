@@ -4,8 +4,9 @@ Statistics of one row-parallel layer, one row per source: ranks 0..world-1 and, 
 (reduced) sum:
 * per-channel minimum and maximum of the partial sums, `[world + 1, hidden]` (outlier codecs);
 * a sketch of the partial sums' leading directions, `[world + 1, directions, hidden]` (low-rank
-  codecs; `tpcomp-calibrate --directions`, default SKETCH_ROWS, up to MAX_RANK): `sketch_rows` keeps, per source, the top right singular vectors (scaled by their
-  singular values) of all rows seen so far, each row first normalized to unit length, so every
+  codecs; `tpcomp-calibrate --directions`, default SKETCH_ROWS, up to MAX_RANK): `sketch_rows`
+  keeps, per source, the top right singular vectors (scaled by their singular values) of all
+  rows seen so far, each row first normalized to unit length, so every
   token counts alike whatever its magnitude (a block codec's error is relative to its own row).
   A codec of rank K uses the first K directions (`Calibration.basis`).
 

@@ -15,14 +15,14 @@ the residual, whose blocks are then much flatter:
 Coded coordinates (`/c<element>`: the residual's block size and scale type, that element) cost
 4-8 bits each instead of 16, so many more directions fit the same bits; their coding error is
 not lost but lands in the residual, which the block codec then codes with the rest. At TP=8 a
-rank's partial sum of Gemma 3 270M lies in a 128-dimensional (attention) or 256-dimensional
-(MLP) subspace of its 640 channels (the rank's slice of the weight has that many columns), so
-tens of directions carry most of a row's energy.
+rank's partial sum of Gemma 3 270M lies in a subspace of at most 256 of its 640 channels (the
+rank's slice of the weight has 256 columns: a quarter of the MLP, or one of the four attention
+heads, the other ranks holding none), so tens of directions carry most of a row's energy.
 
 Decoding adds c @ B_s back. A sum of n payloads adds the n block parts in index order from +0.0,
 then all low-rank parts at once, as one matmul of the n sources' coordinates side by side
 `[rows, n K]` with their bases stacked `[n K, hidden]` (`lowrank_sum`): on the GPU that is one
-tensor-core GEMM (a loop over directions in the kernel was 100x slower at K = 128). The fused
+tensor-core GEMM (a loop over directions in the kernel was 55x slower at K = 128). The fused
 kernels take that matmul's float32 result and do the other steps in the reference's order, so
 on the CPU (the interpreter) they match it bit for bit. On the GPU the matmuls are cuBLAS's,
 which sum in another order: decoded values may differ from the CPU's in the last bits, and a
