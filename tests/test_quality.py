@@ -309,6 +309,9 @@ def test_configs_reject_bad_input():
         CalibrateConfig(model="m", tp=(2, 4), output="cal.safetensors")
     with pytest.raises(ValueError, match="multiple of --seq-len"):
         CalibrateConfig(model="m", tp=(2,), output="c", tokens=100, seq_len=64)
+    for bad in (0, 129):
+        with pytest.raises(ValueError, match=r"--directions must be in \[1, 128\]"):
+            CalibrateConfig(model="m", tp=(2,), output="c", directions=bad)
     with pytest.raises(ValueError, match="bad sweep point option"):
         SweepPoint.parse("fp4_e2m1/b32:foo=1", 2)
     with pytest.raises(ValueError, match="outlier codecs only"):
