@@ -113,30 +113,34 @@ class LowRankCodec(Codec):
         """Whether every coordinate value the decoder reads is a bf16 number (the GPU's bf16 GEMM)."""
         self.kernel_cost = self.LOWRANK_KERNEL_COST * self.block.kernel_cost
         self.bases = bases.to(torch.bfloat16).float().contiguous()  # see the module docstring
-        self._on_device: dict[torch.device, torch.Tensor] = {}  # copies, made once per device
+        self._on_device: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # copies, made once each
 
     @property
     def hidden(self) -> int:
         return self.bases.shape[2]
 
-    def _bases_on(self, device: torch.device) -> torch.Tensor:
-        if device not in self._on_device:
-            self._on_device[device] = self.bases.to(device)
-        return self._on_device[device]
+    def _bases_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The bases on `device` as `dtype` (float32, or bf16 for the GPU's bf16 GEMM: the same
+        values, the bases being bf16-rounded), converted once."""
+        key = (torch.device(device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = self.bases.to(device=device, dtype=dtype)
+        return self._on_device[key]
 
     def _index(self, source: int) -> int:
         if not -1 <= source < self.bases.shape[0] - 1:
             raise ValueError(f"{self.spec}: source {source} is not one of the {self.bases.shape[0] - 1} calibrated ranks")
         return source
 
-    def basis(self, source: int, device: torch.device) -> torch.Tensor:
+    def basis(self, source: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`[K, hidden]` directions of `source` (a rank, or -1 = `REDUCED`)."""
-        return self._bases_on(device)[self._index(source)]
+        return self._bases_on(device, dtype)[self._index(source)]
 
-    def source_bases(self, sources: Sequence[int], device: torch.device) -> torch.Tensor:
+    def source_bases(self, sources: Sequence[int], device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`[n, K, hidden]` directions of each source in order."""
         idx = [self._index(int(s)) % self.bases.shape[0] for s in sources]
-        b = self._bases_on(device)
+        b = self._bases_on(device, dtype)
         if idx == list(range(idx[0], idx[0] + len(idx))):
             return b[idx[0]:idx[0] + len(idx)]  # the usual case, ranks 0..n-1: a view, no copy
         return b[idx]

@@ -18,7 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from tpcomp_megatron.codecs.base import SUPPORTED_DTYPES, Codec
 from tpcomp_megatron.codecs.block import BlockCodec
-from tpcomp_megatron.codecs.lowrank import LowRankCodec, coef_bytes, coef_values, coordinates, lowrank_sum
+from tpcomp_megatron.codecs.lowrank import LowRankCodec, coordinates, lowrank_sum
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
@@ -212,10 +212,9 @@ def encode(codec: Codec, x: Tensor, *, source: int) -> Tensor:
         t = outlier_tables(codec, x.device)
         return torch.ops.tpcomp.static_encode(x, t.lo, t.inv, t.chan, source_row(source, t.sources))
     if isinstance(codec, LowRankCodec):  # coordinates by one matmul, the rest in the block kernel
-        basis = codec.basis(source, x.device)
-        tail, coef = _code_coordinates(codec, coordinates(x, basis))
+        tail, coef = _code_coordinates(codec, coordinates(x, codec.basis(source, x.device)))
         return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden),
-                                             _lowrank_sum(codec, coef[None], basis[None]), tail)
+                                             _lowrank_sum(codec, coef[None], [source]), tail)
     return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
 
 
@@ -240,29 +239,30 @@ def encode_feedback(codec: Codec, x: Tensor, debt: Tensor, *, source: int) -> Te
     element, block, scale, data_bytes, _, _, _, _, slots_off = _block_args(codec, hidden, x.device)
     args = (element, block, scale, data_bytes, slots_off, codec.row_bytes(hidden))
     if isinstance(codec, LowRankCodec):  # the coordinates are those of x + debt (one matmul)
-        basis = codec.basis(source, x.device)
-        tail, coef = _code_coordinates(codec, coordinates(x.float() + debt, basis))
-        return torch.ops.tpcomp.block_encode_feedback(x, debt, *args, _lowrank_sum(codec, coef[None], basis[None]), tail)
+        tail, coef = _code_coordinates(codec, coordinates(x.float() + debt, codec.basis(source, x.device)))
+        return torch.ops.tpcomp.block_encode_feedback(x, debt, *args, _lowrank_sum(codec, coef[None], [source]), tail)
     return torch.ops.tpcomp.block_encode_feedback(x, debt, *args)
 
 
 def _code_coordinates(codec: LowRankCodec, coef: Tensor) -> tuple[Tensor, Tensor]:
     """bf16 coordinates [rows, K] -> (their bytes in the payload, the float32 values the decoder
     reads back): `LowRankCodec.code_coordinates` through the block kernels."""
-    if codec.coords is None:
-        return coef_bytes(coef), coef.float()
+    if codec.coords is None:  # bf16 coordinates: plain tensor ops, any device
+        return codec.code_coordinates(coef)
     tail = encode(codec.coords, coef, source=0)
     return tail, decode_each(codec.coords, tail.unsqueeze(0), codec.spec.rank, sources=[0], dtype=torch.float32)
 
 
-def _lowrank_sum(codec: LowRankCodec, coefs: Tensor, bases: Tensor) -> Tensor:
-    """`lowrank_sum`; on the GPU, coordinates that bf16 holds exactly go through a bf16 GEMM with
-    float32 output (the same products, tensor cores) where this torch has one."""
+def _lowrank_sum(codec: LowRankCodec, coefs: Tensor, sources: Sequence[int]) -> Tensor:
+    """`lowrank_sum` of `coefs` [n, rows, K] with the bases of `sources`; on the GPU, coordinates
+    that bf16 holds exactly go through a bf16 GEMM with float32 output (the same products, tensor
+    cores; the codec keeps a bf16 copy of its bases) where this torch has one."""
     if coefs.is_cuda and codec.coords_exact_in_bf16 and _bf16_gemm_f32_out():
         n, rows, k = coefs.shape
         side = coefs.permute(1, 0, 2).reshape(rows, n * k).to(torch.bfloat16)
-        return torch.mm(side, bases.reshape(n * k, -1).to(torch.bfloat16), out_dtype=torch.float32)
-    return lowrank_sum(coefs, bases)
+        bases = codec.source_bases(sources, coefs.device, torch.bfloat16)
+        return torch.mm(side, bases.reshape(n * k, -1), out_dtype=torch.float32)
+    return lowrank_sum(coefs, codec.source_bases(sources, coefs.device))
 
 
 @functools.cache
@@ -279,8 +279,8 @@ def _coordinate_values(codec: LowRankCodec, payloads: Tensor, slots_off: int) ->
     """The coordinates of payloads [n, rows, row_bytes] (their tails), float32 [n, rows, K]."""
     n, rows, _ = payloads.shape
     tails = payloads[:, :, slots_off:].contiguous()
-    if codec.coords is None:
-        return coef_values(tails).float()
+    if codec.coords is None:  # bf16 coordinates: plain tensor ops, any device
+        return codec.coordinate_values(tails)
     k = codec.spec.rank
     flat = decode_each(codec.coords, tails.view(1, n * rows, -1), k, sources=[0], dtype=torch.float32)
     return flat.view(n, rows, k)
@@ -291,14 +291,13 @@ def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources:
     """The low-rank parts come from one GEMM over every source's coordinates (one per payload
     for 'each'), which the block kernel adds to the block parts; a requantized sum needs the
     full rows' coordinates first, so 'encode' is a decode in float32 and an encode."""
-    bases = codec.source_bases(sources, payloads.device).contiguous()
     args = _block_args(codec, hidden, payloads.device)
     coefs = _coordinate_values(codec, payloads, args[-1])
     if mode == "each":
-        lowrank = torch.cat([_lowrank_sum(codec, coefs[i:i + 1], bases[i:i + 1]) for i in range(len(sources))])
+        lowrank = torch.cat([_lowrank_sum(codec, coefs[i:i + 1], [s]) for i, s in enumerate(sources)])
         return torch.ops.tpcomp.block_decode(payloads, hidden, *args, "each", dtype, lowrank)
     out = torch.ops.tpcomp.block_decode(payloads, hidden, *args, "sum", torch.float32 if mode == "encode" else dtype,
-                                        _lowrank_sum(codec, coefs, bases))
+                                        _lowrank_sum(codec, coefs, sources))
     return encode(codec, out, source=out_source) if mode == "encode" else out
 
 
