@@ -216,5 +216,19 @@ def test_sensitivity_allocation_plan(tiny, monkeypatch):
 
     again, = run(dataclasses.replace(cfg, ranking=None, ranking_in=str(ranking), real_ranks=False), log=quiet)
     assert again["layer_codecs"] == sim["layer_codecs"] and again["kl"] == pytest.approx(sim["kl"], rel=1e-9)
+    # Saved KLs are keyed by codec: another --low among them reuses them all (same plan, nothing
+    # measured); a candidate the ranking lacks is measured on the same text, and the plan changes
+    # only as far as that codec is picked.
+    swapped, = run(dataclasses.replace(cfg, low=highs[0], high=(low, highs[1]), ranking=None,
+                                       ranking_in=str(ranking), real_ranks=False), log=quiet)
+    assert swapped["layer_codecs"] == sim["layer_codecs"] and swapped["kl"] == pytest.approx(sim["kl"], rel=1e-9)
+    extra = "int8/b32/e8m0up"
+    widened_ranking = tiny["root"] / "alloc_ranking_widened.json"
+    widened, = run(dataclasses.replace(cfg, high=(*highs, extra), ranking=str(widened_ranking), ranking_in=str(ranking),
+                                       real_ranks=False), log=quiet)
+    kept = json.loads(widened_ranking.read_text())["kl_by_codec"]
+    assert all(kept[c] == saved["kl_by_codec"][c] for c in (low, *highs)) and len(kept[extra]) == len(kept[low])
+    bits[extra] = make_codec(extra).bits_per_value(96)
+    assert widened["layer_codecs"] == allocate(kept, bits, 5.0)
     with pytest.raises(ValueError, match="--allocate needs --budget"):
         SensitivityConfig(model="m", allocate=True)

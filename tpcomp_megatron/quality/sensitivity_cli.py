@@ -71,7 +71,9 @@ class SensitivityConfig:
     out: str | None = None
     ranking: str | None = None
     ranking_in: str | None = None
-    """A ranking written by an earlier run (same model, TP size and --low codec): reused, not recomputed."""
+    """A ranking written by an earlier run (same model, TP size, feedback and calibration text): the
+    codecs it measured are reused, not recomputed; any other codec the run needs (--low included)
+    is measured."""
     real_ranks: bool = False
     """Also evaluate every plan on real gloo ranks through `apply_tp_compression` (per-layer overrides)."""
     feedback: bool = False
@@ -165,9 +167,10 @@ def _sensitivities(cfg: SensitivityConfig, model, sim, tok, model_id: str, codec
     wanted = list(codecs) if cfg.allocate else [low]
     kl_by_codec, text = {}, None
     if cfg.ranking_in:
-        ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, codec=low, layers=list(sim.layers),
+        ranking = _read_ranking(cfg.ranking_in, model=model_id, tp=cfg.tp, layers=list(sim.layers),
                                 feedback=cfg.feedback)
-        kl_by_codec = {c: kl for c, kl in ranking.get("kl_by_codec", {low: ranking["kl"]}).items() if c in wanted}
+        saved = ranking.get("kl_by_codec", {ranking["codec"]: ranking["kl"]})
+        kl_by_codec = {c: kl for c, kl in saved.items() if c in wanted}
         text = ranking["text"]
     missing = [c for c in wanted if c not in kl_by_codec]
     if missing:
@@ -253,10 +256,12 @@ def _calibration(cfg: SensitivityConfig, model_id: str, hidden: int):
                                eval_text=canonical_text_spec(cfg.text))
 
 
-def _read_ranking(path: str, *, model: str, tp: int, codec: str, layers: list[str], feedback: bool) -> dict:
+def _read_ranking(path: str, *, model: str, tp: int, layers: list[str], feedback: bool) -> dict:
+    """A saved ranking, checked against this run. Its KLs are keyed by codec spec, so a run with
+    another --low reuses those it has and measures the rest."""
     ranking = json.loads(Path(path).read_text())
-    got = {k: ranking.get(k, False if k == "feedback" else None) for k in ("model", "tp", "codec", "feedback")}
-    want = {"model": model, "tp": tp, "codec": codec, "feedback": feedback}
+    got = {k: ranking.get(k, False if k == "feedback" else None) for k in ("model", "tp", "feedback")}
+    want = {"model": model, "tp": tp, "feedback": feedback}
     if got != want:
         raise ValueError(f"ranking {path} was made for {got}, this run is {want}")
     if sorted(ranking.get("kl", {})) != sorted(layers):
