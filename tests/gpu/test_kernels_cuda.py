@@ -185,7 +185,8 @@ def test_ops_dispatch_cuda(spec):
 
 
 @pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r8",
-                                  "lowrank+lloyd3/b32/e6m2/r128/cfp4_e2m1", "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1"])
+                                  "lowrank+lloyd3/b32/e6m2/r128/cfp4_e2m1", "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1",
+                                  "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1", "lowrank+lloyd4/b64/e6m2/r128/cfp4_e2m1"])
 def test_lowrank_codec_cuda(spec):
     """Encoding and decoding run their matmuls through cuBLAS (coordinates, low-rank parts), which
     sums in another order than the CPU: a coordinate, and then a code, may round the other way (a
@@ -239,7 +240,8 @@ def test_encode_feedback_cuda(spec, rows, hidden):
         check_encode_feedback(K, codec, x, feedback_debt(x, gen), 0, "cuda")
 
 
-@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1"])
+@pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1",
+                                  "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1"])
 def test_lowrank_encode_feedback_cuda(spec):
     """The coordinates are cuBLAS's (see test_lowrank_codec_cuda), so the payload may differ from
     the CPU's in a few bytes; the new debt is exactly the send minus what this payload decodes to."""
