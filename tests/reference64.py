@@ -80,11 +80,32 @@ def nearest_code(v: float, g: list[float], codebook: bool = False) -> int:
     return min(range(len(g)), key=lambda i: (abs(g[i] - a), i if codebook else i % 2))
 
 
+def e6m2_value(byte: int) -> float:
+    return (1 + (byte & 3) / 4) * 2.0 ** ((byte >> 2) - 32)
+
+
+def _delta_scales(row: list[float], block: int, top: float, group: int = 128) -> tuple[list[float], bytes]:
+    """e6m2d: each finite block's E6M2 byte, written as a delta (at most 14) below the largest
+    byte of its group of `group` values -> (each block's scale, NaN for a non-finite block; the
+    group bytes followed by the deltas, two per byte, even block low)."""
+    blocks = [row[b0:b0 + block] for b0 in range(0, len(row), block)]
+    finite = [all(math.isfinite(v) for v in blk) for blk in blocks]
+    own = [e6m2_nearest(float(np.float32(max(abs(v) for v in blk)) * np.float32(1.0 / top)))[0] if ok else 0
+           for blk, ok in zip(blocks, finite)]
+    per = group // block
+    heads = [max(own[i:i + per]) for i in range(0, len(own), per)]
+    deltas = [min(heads[i // per] - b, 14) if ok else 15 for i, (b, ok) in enumerate(zip(own, finite))]
+    scales = [e6m2_value(heads[i // per] - d) if d != 15 else math.nan for i, d in enumerate(deltas)]
+    return scales, bytes(heads) + bytes(lo | hi << 4 for lo, hi in zip(deltas[0::2], deltas[1::2]))
+
+
 def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> bytes:
     bits, e, m = FORMATS64[name]
     g = grid(name)
     emax = math.floor(math.log2(g[-1]))
     codes, scales = [], []
+    if scale == "e6m2d":
+        delta_scales, tail = _delta_scales([float(v) for v in row], block, g[-1])
     for b0 in range(0, len(row), block):
         blk = [float(v) for v in row[b0:b0 + block]]
         if not all(math.isfinite(v) for v in blk):
@@ -99,8 +120,10 @@ def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> byte
             s = -127 if amax == 0 else max(-127, min(127, s))
             scales.append(bytes([s + 127]))
             scaled = [v * 2.0 ** (-s) for v in blk]
-        elif scale == "e6m2":
+        elif scale in ("e6m2", "e6m2d"):
             s, sc = e6m2_nearest(float(np.float32(amax) * np.float32(1.0 / g[-1])))
+            if scale == "e6m2d":
+                sc = delta_scales[b0 // block]
             scales.append(bytes([s]))
             inv = np.float32(1.0) / np.float32(sc)
             scaled = [float(np.float32(v) * inv) for v in blk]
@@ -112,7 +135,7 @@ def encode_block_row(row: np.ndarray, name: str, block: int, scale: str) -> byte
         for v in scaled:
             c = nearest_code(v, g, codebook=name in CODEBOOKS64)
             codes.append(c | ((1 << (bits - 1)) if v < 0 else 0))
-    return _pack(codes, bits) + b"".join(scales)
+    return _pack(codes, bits) + (tail if scale == "e6m2d" else b"".join(scales))
 
 
 def _fields(values, width):

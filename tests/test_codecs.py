@@ -266,3 +266,52 @@ def test_e6m2_range_saturates_and_flushes(element):
     scale_bytes = payload[:, codec.data_bytes(16):].flatten().tolist()
     assert scale_bytes == [0xFE, 0, 32 << 2]
     assert torch.equal(y[2].abs().max(), torch.tensor(f.max_value))
+
+
+@pytest.mark.parametrize("element", ["fp4_e2m1", "lloyd4", "int4", "fp6_e2m3"])
+@pytest.mark.parametrize("block", [8, 16, 32, 64])
+def test_e6m2d_payload_bytes_match_float64_reference(element, block):
+    """e6m2d (E6M2 scales as 4-bit deltas from one byte per 128 values): bytes as the float64
+    model writes them, on rows with zero, huge, tiny and NaN blocks (deltas clamped, the NaN mark)."""
+    gen = torch.Generator().manual_seed(hash((element, block, "e6m2d")) % 2**31)
+    codec = BlockCodec(BlockSpec(element=element, block=block, scale="e6m2d"))
+    hidden = 384
+    for dtype in (torch.bfloat16, torch.float32):
+        x = _hard_input(4, hidden, block, dtype, gen)
+        x[1, 200] = float("nan")
+        x[2, 130:130 + block] *= 2.0 ** -5  # 5 binades below the rest of its group: delta 14+ clamps
+        payload = codec.encode(x)
+        assert payload.shape == (4, codec.row_bytes(hidden)) and codec.row_bytes(hidden) * 8 == codec.bits_per_value(hidden) * hidden
+        for r in range(4):
+            want = encode_block_row(x[r].float().numpy().astype(np.float64), element, block, "e6m2d")
+            assert bytes(payload[r].tolist()) == want, f"row {r} {dtype}"
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_e6m2d_is_e6m2_within_its_range(block):
+    """A block within 3.5 binades of its group's largest decodes exactly as with E6M2 scales; one
+    further below takes a larger scale: nothing saturates, its error stays within what the group's
+    smallest kept scale allows; a NaN poisons only its block."""
+    gen = torch.Generator().manual_seed(block)
+    delta, plain = make_codec(f"lloyd4/b{block}/e6m2d"), make_codec(f"lloyd4/b{block}/e6m2")
+    spread = torch.exp2(torch.rand(6, 256 // block, generator=gen) * 1.5)  # block maxima within ~3 binades
+    x = torch.randn(6, 256, generator=gen) * spread.repeat_interleave(block, 1) * 0.3
+    assert torch.equal(delta.decode_f32(delta.encode(x), 256), plain.decode_f32(plain.encode(x), 256))
+    x[0, :block] *= 2.0 ** -12
+    y, z = delta.decode_f32(delta.encode(x), 256), plain.decode_f32(plain.encode(x), 256)
+    assert not torch.equal(y[0, :block], z[0, :block]) and torch.equal(y[:, block:], z[:, block:])
+    top = x[0, :128].abs().amax()
+    assert (y[0, :block] - x[0, :block]).abs().max() <= top * 2.0 ** -3.5 * 0.5
+    x[3, 5] = float("nan")
+    y = delta.decode_f32(delta.encode(x), 256)
+    assert torch.isnan(y).sum() == block and torch.isnan(y[3, :block]).all()
+
+
+def test_e6m2d_spec_and_shapes():
+    c = make_codec("lloyd4/b32/e6m2d")
+    assert c.bits_per_value(640) == 4 + 4 / 32 + 8 / 128 and c.row_bytes(640) == 320 + 5 + 10
+    assert "not a multiple of the e6m2d group size 128" in c.ineligible(96)
+    with pytest.raises(ValueError, match="must be smaller"):
+        parse_codec_spec("fp4_e2m1/b128/e6m2d")
+    low = parse_codec_spec("lowrank+lloyd4/b32/e6m2d/r64/cfp4_e2m1")
+    assert low.coord_spec.scale == "e6m2" and low.bits_per_value(640) == pytest.approx(4.1875 + 64 * 4.25 / 640)

@@ -3,7 +3,8 @@
 Row payload layout, `hidden = nb * B` values in `nb` blocks of `B`:
 
     [ element codes: hidden * bits / 8 bytes, packed as formats.pack_codes ]
-    [ scales: nb x (1 byte E8M0 | 2 bytes bf16, little-endian) ]
+    [ scales: nb x (1 byte E8M0 / E6M2 | 2 bytes bf16, little-endian), or for e6m2d
+      hidden / 128 group bytes then nb / 2 delta bytes ]
 
 Scales:
 * E8M0 (OCP MX): shared exponent `s = floor(log2 amax) - emax_elem`, clamped to [-127, 127],
@@ -24,6 +25,13 @@ Scales:
   would need a pass over the whole tensor before quantizing: 64 binades cover any partial sum
   (blocks whose maximum is below 6e-10 * max_value / 6 quantize to zero). Quantizing uses
   `inv = 1 / scale` as bf16 does.
+* E6M2 deltas (`e6m2d`): the E6M2 scale of every block, stored as a 4-bit delta `d` below the
+  largest E6M2 byte `G` of its group of 128 values (one byte per group): the block's byte is
+  `G - d`, d in [0, 14], so a block within 3.5 binades of its group's largest keeps exactly its
+  E6M2 scale; one further below takes byte `G - 14`, a larger scale (it saturates nothing and
+  loses resolution only on values that small). 4 + 8 / 128 scale bits per block of 32 instead of
+  8: 0.19 bits per value, not 0.25. Delta 15 marks a non-finite block. Layout after the codes:
+  the group bytes, then the deltas, two per byte (the even block in the low nibble).
 * bf16: `scale = bf16(amax / max_value)`, round to nearest even; the inverse used to quantize is
   the float32 IEEE quotient `1 / scale` (so `x * inv` is the only rounding before the element
   rounding). A zero (or underflowed) scale encodes the block as zeros.
@@ -39,13 +47,15 @@ import torch
 
 from .base import Codec
 from .formats import FORMATS, pack_codes, unpack_codes
-from .spec import E8M0_SCALES, SCALE_BITS, BlockSpec
+from .spec import DELTA_GROUP, E8M0_SCALES, SCALE_BITS, BlockSpec
 
 E8M0_NAN = 0xFF
 BF16_NAN_BITS = 0x7FC0
 E6M2_NAN = 0xFF
 E6M2_BIAS = 32
 E6M2_MAX = 0xFE  # 1.5 * 2**31
+DELTA_MAX = 14
+DELTA_NAN = 0xF
 
 
 def e6m2_value(stored: torch.Tensor) -> torch.Tensor:
@@ -76,19 +86,26 @@ class BlockCodec(Codec):
     def __init__(self, spec: BlockSpec):
         self.spec = spec
         self.fmt = FORMATS[spec.element]
-        self.scale_bytes = SCALE_BITS[spec.scale] // 8
+        self.scale_bytes = max(1, SCALE_BITS[spec.scale] // 8)  # per block (e6m2d: see scale_row_bytes)
         self.kernel_cost = CODEBOOK_KERNEL_COST.get(spec.element, 1.0)
 
     def ineligible(self, hidden: int) -> str | None:
-        if hidden % self.spec.block:
-            return f"hidden size {hidden} is not a multiple of the block size {self.spec.block}"
+        if hidden % self.spec.unit:
+            what = "e6m2d group" if self.spec.unit != self.spec.block else "block"
+            return f"hidden size {hidden} is not a multiple of the {what} size {self.spec.unit}"
         return None
 
     def data_bytes(self, hidden: int) -> int:
         return hidden * self.fmt.bits // 8
 
+    def scale_row_bytes(self, hidden: int) -> int:
+        nb = hidden // self.spec.block
+        if self.spec.scale == "e6m2d":
+            return hidden // DELTA_GROUP + nb // 2
+        return nb * self.scale_bytes
+
     def row_bytes(self, hidden: int) -> int:
-        return self.data_bytes(hidden) + hidden // self.spec.block * self.scale_bytes
+        return self.data_bytes(hidden) + self.scale_row_bytes(hidden)
 
     def bits_per_value(self, hidden: int) -> float:
         return self.spec.bits_per_value()
@@ -113,6 +130,15 @@ class BlockCodec(Codec):
             s = e6m2_round(amax * torch.tensor(1.0 / self.fmt.max_value, dtype=torch.float32))
             inv = 1.0 / e6m2_value(s)
             stored = torch.where(bad, E6M2_NAN, s).to(torch.uint8).unsqueeze(-1)
+        elif self.spec.scale == "e6m2d":
+            s = e6m2_round(amax * torch.tensor(1.0 / self.fmt.max_value, dtype=torch.float32))
+            rows, nb = s.shape
+            per = DELTA_GROUP // self.spec.block
+            group = torch.where(bad, 0, s).reshape(rows, nb // per, per).amax(-1)
+            delta = (group.repeat_interleave(per, dim=1) - s).clamp(0, DELTA_MAX)
+            inv = 1.0 / e6m2_value(group.repeat_interleave(per, dim=1) - delta)
+            delta = torch.where(bad, DELTA_NAN, delta)
+            stored = torch.cat([group, delta[:, 0::2] | (delta[:, 1::2] << 4)], dim=1).to(torch.uint8)
         else:
             scale = (amax / self.fmt.max_value).to(torch.bfloat16).to(torch.float32)
             inv = torch.where(scale > 0, 1.0 / scale, 0.0)
@@ -121,8 +147,17 @@ class BlockCodec(Codec):
             stored = torch.stack([bits & 0xFF, bits >> 8], dim=-1).to(torch.uint8)
         return stored, inv, bad
 
-    def _decode_scales(self, stored: torch.Tensor) -> torch.Tensor:
-        """stored [rows, nb, sb] uint8 -> float32 scales [rows, nb] (NaN for non-finite blocks)."""
+    def _decode_scales(self, tail: torch.Tensor, nb: int) -> torch.Tensor:
+        """The row's scale bytes [rows, scale_row_bytes] uint8 -> float32 scales [rows, nb] (NaN
+        for non-finite blocks)."""
+        if self.spec.scale == "e6m2d":
+            ng = tail.shape[1] - nb // 2
+            group = tail[:, :ng].to(torch.int32).repeat_interleave(nb // ng, dim=1)
+            packed = tail[:, ng:].to(torch.int32)
+            delta = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(tail.shape[0], nb)
+            scale = e6m2_value((group - delta).clamp_min(0))
+            return torch.where(delta == DELTA_NAN, float("nan"), scale)
+        stored = tail.reshape(tail.shape[0], nb, self.scale_bytes)
         if self.spec.scale in E8M0_SCALES:
             e = stored[..., 0].to(torch.int32)
             scale = torch.ldexp(torch.ones_like(e, dtype=torch.float32), (e - 127).to(torch.float32))
@@ -150,6 +185,6 @@ class BlockCodec(Codec):
         nb, B = hidden // self.spec.block, self.spec.block
         db = self.data_bytes(hidden)
         codes = unpack_codes(payload[:, :db], self.fmt.bits, hidden)
-        scales = self._decode_scales(payload[:, db:].reshape(rows, nb, self.scale_bytes))
+        scales = self._decode_scales(payload[:, db:], nb)
         vals = self.fmt.decode(codes).reshape(rows, nb, B) * scales.unsqueeze(-1)
         return vals.reshape(rows, hidden)

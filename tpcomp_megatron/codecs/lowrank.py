@@ -85,7 +85,7 @@ def _exact_in_bf16(spec) -> bool:
     if fmt.is_codebook:
         return False
     element = fmt.mbits + 1 if fmt.ebits else fmt.bits - 1
-    scale = {"e8m0": 1, "e8m0up": 1, "e6m2": 3}.get(spec.scale, 8)
+    scale = {"e8m0": 1, "e8m0up": 1, "e6m2": 3, "e6m2d": 3}.get(spec.scale, 8)
     return element + scale <= 8
 
 

@@ -24,8 +24,11 @@ from typing import Union
 from .formats import FORMATS
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
-SCALE_BITS = {"e8m0": 8, "e8m0up": 8, "e6m2": 8, "bf16": 16}
+SCALE_BITS = {"e8m0": 8, "e8m0up": 8, "e6m2": 8, "e6m2d": 4, "bf16": 16}
+"""Bits of a block's own scale (`e6m2d`: a 4-bit delta, plus one E6M2 byte per DELTA_GROUP values)."""
 E8M0_SCALES = ("e8m0", "e8m0up")
+DELTA_GROUP = 128
+"""Values per shared E6M2 byte of the `e6m2d` scale type."""
 OUTLIER_INT4 = "outlier_int4"
 HYBRID_PREFIX = "outlier+"
 LOWRANK_PREFIX = "lowrank+"
@@ -42,7 +45,8 @@ class BlockSpec:
     """Values per shared scale; one of `BLOCK_SIZES`."""
     scale: str = "e8m0"
     """'e8m0' (power of two, OCP MX rule), 'e8m0up' (power of two rounded up: no saturation),
-    'e6m2' (8-bit unsigned float, 2 mantissa bits) or 'bf16'."""
+    'e6m2' (8-bit unsigned float, 2 mantissa bits), 'e6m2d' (the same scales, as 4-bit deltas from
+    one E6M2 byte per 128 values; codecs/block.py) or 'bf16'."""
 
     def __post_init__(self) -> None:
         if self.element not in FORMATS:
@@ -51,9 +55,18 @@ class BlockSpec:
             raise ValueError(f"block size {self.block} not supported; valid: {list(BLOCK_SIZES)}")
         if self.scale not in SCALE_BITS:
             raise ValueError(f"unknown scale type {self.scale!r}; valid: {sorted(SCALE_BITS)}")
+        if self.scale == "e6m2d" and self.block >= DELTA_GROUP:
+            raise ValueError(f"e6m2d scales are deltas within groups of {DELTA_GROUP} values: the block "
+                             f"size {self.block} must be smaller")
+
+    @property
+    def unit(self) -> int:
+        """Values a row length must be a multiple of: the block, or e6m2d's group."""
+        return DELTA_GROUP if self.scale == "e6m2d" else self.block
 
     def bits_per_value(self, hidden: int | None = None) -> float:
-        return FORMATS[self.element].bits + SCALE_BITS[self.scale] / self.block
+        group = 8 / DELTA_GROUP if self.scale == "e6m2d" else 0.0
+        return FORMATS[self.element].bits + SCALE_BITS[self.scale] / self.block + group
 
     def __str__(self) -> str:
         return f"{self.element}/b{self.block}/{self.scale}"
@@ -109,10 +122,12 @@ class LowRankSpec:
 
     @property
     def coord_spec(self) -> BlockSpec | None:
-        """How the coordinates are coded (None: bf16)."""
+        """How the coordinates are coded (None: bf16). A row of K coordinates is too short for
+        e6m2d's groups: they take plain E6M2 scales."""
         if self.coords is None:
             return None
-        return BlockSpec(element=self.coords, block=self.base.block, scale=self.base.scale)
+        scale = "e6m2" if self.base.scale == "e6m2d" else self.base.scale
+        return BlockSpec(element=self.coords, block=self.base.block, scale=scale)
 
     def coord_bits(self) -> float:
         """Bits of one row's coordinates."""
@@ -137,7 +152,7 @@ def needs_calibration(spec: CodecSpec | None) -> bool:
 _VALID = (
     "'none', '<element>[/b<block>][/<scale>]' (elements: "
     + ", ".join(sorted(FORMATS))
-    + f"; blocks: {', '.join(map(str, BLOCK_SIZES))}; scales: e8m0, e8m0up, e6m2, bf16), "
+    + f"; blocks: {', '.join(map(str, BLOCK_SIZES))}; scales: e8m0, e8m0up, e6m2, e6m2d, bf16), "
     "'outlier_int4[/k<N>]', 'outlier+<block spec>[/k<N>]' or 'lowrank+<block spec>[/r<K>][/c<element>]'"
 )
 
