@@ -136,6 +136,7 @@ def check_all_ops(K, codec, xs: list[torch.Tensor], hidden: int, device: str, dt
 BLOCK_CASES = [  # (block, scale, rows, hidden)
     (32, "e8m0", 17, 640), (8, "bf16", 3, 96), (16, "e8m0", 1, 576), (128, "bf16", 5, 640),
     (64, "e8m0", 3, 576), (32, "e8m0up", 9, 640), (8, "e8m0up", 2, 96), (16, "e6m2", 7, 576),
+    (32, "e6m2d", 17, 640), (8, "e6m2d", 3, 384),
 ]
 
 

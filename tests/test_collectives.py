@@ -12,7 +12,8 @@ from tpcomp_megatron.comm import CollectiveError, CompressedComm, GatePolicy, ch
 from tpcomp_megatron.testing import run_ranks
 
 SPECS = ["fp4_e2m1/b32/e8m0", "int4/b16/bf16", "fp6_e3m2/b8", "outlier_int4/k32", "outlier+fp5_e2m2/b32",
-         "lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+lloyd4/b16/e6m2/r16/cfp4_e2m1"]
+         "lowrank+fp4_e2m1/b32/e6m2/r2", "lowrank+lloyd4/b16/e6m2/r16/cfp4_e2m1", "lloyd4/b32/e6m2d",
+         "lowrank+lloyd4/b32/e6m2d/r32/cfp4_e2m1"]
 
 
 def _inputs(rank, seed, shape):
@@ -46,20 +47,21 @@ def _check_all(rank, world):
     comm = CompressedComm(policy=GatePolicy(min_bytes=0, link="cpu"))
     report = {}
     for i, spec in enumerate(SPECS):
-        shape = (5, 3, 64)  # 15 rows: not a multiple of 2 or 4, so two-shot pads
+        h = 128 if "e6m2d" in spec else 64  # e6m2d's scale groups are 128 values
+        shape = (5, 3, h)  # 15 rows: not a multiple of 2 or 4, so two-shot pads
         codec = _codec(spec, world, i, shape)
         xs = [_inputs(r, i, shape) for r in range(world)]
         exact = sum(x.float() for x in xs)
-        rows = [x.reshape(-1, 64) for x in xs]
+        rows = [x.reshape(-1, h) for x in xs]
         # One-process models of each algorithm, built from the reference codec directly.
-        one_shot = codec.decode_sum(torch.stack([codec.encode(r, source=s) for s, r in enumerate(rows)]), 64).reshape(shape)
+        one_shot = codec.decode_sum(torch.stack([codec.encode(r, source=s) for s, r in enumerate(rows)]), h).reshape(shape)
         m = rows[0].shape[0]
         chunk = -(-m // world)
-        padded = [torch.cat([r, r.new_zeros(chunk * world - m, 64)]) for r in rows]
+        padded = [torch.cat([r, r.new_zeros(chunk * world - m, h)]) for r in rows]
         red = []
         for c in range(world):
             parts = torch.stack([codec.encode(p[c * chunk:(c + 1) * chunk], source=s) for s, p in enumerate(padded)])
-            red.append(codec.decode(codec.encode(codec.decode_sum_f32(parts, 64), source=REDUCED), 64, source=REDUCED))
+            red.append(codec.decode(codec.encode(codec.decode_sum_f32(parts, h), source=REDUCED), h, source=REDUCED))
         two_shot = torch.cat(red)[:m].reshape(shape)
         for algo, model in (("one_shot", one_shot), ("two_shot", two_shot)):
             out = comm.all_reduce(xs[rank], codec, algorithm=algo)
@@ -70,17 +72,17 @@ def _check_all(rank, world):
             dist.all_gather(gathered, out)
             assert all(torch.equal(g, out) for g in gathered), "ranks disagree"
         # reduce-scatter along dim 0 (sequence parallel layout [s, b, h]); s must divide
-        xs_rs = [_inputs(r, i + 50, (4 * world, 2, 64)) for r in range(world)]
+        xs_rs = [_inputs(r, i + 50, (4 * world, 2, h)) for r in range(world)]
         rs = comm.reduce_scatter(xs_rs[rank], codec)
         s = 4
-        mine = [x[rank * s:(rank + 1) * s].reshape(-1, 64) for x in xs_rs]
-        want = codec.decode_sum(torch.stack([codec.encode(r, source=j) for j, r in enumerate(mine)]), 64)
-        assert torch.equal(rs.reshape(-1, 64), want) and rs.shape == (s, 2, 64)
+        mine = [x[rank * s:(rank + 1) * s].reshape(-1, h) for x in xs_rs]
+        want = codec.decode_sum(torch.stack([codec.encode(r, source=j) for j, r in enumerate(mine)]), h)
+        assert torch.equal(rs.reshape(-1, h), want) and rs.shape == (s, 2, h)
         # all-gather along dim 0: every shard decoded, own shard included (block codecs: the
         # sequence-parallel all-gather moves layer inputs, for which nothing is calibrated)
         if not spec.startswith(("outlier", "lowrank")):
             ag = comm.all_gather(xs[rank], codec)
-            want = torch.cat([codec.decode(codec.encode(x.reshape(-1, 64)), 64).reshape(shape) for x in xs])
+            want = torch.cat([codec.decode(codec.encode(x.reshape(-1, h)), h).reshape(shape) for x in xs])
             assert torch.equal(ag, want)
     return report, comm.stats.calls_compressed, comm.stats.calls_fallback
 
@@ -89,7 +91,8 @@ def _check_all(rank, world):
 def test_compressed_collectives_match_models_and_exact_sum(world):
     results = run_ranks(_check_all, world)
     report, compressed, fallback = results[0]
-    assert fallback == 0 and compressed == len(SPECS) * 3 + 3
+    gathers = sum(not s.startswith(("outlier", "lowrank")) for s in SPECS)  # block codecs also all-gather
+    assert fallback == 0 and compressed == len(SPECS) * 3 + gathers
     for (spec, algo), rel in report.items():
         # Relative to the largest |sum|: each rank adds at most half a step of its block's top
         # binade (FP4: 1/6 of the block max... <= 1/4 with E8M0 saturation), so N ranks' errors

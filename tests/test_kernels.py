@@ -97,8 +97,9 @@ def test_outlier_codecs_bit_exact(spec, rows, hidden):
 
 @pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r1", "lowrank+fp6_e2m3/b8/r8",
                                   "lowrank+lloyd3/b32/e6m2/r64/cfp4_e2m1", "lowrank+fp4_e2m1/b16/bf16/r48/clloyd4",
-                                  "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1", "lowrank+lloyd4/b64/e6m2/r4"])
-@pytest.mark.parametrize("rows,hidden", [(17, 640), (3, 192)])
+                                  "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1", "lowrank+lloyd4/b64/e6m2/r4",
+                                  "lowrank+lloyd4/b32/e6m2d/r64/cfp4_e2m1"])
+@pytest.mark.parametrize("rows,hidden", [(17, 640), (3, 384)])
 def test_lowrank_codec_bit_exact(spec, rows, hidden):
     """The kernels path (projection by torch, coded coordinates by the block kernels, residual by
     the block kernel, coordinates added back by it) gives the reference's bytes and values,
@@ -112,9 +113,10 @@ def test_lowrank_codec_bit_exact(spec, rows, hidden):
         check_all_ops(K, codec, xs, hidden, "cpu", (dtype,), sources=srcs)
 
 
-@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2", "int4/b16/bf16", "fp6_e2m3/b8/e8m0up",
-                                  "fp5_e2m2/b32/e8m0"])
-@pytest.mark.parametrize("rows,hidden", [(17, 640), (3, 96)])
+@pytest.mark.parametrize("spec,rows,hidden", [(s, r, h) for s in ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2", "int4/b16/bf16",
+                                                                    "fp6_e2m3/b8/e8m0up", "fp5_e2m2/b32/e8m0"]
+                                               for r, h in [(17, 640), (3, 96)]]
+                         + [("lloyd4/b32/e6m2d", 17, 640), ("fp4_e2m1/b16/e6m2d", 3, 384)])
 def test_encode_feedback_bit_exact(spec, rows, hidden):
     """Error feedback fused into the encode = the reference's send, encode, decode and settle."""
     codec = make_codec(spec)
@@ -125,10 +127,11 @@ def test_encode_feedback_bit_exact(spec, rows, hidden):
 
 
 @pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+lloyd4/b16/bf16/r2",
-                                  "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1", "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1"])
+                                  "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1", "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1",
+                                  "lowrank+lloyd4/b32/e6m2d/r64/cfp4_e2m1"])
 def test_lowrank_encode_feedback_bit_exact(spec):
     gen = _gen("feedback", spec)
-    codec = make_codec(spec, lowrank_bases(192, 3, parse_codec_spec(spec).rank, gen))
+    codec = make_codec(spec, lowrank_bases(384, 3, parse_codec_spec(spec).rank, gen))
     for dtype, src in zip(DTYPES, [2, REDUCED, 0]):
         x = lowrank_input(5, codec.bases, src, dtype, gen)
         check_encode_feedback(K, codec, x, feedback_debt(x, gen), src, "cpu")

@@ -29,7 +29,7 @@ from tpcomp_megatron.codecs import FORMATS, REDUCED, make_codec, parse_codec_spe
 
 CASES = [(32, "e8m0", 300, 5120), (16, "bf16", 17, 640), (8, "e8m0", 3, 96), (128, "bf16", 1, 1152),
          (64, "e8m0", 33, 4096), (32, "e8m0up", 300, 5120), (16, "e8m0up", 5, 640), (32, "e6m2", 300, 5120),
-         (16, "e6m2", 17, 640)]
+         (16, "e6m2", 17, 640), (32, "e6m2d", 300, 5120), (8, "e6m2d", 17, 640)]
 SPECS = ["outlier_int4", "outlier+fp4_e2m1/b32", "outlier+int4/b16/bf16/k32", "outlier+fp6_e3m2/b8"]
 
 
@@ -74,7 +74,8 @@ def test_outlier_codecs_cuda(spec, rows, hidden):
         check_all_ops(K, codec, xs, hidden, "cuda", (dtype,))
 
 
-@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e8m0", "int4/b32/e8m0", "outlier_int4", "outlier+fp4_e2m1/b32"])
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e8m0", "int4/b32/e8m0", "outlier_int4", "outlier+fp4_e2m1/b32",
+                                  "lloyd4/b32/e6m2d"])
 def test_large_messages_cuda(spec):
     """Many programs per launch (rows x column tiles), without NaN blocks."""
     gen = _gen("large", spec)
@@ -186,7 +187,8 @@ def test_ops_dispatch_cuda(spec):
 
 @pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+int4/b16/bf16/r8",
                                   "lowrank+lloyd3/b32/e6m2/r128/cfp4_e2m1", "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1",
-                                  "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1", "lowrank+lloyd4/b64/e6m2/r128/cfp4_e2m1"])
+                                  "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1", "lowrank+lloyd4/b64/e6m2/r128/cfp4_e2m1",
+                                  "lowrank+lloyd4/b32/e6m2d/r64/cfp4_e2m1"])
 def test_lowrank_codec_cuda(spec):
     """Encoding and decoding run their matmuls through cuBLAS (coordinates, low-rank parts), which
     sums in another order than the CPU: a coordinate, and then a code, may round the other way (a
@@ -241,7 +243,7 @@ def test_encode_feedback_cuda(spec, rows, hidden):
 
 
 @pytest.mark.parametrize("spec", ["lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1",
-                                  "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1"])
+                                  "lowrank+lloyd4/b64/e6m2/r64/cfp4_e2m1", "lowrank+lloyd4/b32/e6m2d/r64/cfp4_e2m1"])
 def test_lowrank_encode_feedback_cuda(spec):
     """The coordinates are cuBLAS's (see test_lowrank_codec_cuda), so the payload may differ from
     the CPU's in a few bytes; the new debt is exactly the send minus what this payload decodes to."""

@@ -26,11 +26,12 @@ import triton.language as tl
 
 from .launch import (GPU_TILE_ELEMS, LAUNCH_OPTIONS, Tiles, choose_tiles, format_constexprs, needs_int64, out_kind,
                      slots_even)
-from .numerics import (SCALE_BF16, SCALE_E6M2, SCALE_E8M0, _BF16_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits,
+from .numerics import (DELTA_GROUP, SCALE_BF16, SCALE_E6M2, SCALE_E6M2D, SCALE_E8M0, _BF16_NAN_BITS, _delta_scales, _bf16_bits, _bf16_bits_to_f32, _bits,
                        _from_bits, _code_to_value, _decode_scales, _encode_scales, _input_to_f32, _MAX,
                        _store_output, _value_to_code)
 from .tables import tile_slots
-from .pack import _load_bf16_slots, _load_codes, _load_scales, _store_bf16_slots, _store_codes, _store_scales
+from .pack import (_load_bf16_slots, _load_codes, _load_delta_scales, _load_scales, _store_bf16_slots, _store_codes,
+                   _store_delta_scales, _store_scales)
 
 
 @triton.jit
@@ -47,13 +48,20 @@ def _encode_block_tile(x, out_ptr, row_off, row_mask, col0, hidden, data_bytes,
     amax_bits = tl.reduce(_bits(x3) & 0x7FFFFFFF, 2, _MAX)
     bad = amax_bits >= 0x7F800000
     amax = tl.where(bad, 0.0, _from_bits(amax_bits))  # a non-finite value never reaches a scale
-    stored, inv = _encode_scales(amax, bad, SCALE, EMAX, MAXV, UP_MANT)
+    if SCALE == SCALE_E6M2D:
+        own, _ = _encode_scales(amax, bad, SCALE_E6M2, EMAX, MAXV, UP_MANT)
+        group, delta, stored, inv = _delta_scales(own, bad, R, T // B, DELTA_GROUP // B)
+    else:
+        stored, inv = _encode_scales(amax, bad, SCALE, EMAX, MAXV, UP_MANT)
     codes = _value_to_code(x3 * inv[:, :, None], BITS, EBITS, MBITS, 1 - BIAS,
                            (1 << EBITS) - 1 - BIAS, MAX_CODE, SCALE != SCALE_BF16, SCALE == SCALE_E8M0, LEVELS)
     codes = tl.where(bad[:, :, None], 0, codes)
     _store_codes(out_ptr, row_off, row_mask, col0, hidden, tl.reshape(codes, [R, T]), R, T, BITS)
-    _store_scales(out_ptr, row_off, row_mask, col0, hidden, data_bytes, stored, R, T, B,
-                  2 if SCALE == SCALE_BF16 else 1)
+    if SCALE == SCALE_E6M2D:
+        _store_delta_scales(out_ptr, row_off, row_mask, col0, hidden, data_bytes, group, delta, R, T, B, DELTA_GROUP)
+    else:
+        _store_scales(out_ptr, row_off, row_mask, col0, hidden, data_bytes, stored, R, T, B,
+                      2 if SCALE == SCALE_BF16 else 1)
     return codes, stored
 
 
@@ -159,7 +167,10 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, 
     for i in tl.static_range(N):
         off = (r * 0 + i) * src_stride + row_off  # int64 when I64
         codes = _load_codes(p_ptr, off, row_mask, col0, hidden, R, T, BITS)
-        stored = _load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB)
+        if SCALE == SCALE_E6M2D:
+            stored = _load_delta_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, DELTA_GROUP, 15)
+        else:
+            stored = _load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB)
         v = _decode_block_tile(tl.reshape(codes, [R, T // B, B]), stored, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL,
                                LEVELS)
         if OUTLIERS:
@@ -194,15 +205,16 @@ def _constexprs(element, block, scale) -> dict:
     fmt = FORMATS[element]
     # e8m0up: MAXV's float32 mantissa bits (the rounding-up test); -1 selects the OCP rule
     up = struct.unpack("<I", struct.pack("<f", fmt.max_value))[0] & 0x7FFFFF if scale == "e8m0up" else -1
-    kind = {"bf16": SCALE_BF16, "e6m2": SCALE_E6M2}.get(scale, SCALE_E8M0).value
+    kind = {"bf16": SCALE_BF16, "e6m2": SCALE_E6M2, "e6m2d": SCALE_E6M2D}.get(scale, SCALE_E8M0).value
     return {"B": block, "SCALE": kind, "UP_MANT": up, **format_constexprs(fmt)}
 
 
-def _choose(rows: int, hidden: int, block: int, on_gpu: bool, outliers) -> Tiles:
-    """The block codecs' tiles; the hybrid's are twice as tall (its per-column slot table is read
+def _choose(rows: int, hidden: int, block: int, scale: str, on_gpu: bool, outliers) -> Tiles:
+    """The block codecs' tiles (whole e6m2d groups); the hybrid's are twice as tall (its per-column slot table is read
     once per tile: H100 sweep, kernels_tune_h100_2026-11-23-run3.jsonl, hybrid encode 0.74 vs 0.66
     of copy at 64 MB with 4 x 1024 on 4 warps against 2 x 1024 on 2)."""
-    return choose_tiles(rows, hidden, block, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers is not None else GPU_TILE_ELEMS)
+    unit = max(block, DELTA_GROUP.value) if scale == "e6m2d" else block
+    return choose_tiles(rows, hidden, unit, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers is not None else GPU_TILE_ELEMS)
 
 
 def _check_lowrank(lowrank: torch.Tensor | None, rows: int, hidden: int) -> None:
@@ -239,7 +251,7 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
         raise ValueError("error-feedback encode: a contiguous float32 debt of the input's shape, and no outliers")
     if rows == 0:
         return
-    tiles = tiles or _choose(rows, hidden, block, x.is_cuda, outliers)
+    tiles = tiles or _choose(rows, hidden, block, scale, x.is_cuda, outliers)
     ptrs, kt = _outlier_args(outliers, tiles, out)
     _check_lowrank(lowrank, rows, hidden)
     _block_encode_kernel[_grid(rows, hidden, tiles)](
@@ -265,7 +277,7 @@ def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: in
     _check_lowrank(lowrank, rows, hidden)
     if rows == 0:
         return
-    tiles = tiles or _choose(rows, hidden, block, payloads.is_cuda, outliers)
+    tiles = tiles or _choose(rows, hidden, block, scale, payloads.is_cuda, outliers)
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
     ptrs, kt = _outlier_args(outliers, tiles, payloads)
     _block_decode_kernel[_grid(rows, hidden, tiles)](

@@ -151,6 +151,10 @@ def _code_to_value(c, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constex
 SCALE_E8M0 = tl.constexpr(0)  # the SCALE constexpr of the block kernels: the scale type
 SCALE_BF16 = tl.constexpr(1)
 SCALE_E6M2 = tl.constexpr(2)
+SCALE_E6M2D = tl.constexpr(3)  # E6M2 bytes stored as 4-bit deltas within groups (codecs/block.py)
+DELTA_GROUP = tl.constexpr(128)
+DELTA_MAX = tl.constexpr(14)
+DELTA_NAN = tl.constexpr(15)
 _E6M2_NAN = tl.constexpr(0xFF)
 _E6M2_MAX = tl.constexpr(0xFE)
 _E6M2_BIAS = tl.constexpr(32)
@@ -161,6 +165,28 @@ def _e6m2_to_f32(s):
     """E6M2 scale byte (int32, 0..0xFE) -> float32 2**((s >> 2) - 32) * (1 + (s & 3) / 4), a
     normal float32 built from its bits (exact)."""
     return _from_bits((((s >> 2) + (127 - _E6M2_BIAS)) << 23) | ((s & 3) << 21))
+
+
+@triton.jit
+def _e6m2_inverse(s):
+    """E6M2 byte (int32, 0..0xFE) -> 1 / scale = fp32(1 / (1 + m / 4)) * 2**-exponent exactly
+    (both normal): no division."""
+    m = s & 3
+    rcp = tl.where(m == 0, 0x3F800000, tl.where(m == 1, 0x3F4CCCCD, tl.where(m == 2, 0x3F2AAAAB, 0x3F124925)))
+    return _from_bits(rcp - (((s >> 2) - _E6M2_BIAS) << 23))
+
+
+@triton.jit
+def _delta_scales(stored, bad, R: tl.constexpr, NB: tl.constexpr, PER: tl.constexpr):
+    """e6m2d: the tile's E6M2 bytes [R, NB] (0xFF for non-finite blocks) -> (group bytes
+    [R, NB // PER], deltas [R, NB] (15 for non-finite blocks), the bytes the scales decode from
+    [R, NB] (0xFF for non-finite blocks), inverse scales [R, NB]). PER blocks per group."""
+    s = tl.where(bad, 0, stored)
+    group = tl.reduce(tl.reshape(s, [R, NB // PER, PER]), 2, _MAX)
+    spread = tl.reshape(tl.broadcast_to(group[:, :, None], [R, NB // PER, PER]), [R, NB])
+    delta = tl.minimum(spread - s, DELTA_MAX)
+    eff = spread - delta
+    return group, tl.where(bad, DELTA_NAN, delta), tl.where(bad, _E6M2_NAN, eff), _e6m2_inverse(eff)
 
 
 @triton.jit
@@ -194,10 +220,7 @@ def _encode_scales(amax, bad, SCALE: tl.constexpr, EMAX: tl.constexpr, MAXV: tl.
         # near >> 21 is (float32 exponent << 2) | 2 mantissa bits: rebiasing the exponent gives
         # the E6M2 byte, negative below its range
         s = tl.minimum(tl.maximum((near >> 21) - ((127 - _E6M2_BIAS) << 2), 0), _E6M2_MAX)
-        # 1 / scale = fp32(1 / (1 + m / 4)) * 2**-exponent exactly (both normal): no division
-        m = s & 3
-        rcp = tl.where(m == 0, 0x3F800000, tl.where(m == 1, 0x3F4CCCCD, tl.where(m == 2, 0x3F2AAAAB, 0x3F124925)))
-        inv = _from_bits(rcp - (((s >> 2) - _E6M2_BIAS) << 23))
+        inv = _e6m2_inverse(s)
         stored = tl.where(bad, _E6M2_NAN, s)
     else:
         tiny = amax < 1.1754943508222875e-38  # subnormal (or zero): normalized exactly by 2**64
@@ -216,7 +239,7 @@ def _decode_scales(stored, SCALE: tl.constexpr):
     """Stored scale bits (int32: a byte, or two bytes as one 16-bit pattern) -> float32 scale."""
     if SCALE == SCALE_BF16:
         return _bf16_bits_to_f32(stored)
-    if SCALE == SCALE_E6M2:
+    if SCALE == SCALE_E6M2 or SCALE == SCALE_E6M2D:  # e6m2d: the bytes its deltas give
         return tl.where(stored == _E6M2_NAN, _from_bits(tl.full(stored.shape, _F32_NAN_BITS, tl.int32)),
                         _e6m2_to_f32(stored))
     bits = tl.where(stored == 0, 0x00400000, stored << 23)  # 2**-127 is subnormal

@@ -105,6 +105,38 @@ def _store_scales(ptr, row_off, row_mask, col0, hidden, data_bytes, stored, R: t
 
 
 @triton.jit
+def _store_delta_scales(ptr, row_off, row_mask, col0, hidden, data_bytes, group, delta, R: tl.constexpr,
+                        T: tl.constexpr, B: tl.constexpr, G: tl.constexpr):
+    """e6m2d: store the tile's group bytes [R, T // G] and its deltas [R, T // B], two per byte
+    (the even block in the low nibble), after the row's group bytes."""
+    NG: tl.constexpr = T // G
+    NBT: tl.constexpr = T // B
+    g = col0 // G + tl.arange(0, NG)[None, :]
+    tl.store(ptr + row_off + data_bytes + g, group.to(tl.uint8), mask=row_mask & (g < hidden // G))
+    lo, hi = tl.split(tl.reshape(delta, [R, NBT // 2, 2]))
+    j = col0 // B // 2 + tl.arange(0, NBT // 2)[None, :]
+    tl.store(ptr + row_off + data_bytes + hidden // G + j, (lo | (hi << 4)).to(tl.uint8),
+             mask=row_mask & (j < hidden // B // 2))
+
+
+@triton.jit
+def _load_delta_scales(ptr, row_off, row_mask, col0, hidden, data_bytes, R: tl.constexpr,
+                       T: tl.constexpr, B: tl.constexpr, G: tl.constexpr, NAN_MARK: tl.constexpr):
+    """e6m2d: the E6M2 bytes [R, T // B] (int32) the tile's group bytes and deltas give; a
+    delta of NAN_MARK gives 0xFF."""
+    NG: tl.constexpr = T // G
+    NBT: tl.constexpr = T // B
+    g = col0 // G + tl.arange(0, NG)[None, :]
+    group = tl.load(ptr + row_off + data_bytes + g, mask=row_mask & (g < hidden // G), other=0).to(tl.int32)
+    j = col0 // B // 2 + tl.arange(0, NBT // 2)[None, :]
+    packed = tl.load(ptr + row_off + data_bytes + hidden // G + j, mask=row_mask & (j < hidden // B // 2),
+                     other=0).to(tl.int32)
+    delta = tl.reshape(tl.join(packed & 0xF, packed >> 4), [R, NBT])
+    spread = tl.reshape(tl.broadcast_to(group[:, :, None], [R, NG, G // B]), [R, NBT])
+    return tl.where(delta == NAN_MARK, 0xFF, tl.maximum(spread - delta, 0))
+
+
+@triton.jit
 def _load_scales(ptr, row_off, row_mask, col0, hidden, data_bytes, R: tl.constexpr,
                  T: tl.constexpr, B: tl.constexpr, SB: tl.constexpr):
     """Load the scale bits of the tile's blocks -> int32 [R, T // B]."""
