@@ -82,12 +82,17 @@ kernels_lloyd3_h200_2026-12-06.md, where lloyd4 measured 3.5): the codebook deco
 selects per value, where a float format decodes with a shift and a multiply."""
 
 
+DELTA_KERNEL_COST = 1.2
+"""e6m2d against e6m2, encode + decode_sum (H100, 8 sources, 8-128 MB; FP4: 1.12-1.17x, lloyd4:
+1.03-1.08x; benchmarks/results/kernels_e6m2d_h100_2026-12-06.md)."""
+
+
 class BlockCodec(Codec):
     def __init__(self, spec: BlockSpec):
         self.spec = spec
         self.fmt = FORMATS[spec.element]
         self.scale_bytes = max(1, SCALE_BITS[spec.scale] // 8)  # per block (e6m2d: see scale_row_bytes)
-        self.kernel_cost = CODEBOOK_KERNEL_COST.get(spec.element, 1.0)
+        self.kernel_cost = CODEBOOK_KERNEL_COST.get(spec.element, 1.0) * (DELTA_KERNEL_COST if spec.scale == "e6m2d" else 1.0)
 
     def ineligible(self, hidden: int) -> str | None:
         if hidden % self.spec.unit:
