@@ -279,9 +279,10 @@ def test_e6m2d_payload_bytes_match_float64_reference(element, block):
     for dtype in (torch.bfloat16, torch.float32):
         x = _hard_input(4, hidden, block, dtype, gen)
         x[1, 200] = float("nan")
-        x[2, 130:130 + block] *= 2.0 ** -5  # 5 binades below the rest of its group: delta 14+ clamps
+        x[2, 128 + block:128 + 2 * block] *= 2.0 ** -5  # 5 binades below the rest of its group: the delta clamps
         payload = codec.encode(x)
-        assert payload.shape == (4, codec.row_bytes(hidden)) and codec.row_bytes(hidden) * 8 == codec.bits_per_value(hidden) * hidden
+        assert payload.shape == (4, codec.row_bytes(hidden))
+        assert codec.row_bytes(hidden) * 8 == codec.bits_per_value(hidden) * hidden
         for r in range(4):
             want = encode_block_row(x[r].float().numpy().astype(np.float64), element, block, "e6m2d")
             assert bytes(payload[r].tolist()) == want, f"row {r} {dtype}"

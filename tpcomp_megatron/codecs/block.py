@@ -92,7 +92,8 @@ class BlockCodec(Codec):
         self.spec = spec
         self.fmt = FORMATS[spec.element]
         self.scale_bytes = max(1, SCALE_BITS[spec.scale] // 8)  # per block (e6m2d: see scale_row_bytes)
-        self.kernel_cost = CODEBOOK_KERNEL_COST.get(spec.element, 1.0) * (DELTA_KERNEL_COST if spec.scale == "e6m2d" else 1.0)
+        delta_cost = DELTA_KERNEL_COST if spec.scale == "e6m2d" else 1.0
+        self.kernel_cost = CODEBOOK_KERNEL_COST.get(spec.element, 1.0) * delta_cost
 
     def ineligible(self, hidden: int) -> str | None:
         if hidden % self.spec.unit:

@@ -26,9 +26,9 @@ import triton.language as tl
 
 from .launch import (GPU_TILE_ELEMS, LAUNCH_OPTIONS, Tiles, choose_tiles, format_constexprs, needs_int64, out_kind,
                      slots_even)
-from .numerics import (DELTA_GROUP, SCALE_BF16, SCALE_E6M2, SCALE_E6M2D, SCALE_E8M0, _BF16_NAN_BITS, _delta_scales, _bf16_bits, _bf16_bits_to_f32, _bits,
-                       _from_bits, _code_to_value, _decode_scales, _encode_scales, _input_to_f32, _MAX,
-                       _store_output, _value_to_code)
+from .numerics import (DELTA_GROUP, DELTA_NAN, SCALE_BF16, SCALE_E6M2, SCALE_E6M2D, SCALE_E8M0, _BF16_NAN_BITS,
+                       _bf16_bits, _bf16_bits_to_f32, _bits, _from_bits, _code_to_value, _decode_scales,
+                       _delta_scales, _encode_scales, _input_to_f32, _MAX, _store_output, _value_to_code)
 from .tables import tile_slots
 from .pack import (_load_bf16_slots, _load_codes, _load_delta_scales, _load_scales, _store_bf16_slots, _store_codes,
                    _store_delta_scales, _store_scales)
@@ -168,7 +168,8 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, 
         off = (r * 0 + i) * src_stride + row_off  # int64 when I64
         codes = _load_codes(p_ptr, off, row_mask, col0, hidden, R, T, BITS)
         if SCALE == SCALE_E6M2D:
-            stored = _load_delta_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, DELTA_GROUP, 15)
+            stored = _load_delta_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, DELTA_GROUP,
+                                        DELTA_NAN)
         else:
             stored = _load_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, SB)
         v = _decode_block_tile(tl.reshape(codes, [R, T // B, B]), stored, R, T, B, SCALE, BITS, EBITS, MBITS, DEC_MUL,
@@ -210,9 +211,9 @@ def _constexprs(element, block, scale) -> dict:
 
 
 def _choose(rows: int, hidden: int, block: int, scale: str, on_gpu: bool, outliers) -> Tiles:
-    """The block codecs' tiles (whole e6m2d groups); the hybrid's are twice as tall (its per-column slot table is read
-    once per tile: H100 sweep, kernels_tune_h100_2026-11-23-run3.jsonl, hybrid encode 0.74 vs 0.66
-    of copy at 64 MB with 4 x 1024 on 4 warps against 2 x 1024 on 2)."""
+    """The block codecs' tiles, whole e6m2d groups wide; the hybrid's are twice as tall (its
+    per-column slot table is read once per tile: H100 sweep, kernels_tune_h100_2026-11-23-run3.jsonl,
+    hybrid encode 0.74 vs 0.66 of copy at 64 MB with 4 x 1024 on 4 warps against 2 x 1024 on 2)."""
     unit = max(block, DELTA_GROUP.value) if scale == "e6m2d" else block
     return choose_tiles(rows, hidden, unit, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers is not None else GPU_TILE_ELEMS)
 
