@@ -132,19 +132,20 @@ class BlockCodec(Codec):
             s = torch.where(amax > 0, s, -127)
             inv = torch.ldexp(torch.ones_like(amax), (-s).to(torch.float32))
             stored = torch.where(bad, E8M0_NAN, s + 127).to(torch.uint8).unsqueeze(-1)
-        elif self.spec.scale == "e6m2":
+        elif self.spec.scale in ("e6m2", "e6m2d"):
             s = e6m2_round(amax * torch.tensor(1.0 / self.fmt.max_value, dtype=torch.float32))
-            inv = 1.0 / e6m2_value(s)
-            stored = torch.where(bad, E6M2_NAN, s).to(torch.uint8).unsqueeze(-1)
-        elif self.spec.scale == "e6m2d":
-            s = e6m2_round(amax * torch.tensor(1.0 / self.fmt.max_value, dtype=torch.float32))
-            rows, nb = s.shape
-            per = DELTA_GROUP // self.spec.block
-            group = torch.where(bad, 0, s).reshape(rows, nb // per, per).amax(-1)
-            delta = (group.repeat_interleave(per, dim=1) - s).clamp(0, DELTA_MAX)
-            inv = 1.0 / e6m2_value(group.repeat_interleave(per, dim=1) - delta)
-            delta = torch.where(bad, DELTA_NAN, delta)
-            stored = torch.cat([group, delta[:, 0::2] | (delta[:, 1::2] << 4)], dim=1).to(torch.uint8)
+            if self.spec.scale == "e6m2":
+                inv = 1.0 / e6m2_value(s)
+                stored = torch.where(bad, E6M2_NAN, s).to(torch.uint8).unsqueeze(-1)
+            else:  # each block's byte as a delta below its group's largest
+                rows, nb = s.shape
+                per = DELTA_GROUP // self.spec.block
+                group = torch.where(bad, 0, s).reshape(rows, nb // per, per).amax(-1)
+                spread = group.repeat_interleave(per, dim=1)
+                delta = (spread - s).clamp(0, DELTA_MAX)
+                inv = 1.0 / e6m2_value(spread - delta)
+                delta = torch.where(bad, DELTA_NAN, delta)
+                stored = torch.cat([group, delta[:, 0::2] | (delta[:, 1::2] << 4)], dim=1).to(torch.uint8)
         else:
             scale = (amax / self.fmt.max_value).to(torch.bfloat16).to(torch.float32)
             inv = torch.where(scale > 0, 1.0 / scale, 0.0)

@@ -58,11 +58,15 @@ def coordinates(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def lowrank_sum(coefs: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
-    """sum_i coefs[i] @ bases[i], float32 [rows, hidden], as ONE float32 matmul of the
-    coordinates side by side (`coefs` [n, rows, K]) with the bases stacked (`bases` [n, K, hidden])."""
+    """sum_i coefs[i] @ bases[i], float32 [rows, hidden], as ONE matmul of the coordinates side by
+    side (`coefs` [n, rows, K]) with the bases stacked (`bases` [n, K, hidden]). float32 bases: a
+    float32 matmul; bf16 bases (the GPU path, for coordinates bf16 holds exactly): a bf16 GEMM
+    with float32 output, the same products."""
     n, rows, k = coefs.shape
-    side = coefs.float().permute(1, 0, 2).reshape(rows, n * k)
-    return side @ bases.float().reshape(n * k, -1)
+    side = coefs.to(bases.dtype).permute(1, 0, 2).reshape(rows, n * k)
+    if bases.dtype == torch.bfloat16:
+        return torch.mm(side, bases.reshape(n * k, -1), out_dtype=torch.float32)
+    return side.float() @ bases.float().reshape(n * k, -1)
 
 
 def coef_bytes(coef: torch.Tensor) -> torch.Tensor:
@@ -85,7 +89,7 @@ def _exact_in_bf16(spec) -> bool:
     if fmt.is_codebook:
         return False
     element = fmt.mbits + 1 if fmt.ebits else fmt.bits - 1
-    scale = {"e8m0": 1, "e8m0up": 1, "e6m2": 3, "e6m2d": 3}.get(spec.scale, 8)
+    scale = {"e8m0": 1, "e8m0up": 1, "e6m2": 3}.get(spec.scale, 8)
     return element + scale <= 8
 
 

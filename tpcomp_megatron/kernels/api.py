@@ -257,12 +257,9 @@ def _lowrank_sum(codec: LowRankCodec, coefs: Tensor, sources: Sequence[int]) -> 
     """`lowrank_sum` of `coefs` [n, rows, K] with the bases of `sources`; on the GPU, coordinates
     that bf16 holds exactly go through a bf16 GEMM with float32 output (the same products, tensor
     cores; the codec keeps a bf16 copy of its bases) where this torch has one."""
-    if coefs.is_cuda and codec.coords_exact_in_bf16 and _bf16_gemm_f32_out():
-        n, rows, k = coefs.shape
-        side = coefs.permute(1, 0, 2).reshape(rows, n * k).to(torch.bfloat16)
-        bases = codec.source_bases(sources, coefs.device, torch.bfloat16)
-        return torch.mm(side, bases.reshape(n * k, -1), out_dtype=torch.float32)
-    return lowrank_sum(coefs, codec.source_bases(sources, coefs.device))
+    bf16 = coefs.is_cuda and codec.coords_exact_in_bf16 and _bf16_gemm_f32_out()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return lowrank_sum(coefs, codec.source_bases(sources, coefs.device, dtype))
 
 
 @functools.cache

@@ -214,7 +214,7 @@ def _choose(rows: int, hidden: int, block: int, scale: str, on_gpu: bool, outlie
     """The block codecs' tiles, whole e6m2d groups wide; the hybrid's are twice as tall (its
     per-column slot table is read once per tile: H100 sweep, kernels_tune_h100_2026-11-23-run3.jsonl,
     hybrid encode 0.74 vs 0.66 of copy at 64 MB with 4 x 1024 on 4 warps against 2 x 1024 on 2)."""
-    unit = max(block, DELTA_GROUP.value) if scale == "e6m2d" else block
+    unit = DELTA_GROUP.value if scale == "e6m2d" else block  # e6m2d blocks are smaller than a group
     return choose_tiles(rows, hidden, unit, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers is not None else GPU_TILE_ELEMS)
 
 
