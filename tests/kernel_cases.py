@@ -198,3 +198,34 @@ def feedback_debt(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     d = torch.randn(x.shape, generator=gen) * 0.05 * torch.nan_to_num(x.float(), nan=1.0, posinf=1.0, neginf=1.0)
     d[0, -1] = float("nan")
     return d.contiguous()
+
+
+def check_eager_matches_custom_ops(K, codec, xs: list[torch.Tensor], hidden: int, device: str, *,
+                                   feedback: bool = False) -> list:
+    """The eager plans (the public functions, each called twice: built, then replayed) against
+    the custom ops' path (`api._traced_*`, what torch.compile runs): identical bytes and bits for
+    encode, decode_sum, decode_each, decode_sum_encode and (`feedback`) encode_feedback. Returns
+    the plans it used (their `launches`, for a CUDA test to check the direct launch)."""
+    from tpcomp_megatron.kernels.plans import memo
+
+    n = len(xs)
+    xs = [x.to(device) for x in xs]
+    ref = [K.api._traced_encode(codec, x, s) for s, x in enumerate(xs)]
+    for _ in range(2):
+        for s, x in enumerate(xs):
+            assert same(K.encode(codec, x, source=s), ref[s]), f"{codec.spec}: eager encode, source {s}"
+    p = torch.stack(ref)
+    for mode, dtype, out_source in (("sum", torch.bfloat16, 0), ("sum", torch.float32, 0),
+                                    ("each", torch.float16, 0), ("encode", torch.float32, REDUCED)):
+        want = K.api._traced_decode(codec, p, hidden, range(n), dtype, mode, out_source)
+        for _ in range(2):
+            got = K.api._decode(codec, p, hidden, range(n), dtype, mode, out_source)
+            assert same(got, want), f"{codec.spec}: eager decode {mode} {dtype}: {describe(got, want)}"
+    if feedback:
+        debt0 = feedback_debt(xs[0].cpu(), torch.Generator().manual_seed(n)).to(device)
+        d_ref = debt0.clone()
+        want = K.api._traced_encode_feedback(codec, xs[0], d_ref, 0)
+        d_got = debt0.clone()
+        got = K.encode_feedback(codec, xs[0], d_got, source=0)
+        assert same(got, want) and same(d_got, d_ref), f"{codec.spec}: eager encode_feedback"
+    return list(memo(codec).values())

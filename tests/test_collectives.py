@@ -176,3 +176,25 @@ def test_dead_peer_fails_within_timeout():
     status, elapsed, msg = res[0]
     assert status == "raised" and elapsed < 30, res[0]
     assert "compressed all-reduce" in msg and "peer may have died" in msg
+
+
+def test_gate_never_compresses_below_its_host_cost():
+    """However low a threshold table goes, the gate asks a message to save, in link time, at least
+    the host time a compressed call adds (gate.HOST_EXTRA_US), per link class and algorithm."""
+    from tpcomp_megatron.codecs import make_codec
+    from tpcomp_megatron.comm import GatePolicy
+    from tpcomp_megatron.comm.gate import HOST_EXTRA_US, LINK_BYTES_PER_S
+
+    codec = make_codec("fp4_e2m1/b32/e6m2")
+    saving = 1 - codec.bits_per_value(5120) / 16
+    for link in ("nvlink", "pcie_class", "network_class"):
+        policy = GatePolicy(link=link, thresholds={(link, 2): 0})
+        for algo in ("one_shot", "two_shot"):
+            want = int(HOST_EXTRA_US[algo] * 1e-6 * LINK_BYTES_PER_S[link] / saving)
+            assert policy.threshold(2, codec, 5120, algorithm=algo) == want > 0
+        assert policy.threshold(2, codec, 5120, algorithm="two_shot") > policy.threshold(2, codec, 5120)
+        assert GatePolicy(link=link, min_bytes=0).threshold(2, codec, 5120, algorithm="two_shot") == 0
+    # the seed table stays above the floors it must respect
+    for link in ("nvlink", "pcie_class", "network_class"):
+        policy = GatePolicy(link=link)
+        assert policy.threshold(2, codec, 5120) > policy.host_floor("two_shot", saving)

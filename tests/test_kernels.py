@@ -271,3 +271,51 @@ def test_e6m2_boundaries(element):
     codec = block_codec(element, 8, "e6m2")
     rows = e6m2_boundary_rows(codec, _gen("e6m2", element))
     assert same(K.encode(codec, rows, source=0), codec.encode(rows, source=0))
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2d", "int8/b16/bf16", "outlier_int4/k32",
+                                  "outlier+fp4_e2m1/b32/k32", "lowrank+fp4_e2m1/b32/e6m2/r4",
+                                  "lowrank+lloyd4/b32/e6m2/r32/cfp4_e2m1"])
+def test_eager_plans_match_custom_ops(spec):
+    """The eager path (cached plans, no custom-op dispatch) and the custom ops' path (what
+    torch.compile runs) give identical bytes for every codec family, built and replayed."""
+    from kernel_cases import check_eager_matches_custom_ops
+
+    gen = _gen("plans", spec)
+    hidden, n = 256, 3
+    if spec.startswith("lowrank"):
+        bases = lowrank_bases(hidden, n, parse_codec_spec(spec).rank, gen)
+        codec = make_codec(spec, bases)
+        xs = [lowrank_input(5, bases, s, torch.bfloat16, gen) for s in range(n)]
+    else:
+        params = outlier_params(hidden, n, 32, gen)
+        codec = make_codec(spec, params)
+        xs = [outlier_input(5, params, s, torch.bfloat16, gen) for s in range(n)]
+    check_eager_matches_custom_ops(K, codec, xs, hidden, "cpu", feedback=isinstance(codec, K.FEEDBACK_CODECS))
+
+
+def test_plans_never_reuse_a_stale_configuration():
+    """A plan is built per (codec, shape, dtype, device, sources): calls that change rows, hidden,
+    dtype, codec, source or the payloads' sources each get the reference's bytes, in any order."""
+    gen = _gen("stale")
+    params = outlier_params(128, 2, 32, gen)
+    codecs = [make_codec("fp4_e2m1/b32/e6m2"), make_codec("int4/b16/bf16"), make_codec("outlier_int4/k32", params)]
+    shapes = [(3, 128), (7, 128), (3, 64), (1, 128)]
+    for _ in range(2):  # the second round replays the plans the first one built
+        for codec in codecs:
+            for rows, hidden in shapes:
+                if codec.ineligible(hidden):
+                    continue
+                for dtype in (torch.bfloat16, torch.float32):
+                    for src in (0, 1):
+                        x = torch.randn(rows, hidden, generator=gen).to(dtype)
+                        assert same(K.encode(codec, x, source=src), codec.encode(x, source=src)), \
+                            (codec.spec, rows, hidden, dtype, src)
+                p = torch.stack([codec.encode(torch.randn(rows, hidden, generator=gen), source=s) for s in (0, 1)])
+                for sources in ([0, 1], [1, 0]):
+                    for dtype in (torch.bfloat16, torch.float16):
+                        want = codec.decode_sum(p, hidden, sources, dtype=dtype)
+                        got = K.decode_sum(codec, p, hidden, sources=sources, dtype=dtype)
+                        assert same(got, want), (codec.spec, rows, hidden, sources, dtype)
+                    got = K.decode_sum(codec, p[:1], hidden, sources=sources[:1], dtype=torch.float32)
+                    assert same(got, codec.decode_sum(p[:1], hidden, sources[:1], dtype=torch.float32))

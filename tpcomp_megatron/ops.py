@@ -32,9 +32,9 @@ def _use_kernels(t: torch.Tensor):
 def encode(codec: Codec, x: torch.Tensor, *, source: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """`[rows, hidden]` -> payload `[rows, row_bytes]` (written into `out` when given)."""
     k = _use_kernels(x)
-    payload = k.encode(codec, x, source=source) if k is not None else codec.encode(x, source=source)
-    # The custom ops return new tensors (functional, for torch.compile); a caller's buffer (a
-    # symmetric-memory slot) costs one copy of the payload, about a quarter of the input's bytes.
+    if k is not None:
+        return k.encode(codec, x, source=source, out=out)  # writes straight into `out`
+    payload = codec.encode(x, source=source)
     return payload if out is None else out.copy_(payload)
 
 
@@ -45,12 +45,12 @@ def encode_feedback(codec: Codec, x: torch.Tensor, debt: torch.Tensor, *, source
     fused kernel for block and low-rank codecs on CUDA, the reference's steps elsewhere."""
     k = _use_kernels(x)
     if k is not None and isinstance(codec, k.FEEDBACK_CODECS):
-        payload = k.encode_feedback(codec, x, debt, source=source)
-    else:  # the unfused steps (a codec without the fused kernel, or not on CUDA)
-        send = x.float() + debt
-        payload = encode(codec, send, source=source)
-        debt.copy_(send - decode_each(codec, payload.unsqueeze(0), x.shape[1], sources=[source], dtype=torch.float32))
-    return payload if out is None else out.copy_(payload)
+        return k.encode_feedback(codec, x, debt, source=source, out=out)
+    # the unfused steps (a codec without the fused kernel, or not on CUDA)
+    send = x.float() + debt
+    payload = encode(codec, send, source=source, out=out)
+    debt.copy_(send - decode_each(codec, payload.unsqueeze(0), x.shape[1], sources=[source], dtype=torch.float32))
+    return payload
 
 
 def decode_sum(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],

@@ -288,3 +288,27 @@ def test_encode_feedback_graph_replay():
         send = xs.float() + d0
         want = codec.encode(send, source=0)
         assert same(payload, want) and same(debt, send - codec.decode_f32(want, hidden, source=0))
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2d", "int8/b16/bf16", "fp6_e2m3/b32/e8m0up",
+                                  "outlier_int4/k32", "outlier+fp4_e2m1/b32/k32", "lowrank+fp4_e2m1/b32/e6m2/r4",
+                                  "lowrank+lloyd4/b32/e6m2/r64/cfp4_e2m1"])
+def test_eager_plans_match_custom_ops_cuda(spec):
+    """The eager path (plans replayed, kernels launched straight through their compiled binary)
+    gives the custom ops' bytes; after the first call every launch goes direct."""
+    from kernel_cases import check_eager_matches_custom_ops
+
+    gen = _gen("plans", spec)
+    hidden, n = 640, 3
+    if spec.startswith("lowrank"):
+        bases = lowrank_bases(hidden, n, parse_codec_spec(spec).rank, gen)
+        codec = make_codec(spec, bases)
+        xs = [lowrank_input(40, bases, s, torch.bfloat16, gen, nonfinite=False) for s in range(n)]
+    else:
+        params = outlier_params(hidden, n, 32, gen)
+        codec = make_codec(spec, params)
+        xs = [outlier_input(40, params, s, torch.bfloat16, gen, nonfinite=False) for s in range(n)]
+    plans = check_eager_matches_custom_ops(K, codec, xs, hidden, "cuda",
+                                           feedback=isinstance(codec, K.FEEDBACK_CODECS))
+    launches = [launch for plan in plans for launch in plan.launches]
+    assert launches and all(launch.compiled is not None for launch in launches), spec

@@ -77,9 +77,29 @@ class CompressedComm:
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        self.policy = policy if policy is not None else GatePolicy()
+        self._policy = policy if policy is not None else GatePolicy()
         self.stats = CommStats()
         self._symm = None  # SymmMemTransport, created on the first one-shot call that can use it
+        self._gate: dict = {}  # (op, shape, dtype, codec, ...) -> the gate's answer (its inputs are fixed)
+
+    @property
+    def policy(self) -> GatePolicy:
+        """The gate policy (fixed for the communicator's life: the gate's answers are cached)."""
+        return self._policy
+
+    def _why(self, op: str, x: torch.Tensor, codec: Codec | None, extra: float) -> str | None:
+        """The gate's answer for this call (`ineligible`), computed once per (op, shape, dtype,
+        codec, extra cost): the policy is frozen, so the answer cannot change."""
+        key = (op, x.shape, x.dtype, codec, extra)
+        why = self._gate.get(key, self)
+        if why is self:
+            if codec is None:
+                why = EXACT_LAYER
+            else:
+                why = ineligible(x, codec, self.world_size, self.policy, rows_divisible=op == "reduce_scatter",
+                                 extra_cost=extra, algorithm="two_shot" if op == "two_shot" else "one_shot")
+            self._gate[key] = why
+        return why
 
     def _symm_transport(self):
         """The symmetric-memory transport when the policy asks for it (NVLink), else None."""
@@ -129,7 +149,7 @@ class CompressedComm:
         rows = _rows(x)
         algo = algorithm or self.policy.choose_algorithm(n)
         extra = 1.0 if feedback is None else feedback_cost(norm, algo)
-        why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, extra_cost=extra)
+        why = self._why(algo, x, codec, extra)
         # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
         fused = feedback is not None and norm is None and not why and algo in ("one_shot", "two_shot")
         send = rows if feedback is None or fused else feedback.to_send(rows, norm)
@@ -235,8 +255,7 @@ class CompressedComm:
             return x
         rows = _rows(x)
         extra = 1.0 if feedback is None else feedback_cost(None, "two_shot")  # its first half
-        why = EXACT_LAYER if codec is None else ineligible(x, codec, n, self.policy, rows_divisible=True,
-                                                           extra_cost=extra)
+        why = self._why("reduce_scatter", x, codec, extra)
         if why:
             send = rows if feedback is None else feedback.to_send(rows)
             exact_in = send.to(x.dtype)
@@ -262,7 +281,7 @@ class CompressedComm:
         n = self.world_size
         if n == 1:
             return x
-        why = ineligible(x, codec, n, self.policy)
+        why = self._why("all_gather", x, codec, 1.0)
         if why:
             return self._exact_all_gather(x, why)
         hidden = x.shape[-1]

@@ -35,6 +35,18 @@ SEED_THRESHOLDS: dict[tuple[str, int], int] = {
 }
 _TABLE_FILE = Path(__file__).with_name("gate_table.json")
 
+HOST_EXTRA_US = {"one_shot": 56.0, "two_shot": 134.0}
+"""Host time one compressed all-reduce adds over the exact NCCL call, eager, per algorithm
+(tools/bench_host.py, fp4_e2m1/b32/e6m2, [16, 5120] bf16, H100, 2026-12-06,
+benchmarks/results/host_h100_2026-12-06.md: one-shot at world size 2 70 us, two-shot at 8 148 us,
+NCCL all-reduce 14 us; the other block codecs within a few us). A prefill whose forward is
+host-bound (eager, small prompts) pays it in full, whatever the link. Reduce-scatter and all-gather
+(one collective each, like the one-shot) take the one-shot figure."""
+LINK_BYTES_PER_S = {"nvlink": 169e9, "pcie_class": 26e9, "network_class": 3.6e9, "cpu": 3.6e9}
+"""bf16 all-reduce message bytes per second of each link class, world size 2, 2048 x 5120
+(../shared/links/h200x2_2026-11-23.json: 0.124 / 0.802 / 5.76 ms for 21 MB); cpu (gloo) taken as
+the network class."""
+
 
 def _load_thresholds() -> dict[tuple[str, int], int]:
     table = dict(SEED_THRESHOLDS)
@@ -88,9 +100,11 @@ class GatePolicy:
         if self.transport == "auto":
             object.__setattr__(self, "transport", "symm_mem" if self.link == "nvlink" else "nccl")
 
-    def threshold(self, world_size: int, codec: Codec, hidden: int, extra_cost: float = 1.0) -> int:
+    def threshold(self, world_size: int, codec: Codec, hidden: int, extra_cost: float = 1.0,
+                  algorithm: str = "one_shot") -> int:
         """Smallest message (bf16 bytes) worth compressing with `codec`; `extra_cost` multiplies
-        the codec's kernel cost (error feedback's own work, `feedback.feedback_cost`)."""
+        the codec's kernel cost (error feedback's own work, `feedback.feedback_cost`). Never below
+        the size whose link time saved pays the host time the compressed call adds (`host_floor`)."""
         if self.min_bytes is not None:
             return self.min_bytes
         base = self.thresholds.get((self.link, world_size))
@@ -105,7 +119,13 @@ class GatePolicy:
             return NEVER
         saving_4bit = 1 - 4.25 / 16
         saving = max(1 - codec.bits_per_value(hidden) / 16, 1e-3)
-        return int(base * saving_4bit / saving * cost)
+        return max(int(base * saving_4bit / saving * cost), self.host_floor(algorithm, saving))
+
+    def host_floor(self, algorithm: str, saving: float) -> int:
+        """The bf16 message size whose link time saved (a fraction `saving` of its bytes, at the
+        link class's all-reduce rate) equals the host time a compressed call adds."""
+        host_s = HOST_EXTRA_US.get(algorithm, max(HOST_EXTRA_US.values())) * 1e-6
+        return int(host_s * LINK_BYTES_PER_S.get(self.link, min(LINK_BYTES_PER_S.values())) / saving)
 
     def choose_algorithm(self, world_size: int) -> str:
         if self.algorithm != "auto":
@@ -115,9 +135,9 @@ class GatePolicy:
 
 
 def ineligible(x: torch.Tensor, codec: Codec, world_size: int, policy: GatePolicy, *,
-               rows_divisible: bool = False, extra_cost: float = 1.0) -> str | None:
-    """Why `x` must take the exact collective, or None when it can be compressed (`extra_cost`:
-    see `GatePolicy.threshold`)."""
+               rows_divisible: bool = False, extra_cost: float = 1.0, algorithm: str = "one_shot") -> str | None:
+    """Why `x` must take the exact collective, or None when it can be compressed (`extra_cost`,
+    `algorithm`: see `GatePolicy.threshold`)."""
     if x.dtype not in SUPPORTED_DTYPES:
         return f"dtype {x.dtype}"
     if x.dim() == 0 or x.numel() == 0:
@@ -128,6 +148,6 @@ def ineligible(x: torch.Tensor, codec: Codec, world_size: int, policy: GatePolic
         return why
     if rows_divisible and x.shape[0] % world_size:
         return f"first dimension {x.shape[0]} not divisible by world size {world_size}"
-    if x.numel() * 2 < policy.threshold(world_size, codec, hidden, extra_cost):
+    if x.numel() * 2 < policy.threshold(world_size, codec, hidden, extra_cost, algorithm):
         return "below size threshold"
     return None

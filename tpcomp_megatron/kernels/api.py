@@ -1,15 +1,15 @@
-"""Public kernel API: the four codec operations of `tpcomp_megatron.ops`, as torch custom ops.
+"""Public kernel API: the codec operations of `tpcomp_megatron.ops`, eager and as custom ops.
 
-`encode`, `decode_sum`, `decode_sum_encode` and `decode_each` take a codec object and validate
-their inputs; the work is done by ops in the `tpcomp` namespace (`torch.ops.tpcomp.*`) whose
-arguments are plain tensors, ints and strings, with fake (meta) implementations, so the calls
-trace under torch.compile and replay inside CUDA graphs. Every op returns a new tensor and
-produces the same bytes as the codec's PyTorch reference.
+`encode`, `encode_feedback`, `decode_sum`, `decode_sum_encode` and `decode_each` take a codec
+object and validate their inputs. Eager calls replay a launch plan (`plans.py`: validated and set
+up once per codec, shape, dtype and device, then launched without the custom-op dispatcher, whose
+Python layer cost more host time than the kernels). Under torch.compile the same kernels run
+through ops in the `tpcomp` namespace (`torch.ops.tpcomp.*`) whose arguments are plain tensors,
+ints and strings, with fake (meta) implementations, so the calls trace. Both produce the same
+bytes as the codec's PyTorch reference, and both replay inside CUDA graphs.
 """
 
 from __future__ import annotations
-
-import functools
 
 from typing import List, Optional, Sequence
 
@@ -23,6 +23,7 @@ from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
 from . import outlier as _outlier
+from .plans import block_args, decode_plan, encode_plan, lowrank_bases, memo
 from .tables import outlier_tables, source_progression, source_row
 
 Tensor = torch.Tensor
@@ -179,16 +180,9 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 
 def _block_args(codec: Codec, hidden: int, device: torch.device) -> tuple:
-    """(element, block, scale, data_bytes, slot, first, chan, window_max, slots_off) of a block,
-    hybrid or low-rank codec (slots_off: where the outlier slots or the coordinates start)."""
-    base = codec.block if isinstance(codec, (HybridCodec, LowRankCodec)) else codec
-    if isinstance(codec, HybridCodec):
-        t = outlier_tables(codec, device)
-        tabs = (t.slot, t.first, t.chan, list(t.window_max))
-    else:
-        tabs = (None, None, None, [])
-    spec = base.spec
-    return (spec.element, spec.block, spec.scale, base.data_bytes(hidden), *tabs, base.row_bytes(hidden))
+    """`plans.block_args`, with window_max as the custom ops' List[int]."""
+    args = block_args(codec, hidden, device)
+    return args[:7] + (list(args[7]),) + args[8:]
 
 
 def _static_sources(codec: StaticOutlierCodec, tables, sources: Sequence[int]):
@@ -201,18 +195,15 @@ def _static_sources(codec: StaticOutlierCodec, tables, sources: Sequence[int]):
     return tables.lo.index_select(0, idx), tables.step.index_select(0, idx), 0, 1
 
 
-def encode(codec: Codec, x: Tensor, *, source: int) -> Tensor:
-    """`[rows, hidden]` bf16/fp16/fp32 -> payload `[rows, codec.row_bytes(hidden)]` uint8."""
-    _check_codec(codec)
-    codec.check_input(x)
-    _check_device(x)
+def _traced_encode(codec: Codec, x: Tensor, source: int) -> Tensor:
+    """`encode` through the custom ops (torch.compile)."""
     x = x.contiguous()
     hidden = x.shape[1]
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, x.device)
         return torch.ops.tpcomp.static_encode(x, t.lo, t.inv, t.chan, source_row(source, t.sources))
     if isinstance(codec, LowRankCodec):  # coordinates by one matmul, the rest in the block kernel
-        tail, coef = _code_coordinates(codec, coordinates(x, codec.basis(source, x.device)))
+        tail, coef = code_coordinates(codec, coordinates(x, codec.basis(source, x.device)))
         return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden),
                                              _lowrank_sum(codec, coef[None], [source]), tail)
     return torch.ops.tpcomp.block_encode(x, *_block_args(codec, hidden, x.device), codec.row_bytes(hidden))
@@ -222,29 +213,19 @@ FEEDBACK_CODECS = (BlockCodec, LowRankCodec)
 """Codecs whose encode can fold in error feedback (`encode_feedback`)."""
 
 
-def encode_feedback(codec: Codec, x: Tensor, debt: Tensor, *, source: int) -> Tensor:
-    """Payload of `x + debt` (`x` [rows, hidden] bf16/fp16/fp32, `debt` float32, contiguous),
-    and `debt` overwritten with `x + debt` minus what that payload decodes to: error feedback's
-    send and settle fused into the encode (one read of x, one read and one write of the debt)."""
-    if not isinstance(codec, FEEDBACK_CODECS):
-        raise ValueError(f"no fused error-feedback encode for {type(codec).__name__}; supported: "
-                         f"{[c.__name__ for c in FEEDBACK_CODECS]}")
-    codec.check_input(x)
-    _check_device(x)
-    if debt.dtype != torch.float32 or debt.shape != x.shape or debt.device != x.device or not debt.is_contiguous():
-        raise ValueError(f"debt must be a contiguous float32 tensor of the input's shape {tuple(x.shape)} on "
-                         f"{x.device}; got {debt.dtype} {tuple(debt.shape)} on {debt.device}")
+def _traced_encode_feedback(codec: Codec, x: Tensor, debt: Tensor, source: int) -> Tensor:
+    """`encode_feedback` through the custom ops (torch.compile)."""
     x = x.contiguous()
     hidden = x.shape[1]
     element, block, scale, data_bytes, _, _, _, _, slots_off = _block_args(codec, hidden, x.device)
     args = (element, block, scale, data_bytes, slots_off, codec.row_bytes(hidden))
     if isinstance(codec, LowRankCodec):  # the coordinates are those of x + debt (one matmul)
-        tail, coef = _code_coordinates(codec, coordinates(x.float() + debt, codec.basis(source, x.device)))
+        tail, coef = code_coordinates(codec, coordinates(x.float() + debt, codec.basis(source, x.device)))
         return torch.ops.tpcomp.block_encode_feedback(x, debt, *args, _lowrank_sum(codec, coef[None], [source]), tail)
     return torch.ops.tpcomp.block_encode_feedback(x, debt, *args)
 
 
-def _code_coordinates(codec: LowRankCodec, coef: Tensor) -> tuple[Tensor, Tensor]:
+def code_coordinates(codec: LowRankCodec, coef: Tensor) -> tuple[Tensor, Tensor]:
     """bf16 coordinates [rows, K] -> (their bytes in the payload, the float32 values the decoder
     reads back): `LowRankCodec.code_coordinates` through the block kernels."""
     if codec.coords is None:  # bf16 coordinates: plain tensor ops, any device
@@ -254,25 +235,11 @@ def _code_coordinates(codec: LowRankCodec, coef: Tensor) -> tuple[Tensor, Tensor
 
 
 def _lowrank_sum(codec: LowRankCodec, coefs: Tensor, sources: Sequence[int]) -> Tensor:
-    """`lowrank_sum` of `coefs` [n, rows, K] with the bases of `sources`; on the GPU, coordinates
-    that bf16 holds exactly go through a bf16 GEMM with float32 output (the same products, tensor
-    cores; the codec keeps a bf16 copy of its bases) where this torch has one."""
-    bf16 = coefs.is_cuda and codec.coords_exact_in_bf16 and _bf16_gemm_f32_out()
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    return lowrank_sum(coefs, codec.source_bases(sources, coefs.device, dtype))
+    """`lowrank_sum` of `coefs` [n, rows, K] with the bases of `sources` (`plans.lowrank_bases`)."""
+    return lowrank_sum(coefs, lowrank_bases(codec, sources, coefs.device))
 
 
-@functools.cache
-def _bf16_gemm_f32_out() -> bool:
-    """Whether `torch.mm(bf16, bf16, out_dtype=torch.float32)` runs on CUDA (torch >= 2.8)."""
-    try:
-        a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
-def _coordinate_values(codec: LowRankCodec, payloads: Tensor, slots_off: int) -> Tensor:
+def coordinate_values(codec: LowRankCodec, payloads: Tensor, slots_off: int) -> Tensor:
     """The coordinates of payloads [n, rows, row_bytes] (their tails), float32 [n, rows, K]."""
     n, rows, _ = payloads.shape
     tails = payloads[:, :, slots_off:].contiguous()
@@ -289,7 +256,7 @@ def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources:
     for 'each'), which the block kernel adds to the block parts; a requantized sum needs the
     full rows' coordinates first, so 'encode' is a decode in float32 and an encode."""
     args = _block_args(codec, hidden, payloads.device)
-    coefs = _coordinate_values(codec, payloads, args[-1])
+    coefs = coordinate_values(codec, payloads, args[-1])
     if mode == "each":
         lowrank = torch.cat([_lowrank_sum(codec, coefs[i:i + 1], [s]) for i, s in enumerate(sources)])
         return torch.ops.tpcomp.block_decode(payloads, hidden, *args, "each", dtype, lowrank)
@@ -298,8 +265,9 @@ def _decode_lowrank(codec: LowRankCodec, payloads: Tensor, hidden: int, sources:
     return encode(codec, out, source=out_source) if mode == "encode" else out
 
 
-def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,
-            mode: str, out_source: int = 0) -> Tensor:
+def _traced_decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype,
+                   mode: str, out_source: int = 0) -> Tensor:
+    """The decodes through the custom ops (torch.compile)."""
     if isinstance(codec, LowRankCodec):
         return _decode_lowrank(codec, payloads, hidden, sources, dtype, mode, out_source)
     if isinstance(codec, StaticOutlierCodec):
@@ -311,24 +279,95 @@ def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int],
     return torch.ops.tpcomp.block_decode(payloads, hidden, *_block_args(codec, hidden, payloads.device), mode, dtype)
 
 
+# -- public API ---------------------------------------------------------------------------------
+# Eager calls replay a plan (plans.py): validated, set up and launched without the custom-op
+# dispatcher; under torch.compile the same kernels run through the custom ops, which trace.
+def encode(codec: Codec, x: Tensor, *, source: int, out: Tensor | None = None) -> Tensor:
+    """`[rows, hidden]` bf16/fp16/fp32 -> payload `[rows, codec.row_bytes(hidden)]` uint8
+    (written into `out` when given)."""
+    if torch.compiler.is_compiling():
+        return _with_out(_traced_encode(_checked_input(codec, x), x, source), out)
+    odd = out is not None and out.data_ptr() & 1
+    key = ("encode", x.shape, x.dtype, x.device, source, odd)
+    plans = memo(codec)
+    plan = plans.get(key)
+    if plan is None:
+        _checked_input(codec, x)
+        plan = plans[key] = encode_plan(codec, x.shape[0], x.shape[1], x.dtype, x.device, source, feedback=False,
+                                        odd=odd)
+    return plan(x if x.is_contiguous() else x.contiguous(), out, None)
+
+
+def encode_feedback(codec: Codec, x: Tensor, debt: Tensor, *, source: int, out: Tensor | None = None) -> Tensor:
+    """Payload of `x + debt` (`x` [rows, hidden] bf16/fp16/fp32, `debt` float32, contiguous),
+    and `debt` overwritten with `x + debt` minus what that payload decodes to: error feedback's
+    send and settle fused into the encode (one read of x, one read and one write of the debt)."""
+    if debt.dtype != torch.float32 or debt.shape != x.shape or debt.device != x.device or not debt.is_contiguous():
+        raise ValueError(f"debt must be a contiguous float32 tensor of the input's shape {tuple(x.shape)} on "
+                         f"{x.device}; got {debt.dtype} {tuple(debt.shape)} on {debt.device}")
+    if torch.compiler.is_compiling():
+        return _with_out(_traced_encode_feedback(_checked_feedback(codec, x), x, debt, source), out)
+    odd = out is not None and out.data_ptr() & 1
+    key = ("feedback", x.shape, x.dtype, x.device, source, odd)
+    plans = memo(codec)
+    plan = plans.get(key)
+    if plan is None:
+        _checked_feedback(codec, x)
+        plan = plans[key] = encode_plan(codec, x.shape[0], x.shape[1], x.dtype, x.device, source, feedback=True,
+                                        odd=odd)
+    return plan(x if x.is_contiguous() else x.contiguous(), out, debt)
+
+
+def _checked_input(codec: Codec, x: Tensor) -> Codec:
+    _check_codec(codec)
+    codec.check_input(x)
+    _check_device(x)
+    return codec
+
+
+def _checked_feedback(codec: Codec, x: Tensor) -> Codec:
+    if not isinstance(codec, FEEDBACK_CODECS):
+        raise ValueError(f"no fused error-feedback encode for {type(codec).__name__}; supported: "
+                         f"{[c.__name__ for c in FEEDBACK_CODECS]}")
+    return _checked_input(codec, x)
+
+
+def _with_out(payload: Tensor, out: Tensor | None) -> Tensor:
+    return payload if out is None else out.copy_(payload)
+
+
+def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype, mode: str,
+            out_source: int = 0) -> Tensor:
+    if torch.compiler.is_compiling():
+        payloads = _check_payloads(codec, payloads, hidden, sources)
+        return _traced_decode(codec, payloads, hidden, sources, dtype, mode, out_source)
+    sources = tuple(sources)
+    odd = payloads.data_ptr() & 1
+    key = (mode, payloads.shape, hidden, dtype, payloads.device, sources, out_source, odd)
+    plans = memo(codec)
+    plan = plans.get(key)
+    if plan is None:
+        _check_payloads(codec, payloads, hidden, sources)
+        _check_dtype(dtype)
+        n, rows, row_bytes = payloads.shape
+        plan = plans[key] = decode_plan(codec, n, rows, row_bytes, hidden, dtype, payloads.device, sources, mode,
+                                        out_source, odd=odd)
+    return plan(payloads if payloads.is_contiguous() else payloads.contiguous())
+
+
 def decode_sum(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int],
                dtype: torch.dtype) -> Tensor:
     """`[n, rows, row_bytes]` -> `[rows, hidden]`: float32 sum in index order from +0.0, as `dtype`."""
-    payloads = _check_payloads(codec, payloads, hidden, sources)
-    _check_dtype(dtype)
     return _decode(codec, payloads, hidden, sources, dtype, "sum")
 
 
 def decode_sum_encode(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int],
                       out_source: int) -> Tensor:
     """Sum n payloads in float32 and requantize the sum (source `out_source`) into one payload."""
-    payloads = _check_payloads(codec, payloads, hidden, sources)
     return _decode(codec, payloads, hidden, sources, torch.float32, "encode", out_source)
 
 
 def decode_each(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int],
                 dtype: torch.dtype) -> Tensor:
     """`[n, rows, row_bytes]` -> `[n * rows, hidden]`: each payload decoded with its source."""
-    payloads = _check_payloads(codec, payloads, hidden, sources)
-    _check_dtype(dtype)
     return _decode(codec, payloads, hidden, sources, dtype, "each")

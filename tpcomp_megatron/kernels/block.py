@@ -19,13 +19,14 @@ parts (decode). Same order of float32 operations as the reference.
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import (GPU_TILE_ELEMS, LAUNCH_OPTIONS, Tiles, choose_tiles, format_constexprs, needs_int64, out_kind,
-                     slots_even)
+from .launch import (GPU_TILE_ELEMS, LAUNCH_OPTIONS, Launcher, Tiles, choose_tiles, format_constexprs, needs_int64,
+                     out_kind_of)
 from .numerics import (DELTA_GROUP, DELTA_NAN, SCALE_BF16, SCALE_E6M2, SCALE_E6M2D, SCALE_E8M0, _BF16_NAN_BITS,
                        _bf16_bits, _bf16_bits_to_f32, _bits, _from_bits, _code_to_value, _decode_scales,
                        _delta_scales, _encode_scales, _input_to_f32, _MAX, _store_output, _value_to_code)
@@ -200,6 +201,10 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, 
 
 
 # -- launchers --------------------------------------------------------------------------------
+# A launch's grid, scalars and constexprs depend only on shapes, dtypes and the codec's constants,
+# so each distinct launch is built once (`Launcher`, launch.py) and reused: per call only the
+# tensors change.
+@lru_cache(maxsize=None)
 def _constexprs(element, block, scale) -> dict:
     from tpcomp_megatron.codecs.formats import FORMATS
 
@@ -210,12 +215,12 @@ def _constexprs(element, block, scale) -> dict:
     return {"B": block, "SCALE": kind, "UP_MANT": up, **format_constexprs(fmt)}
 
 
-def _choose(rows: int, hidden: int, block: int, scale: str, on_gpu: bool, outliers) -> Tiles:
+def _choose(rows: int, hidden: int, block: int, scale: str, on_gpu: bool, outliers: bool) -> Tiles:
     """The block codecs' tiles, whole e6m2d groups wide; the hybrid's are twice as tall (its
     per-column slot table is read once per tile: H100 sweep, kernels_tune_h100_2026-11-23-run3.jsonl,
     hybrid encode 0.74 vs 0.66 of copy at 64 MB with 4 x 1024 on 4 warps against 2 x 1024 on 2)."""
     unit = DELTA_GROUP.value if scale == "e6m2d" else block  # e6m2d blocks are smaller than a group
-    return choose_tiles(rows, hidden, unit, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers is not None else GPU_TILE_ELEMS)
+    return choose_tiles(rows, hidden, unit, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers else GPU_TILE_ELEMS)
 
 
 def _check_lowrank(lowrank: torch.Tensor | None, rows: int, hidden: int) -> None:
@@ -229,19 +234,52 @@ def _grid(rows: int, hidden: int, tiles) -> tuple[int, int]:
     return (triton.cdiv(rows, tiles.rows), triton.cdiv(hidden, tiles.cols))
 
 
-def _outlier_args(outliers, tiles: Tiles, dummy: torch.Tensor) -> tuple:
-    """`outliers` = (slot, first, chan, window_max) of a hybrid codec (tables.OutlierTables)
-    -> the three table pointers and KT for this tile width; dummies for a plain block codec."""
-    if outliers is None:
-        return (dummy, dummy, dummy), 2
-    slot, first, chan, window_max = outliers
-    return (slot, first, chan), tile_slots(window_max, tiles.cols)
+@lru_cache(maxsize=4096)
+def encode_launcher(rows: int, hidden: int, row_bytes: int, in_dtype: torch.dtype, device: torch.device, *, element: str,
+                    block: int, scale: str, data_bytes: int, window_max: tuple | None, slots_off: int,
+                    lowrank: bool, feedback: bool, even: bool, tiles: Tiles | None = None) -> Launcher:
+    """The launch of `_block_encode_kernel` for x [rows, hidden] of `in_dtype` -> [rows, row_bytes]
+    (`window_max`: the hybrid's outlier windows, None for a block codec; `even`: the payload's
+    address is even). Tensors, in order: x, out, slot, first, chan, lowrank, debt (dummies: out)."""
+    on_gpu = device.type == "cuda"
+    tiles = tiles or _choose(rows, hidden, block, scale, on_gpu, window_max is not None)
+    kt = 2 if window_max is None else tile_slots(window_max, tiles.cols)
+    return Launcher(_block_encode_kernel, _grid(rows, hidden, tiles), (rows, hidden, row_bytes, data_bytes, slots_off),
+                    dict(LOWRANK=lowrank, FEEDBACK=feedback, IN_BF16=in_dtype == torch.bfloat16,
+                         IN_F16=in_dtype == torch.float16, OUTLIERS=window_max is not None, KT=kt,
+                         EVEN=even and row_bytes % 2 == 0 and slots_off % 2 == 0,
+                         I64=needs_int64(rows * hidden, rows * row_bytes), R=tiles.rows, T=tiles.cols,
+                         **_constexprs(element, block, scale)),
+                    dict(num_warps=tiles.num_warps, **LAUNCH_OPTIONS))
+
+
+@lru_cache(maxsize=4096)
+def decode_launcher(n: int, rows: int, hidden: int, row_bytes: int, out_dtype: torch.dtype, device: torch.device, *,
+                    element: str, block: int, scale: str, data_bytes: int, window_max: tuple | None, slots_off: int,
+                    encode: bool, each: bool, lowrank: bool, even: bool, tiles: Tiles | None = None) -> Launcher:
+    """The launch of `_block_decode_kernel` for payloads [n, rows, row_bytes] -> [rows, hidden] of
+    `out_dtype` (or, `encode`, the requantized payload; `each`: n = 1 over all rows). Tensors, in
+    order: payloads, out (bf16 as int16), slot, first, chan, lowrank (dummies: payloads)."""
+    on_gpu = device.type == "cuda"
+    tiles = tiles or _choose(rows, hidden, block, scale, on_gpu, window_max is not None)
+    kt = 2 if window_max is None else tile_slots(window_max, tiles.cols)
+    out_numel = rows * (row_bytes if encode else hidden)
+    kind = 0 if encode else out_kind_of(out_dtype, on_gpu)
+    return Launcher(_block_decode_kernel, _grid(rows, hidden, tiles),
+                    (rows, hidden, row_bytes, data_bytes, slots_off, rows * row_bytes),
+                    dict(LOWRANK=lowrank, N=n, EACH=each, ENCODE=encode, OUT_KIND=kind,
+                         OUTLIERS=window_max is not None, KT=kt,
+                         EVEN=even and row_bytes % 2 == 0 and slots_off % 2 == 0,
+                         I64=needs_int64(n * rows * row_bytes, out_numel), R=tiles.rows, T=tiles.cols,
+                         **_constexprs(element, block, scale)),
+                    dict(num_warps=tiles.num_warps, **LAUNCH_OPTIONS))
 
 
 def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, block: int, scale: str,
                         data_bytes: int, outliers, slots_off: int, lowrank=None, debt: torch.Tensor | None = None,
                         tiles: Tiles | None = None) -> None:
-    """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `lowrank`: the low-rank part
+    """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `outliers`: the hybrid's
+    tables (slot, first, chan, window_max), None for a block codec. `lowrank`: the low-rank part
     L, float32 [rows, hidden]: code x - L. `debt` float32
     [rows, hidden] (error feedback, not with outliers): code x + debt, and overwrite debt with
     x + debt minus what the payload decodes to. `tiles` overrides the tile policy
@@ -252,17 +290,13 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
         raise ValueError("error-feedback encode: a contiguous float32 debt of the input's shape, and no outliers")
     if rows == 0:
         return
-    tiles = tiles or _choose(rows, hidden, block, scale, x.is_cuda, outliers)
-    ptrs, kt = _outlier_args(outliers, tiles, out)
     _check_lowrank(lowrank, rows, hidden)
-    _block_encode_kernel[_grid(rows, hidden, tiles)](
-        x, out, *ptrs, out if lowrank is None else lowrank, out if debt is None else debt,
-        rows, hidden, out.shape[1], data_bytes, slots_off, LOWRANK=lowrank is not None,
-        FEEDBACK=debt is not None,
-        IN_BF16=x.dtype == torch.bfloat16, IN_F16=x.dtype == torch.float16, OUTLIERS=outliers is not None,
-        KT=kt, EVEN=slots_even(out, slots_off),
-        I64=needs_int64(x.numel(), out.numel()), R=tiles.rows, T=tiles.cols,
-        num_warps=tiles.num_warps, **_constexprs(element, block, scale), **LAUNCH_OPTIONS)
+    slot, first, chan, window_max = outliers if outliers is not None else (out, out, out, None)
+    launch = encode_launcher(rows, hidden, out.shape[1], x.dtype, x.device, element=element, block=block,
+                             scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,
+                             lowrank=lowrank is not None, feedback=debt is not None, even=out.data_ptr() % 2 == 0,
+                             tiles=tiles)
+    launch(x, out, slot, first, chan, out if lowrank is None else lowrank, out if debt is None else debt)
 
 
 def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: int, element: str,
@@ -278,13 +312,10 @@ def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: in
     _check_lowrank(lowrank, rows, hidden)
     if rows == 0:
         return
-    tiles = tiles or _choose(rows, hidden, block, scale, payloads.is_cuda, outliers)
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
-    ptrs, kt = _outlier_args(outliers, tiles, payloads)
-    _block_decode_kernel[_grid(rows, hidden, tiles)](
-        payloads, dst, *ptrs, payloads if lowrank is None else lowrank, rows, hidden, row_bytes, data_bytes,
-        slots_off, rows * row_bytes, LOWRANK=lowrank is not None, N=n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out),
-        OUTLIERS=outliers is not None, KT=kt, EVEN=slots_even(payloads, slots_off) and (not encode or slots_even(out, slots_off)),
-        I64=needs_int64(payloads.numel(), out.numel()),
-        R=tiles.rows, T=tiles.cols, num_warps=tiles.num_warps,
-        **_constexprs(element, block, scale), **LAUNCH_OPTIONS)
+    slot, first, chan, window_max = outliers if outliers is not None else (payloads, payloads, payloads, None)
+    even = payloads.data_ptr() % 2 == 0 and (not encode or out.data_ptr() % 2 == 0)
+    launch = decode_launcher(n, rows, hidden, row_bytes, out.dtype, payloads.device, element=element, block=block,
+                             scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,
+                             encode=encode, each=each, lowrank=lowrank is not None, even=even, tiles=tiles)
+    launch(payloads, dst, slot, first, chan, payloads if lowrank is None else lowrank)

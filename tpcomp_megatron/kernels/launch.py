@@ -20,8 +20,10 @@ many rows as fit `CPU_TILE_ELEMS`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
+import triton
 
 from tpcomp_megatron.codecs.formats import ElementFormat
 
@@ -39,6 +41,7 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@lru_cache(maxsize=None)
 def format_constexprs(fmt: ElementFormat) -> dict:
     """The kernels' compile-time description of an element format (derived from the reference)."""
     return {
@@ -78,15 +81,89 @@ def needs_int64(*numels: int) -> bool:
     return max(numels) > INT32_LIMIT
 
 
-def out_kind(out: torch.Tensor) -> int:
-    """Output tensor -> the kernels' OUT_KIND constant (see numerics._store_output): bf16 is
+def out_kind_of(dtype: torch.dtype, on_gpu: bool) -> int:
+    """Output dtype -> the kernels' OUT_KIND constant (see numerics._store_output): bf16 is
     rounded by hand only under the interpreter (CPU tensors)."""
-    if out.dtype == torch.bfloat16:
-        return 3 if out.is_cuda else 1
-    return {torch.float32: 0, torch.float16: 2}[out.dtype]
+    if dtype == torch.bfloat16:
+        return 3 if on_gpu else 1
+    return {torch.float32: 0, torch.float16: 2}[dtype]
+
+
+def out_kind(out: torch.Tensor) -> int:
+    return out_kind_of(out.dtype, out.is_cuda)
 
 
 def slots_even(payload: torch.Tensor, slots_off: int) -> bool:
     """Whether every bf16 slot of a payload `[..., row_bytes]` starts at an even address (then
     the kernels move slots as 16-bit values)."""
     return payload.data_ptr() % 2 == 0 and payload.shape[-1] % 2 == 0 and slots_off % 2 == 0
+
+
+# Triton >= 3.4 (which has `triton.knobs`) hands a compiled kernel's launcher every argument of
+# the kernel, constexprs included, in signature order; older versions pass other lists.
+_KNOBS = getattr(triton, "knobs", None)
+_ALIGN = 16  # Triton specializes pointer arguments on 16-byte alignment
+
+
+def _hooked() -> bool:
+    """Whether a launch hook is set (a profiler's): then the JIT path, which calls it."""
+    hook = _KNOBS.runtime.launch_enter_hook
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)  # a HookChain (Triton >= 3.5): set when it holds a call
+    return calls is None or bool(calls)
+
+
+class Launcher:
+    """One kernel launch with everything but its tensors fixed: grid, scalars, constexprs, and
+    (keyed by whoever builds it) the device.
+
+    The first call goes through Triton's JIT (`kernel[grid](...)`), which compiles or finds the
+    binary and returns it. Later calls hand the tensors straight to that binary's launcher,
+    skipping the JIT's per-call binding, specialization and cache lookup (most of a launch's host
+    time; same binary, same arguments, so the same bytes). The binary was specialized on the first
+    call's tensors being 16-byte aligned: a call with an unaligned tensor, with a launch hook set
+    (a profiler), under the interpreter, or on a Triton without `knobs` takes the JIT again.
+    """
+
+    __slots__ = ("kernel", "grid", "scalars", "constexprs", "options", "compiled", "tail", "stream", "device")
+
+    def __init__(self, kernel, grid: tuple[int, ...], scalars: tuple, constexprs: dict, options: dict):
+        self.kernel = kernel
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.scalars = scalars
+        self.constexprs = constexprs
+        self.options = options
+        self.compiled = None
+        self.tail = None  # scalars + constexpr values, in the kernel's argument order
+        self.stream = None
+        self.device = None  # the CUDA device the binary was loaded on
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        compiled = self.compiled
+        if compiled is not None and not _hooked():
+            aligned = 0
+            for t in tensors:
+                aligned |= t.data_ptr()
+            if not aligned % _ALIGN:
+                g = self.grid
+                compiled.run(g[0], g[1], g[2], self.stream(self.device), compiled.function,
+                             compiled.packed_metadata, None, None, None, *tensors, *self.tail)
+                return
+        self._jit(tensors)
+
+    def _jit(self, tensors: tuple) -> None:
+        result = self.kernel[self.grid](*tensors, *self.scalars, **self.constexprs, **self.options)
+        if self.compiled is not None or _KNOBS is None or not tensors[0].is_cuda:
+            return
+        aligned = 0
+        for t in tensors:
+            aligned |= t.data_ptr()
+        if aligned % _ALIGN or not hasattr(result, "packed_metadata"):
+            return
+        names = self.kernel.arg_names[len(tensors) + len(self.scalars):]
+        self.tail = self.scalars + tuple(self.constexprs[n] for n in names)
+        self.stream = triton.runtime.driver.active.get_current_stream
+        self.device = tensors[0].device.index
+        result._init_handles()
+        self.compiled = result

@@ -13,11 +13,13 @@ the outlier slot of channel c or -1; `chan` the channel of each slot.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 
-from .launch import CPU_TILE_ELEMS, LAUNCH_OPTIONS, Tiles, choose_tiles, needs_int64, out_kind, slots_even
+from .launch import CPU_TILE_ELEMS, LAUNCH_OPTIONS, Launcher, Tiles, choose_tiles, needs_int64, out_kind_of
 from .numerics import (_F32_NAN_BITS, _bf16_bits, _bf16_bits_to_f32, _bits, _from_bits,
                        _input_to_f32, _SUM, _rne_int, _store_output)
 from .tables import tile_slots
@@ -193,15 +195,52 @@ def _kp(k: int) -> int:
     return max(2, 1 << max(0, (k - 1).bit_length()))
 
 
+@lru_cache(maxsize=4096)
+def static_encode_launcher(rows: int, hidden: int, row_bytes: int, k: int, in_dtype: torch.dtype,
+                           device: torch.device, src_row: int, even: bool, tiles: Tiles | None = None) -> Launcher:
+    """Tensors, in order: x, out, lo, inv, chan."""
+    on_gpu = device.type == "cuda"
+    t = tiles or _tiles(rows, hidden, on_gpu, encode=True)
+    return Launcher(_static_encode_kernel, (triton.cdiv(rows, t.rows),),
+                    (rows, hidden, row_bytes, k, hidden // 2, src_row * hidden),
+                    dict(IN_BF16=in_dtype == torch.bfloat16, EVEN=even and row_bytes % 2 == 0 and (hidden // 2) % 2 == 0,
+                         I64=needs_int64(rows * hidden, rows * row_bytes), R=t.rows, T=t.cols,
+                         CHUNKS=triton.cdiv(hidden, t.cols), KP=_kp(k)),
+                    dict(num_warps=t.num_warps, **LAUNCH_OPTIONS))
+
+
+@lru_cache(maxsize=4096)
+def static_decode_launcher(n: int, rows: int, hidden: int, row_bytes: int, k: int, sources: int,
+                           out_dtype: torch.dtype, device: torch.device, window_max: tuple, src_start: int,
+                           src_step: int, each: bool, out_row: int, even: bool, tiles: Tiles | None = None) -> Launcher:
+    """Tensors, in order: payloads, out (bf16 as int16), lo, step, lo_out, inv, slot, chan, first
+    (`sources`: rows of the lo / step tables)."""
+    on_gpu = device.type == "cuda"
+    encode = out_dtype == torch.uint8
+    if encode:  # whole rows per program
+        t = tiles or _tiles(rows, hidden, on_gpu, encode=False)
+        chunks, grid = triton.cdiv(hidden, t.cols), (triton.cdiv(rows, t.rows), 1, 1)
+    else:
+        t = tiles or choose_tiles(rows, hidden, 2, on_gpu, elems=STATIC_TILE_ELEMS)
+        chunks, grid = 1, (triton.cdiv(rows, t.rows), triton.cdiv(hidden, t.cols), n if each else 1)
+    out_numel = rows * row_bytes if encode else (n if each else 1) * rows * hidden
+    return Launcher(_static_decode_kernel, grid,
+                    (rows, hidden, row_bytes, k, hidden // 2, rows * row_bytes, src_start * hidden,
+                     src_step * hidden, out_row * hidden),
+                    dict(N=1 if each else n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind_of(out_dtype, on_gpu),
+                         EVEN=even and row_bytes % 2 == 0 and (hidden // 2) % 2 == 0,
+                         I64=needs_int64(n * rows * row_bytes, out_numel, sources * hidden), R=t.rows, T=t.cols,
+                         CHUNKS=chunks, KP=_kp(k), KT=1 if encode else tile_slots(window_max, t.cols)),
+                    dict(num_warps=t.num_warps, **LAUNCH_OPTIONS))
+
+
 def launch_static_encode(x, out, *, lo, inv, chan, src_row: int, tiles: Tiles | None = None) -> None:
     rows, hidden = x.shape
     if rows == 0:
         return
-    t = tiles or _tiles(rows, hidden, x.is_cuda, encode=True)
-    _static_encode_kernel[(triton.cdiv(rows, t.rows),)](
-        x, out, lo, inv, chan, rows, hidden, out.shape[1], chan.numel(), hidden // 2, src_row * hidden,
-        IN_BF16=x.dtype == torch.bfloat16, EVEN=slots_even(out, hidden // 2), I64=needs_int64(x.numel(), out.numel()),
-        R=t.rows, T=t.cols, CHUNKS=triton.cdiv(hidden, t.cols), KP=_kp(chan.numel()), num_warps=t.num_warps, **LAUNCH_OPTIONS)
+    launch = static_encode_launcher(rows, hidden, out.shape[1], chan.numel(), x.dtype, x.device, src_row,
+                                    out.data_ptr() % 2 == 0, tiles)
+    launch(x, out, lo, inv, chan)
 
 
 def launch_static_decode(payloads, out, *, hidden: int, lo, step, lo_out, inv, slot, chan, first, window_max,
@@ -213,20 +252,9 @@ def launch_static_decode(payloads, out, *, hidden: int, lo, step, lo_out, inv, s
     n, rows, row_bytes = payloads.shape
     if rows == 0:
         return
-    k = chan.numel()
-    encode = out.dtype == torch.uint8
-    if encode:  # whole rows per program
-        t = tiles or _tiles(rows, hidden, payloads.is_cuda, encode=False)
-        chunks, grid = triton.cdiv(hidden, t.cols), (triton.cdiv(rows, t.rows), 1, 1)
-    else:
-        t = tiles or choose_tiles(rows, hidden, 2, payloads.is_cuda, elems=STATIC_TILE_ELEMS)
-        chunks, grid = 1, (triton.cdiv(rows, t.rows), triton.cdiv(hidden, t.cols), n if each else 1)
+    even = payloads.data_ptr() % 2 == 0 and (out.dtype != torch.uint8 or out.data_ptr() % 2 == 0)
+    launch = static_decode_launcher(n, rows, hidden, row_bytes, chan.numel(), lo.shape[0], out.dtype,
+                                    payloads.device, tuple(window_max), src_start, src_step, each, out_row, even,
+                                    tiles)
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
-    _static_decode_kernel[grid](
-        payloads, dst, lo, step, lo_out, inv, slot, chan, first, rows, hidden, row_bytes, k, hidden // 2,
-        rows * row_bytes, src_start * hidden, src_step * hidden, out_row * hidden,
-        N=1 if each else n, EACH=each, ENCODE=encode, OUT_KIND=0 if encode else out_kind(out),
-        EVEN=slots_even(payloads, hidden // 2) and (not encode or slots_even(out, hidden // 2)),
-        I64=needs_int64(payloads.numel(), out.numel(), lo.numel()), R=t.rows, T=t.cols,
-        CHUNKS=chunks, KP=_kp(k), KT=1 if encode else tile_slots(window_max, t.cols),
-        num_warps=t.num_warps, **LAUNCH_OPTIONS)
+    launch(payloads, dst, lo, step, lo_out, inv, slot, chan, first)

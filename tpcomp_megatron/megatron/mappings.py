@@ -80,13 +80,25 @@ class _AllGather(torch.autograd.Function):
         return _exact_reduce_scatter_dim0(grad, ctx.group), None
 
 
+# Without a gradient to track (inference) the collectives are called directly: an autograd
+# Function's apply costs host time on every call even when it records nothing.
+def _needs_grad(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def compressed_reduce_from_tensor_parallel_region(x: torch.Tensor, lc: LayerCompression) -> torch.Tensor:
-    return _AllReduce.apply(x, lc)
+    if _needs_grad(x):
+        return _AllReduce.apply(x, lc)
+    return lc.comm.all_reduce(x, lc.codec, feedback=lc.feedback, norm=lc.norm)
 
 
 def compressed_reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, lc: LayerCompression) -> torch.Tensor:
-    return _ReduceScatter.apply(x, lc)
+    if _needs_grad(x):
+        return _ReduceScatter.apply(x, lc)
+    return lc.comm.reduce_scatter(x, lc.codec, feedback=lc.feedback, norm=lc.norm)
 
 
 def compressed_gather_from_sequence_parallel_region(x: torch.Tensor, lc: LayerCompression) -> torch.Tensor:
-    return _AllGather.apply(x, lc)
+    if _needs_grad(x):
+        return _AllGather.apply(x, lc)
+    return lc.comm.all_gather(x, lc.codec)
