@@ -6,9 +6,11 @@ One process, one run, in phases:
 1. a real 1-rank NCCL group (gloo on CPU): `dist.all_reduce` and `all_gather_into_tensor` of the
    message, `torch.add` for scale, and the codec ops alone (`encode`, `decode_sum` of 2 sources,
    `decode_sum_encode` and `decode_each` of 8, `encode_feedback`);
-2. torch's fake process group of world size 2, then 8: the whole `CompressedComm` calls (all-reduce
-   one-shot at 2, two-shot at 8, reduce-scatter, all-gather), gate and stats included; the fake
-   group's collectives return at once, so this is the path's own host time;
+2. a stand-in process group of world size 2, then 8 (`--pg`: `mirror`, one local kernel per
+   collective, or torch's `fake`, whose all-gather and all-to-all launch one copy per peer): the
+   whole `CompressedComm` calls (all-reduce one-shot at 2, two-shot at 8, reduce-scatter,
+   all-gather), gate and stats included: the path's own host time plus the stand-in's call, whose
+   own cost is recorded beside them;
 3. the 1-rank NCCL group again (the reference's spread across the run).
 
 Each figure is N back-to-back eager calls then one device sync, wall time / N, after a warm-up;
@@ -48,6 +50,11 @@ def _init(backend: str, world: int, device: torch.device) -> None:
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    elif backend == "mirror":
+        from tpcomp_megatron.testing.onerank import _register
+
+        _register("mirror")
+        dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world)
     else:
         store = dist.HashStore()
         dist.init_process_group(backend, store=store, rank=0, world_size=1,
@@ -63,6 +70,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tag", default="", help="free text stored in each record (e.g. which build)")
+    ap.add_argument("--pg", choices=["mirror", "fake"], default="mirror",
+                    help="the stand-in process group (tpcomp_megatron/testing/onerank.py)")
     ap.add_argument("--profile", action="store_true",
                     help="instead: cProfile of all-reduces (fake group of 8) of the first codec")
     ap.add_argument("--out", required=True)
@@ -84,7 +93,7 @@ def main() -> None:
                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "git": git,
-            "tag": args.tag, "rows": args.rows, "hidden": args.hidden, "calls": args.calls}
+            "tag": args.tag, "process_group": args.pg, "rows": args.rows, "hidden": args.hidden, "calls": args.calls}
     x = torch.randn(args.rows, args.hidden, device=device, dtype=torch.bfloat16)
     codecs = {spec: make_codec(parse_codec_spec(spec)) for spec in args.codecs}
     records = []
@@ -121,16 +130,22 @@ def main() -> None:
 
     reference("first")
     for world, algo in ((2, "one_shot"), (8, "two_shot")):
-        _init("fake", world, device)
+        _init(args.pg, world, device)
         rows = x.repeat(world, 1)  # reduce-scatter: rows divisible by the world size
         for spec, codec in codecs.items():
             comm = CompressedComm(None, GatePolicy(algorithm=algo, min_bytes=0, link="pcie_class", transport="nccl"))
-            rec(f"all_reduce_{algo}", spec, world, "fake",
+            rec(f"all_reduce_{algo}", spec, world, args.pg,
                 per_call_us(lambda: comm.all_reduce(x, codec), args.calls, device))
-            rec("reduce_scatter", spec, world, "fake",
+            rec("reduce_scatter", spec, world, args.pg,
                 per_call_us(lambda: comm.reduce_scatter(rows, codec), args.calls, device))
-            rec("all_gather", spec, world, "fake", per_call_us(lambda: comm.all_gather(x, codec), args.calls, device))
+            rec("all_gather", spec, world, args.pg,
+                per_call_us(lambda: comm.all_gather(x, codec), args.calls, device))
             assert comm.stats.calls_fallback == 0, comm.stats.summary()
+        y = x.clone()
+        out = torch.empty(world * x.numel(), device=device, dtype=x.dtype)
+        rec(f"{args.pg}_all_reduce", "none", world, args.pg, per_call_us(lambda: dist.all_reduce(y), args.calls, device))
+        rec(f"{args.pg}_all_gather", "none", world, args.pg,
+            per_call_us(lambda: dist.all_gather_into_tensor(out, x.view(-1)), args.calls, device))
         dist.destroy_process_group()
     reference("last")
 
@@ -150,7 +165,7 @@ def profile(args) -> None:
     from tpcomp_megatron.comm import CompressedComm, GatePolicy
 
     device = torch.device(args.device)
-    _init("fake", 8, device)
+    _init(args.pg, 8, device)
     x = torch.randn(args.rows, args.hidden, device=device, dtype=torch.bfloat16)
     codec = make_codec(parse_codec_spec(args.codecs[0]))
     for algo in ("one_shot", "two_shot"):

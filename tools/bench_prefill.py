@@ -4,9 +4,12 @@
         [--links ../shared/links/h200x2_2026-11-23.json]
 
 A real Megatron `GPTModel` (the project's builder, random bf16 weights, SDPA attention) at TP=N
-runs on one device through torch's fake process group (`tpcomp_megatron.testing.onerank`):
-collectives return at once, so rank 0 does exactly one TP rank's compute and host work, the whole
-compressed path included (gate, encode, transport call, decode, stats), the link excluded. Each
+runs on one device through a stand-in process group (`tpcomp_megatron.testing.onerank`; `--pg
+mirror`, the default: each collective is one local kernel giving what ranks holding equal data
+would get; `--pg fake`: torch's FakeProcessGroup, whose all-reduce does nothing while its
+all-gather and all-to-all launch one copy per peer), so rank 0 does exactly one TP rank's compute
+and host work, the whole compressed path included (gate, encode, transport call, decode, stats),
+the link excluded. Each
 (TP, batch, prompt) times compression off and each codec in the same run, interleaved, as the
 median of `--reps` eager forwards, and (`--graph`, CUDA only) of replays of the whole forward
 captured in one CUDA graph: the GPU-only floor. Beside each graph record, the GPU time of one
@@ -142,6 +145,12 @@ def main() -> None:
     ap.add_argument("--links", help="link table (../shared/links/*.json) for a modelled TTFT")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tag", default="", help="free text stored in each record (e.g. which build)")
+    ap.add_argument("--pg", choices=["mirror", "fake"], default="mirror",
+                    help="the stand-in process group (tpcomp_megatron/testing/onerank.py)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="passes over the configurations (off, codecs, off, codecs, ...): drift hits all alike")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing: cProfile of --reps forwards per configuration (own time, top 30)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -160,7 +169,7 @@ def main() -> None:
                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "git": git,
-            "tag": args.tag}
+            "tag": args.tag, "process_group": args.pg}
     shapes = args.shape or ["llama2-13b" if tp <= 4 else "llama2-70b" for tp in args.tp]
     if len(shapes) == 1:
         shapes = shapes * len(args.tp)
@@ -171,7 +180,7 @@ def main() -> None:
                                num_attention_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
                                vocab_size=vocab, max_position_embeddings=max(args.prompts) + 8,
                                tensor_parallel_size=tp, params_dtype="bfloat16" if cuda else "float32")
-        with one_rank_tp(tp, backend="fake", device=device), torch.no_grad():
+        with one_rank_tp(tp, backend=args.pg, device=device), torch.no_grad():
             model = build_gpt_model(cfg, layer_spec_transform=use_sdpa, use_cpu_initialization=not cuda)
             model = model.to(device).eval()
             configs = [("none", None)] + [(spec, CompressionConfig(spec=spec, min_bytes=0, algorithm=args.algorithm))
@@ -197,26 +206,28 @@ def _run_point(model, configs, apply, cfg, tp, shape, batch, prompt, device, arg
     def forward():
         return model(tokens, pos, attention_mask=None)
 
-    # Each configuration is applied once, as a user does (its plans and gate answers are built on
-    # the warm-up forwards), then timed; compression off is timed first and again last, and its
-    # median over both runs is the baseline (drift shows as the spread between the two).
+    if args.profile:
+        return _profile(model, configs, apply, forward, args.reps)
+    # Each configuration is applied once per round, as a user does (its plans and gate answers are
+    # built on the warm-up forwards), then timed; `--rounds` passes over all configurations.
     eager, graph, calls = {spec: [] for spec, _ in configs}, {}, {}
-    for spec, c in configs + configs[:1]:
-        h = apply(model, c) if c is not None else None
-        for _ in range(2):  # warm-up: compiles the kernels, builds the plans
+    for _ in range(args.rounds):
+        for spec, c in configs:
+            h = apply(model, c) if c is not None else None
+            for _ in range(2):  # warm-up: compiles the kernels, builds the plans
+                if h is not None:
+                    h.stats.reset()
+                forward()
             if h is not None:
-                h.stats.reset()
-            forward()
-        if h is not None:
-            calls[spec] = h.stats.calls_compressed
-        eager[spec].extend(time_eager(forward, device, 1) for _ in range(args.reps))
-        if cuda and args.graph and spec not in graph:
-            try:
-                graph[spec] = time_graph(forward, args.reps)
-            except Exception as e:  # noqa: BLE001 (recorded, the eager numbers stand)
-                graph[spec] = f"capture failed: {type(e).__name__}: {e}"
-        if h is not None:
-            h.remove()
+                calls[spec] = h.stats.calls_compressed
+            eager[spec].extend(time_eager(forward, device, 1) for _ in range(args.reps))
+            if cuda and args.graph and spec not in graph:
+                try:
+                    graph[spec] = time_graph(forward, args.reps)
+                except Exception as e:  # noqa: BLE001 (recorded, the eager numbers stand)
+                    graph[spec] = f"capture failed: {type(e).__name__}: {e}"
+            if h is not None:
+                h.remove()
     tokens_n = batch * prompt
     collectives = 2 * cfg.num_layers
     base_ms = statistics.median(eager["none"])
@@ -247,6 +258,25 @@ def _run_point(model, configs, apply, cfg, tp, shape, batch, prompt, device, arg
                     _print(lrec)
 
 
+def _profile(model, configs, apply, forward, reps) -> None:
+    import cProfile
+    import pstats
+
+    for spec, c in configs:
+        h = apply(model, c) if c is not None else None
+        forward()
+        forward()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(reps):
+            forward()
+        prof.disable()
+        print(f"== {spec}: {reps} forwards")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        if h is not None:
+            h.remove()
+
+
 def _collective_graph(config, model, tp, tokens, hidden, device, reps) -> dict:
     """GPU us of one compressed all-reduce of [tokens, hidden] and of its codec kernels alone."""
     from tpcomp_megatron.comm import CompressedComm, GatePolicy
@@ -266,8 +296,9 @@ def _collective_graph(config, model, tp, tokens, hidden, device, reps) -> dict:
 
 def transport_fn(comm, codec, x):
     """The process-group calls of one compressed all-reduce of `x` alone, on the payload sizes it
-    sends: what the fake group itself costs on the GPU (it is no part of the compressed path, and
-    on a real link the link's own time replaces it)."""
+    sends: what the stand-in group itself costs on the GPU (the mirror's one copy per call, the
+    fake group's copy per peer): no part of the compressed path; on a real link the link's own
+    time replaces it."""
     import torch.distributed as dist
 
     n, hidden = comm.world_size, x.shape[-1]
@@ -313,7 +344,7 @@ def _print(rec: dict) -> None:
         extra = ""
         if "collective_graph_us" in rec:
             extra = (f"  collective {rec['collective_graph_us']:7.1f} us vs kernels {rec['kernels_graph_us']:7.1f} us"
-                     f" + fake group {rec['fake_transport_graph_us']:5.1f} us")
+                     f" + stand-in group {rec['fake_transport_graph_us']:5.1f} us")
         print(f"{head} {rec['ms']:8.2f} ms vs {rec['baseline_ms']:8.2f} ({rec['overhead_pct']:+6.1f}%, "
               f"{rec['overhead_us_per_collective']:7.1f} us/coll){extra}", flush=True)
 

@@ -40,11 +40,24 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 def _gather_rows(what: str, group, n: int, payload: torch.Tensor) -> torch.Tensor:
-    """All-gather `[rows, bytes]` payloads into `[n, rows, bytes]` (flat buffers: gloo and NCCL
-    both accept 1-D tensors of n x the input's size)."""
-    out = payload.new_empty((n,) + tuple(payload.shape))
-    _run(what, group, _all_gather, out.view(-1), payload.reshape(-1))
-    return out
+    """All-gather `[rows, bytes]` payloads into `[n, rows, bytes]` (gathered as the rows' concatenation
+    `[n * rows, bytes]`, the form gloo and NCCL both take)."""
+    rows, nbytes = payload.shape
+    out = payload.new_empty((n * rows, nbytes))
+    _run(what, group, _all_gather, out, payload)
+    return out.view(n, rows, nbytes)
+
+
+_SOURCES: dict = {}
+
+
+def _sources(n: int, source: int | None = None) -> tuple:
+    """(0, ..., n-1), or `source` n times: the payloads' sources (cached: a call builds none)."""
+    key = (n, source)
+    got = _SOURCES.get(key)
+    if got is None:
+        got = _SOURCES[key] = tuple(range(n)) if source is None else (source,) * n
+    return got
 
 
 class CollectiveError(RuntimeError):
@@ -80,6 +93,7 @@ class CompressedComm:
         self._policy = policy if policy is not None else GatePolicy()
         self.stats = CommStats()
         self._symm = None  # SymmMemTransport, created on the first one-shot call that can use it
+        self._symm_wanted = self._policy.transport == "symm_mem"
         self._gate: dict = {}  # (op, shape, dtype, codec, ...) -> the gate's answer (its inputs are fixed)
 
     @property
@@ -87,19 +101,37 @@ class CompressedComm:
         """The gate policy (fixed for the communicator's life: the gate's answers are cached)."""
         return self._policy
 
-    def _why(self, op: str, x: torch.Tensor, codec: Codec | None, extra: float) -> str | None:
-        """The gate's answer for this call (`ineligible`), computed once per (op, shape, dtype,
-        codec, extra cost): the policy is frozen, so the answer cannot change."""
+    def _why(self, op: str, x: torch.Tensor, codec: Codec | None, extra: float) -> tuple:
+        """(the gate's answer for this call (`ineligible`), the bytes this rank sends compressed,
+        the bytes the exact collective would send), computed once per (op, shape, dtype, codec,
+        extra cost): the policy is frozen, so none of them can change."""
         key = (op, x.shape, x.dtype, codec, extra)
-        why = self._gate.get(key, self)
-        if why is self:
-            if codec is None:
-                why = EXACT_LAYER
-            else:
-                why = ineligible(x, codec, self.world_size, self.policy, rows_divisible=op == "reduce_scatter",
-                                 extra_cost=extra, algorithm="two_shot" if op == "two_shot" else "one_shot")
-            self._gate[key] = why
-        return why
+        got = self._gate.get(key)
+        if got is None:
+            got = self._gate[key] = self._answer(op, x, codec, extra)
+        return got
+
+    def _answer(self, op: str, x: torch.Tensor, codec: Codec | None, extra: float) -> tuple:
+        n, nbytes = self.world_size, x.numel() * x.element_size()
+        if codec is None:
+            why = EXACT_LAYER
+        else:
+            why = ineligible(x, codec, n, self.policy, rows_divisible=op == "reduce_scatter",
+                             extra_cost=extra, algorithm="two_shot" if op == "two_shot" else "one_shot")
+        if why:
+            return why, 0, 0
+        rows, row_bytes = x.numel() // x.shape[-1], codec.row_bytes(x.shape[-1])
+        if op == "one_shot":
+            sent, exact = (n - 1) * rows * row_bytes, _ring_bytes(nbytes, n, "all_reduce")
+        elif op == "two_shot":
+            sent, exact = 2 * (n - 1) * (-(-rows // n)) * row_bytes, _ring_bytes(nbytes, n, "all_reduce")
+        elif op == "reduce_scatter":
+            sent, exact = (n - 1) * rows * row_bytes // n, _ring_bytes(nbytes, n, "reduce_scatter")
+        elif op == "all_gather":
+            sent, exact = (n - 1) * rows * row_bytes, nbytes * (n - 1)
+        else:
+            raise ValueError(f"unknown all-reduce algorithm {op!r}; valid: 'one_shot', 'two_shot'")
+        return None, sent, exact
 
     def _symm_transport(self):
         """The symmetric-memory transport when the policy asks for it (NVLink), else None."""
@@ -149,7 +181,7 @@ class CompressedComm:
         rows = _rows(x)
         algo = algorithm or self.policy.choose_algorithm(n)
         extra = 1.0 if feedback is None else feedback_cost(norm, algo)
-        why = self._why(algo, x, codec, extra)
+        why, sent, exact = self._why(algo, x, codec, extra)
         # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
         fused = feedback is not None and norm is None and not why and algo in ("one_shot", "two_shot")
         send = rows if feedback is None or fused else feedback.to_send(rows, norm)
@@ -159,20 +191,15 @@ class CompressedComm:
             if feedback is not None:  # an exact sum pays the debt (but for the rounding to x.dtype)
                 feedback.settle(send, exact_in.float(), out)
             return out.view(x.shape)
-        hidden = x.shape[-1]
         want_own = feedback is not None and not fused
         debt = feedback.debt_buffer(rows) if fused else None
         if algo == "one_shot":
             out, own = self._one_shot(send, codec, x.dtype, want_own, debt=debt)
-            sent = (n - 1) * rows.shape[0] * codec.row_bytes(hidden)
-        elif algo == "two_shot":
-            out, own = self._two_shot(send, codec, x.dtype, want_own, debt=debt)
-            sent = 2 * (n - 1) * (-(-rows.shape[0] // n)) * codec.row_bytes(hidden)
         else:
-            raise ValueError(f"unknown all-reduce algorithm {algo!r}; valid: 'one_shot', 'two_shot'")
+            out, own = self._two_shot(send, codec, x.dtype, want_own, debt=debt)
         if want_own:
             feedback.settle(send, own, out)
-        self.stats.record_compressed(sent, _ring_bytes(x.numel() * x.element_size(), n, "all_reduce"))
+        self.stats.record_compressed(sent, exact)
         return out.view(x.shape)
 
     def _own(self, codec: Codec, payload: torch.Tensor, hidden: int, source: int) -> torch.Tensor:
@@ -189,7 +216,7 @@ class CompressedComm:
                 return ops.encode(codec, rows, source=self.rank, out=out)
             return ops.encode_feedback(codec, rows, debt, source=self.rank, out=out)
 
-        symm = self._symm_transport() if rows.is_cuda else None
+        symm = self._symm_transport() if self._symm_wanted and rows.is_cuda else None
         if symm is not None:
             shape = (rows.shape[0], codec.row_bytes(hidden))
             symm.ensure(shape[0] * shape[1])
@@ -198,11 +225,11 @@ class CompressedComm:
             encode(out=views[self.rank])
             symm.barrier()  # every payload is written
             own = self._own(codec, views[self.rank], hidden, self.rank) if want_own else None
-            return ops.decode_sum_list(codec, views, hidden, sources=range(n), dtype=dtype), own
+            return ops.decode_sum_list(codec, views, hidden, sources=_sources(n), dtype=dtype), own
         payload = encode()
         own = self._own(codec, payload, hidden, self.rank) if want_own else None
         gathered = _gather_rows("all-reduce (one-shot all-gather)", self.group, n, payload)
-        return ops.decode_sum(codec, gathered, hidden, sources=range(n), dtype=dtype), own
+        return ops.decode_sum(codec, gathered, hidden, sources=_sources(n), dtype=dtype), own
 
     def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
                   debt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -220,15 +247,15 @@ class CompressedComm:
         else:
             payload = ops.encode_feedback(codec, rows, padded, source=self.rank)
         received = torch.empty_like(payload)
-        _run("all-reduce (two-shot all-to-all)", self.group, dist.all_to_all_single, received.view(-1), payload.view(-1))
+        _run("all-reduce (two-shot all-to-all)", self.group, dist.all_to_all_single, received, payload)
+        received = received.view(n, chunk, -1)
         own = None
         if debt is None and not want_own:
-            reduced = ops.decode_sum_encode(codec, received.view(n, chunk, -1), hidden,
-                                            sources=range(n), out_source=REDUCED)
+            reduced = ops.decode_sum_encode(codec, received, hidden, sources=_sources(n), out_source=REDUCED)
         else:
             # Unfused (same bytes as decode_sum_encode): this rank owns its chunk's requantization
             # error, taken off its debt after the fused encode, or carried with its own first rounding.
-            summed = ops.decode_sum(codec, received.view(n, chunk, -1), hidden, sources=range(n), dtype=torch.float32)
+            summed = ops.decode_sum(codec, received, hidden, sources=_sources(n), dtype=torch.float32)
             reduced = ops.encode(codec, summed, source=REDUCED)
             requant = self._own(codec, reduced, hidden, REDUCED) - summed
             lo = self.rank * chunk
@@ -241,8 +268,8 @@ class CompressedComm:
                 mine[lo:lo + chunk] += requant
                 own = mine[:m]
         gathered = _gather_rows("all-reduce (two-shot all-gather)", self.group, n, reduced)
-        out = ops.decode_each(codec, gathered, hidden, sources=[REDUCED] * n, dtype=dtype)
-        return out[:m], own
+        out = ops.decode_each(codec, gathered, hidden, sources=_sources(n, REDUCED), dtype=dtype)
+        return (out if chunk * n == m else out[:m]), own
 
     def reduce_scatter(self, x: torch.Tensor, codec: Codec | None, *, feedback: ErrorFeedback | None = None,
                        norm: PostNorm | None = None) -> torch.Tensor:
@@ -255,7 +282,7 @@ class CompressedComm:
             return x
         rows = _rows(x)
         extra = 1.0 if feedback is None else feedback_cost(None, "two_shot")  # its first half
-        why = self._why("reduce_scatter", x, codec, extra)
+        why, sent, exact = self._why("reduce_scatter", x, codec, extra)
         if why:
             send = rows if feedback is None else feedback.to_send(rows)
             exact_in = send.to(x.dtype)
@@ -268,11 +295,10 @@ class CompressedComm:
         else:  # feedback (pre-norm here) folds into the encode
             payload = ops.encode_feedback(codec, rows, feedback.debt_buffer(rows), source=self.rank)
         received = torch.empty_like(payload)
-        _run("reduce-scatter (all-to-all)", self.group, dist.all_to_all_single, received.view(-1), payload.view(-1))
+        _run("reduce-scatter (all-to-all)", self.group, dist.all_to_all_single, received, payload)
         out = ops.decode_sum(codec, received.view(n, rows.shape[0] // n, -1), x.shape[-1],
-                             sources=range(n), dtype=x.dtype)
-        self.stats.record_compressed((n - 1) * payload.numel() // n,
-                                     _ring_bytes(x.numel() * x.element_size(), n, "reduce_scatter"))
+                             sources=_sources(n), dtype=x.dtype)
+        self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
 
     def all_gather(self, x: torch.Tensor, codec: Codec) -> torch.Tensor:
@@ -281,12 +307,12 @@ class CompressedComm:
         n = self.world_size
         if n == 1:
             return x
-        why = self._why("all_gather", x, codec, 1.0)
+        why, sent, exact = self._why("all_gather", x, codec, 1.0)
         if why:
             return self._exact_all_gather(x, why)
         hidden = x.shape[-1]
         payload = ops.encode(codec, _rows(x), source=self.rank)
         gathered = _gather_rows("all-gather", self.group, n, payload)
-        out = ops.decode_each(codec, gathered, hidden, sources=range(n), dtype=x.dtype)
-        self.stats.record_compressed((n - 1) * payload.numel(), x.numel() * x.element_size() * (n - 1))
+        out = ops.decode_each(codec, gathered, hidden, sources=_sources(n), dtype=x.dtype)
+        self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] * n,) + tuple(x.shape[1:]))

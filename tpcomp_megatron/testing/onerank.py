@@ -4,15 +4,19 @@ Rank 0 of a TP group of N runs exactly its own compute and host work (its weight
 kernels, the whole compressed path: gate, encode, transport call, decode, stats) while its peers
 exist only in the process group:
 
-* `fake` (torch's FakeProcessGroup): every collective returns at once and leaves its output as it
-  was. For timing: the link is excluded, all the rest of one rank's prefill is real.
-* `mirror` (`MirrorProcessGroup`, below): every peer is taken to hold exactly what this rank holds,
-  so a collective returns what N real ranks with equal inputs would get (all-gather: N copies of
-  the input; all-to-all: this rank's own chunk from every peer; reductions: N times the input).
-  For tests: the compressed path's output can be compared with real multi-rank runs, and a path
-  that skips a collective gives a different answer.
+* `mirror` (`MirrorProcessGroup`, below, the default): every peer is taken to hold exactly what
+  this rank holds, so a collective returns what N real ranks with equal inputs would get
+  (all-gather: N copies of the input; all-to-all: this rank's own chunk from every peer;
+  reductions: N times the input), in one kernel on this rank's stream, as a real collective is
+  one kernel: the link is excluded, all the rest of one rank's work is real, and the model sees
+  real numbers, not garbage. For tests too: the compressed path's output can be compared with real
+  multi-rank runs, and a path that skips a collective gives a different answer.
+* `fake` (torch's FakeProcessGroup): returns at once, but unevenly: its all-reduce does nothing,
+  while its all-gather and all-to-all copy the input into every peer's slot, one kernel per peer
+  (N launches of host time), and outputs otherwise hold whatever memory held. It favours the
+  exact all-reduce over any path that all-gathers; kept to compare with earlier measurements.
 
-    with one_rank_tp(2, backend="fake", device=torch.device("cuda")):
+    with one_rank_tp(2, backend="mirror", device=torch.device("cuda")):
         model = build_gpt_model(cfg)  # a TP=2 shard
 """
 
@@ -25,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-BACKENDS = ("fake", "mirror")
+BACKENDS = ("mirror", "fake")
 
 
 class _Done(dist._Work):
@@ -49,6 +53,7 @@ class MirrorProcessGroup(dist.ProcessGroup):
 
     def __init__(self, rank: int, world: int):
         super().__init__(rank, world)
+        self._done = _Done()  # one finished Work serves every call (nothing is ever pending)
 
     def getBackendName(self) -> str:
         return "mirror"
@@ -56,54 +61,63 @@ class MirrorProcessGroup(dist.ProcessGroup):
     def allreduce(self, tensors, opts=None):
         for t in tensors:
             t.mul_(self.size())  # sum of N equal terms (ReduceOp.SUM; Megatron asks no other here)
-        return _Done(tensors)
+        return self._done
+
+    def allgather(self, output_lists, inputs, opts=None):  # the list form (all_gather_object)
+        for outs, inp in zip(output_lists, inputs):
+            for out in outs:
+                out.copy_(inp)
+        return self._done
 
     def all_gather_single(self, out, inp, opts=None):
         out.view(self.size(), -1).copy_(inp.reshape(1, -1))
-        return _Done(out)
+        return self._done
 
     _allgather_base = all_gather_single  # the name torch < 2.12 calls
 
     def allgather_into_tensor_coalesced(self, outs, inps, opts=None):
         for o, i in zip(outs, inps):
             self.all_gather_single(o, i)
-        return _Done(outs)
+        return self._done
 
     def alltoall_base(self, out, inp, output_split_sizes, input_split_sizes, opts=None):
         if output_split_sizes or input_split_sizes:
             raise NotImplementedError("mirror process group: all-to-all with uneven splits")
         n = self.size()
         out.view(n, -1).copy_(inp.reshape(n, -1)[self.rank()].unsqueeze(0))
-        return _Done(out)
+        return self._done
 
     def reduce_scatter_single(self, out, inp, opts=None):
         n = self.size()
-        out.copy_(inp.reshape(n, -1)[self.rank()].view_as(out) * n)
-        return _Done(out)
+        torch.mul(inp.reshape(n, -1)[self.rank()].view_as(out), n, out=out)
+        return self._done
 
     _reduce_scatter_base = reduce_scatter_single
 
     def reduce_scatter_tensor_coalesced(self, outs, inps, opts=None):
         for o, i in zip(outs, inps):
             self.reduce_scatter_single(o, i)
-        return _Done(outs)
+        return self._done
 
     def broadcast(self, tensors, opts=None):
-        return _Done(tensors)
+        return self._done
 
     def barrier(self, opts=None):
-        return _Done()
+        return self._done
 
 
-def _register_mirror() -> None:
-    if "mirror" not in dist.Backend.backend_list:
-        dist.Backend.register_backend(
-            "mirror", lambda common, _opts: MirrorProcessGroup(common.group_rank, common.group_size),
-            extended_api=True, devices=["cpu", "cuda"])
+_GROUPS = {"mirror": MirrorProcessGroup}
+
+
+def _register(name: str) -> None:
+    if name not in dist.Backend.backend_list:
+        cls = _GROUPS[name]
+        dist.Backend.register_backend(name, lambda common, _opts: cls(common.group_rank, common.group_size),
+                                      extended_api=True, devices=["cpu", "cuda"])
 
 
 @contextlib.contextmanager
-def one_rank_tp(world_size: int, *, backend: str = "fake", device: torch.device | str = "cpu",
+def one_rank_tp(world_size: int, *, backend: str = "mirror", device: torch.device | str = "cpu",
                 seed: int = 1234) -> Iterator[None]:
     """Rank 0 of a TP group of `world_size` in this process: the default process group and
     Megatron's model-parallel state (TP = `world_size`, no gloo groups, its RNG seeded with
@@ -123,7 +137,7 @@ def one_rank_tp(world_size: int, *, backend: str = "fake", device: torch.device 
 
         store = FakeStore()
     else:
-        _register_mirror()
+        _register(backend)
         store = dist.HashStore()
     dist.init_process_group(backend, store=store, rank=0, world_size=world_size)
     try:
