@@ -292,6 +292,7 @@ def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, blo
         return
     _check_lowrank(lowrank, rows, hidden)
     slot, first, chan, window_max = outliers if outliers is not None else (out, out, out, None)
+    window_max = None if window_max is None else tuple(window_max)
     launch = encode_launcher(rows, hidden, out.shape[1], x.dtype, x.device, element=element, block=block,
                              scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,
                              lowrank=lowrank is not None, feedback=debt is not None, even=out.data_ptr() % 2 == 0,
@@ -314,6 +315,7 @@ def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: in
         return
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
     slot, first, chan, window_max = outliers if outliers is not None else (payloads, payloads, payloads, None)
+    window_max = None if window_max is None else tuple(window_max)
     even = payloads.data_ptr() % 2 == 0 and (not encode or out.data_ptr() % 2 == 0)
     launch = decode_launcher(n, rows, hidden, row_bytes, out.dtype, payloads.device, element=element, block=block,
                              scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,
