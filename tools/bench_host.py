@@ -89,8 +89,9 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     real = "nccl" if cuda else "gloo"
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    git = os.environ.get("GIT_COMMIT") or subprocess.run(  # a copied tree's .git may lag: say it
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "git": git,
             "tag": args.tag, "process_group": args.pg, "rows": args.rows, "hidden": args.hidden, "calls": args.calls}

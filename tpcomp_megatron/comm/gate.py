@@ -35,13 +35,14 @@ SEED_THRESHOLDS: dict[tuple[str, int], int] = {
 }
 _TABLE_FILE = Path(__file__).with_name("gate_table.json")
 
-HOST_EXTRA_US = {"one_shot": 56.0, "two_shot": 134.0}
-"""Host time one compressed all-reduce adds over the exact NCCL call, eager, per algorithm
-(tools/bench_host.py, fp4_e2m1/b32/e6m2, [16, 5120] bf16, H100, 2026-12-06,
-benchmarks/results/host_h100_2026-12-06.md: one-shot at world size 2 70 us, two-shot at 8 148 us,
-NCCL all-reduce 14 us; the other block codecs within a few us). A prefill whose forward is
-host-bound (eager, small prompts) pays it in full, whatever the link. Reduce-scatter and all-gather
-(one collective each, like the one-shot) take the one-shot figure."""
+HOST_EXTRA_US = {"one_shot": 106.0, "two_shot": 209.0}
+"""Host time one compressed all-reduce adds over the exact collective inside a real eager prefill,
+per algorithm: one TP rank of a 10-layer Llama-2-13B (TP=2, one-shot) / 70B (TP=8, two-shot)
+shape at 512 tokens, where the forward is host-bound, fp4_e2m1/b32/e6m2, H100, 2026-12-06
+(tools/bench_prefill.py, benchmarks/results/host_overhead_2026-12-06.md; the isolated calls of
+tools/bench_host.py cost about half as much, 52 / 110 us over an NCCL all-reduce call). Such a
+prefill pays it in full, whatever the link. Reduce-scatter and all-gather (one collective and two
+kernels each, like the one-shot) take the one-shot figure."""
 LINK_BYTES_PER_S = {"nvlink": 169e9, "pcie_class": 26e9, "network_class": 3.6e9, "cpu": 3.6e9}
 """bf16 all-reduce message bytes per second of each link class, world size 2, 2048 x 5120
 (../shared/links/h200x2_2026-11-23.json: 0.124 / 0.802 / 5.76 ms for 21 MB); cpu (gloo) taken as
