@@ -197,30 +197,3 @@ def test_gate_never_compresses_below_its_host_cost():
         # a table above the floor is the answer, unchanged
         high = GatePolicy(link=link, thresholds={(link, 2): 1 << 40})
         assert high.threshold(2, codec, 5120, algorithm="two_shot") == int((1 << 40) * (1 - 4.25 / 16) / saving)
-
-
-def _programs_match(rank, world):
-    """The plain all-reduce (a replayed program, built on the first call) against the same
-    algorithm through the general path: bit for bit, on odd row counts (two-shot pads) and 3-D
-    inputs, every call of a program, and one program per shape."""
-    torch.manual_seed(100 + rank)
-    comm = CompressedComm(None, GatePolicy(min_bytes=0, link="cpu"))
-    algo = comm.policy.choose_algorithm(world)
-    ok = []
-    for spec in ("fp4_e2m1/b32/e6m2", "int8/b16/bf16"):
-        codec = make_codec(spec)
-        for shape in ((7, 64), (3, 2, 64), (7, 64), (8, 128)):
-            x = torch.randn(shape).to(torch.bfloat16)
-            got = comm.all_reduce(x, codec)
-            want = comm.all_reduce(x, codec, algorithm=algo)
-            ok.append(got.shape == x.shape and torch.equal(got, want))
-    exact = comm.all_reduce(torch.randn(5, 48), make_codec("fp4_e2m1/b32"))  # hidden 48: the gate says exact
-    ok.append(comm.stats.calls_fallback == 1 and exact.shape == (5, 48))
-    return ok, len(comm._programs)
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_replayed_programs_match_the_general_path(world):
-    for ok, programs in run_ranks(_programs_match, world):
-        assert all(ok), ok
-        assert programs == 7  # 3 shapes x 2 codecs + the exact one

@@ -7,7 +7,7 @@ any codec the kernels do not cover, to the codec's PyTorch reference. Both produ
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -78,32 +78,6 @@ def decode_sum_encode(codec: Codec, payloads: torch.Tensor, hidden: int, *, sour
     if k is not None:
         return k.decode_sum_encode(codec, payloads, hidden, sources=sources, out_source=out_source)
     return codec.encode(codec.decode_sum_f32(payloads, hidden, sources), source=out_source)
-
-
-def encoder(codec: Codec, x: torch.Tensor, *, source: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`encode` of contiguous tensors like `x` (same shape, dtype, device) as one function,
-    validated once: the kernels' plan on CUDA, the reference elsewhere (same bytes as `encode`)."""
-    k = _use_kernels(x)
-    if k is not None:
-        return k.encoder(codec, x, source=source)
-    return lambda t: codec.encode(t, source=source)
-
-
-def decoder(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int], dtype: torch.dtype,
-            mode: str, out_source: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`decode_sum` ('sum'), `decode_each` ('each') or `decode_sum_encode` ('encode', the sum
-    requantized as `out_source`) of contiguous payloads like `payloads`, as one function."""
-    if mode not in ("sum", "each", "encode"):
-        raise ValueError(f"unknown decode mode {mode!r}; valid: 'sum', 'each', 'encode'")
-    k = _use_kernels(payloads)
-    if k is not None:
-        return k.decoder(codec, payloads, hidden, sources=sources, dtype=dtype, mode=mode, out_source=out_source)
-    sources = tuple(sources)
-    if mode == "sum":
-        return lambda p: decode_sum(codec, p, hidden, sources=sources, dtype=dtype)
-    if mode == "each":
-        return lambda p: decode_each(codec, p, hidden, sources=sources, dtype=dtype)
-    return lambda p: decode_sum_encode(codec, p, hidden, sources=sources, out_source=out_source)
 
 
 def decode_each(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],

@@ -95,7 +95,6 @@ class CompressedComm:
         self._symm = None  # SymmMemTransport, created on the first one-shot call that can use it
         self._symm_wanted = self._policy.transport == "symm_mem"
         self._gate: dict = {}  # (op, shape, dtype, codec, ...) -> the gate's answer (its inputs are fixed)
-        self._programs: dict = {}  # (shape, dtype, codec) -> a plain all-reduce, set up (`_program`)
 
     @property
     def policy(self) -> GatePolicy:
@@ -179,18 +178,10 @@ class CompressedComm:
         n = self.world_size
         if n == 1:
             return x
-        plain = feedback is None and algorithm is None
-        if plain:  # the usual call (Megatron's layers): replay its program
-            run = self._programs.get((x.shape, x.dtype, codec))
-            if run is not None and x.is_contiguous():
-                return run(x)
         rows = _rows(x)
         algo = algorithm or self.policy.choose_algorithm(n)
         extra = 1.0 if feedback is None else feedback_cost(norm, algo)
         why, sent, exact = self._why(algo, x, codec, extra)
-        if plain and not torch.compiler.is_compiling() and x.is_contiguous() and not self._symm_wanted:
-            run = self._programs[(x.shape, x.dtype, codec)] = self._program(x, codec, algo, why, sent, exact)
-            return run(x)
         # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
         fused = feedback is not None and norm is None and not why and algo in ("one_shot", "two_shot")
         send = rows if feedback is None or fused else feedback.to_send(rows, norm)
@@ -210,56 +201,6 @@ class CompressedComm:
             feedback.settle(send, own, out)
         self.stats.record_compressed(sent, exact)
         return out.view(x.shape)
-
-    def _program(self, x: torch.Tensor, codec: Codec | None, algo: str, why: str | None, sent: int, exact: int):
-        """The all-reduce of tensors like `x` (shape, dtype, device; contiguous) without feedback,
-        as one function: the gate's answer, sizes, codec plans (`ops.encoder` / `ops.decoder`) and
-        buffers' shapes worked out here, once; a call then runs the same steps as `_one_shot` /
-        `_two_shot` (the same bytes) and nothing else."""
-        if why:
-            return lambda t: self._exact_all_reduce(t, why)
-        n, group, stats, shape = self.world_size, self.group, self.stats, x.shape
-        hidden, device = shape[-1], x.device
-        m, row_bytes = x.numel() // hidden, codec.row_bytes(hidden)
-        if algo == "one_shot":
-            rows_shape = (m, hidden)
-            encode = ops.encoder(codec, x.view(rows_shape), source=self.rank)
-            gathered_shape, parts = (n * m, row_bytes), (n, m, row_bytes)
-            decode = ops.decoder(codec, torch.empty(parts, dtype=torch.uint8, device=device), hidden,
-                                 sources=_sources(n), dtype=x.dtype, mode="sum")
-
-            def one_shot(t: torch.Tensor) -> torch.Tensor:
-                payload = encode(t.view(rows_shape))
-                gathered = torch.empty(gathered_shape, dtype=torch.uint8, device=device)
-                _run("all-reduce (one-shot all-gather)", group, _all_gather, gathered, payload)
-                out = decode(gathered.view(parts))
-                stats.record_compressed(sent, exact)
-                return out.view(shape)
-            return one_shot
-        chunk = -(-m // n)
-        pad = chunk * n - m
-        encode = ops.encoder(codec, torch.empty((m + pad, hidden), dtype=x.dtype, device=device), source=self.rank)
-        parts = (n, chunk, row_bytes)
-        example = torch.empty(parts, dtype=torch.uint8, device=device)
-        reduce = ops.decoder(codec, example, hidden, sources=_sources(n), dtype=torch.float32, mode="encode",
-                             out_source=REDUCED)
-        decode = ops.decoder(codec, example, hidden, sources=_sources(n, REDUCED), dtype=x.dtype, mode="each")
-        gathered_shape = (n * chunk, row_bytes)
-
-        def two_shot(t: torch.Tensor) -> torch.Tensor:
-            rows = t.view(m, hidden)
-            if pad:  # rows split evenly: zero rows padded, dropped after
-                rows = torch.cat([rows, rows.new_zeros(pad, hidden)])
-            payload = encode(rows)
-            received = torch.empty_like(payload)
-            _run("all-reduce (two-shot all-to-all)", group, dist.all_to_all_single, received, payload)
-            reduced = reduce(received.view(parts))
-            gathered = torch.empty(gathered_shape, dtype=torch.uint8, device=device)
-            _run("all-reduce (two-shot all-gather)", group, _all_gather, gathered, reduced)
-            out = decode(gathered.view(parts))
-            stats.record_compressed(sent, exact)
-            return (out[:m] if pad else out).view(shape)
-        return two_shot
 
     def _own(self, codec: Codec, payload: torch.Tensor, hidden: int, source: int) -> torch.Tensor:
         return ops.decode_each(codec, payload.unsqueeze(0), hidden, sources=[source], dtype=torch.float32)

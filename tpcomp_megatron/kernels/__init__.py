@@ -10,8 +10,6 @@ PyTorch reference (`tpcomp_megatron.codecs`):
 * `decode_each(codec, payloads, hidden, *, sources, dtype)`: dequantize n payloads side by side.
 * `encode_feedback(codec, x, debt, *, source)`: encode x + debt and update the error-feedback
   debt in the same pass (block and low-rank codecs).
-* `encoder(codec, x, *, source)`, `decoder(codec, payloads, hidden, *, sources, dtype, mode)`:
-  one of the above for tensors like the example, as a function validated once (a replayed plan).
 
 Files by idea: `numerics.py` (bit-exact rounding and scales), `pack.py` (codes and scales <->
 bytes), `block.py` (block and hybrid codec kernels), `outlier.py` (static outlier codec kernels),
@@ -20,8 +18,8 @@ and the validated public functions). Built while TRITON_INTERPRET=1 is set, the 
 CPU tensors in Triton's interpreter (that is how CI tests them).
 """
 
-from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, decoder,
-                  encode, encode_feedback, encoder)
+from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, encode,
+                  encode_feedback)
 
 __all__ = ["FEEDBACK_CODECS", "INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode",
-           "decoder", "encode", "encode_feedback", "encoder"]
+           "encode", "encode_feedback"]

@@ -361,26 +361,6 @@ def decode_sum(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence
     return _decode(codec, payloads, hidden, sources, dtype, "sum")
 
 
-def encoder(codec: Codec, x: Tensor, *, source: int):
-    """`encode` of tensors like `x` (shape, dtype, device; contiguous), as one function: the
-    plan itself, validated here once (for callers that replay one shape, e.g. a collective)."""
-    _checked_input(codec, x)
-    return encode_plan(codec, x.shape[0], x.shape[1], x.dtype, x.device, source, feedback=False, odd=False)
-
-
-def decoder(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int], dtype: torch.dtype,
-            mode: str, out_source: int = 0):
-    """`decode_sum` ('sum'), `decode_each` ('each') or `decode_sum_encode` ('encode') of
-    contiguous payloads like `payloads`, as one function: the plan itself, validated here once."""
-    _check_payloads(codec, payloads, hidden, sources)
-    _check_dtype(dtype)
-    if payloads.data_ptr() & 1:
-        raise ValueError("a decoder is built for payloads at even addresses")
-    n, rows, row_bytes = payloads.shape
-    return decode_plan(codec, n, rows, row_bytes, hidden, dtype, payloads.device, tuple(sources), mode, out_source,
-                       odd=False)
-
-
 def decode_sum_encode(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int],
                       out_source: int) -> Tensor:
     """Sum n payloads in float32 and requantize the sum (source `out_source`) into one payload."""
