@@ -36,6 +36,7 @@ import sys
 import time
 
 import torch
+from bench_kernels import _replay_ms  # tools/ is this script's folder (median of event-timed replays)
 
 SHAPES = {
     # name: (layers, hidden, ffn, heads, kv heads, vocab); the layer count is reduced with --layers
@@ -75,16 +76,9 @@ def time_graph(fn, reps: int) -> float:
     with torch.cuda.graph(g):
         fn()
     g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    ms = _replay_ms(g, reps)
     del g
-    return statistics.median(times)
+    return ms
 
 
 def load_links(path: str) -> list[dict]:

@@ -49,6 +49,7 @@ def _gather_rows(what: str, group, n: int, payload: torch.Tensor) -> torch.Tenso
 
 
 _SOURCES: dict = {}
+_MAX_ANSWERS = 4096  # cached gate answers per communicator
 
 
 def _sources(n: int, source: int | None = None) -> tuple:
@@ -108,6 +109,8 @@ class CompressedComm:
         key = (op, x.shape, x.dtype, codec, extra)
         got = self._gate.get(key)
         if got is None:
+            if len(self._gate) >= _MAX_ANSWERS:  # shapes without bound (varying prompts): start afresh
+                self._gate.clear()
             got = self._gate[key] = self._answer(op, x, codec, extra)
         return got
 

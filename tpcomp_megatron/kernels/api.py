@@ -287,15 +287,7 @@ def encode(codec: Codec, x: Tensor, *, source: int, out: Tensor | None = None) -
     (written into `out` when given)."""
     if torch.compiler.is_compiling():
         return _with_out(_traced_encode(_checked_input(codec, x), x, source), out)
-    odd = out is not None and out.data_ptr() & 1
-    key = ("encode", x.shape, x.dtype, x.device, source, odd)
-    plans = memo(codec)
-    plan = plans.get(key)
-    if plan is None:
-        _checked_input(codec, x)
-        plan = plans[key] = encode_plan(codec, x.shape[0], x.shape[1], x.dtype, x.device, source, feedback=False,
-                                        odd=odd)
-    return plan(x if x.is_contiguous() else x.contiguous(), out, None)
+    return _eager_encode(codec, x, source, out, None, _checked_input)
 
 
 def encode_feedback(codec: Codec, x: Tensor, debt: Tensor, *, source: int, out: Tensor | None = None) -> Tensor:
@@ -307,14 +299,19 @@ def encode_feedback(codec: Codec, x: Tensor, debt: Tensor, *, source: int, out: 
                          f"{x.device}; got {debt.dtype} {tuple(debt.shape)} on {debt.device}")
     if torch.compiler.is_compiling():
         return _with_out(_traced_encode_feedback(_checked_feedback(codec, x), x, debt, source), out)
+    return _eager_encode(codec, x, source, out, debt, _checked_feedback)
+
+
+def _eager_encode(codec: Codec, x: Tensor, source: int, out: Tensor | None, debt: Tensor | None, check) -> Tensor:
+    """Replay (or build, after `check`) the plan of this encode; keyed on all it was set up for."""
     odd = out is not None and out.data_ptr() & 1
-    key = ("feedback", x.shape, x.dtype, x.device, source, odd)
+    key = ("encode" if debt is None else "feedback", x.shape, x.dtype, x.device, source, odd)
     plans = memo(codec)
     plan = plans.get(key)
     if plan is None:
-        _checked_feedback(codec, x)
-        plan = plans[key] = encode_plan(codec, x.shape[0], x.shape[1], x.dtype, x.device, source, feedback=True,
-                                        odd=odd)
+        check(codec, x)
+        plan = plans[key] = encode_plan(codec, x.shape[0], x.shape[1], x.dtype, x.device, source,
+                                        feedback=debt is not None, odd=odd)
     return plan(x if x.is_contiguous() else x.contiguous(), out, debt)
 
 
