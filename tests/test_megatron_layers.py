@@ -187,3 +187,31 @@ def test_per_layer_overrides():
     }
     assert restored
     assert unused and "match no compressed row-parallel layer" in unused and "decoder.layer.0.*" in unused
+
+
+def _link_mismatch(rank, world):
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
+
+    _ctx = init_megatron(world)  # noqa: F841
+    model = torch.nn.Module()
+    model.self_attention = torch.nn.Module()
+    model.self_attention.linear_proj = RowParallelLinear(1024, 1024, config=tiny_config(world),
+                                                         init_method=torch.nn.init.zeros_, bias=False,
+                                                         input_is_parallel=True, skip_bias_add=True)
+    cfg = CompressionConfig(spec="fp4_e2m1/b32/e6m2", link="cpu" if rank == 0 else "nvlink")
+    try:
+        apply_tp_compression(model, cfg)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_differing_only_in_link_fail_at_setup():
+    """Ranks whose gates would choose different collectives (here: only the link class differs,
+    so at 1 MB one compresses and the other does not) fail at apply_tp_compression, naming the
+    setting, instead of hanging in their first forward (a regression times out here)."""
+    for msg in run_ranks(_link_mismatch, 2, timeout_s=90, pg_timeout_s=30):
+        assert msg and "different compression configurations" in msg
+        assert "link=cpu" in msg and "link=nvlink" in msg

@@ -101,6 +101,16 @@ class GatePolicy:
         if self.transport == "auto":
             object.__setattr__(self, "transport", "symm_mem" if self.link == "nvlink" else "nccl")
 
+    def describe(self) -> str:
+        """Canonical text of every setting that decides which collective a rank calls (the link
+        class as resolved on this rank, transport, algorithm, size override, threshold table and
+        host costs): ranks whose texts differ would post different collectives and hang, so it is
+        part of the cross-rank configuration check."""
+        table = ",".join(f"{link}/{world}:{b}" for (link, world), b in sorted(self.thresholds.items()))
+        host = ",".join(f"{a}:{us}" for a, us in sorted(HOST_EXTRA_US.items()))
+        return (f"link={self.link} transport={self.transport} algorithm={self.algorithm} "
+                f"min_bytes={self.min_bytes} thresholds=[{table}] host_us=[{host}]")
+
     def threshold(self, world_size: int, codec: Codec, hidden: int, extra_cost: float = 1.0,
                   algorithm: str = "one_shot") -> int:
         """Smallest message (bf16 bytes) worth compressing with `codec`; `extra_cost` multiplies

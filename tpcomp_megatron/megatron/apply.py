@@ -189,10 +189,12 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         group = parallel_state.get_tensor_model_parallel_group()
     if calibration is None and config.needs_calibration:
         calibration = load_calibration(config.calibration)
-    check_same_config(config.describe(calibration), group)
+    policy = GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes)
+    # the gate's settings as resolved on this rank (e.g. the detected link class) are checked too
+    check_same_config(f"{config.describe(calibration)} gate: {policy.describe()}", group)
     if not config.enabled:
         return CompressionHandle(None)
-    comm = CompressedComm(group, GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes))
+    comm = CompressedComm(group, policy)
     model = _unwrap(model)
     feedback = ErrorFeedback(comm.world_size) if config.error_feedback else None
     handle = CompressionHandle(comm, feedback)
