@@ -140,3 +140,59 @@ def test_compare_logits_tolerances():
     padded = torch.cat([ref + 1e-6, torch.zeros(1, 5, 6)], dim=-1)  # padded vocab columns dropped
     assert compare_logits(ref, padded, tp=2, max_abs=1e-5, min_cosine=0.9999).ok
     assert not compare_logits(ref, ref + 0.1, tp=2, max_abs=1e-2, min_cosine=0.9).ok
+
+
+@pytest.mark.parametrize("content", ["empty folder", "folder with a file"])
+def test_output_appearing_meanwhile_is_never_replaced(hf_dir, tmp_path, monkeypatch, content):
+    """Without --force, a folder that appears at the output path while the conversion runs (a
+    second conversion, a folder made by hand; even an empty one, which a plain rename replaces)
+    is left as it is, and the run fails clearly, leaving no temporary folder."""
+    out = tmp_path / "out"
+    write = pipeline.write_legacy
+
+    def meanwhile(folder, cfg, global_sd):
+        out.mkdir()
+        if content == "folder with a file":
+            (out / "keep.txt").write_text("mine")
+        return write(folder, cfg, global_sd)
+
+    monkeypatch.setattr(pipeline, "write_legacy", meanwhile)
+    with pytest.raises(FileExistsError, match="appeared while converting"):
+        convert_hf_to_megatron(hf_dir, out, tp=2, formats=["legacy"], progress=False)
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ([] if content == "empty folder" else ["keep.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["the source", "its parent", "inside it"])
+def test_output_is_never_the_source(hf_dir, tmp_path, where):
+    """An output that is, holds or lies inside the source is refused before anything is read or
+    written, --force or not (with --force it used to delete the model and its neighbours)."""
+    src = _copy(hf_dir, tmp_path)
+    (tmp_path / "neighbour.txt").write_text("keep")
+    out = {"the source": src, "its parent": tmp_path, "inside it": src / "megatron"}[where]
+    before = _snapshot(tmp_path)
+    for force in (False, True):
+        with pytest.raises(ValueError, match="is, holds or lies inside the source"):
+            convert_hf_to_megatron(src, out, tp=2, formats=["legacy"], progress=False, force=force)
+    assert _snapshot(tmp_path) == before
+    ckpt = tmp_path / "ckpt"
+    convert_hf_to_megatron(src, ckpt, tp=2, formats=["legacy"], progress=False)
+    with pytest.raises(ValueError, match="is, holds or lies inside the source"):
+        pipeline.convert_megatron_to_hf(ckpt, ckpt / "hf", force=True)
+    with pytest.raises(ValueError, match="is, holds or lies inside the source"):
+        pipeline.convert_megatron_to_hf(ckpt, tmp_path, force=True)
+    assert (src / "config.json").exists() and (tmp_path / "neighbour.txt").exists()
+
+
+def test_temporary_folders_of_killed_runs_are_cleaned(hf_dir, tmp_path):
+    """A run killed mid-write leaves `.out.tmp-<pid>-*`; the next run to that output removes it
+    when that process is gone, and leaves a live process's (here: this one's) alone."""
+    stale = tmp_path / ".out.tmp-999999999-abc"
+    live = tmp_path / f".out.tmp-{os.getpid()}-xyz"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "half").write_bytes(b"x")
+    convert_hf_to_megatron(hf_dir, tmp_path / "out", tp=2, formats=["legacy"], progress=False)
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])

@@ -20,6 +20,7 @@ from .writers import (
     LEGACY,
     TORCH_DIST,
     atomic_output,
+    check_output_vs_source,
     read_legacy,
     read_torch_dist,
     write_legacy,
@@ -54,6 +55,7 @@ def convert_hf_to_megatron(
     if bad or not formats:
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
     out = Path(output)
+    check_output_vs_source(out, source.path if isinstance(source, HFSource) else source)
     if out.exists() and not force:
         # Checked before reading the source: a large model should not load only to fail here.
         raise FileExistsError(f"output {out} already exists; choose another path or pass --force")
@@ -113,6 +115,7 @@ def convert_megatron_to_hf(
     The tensors are the exact originals (padding removed); config.json is the source's as stored.
     """
     out = Path(output)
+    check_output_vs_source(out, checkpoint)
     if out.exists() and not force:
         raise FileExistsError(f"output {out} already exists; choose another path or pass --force")
     cfg, global_sd = read_megatron_global(checkpoint, fmt)

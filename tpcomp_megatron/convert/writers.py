@@ -12,6 +12,8 @@ Layout of a converted checkpoint (both formats loadable by Megatron-LM with `--l
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -33,12 +35,71 @@ _RELEASE = "release"
 _CHECKPOINT_VERSION = 3.0
 
 
+def _libc_renameat2():
+    """glibc's renameat2 (Linux >= 3.15, glibc >= 2.28), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+_RENAMEAT2 = _libc_renameat2()
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+def rename_no_replace(src: Path, dest: Path) -> None:
+    """Rename `src` to `dest`, failing with FileExistsError if `dest` exists, even if it appears
+    at the last moment (an empty folder there would be replaced silently by a plain rename)."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, os.strerror(err), str(dest))
+        if err not in (errno.EINVAL, errno.ENOSYS):  # EINVAL / ENOSYS: no support here, fall back
+            raise OSError(err, os.strerror(err), str(dest))
+    if os.path.lexists(dest):  # without renameat2: as close as a check and a rename get
+        raise FileExistsError(errno.EEXIST, "File exists", str(dest))
+    os.rename(src, dest)
+
+
+def check_output_vs_source(output: str | os.PathLike[str], source: str | os.PathLike[str]) -> None:
+    """Refuse an output path that is the source, holds it or lies inside it (a source folder; a
+    file source, e.g. GGUF, has no inside): writing there (and, with --force, replacing it) would
+    destroy or mix into the model being read."""
+    out, src = Path(output).resolve(), Path(source).resolve()
+    if out == src or out in src.parents or (src.is_dir() and src in out.parents):
+        raise ValueError(f"output {output} is, holds or lies inside the source {source}; "
+                         "choose an output folder outside the source")
+
+
+def _clean_stale(dest: Path) -> None:
+    """Remove temporary folders this function left next to `dest` in runs that were killed (their
+    process no longer exists); another live conversion's are left alone."""
+    for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
+        pid = tmp.name[len(f".{dest.name}.tmp-"):].split("-", 1)[0]
+        if not pid.isdigit() or not tmp.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on success it becomes `path`, on error it is removed.
 
     An existing `path` is an error unless `force`; then it is replaced only after the new folder is
-    complete, so a failed run never leaves a half-written or missing output.
+    complete, so a failed run never leaves a half-written or missing output. Without `force`,
+    anything that appears at `path` while the folder is written (another conversion, a folder made
+    by hand) is never replaced: the run fails with FileExistsError and its own output is removed.
+    The temporary folder is named `.<name>.tmp-<pid>-*`; one left by a killed run is removed by the
+    next run to the same path.
     """
     dest = Path(path).absolute()
     if dest.exists() and not force:
@@ -47,18 +108,29 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
         raise FileNotFoundError(
             f"the folder {dest.parent} for the output does not exist; create it"
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    _clean_stale(dest)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write in {dest.parent} ({e.strerror}); choose a writable output folder") from e
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if dest.exists():
+    if force and dest.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
         os.rmdir(old)
         os.rename(dest, old)
-    os.rename(tmp, dest)
+    try:
+        rename_no_replace(tmp, dest)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.lexists(dest):
+            os.rename(old, dest)  # put the replaced folder back
+        raise FileExistsError(f"output {dest} appeared while converting (another conversion, or a folder "
+                              "made meanwhile); it was left as it is and this run's output discarded") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
