@@ -196,3 +196,21 @@ def test_temporary_folders_of_killed_runs_are_cleaned(hf_dir, tmp_path):
     convert_hf_to_megatron(hf_dir, tmp_path / "out", tp=2, formats=["legacy"], progress=False)
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+@pytest.mark.parametrize("change", [-1, 1])
+def test_reverse_refuses_a_config_that_does_not_match_the_tensors(hf_dir, tmp_path, fmt, change):
+    """A checkpoint whose tpcomp_config.json was edited to fewer (or more) layers than its tensors
+    hold is refused by --reverse, naming what does not match, and no output is written (fewer
+    layers used to give a HF folder without them, which transformers fills with random weights)."""
+    ckpt = tmp_path / "ckpt"
+    convert_hf_to_megatron(hf_dir, ckpt, tp=2, formats=[fmt], progress=False)
+    cfg_path = ckpt / "tpcomp_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_layers"] += change
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(MappingError, match="does not describe|has no tensor|does not match|missing tensors"):
+        pipeline.convert_megatron_to_hf(ckpt, tmp_path / "hf", fmt=fmt)
+    assert not (tmp_path / "hf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

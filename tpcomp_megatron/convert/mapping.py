@@ -235,6 +235,7 @@ def megatron_to_hf(
     """HF tensors from global Megatron tensors: the exact inverse of `hf_to_megatron`."""
     v, f = cfg.vocab_size, cfg.ffn_hidden_size
     fp = int(cfg.padded_ffn_hidden_size or 0)
+    used: set[str] = set()
 
     def m(name: str) -> torch.Tensor:
         if name not in sd:
@@ -242,6 +243,7 @@ def megatron_to_hf(
                 f"the Megatron checkpoint has no tensor {name!r}; does it match its "
                 f"{cfg.hf_architecture} config?"
             )
+        used.add(name)
         return sd[name]
 
     out = {"model.embed_tokens.weight": m("embedding.word_embeddings.weight")[:v]}
@@ -266,6 +268,16 @@ def megatron_to_hf(
     out["model.norm.weight"] = m("decoder.final_layernorm.weight")
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = m("output_layer.weight")[:v]
+    # Both ways: a tensor the config does not describe (e.g. a config edited to fewer layers)
+    # would be dropped from the output without a word, and the model loaded from it broken.
+    unused = sorted(k for k in sd if k not in used and not k.endswith("_extra_state")
+                    and not (cfg.tie_word_embeddings and k == "output_layer.weight"))
+    if unused:
+        raise MappingError(
+            f"the Megatron checkpoint holds tensors its config ({cfg.num_layers} layers, "
+            f"{cfg.hf_architecture}) does not describe: {_short(unused)}; the config and the "
+            "tensors do not belong together"
+        )
     return {k: t.contiguous() for k, t in out.items()}
 
 

@@ -264,5 +264,31 @@ def load_torch_dist_into(model: torch.nn.Module, folder: Path) -> None:
     from megatron.core import dist_checkpointing
 
     release = _release_dir(Path(folder))
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(release))  # type: ignore[operator]
+    sharded = model.sharded_state_dict()
+    _check_torch_dist_tensors(sharded, dist_checkpointing.load_tensors_metadata(str(release)), release)
+    loaded = dist_checkpointing.load({"model": sharded}, str(release))  # type: ignore[operator]
     _load_into(model, loaded["model"], f"loading {release}")
+
+
+def _check_torch_dist_tensors(sharded: dict, stored: dict, release: Path) -> None:
+    """The checkpoint's tensors against the model's, both ways, by name and global shape (layers
+    are an axis of the stacked layer tensors): a loader reads only what the model asks for, so a
+    config that describes fewer layers than were stored would silently drop the rest."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    # tensors and tensor factories (GLU weights are stored through one) by key; shapes where known
+    want = {t.key: tuple(getattr(t, "global_shape", ())) for t in nested_values(sharded)
+            if hasattr(t, "key") and "_extra_state" not in t.key}
+    have = {k: tuple(t.global_shape) for k, t in stored.items()
+            if hasattr(t, "global_shape") and "_extra_state" not in k}
+    problems = []
+    if sorted(set(want) - set(have)):
+        problems.append(f"missing tensors {sorted(set(want) - set(have))[:6]}")
+    if sorted(set(have) - set(want)):
+        problems.append(f"tensors the config does not describe {sorted(set(have) - set(want))[:6]}")
+    wrong = [f"{k}: stored {have[k]}, config {want[k]}" for k in sorted(set(want) & set(have))
+             if want[k] and want[k] != have[k]]
+    if wrong:
+        problems.append(f"shapes that differ {wrong[:4]}")
+    if problems:
+        raise MappingError(f"{release} does not match its {CONFIG_NAME}: " + "; ".join(problems))
