@@ -212,20 +212,73 @@ def save_calibration(path: str, cal: Calibration) -> None:
 
 
 def load_calibration(path: str) -> Calibration:
-    from safetensors import safe_open
+    """Read and validate a calibration file: every problem names the file and, where it lies in
+    one, the layer (a bad file must fail here, not turn compression off or into NaNs later)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, framework="pt") as f:
-        raw = (f.metadata() or {}).get(FORMAT_KEY)
-        if raw is None:
-            raise ValueError(f"{path} is not a tpcomp calibration file (no {FORMAT_KEY!r} metadata)")
-        meta = json.loads(raw)
-        if meta.get("version") not in READABLE_VERSIONS:
-            raise ValueError(f"{path}: calibration format version {meta.get('version')} is not one of {READABLE_VERSIONS}")
-        stats, channels, bases = {}, {}, {}
-        keys = set(f.keys())
-        for name in meta["layers"]:
-            stats[name] = (f.get_tensor(f"{name}.min"), f.get_tensor(f"{name}.max"))
-            channels[name] = f.get_tensor(f"{name}.channels")
-            if f"{name}.basis" in keys:
-                bases[name] = f.get_tensor(f"{name}.basis")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(FORMAT_KEY)
+            if raw is None:
+                raise ValueError(f"{path} is not a tpcomp calibration file (no {FORMAT_KEY!r} metadata)")
+            meta = _read_meta(path, raw)
+            stats, channels, bases = {}, {}, {}
+            keys = set(f.keys())
+            for name in meta["layers"]:
+                missing = [f"{name}.{k}" for k in ("min", "max", "channels") if f"{name}.{k}" not in keys]
+                if missing:
+                    raise ValueError(f"{path}: layer {name!r} lacks the tensors {missing}")
+                stats[name] = (f.get_tensor(f"{name}.min"), f.get_tensor(f"{name}.max"))
+                channels[name] = f.get_tensor(f"{name}.channels")
+                if f"{name}.basis" in keys:
+                    bases[name] = f.get_tensor(f"{name}.basis")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read the calibration file {path}: {e}") from e
+    for name in meta["layers"]:
+        _check_layer(path, name, meta, stats[name], channels[name], bases.get(name))
     return Calibration(meta=meta, stats=stats, channels=channels, bases=bases)
+
+
+def _read_meta(path: str, raw: str) -> dict:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its {FORMAT_KEY!r} metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its {FORMAT_KEY!r} metadata is not a JSON object")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: calibration format version {meta.get('version')} is not one of {READABLE_VERSIONS}")
+    for key, kind in (("layers", list), ("tp_size", int), ("hidden", int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(f"{path}: its metadata lacks {key!r} (a {kind.__name__}); re-run tpcomp-calibrate")
+    if meta["tp_size"] < 1 or meta["hidden"] < 1 or not all(isinstance(n, str) for n in meta["layers"]):
+        raise ValueError(f"{path}: metadata tp_size {meta['tp_size']}, hidden {meta['hidden']} or layer names are invalid")
+    return meta
+
+
+def _check_layer(path: str, name: str, meta: dict, stats: tuple, channels: torch.Tensor,
+                 basis: torch.Tensor | None) -> None:
+    """One layer's tensors: shapes that match the metadata, finite statistics, channels that are
+    distinct indices below the hidden size, finite bases."""
+    sources, hidden = meta["tp_size"] + 1, meta["hidden"]  # every rank's partial sum, and the reduced one
+    where = f"{path}, layer {name!r}"
+    lo, hi = stats
+    for what, t in (("min", lo), ("max", hi)):
+        if tuple(t.shape) != (sources, hidden):
+            raise ValueError(f"{where}: {what} statistics have shape {tuple(t.shape)}, expected "
+                             f"[{sources}, {hidden}] (TP={meta['tp_size']} ranks + the reduced sum, hidden {hidden})")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{where}: {what} statistics hold NaN or Inf")
+    if (lo > hi).any():
+        raise ValueError(f"{where}: some channel's min statistic is above its max")
+    if channels.dim() != 1 or channels.dtype.is_floating_point or channels.dtype == torch.bool:
+        raise ValueError(f"{where}: channels must be a 1-D integer tensor, got {channels.dtype} {tuple(channels.shape)}")
+    if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= hidden):
+        raise ValueError(f"{where}: channel indices must lie in [0, {hidden}); got {int(channels.min())}.."
+                         f"{int(channels.max())}")
+    if channels.numel() > 1 and not bool((channels[1:] > channels[:-1]).all()):
+        raise ValueError(f"{where}: channel indices must be distinct and ascending")
+    if basis is not None and (basis.dim() != 3 or basis.shape[0] != sources or basis.shape[2] != hidden
+                              or not torch.isfinite(basis).all()):
+        raise ValueError(f"{where}: the low-rank basis must be finite [{sources}, directions, {hidden}], "
+                         f"got {tuple(basis.shape)}")
