@@ -197,3 +197,46 @@ def test_gate_never_compresses_below_its_host_cost():
         # a table above the floor is the answer, unchanged
         high = GatePolicy(link=link, thresholds={(link, 2): 1 << 40})
         assert high.threshold(2, codec, 5120, algorithm="two_shot") == int((1 << 40) * (1 - 4.25 / 16) / saving)
+
+
+def _odd_shapes(rank, world):
+    """Scalars, empty tensors, 1-D and non-contiguous inputs: the exact collective, as the README
+    says, or (no dim 0 to split or gather) a clear error; never an IndexError from inside."""
+    comm = CompressedComm(None, GatePolicy(min_bytes=0, link="cpu"))
+    codec = make_codec("fp4_e2m1/b32/e6m2")
+    got = {}
+    scalar = torch.tensor(float(rank + 1))
+    got["scalar"] = comm.all_reduce(scalar, codec).item()
+    for shape in ((4, 0), (0, 64)):
+        out = comm.all_reduce(torch.zeros(shape), codec)
+        got[f"empty{shape}"] = tuple(out.shape)
+        got[f"rs empty{shape}"] = tuple(comm.reduce_scatter(torch.zeros(shape), codec).shape) if shape[0] else None
+    one_d = torch.arange(8.0) + rank
+    got["rs 1-D"] = comm.reduce_scatter(one_d, codec).tolist()
+    base = torch.randn(64, 6, generator=torch.Generator().manual_seed(rank))
+    strided = base.t()[:, :48]  # [6, 48] not contiguous; hidden 48 is no multiple of 32: exact
+    got["strided"] = torch.equal(comm.all_reduce(strided, codec), _exact_sum(strided, world))
+    for name, fn in (("ag scalar", lambda: comm.all_gather(scalar, codec)),
+                     ("rs scalar", lambda: comm.reduce_scatter(scalar, codec))):
+        try:
+            fn()
+            got[name] = None
+        except ValueError as e:
+            got[name] = str(e)
+    return got
+
+
+def _exact_sum(x, world):
+    out = x.contiguous().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def test_scalars_empty_and_1d_tensors_fall_back_or_fail_clearly():
+    for rank, got in enumerate(run_ranks(_odd_shapes, 2)):
+        assert got["scalar"] == 3.0
+        assert got["empty(4, 0)"] == (4, 0) and got["empty(0, 64)"] == (0, 64)
+        assert got["rs empty(4, 0)"] == (2, 0)
+        assert got["rs 1-D"] == ([1.0, 3.0, 5.0, 7.0] if rank == 0 else [9.0, 11.0, 13.0, 15.0])
+        assert got["strided"]
+        assert "0-d tensor" in got["ag scalar"] and "0-d tensor" in got["rs scalar"]

@@ -118,6 +118,8 @@ class CompressedComm:
         n, nbytes = self.world_size, x.numel() * x.element_size()
         if codec is None:
             why = EXACT_LAYER
+        elif op == "reduce_scatter" and x.dim() < 2:
+            why = "1-D tensor (a reduce-scatter splits its elements, not rows)"
         else:
             why = ineligible(x, codec, n, self.policy, rows_divisible=op == "reduce_scatter",
                              extra_cost=extra, algorithm="two_shot" if op == "two_shot" else "one_shot")
@@ -151,7 +153,7 @@ class CompressedComm:
 
     # -- exact fallbacks ---------------------------------------------------------------------
     def _exact_all_reduce(self, x: torch.Tensor, reason: str) -> torch.Tensor:
-        out = x.clone()
+        out = x.clone(memory_format=torch.contiguous_format)
         _run("all-reduce (exact fallback)", self.group, dist.all_reduce, out)
         self.stats.record_fallback(reason, _ring_bytes(x.numel() * x.element_size(), self.world_size, "all_reduce"))
         return out
@@ -181,10 +183,12 @@ class CompressedComm:
         n = self.world_size
         if n == 1:
             return x
-        rows = _rows(x)
         algo = algorithm or self.policy.choose_algorithm(n)
         extra = 1.0 if feedback is None else feedback_cost(norm, algo)
         why, sent, exact = self._why(algo, x, codec, extra)
+        if why and (feedback is None or x.dim() == 0 or x.numel() == 0):  # nothing owed on no rows
+            return self._exact_all_reduce(x, why)
+        rows = _rows(x)
         # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
         fused = feedback is not None and norm is None and not why and algo in ("one_shot", "two_shot")
         send = rows if feedback is None or fused else feedback.to_send(rows, norm)
@@ -283,9 +287,13 @@ class CompressedComm:
         n = self.world_size
         if n == 1:
             return x
-        rows = _rows(x)
+        if x.dim() == 0:
+            raise ValueError("reduce-scatter splits along dim 0: a 0-d tensor has none")
         extra = 1.0 if feedback is None else feedback_cost(None, "two_shot")  # its first half
         why, sent, exact = self._why("reduce_scatter", x, codec, extra)
+        if why and (feedback is None or x.numel() == 0):
+            return self._exact_reduce_scatter(x, why)
+        rows = _rows(x)
         if why:
             send = rows if feedback is None else feedback.to_send(rows)
             exact_in = send.to(x.dtype)
@@ -310,6 +318,8 @@ class CompressedComm:
         n = self.world_size
         if n == 1:
             return x
+        if x.dim() == 0:
+            raise ValueError("all-gather concatenates along dim 0: a 0-d tensor has none")
         why, sent, exact = self._why("all_gather", x, codec, 1.0)
         if why:
             return self._exact_all_gather(x, why)
