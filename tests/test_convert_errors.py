@@ -214,3 +214,65 @@ def test_reverse_refuses_a_config_that_does_not_match_the_tensors(hf_dir, tmp_pa
         pipeline.convert_megatron_to_hf(ckpt, tmp_path / "hf", fmt=fmt)
     assert not (tmp_path / "hf").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+class _Plant:
+    """Unpickling this creates a marker file: a stand-in for code a tampered checkpoint would run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def torch_dist_ckpt(hf_dir, tmp_path_factory) -> Path:
+    ckpt = tmp_path_factory.mktemp("td") / "ckpt"
+    convert_hf_to_megatron(hf_dir, ckpt, tp=2, formats=["torch_dist"], progress=False)
+    return ckpt
+
+
+@pytest.mark.parametrize("part", [".metadata", "common.pt", "stored item"])
+def test_a_tampered_torch_dist_checkpoint_runs_no_code(torch_dist_ckpt, tmp_path, part):
+    """A torch_dist checkpoint whose metadata, common.pt or a stored (non-tensor) item was replaced
+    by a pickle that runs code is refused before anything of it is unpickled: --reverse fails
+    naming the file, and the planted code never runs (its marker file is never made)."""
+    import dataclasses
+    import pickle
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(torch_dist_ckpt, ckpt)
+    release = ckpt / "torch_dist" / "release"
+    marker = tmp_path / "pwned"
+    if part == ".metadata":
+        (release / ".metadata").write_bytes(pickle.dumps(_Plant(str(marker))))
+    elif part == "common.pt":
+        torch.save({"checkpoint_version": 3.0, "x": _Plant(str(marker))}, release / "common.pt")
+    else:  # append a planted item to a .distcp file and point one stored item's entry at it
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+        with open(release / ".metadata", "rb") as f:
+            meta = pickle.load(f)  # the test's own, untampered file
+        fqn = next(k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+        info = meta.storage_data[MetadataIndex(fqn)]
+        blob = io_bytes(_Plant(str(marker)))
+        data_file = release / info.relative_path
+        offset = data_file.stat().st_size
+        with open(data_file, "ab") as f:
+            f.write(blob)
+        meta.storage_data[MetadataIndex(fqn)] = dataclasses.replace(info, offset=offset, length=len(blob))
+        with open(release / ".metadata", "wb") as f:
+            pickle.dump(meta, f)
+    with pytest.raises(ValueError, match="would run code|refuses") as e:
+        pipeline.convert_megatron_to_hf(ckpt, tmp_path / "hf", fmt="torch_dist")
+    assert str(release) in str(e.value)
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+
+
+def io_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()

@@ -25,6 +25,7 @@ import torch
 from tpcomp_megatron.models.config import LlamaModelConfig
 
 from .mapping import EXTRA_STATE_LINEARS, MappingError, merge_shards, shard_for_rank
+from .safe_load import check_torch_dist
 
 CONFIG_NAME = "tpcomp_config.json"
 TORCH_DIST, LEGACY = "torch_dist", "legacy"
@@ -264,6 +265,7 @@ def load_torch_dist_into(model: torch.nn.Module, folder: Path) -> None:
     from megatron.core import dist_checkpointing
 
     release = _release_dir(Path(folder))
+    check_torch_dist(release)  # before anything of it is unpickled
     sharded = model.sharded_state_dict()
     _check_torch_dist_tensors(sharded, dist_checkpointing.load_tensors_metadata(str(release)), release)
     loaded = dist_checkpointing.load({"model": sharded}, str(release))  # type: ignore[operator]
