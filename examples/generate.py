@@ -74,9 +74,15 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 def resolve_checkpoint(args, rank: int, world: int) -> str:
     if args.checkpoint:
         return args.checkpoint
+    from tpcomp_megatron.convert.fingerprint import source_fingerprint
+
     source = args.source or builtin_source(args.model)
-    out = Path(args.cache_dir) / f"{Path(source).stem}-tp{world}"
+    # keyed on the source's content, not its name: another model in a folder of the same name
+    # gets a conversion of its own
+    out = Path(args.cache_dir) / f"{Path(source).stem}-{source_fingerprint(source)}-tp{world}"
     error = [None]
+    if rank == 0 and out.exists():
+        print(f"using the cached conversion {out} of {source} (unchanged since it was made)", flush=True)
     if rank == 0 and not out.exists():
         # The converter runs single-rank Megatron of its own: give it a fresh process.
         print(f"converting {source} -> {out} (TP={world}), once", flush=True)
