@@ -276,3 +276,18 @@ def io_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def test_garbage_config_and_tracker_files_are_named(hf_dir, tmp_path, capsys):
+    """A config.json of random bytes, and a checkpoint tracker file holding garbage, give errors
+    that name the file (a bare utf-8 or int() error before)."""
+    src = _copy(hf_dir, tmp_path)
+    (src / "config.json").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(SourceError, match=r"config.json is not valid JSON"):
+        convert_hf_to_megatron(src, tmp_path / "out", tp=2, formats=["legacy"], progress=False)
+    ckpt = tmp_path / "ckpt"
+    convert_hf_to_megatron(hf_dir, ckpt, tp=2, formats=["legacy"], progress=False)
+    (ckpt / "legacy" / "latest_checkpointed_iteration.txt").write_bytes(b"\xff\xfe garbage")
+    assert cli.main([str(ckpt), str(tmp_path / "hf"), "--reverse"]) == 2
+    err = capsys.readouterr().err
+    assert "latest_checkpointed_iteration.txt must hold 'release' or an iteration number" in err

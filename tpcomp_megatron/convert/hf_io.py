@@ -51,7 +51,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SourceError(f"{path} is not valid JSON ({e}); re-download it") from e
     if not isinstance(data, dict):
         raise SourceError(f"{path} must hold a JSON object")

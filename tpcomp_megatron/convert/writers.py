@@ -146,7 +146,13 @@ def _release_dir(folder: Path) -> Path:
     tracker = folder / _TRACKER
     if not tracker.exists():
         raise FileNotFoundError(f"{folder} has no {_TRACKER}; is it a converted checkpoint folder?")
-    tag = tracker.read_text().strip()
+    try:
+        tag = tracker.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        tag = None
+    if tag != _RELEASE and not (tag or "").isdigit():
+        raise ValueError(f"{tracker} must hold 'release' or an iteration number; it holds something else "
+                         "(a damaged or foreign checkpoint folder)")
     return folder / (tag if tag == _RELEASE else f"iter_{int(tag):07d}")
 
 
