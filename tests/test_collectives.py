@@ -240,3 +240,72 @@ def test_scalars_empty_and_1d_tensors_fall_back_or_fail_clearly():
         assert got["rs 1-D"] == ([1.0, 3.0, 5.0, 7.0] if rank == 0 else [9.0, 11.0, 13.0, 15.0])
         assert got["strided"]
         assert "0-d tensor" in got["ag scalar"] and "0-d tensor" in got["rs scalar"]
+
+
+SOAK_ELEMENTS = ("fp4_e2m1", "fp5_e2m2", "fp6_e2m3", "fp8_e4m3", "int4", "int8", "lloyd4")
+SOAK_SCALES = ("e8m0", "e8m0up", "e6m2", "bf16")
+
+
+def _soak(rank, world, cases):
+    """Random codecs, shapes, dtypes and ops; per case (output, bound on |output - exact|)."""
+    rng = torch.Generator().manual_seed(2026)  # the same draws on every rank
+    comm = CompressedComm(None, GatePolicy(min_bytes=0, link="cpu"))
+    out = []
+    for case in range(cases):
+        pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=rng))]  # noqa: E731
+        spec = f"{pick(SOAK_ELEMENTS)}/b{pick((8, 16, 32, 64))}/{pick(SOAK_SCALES)}"
+        codec = make_codec(spec)
+        hidden = pick((24, 32, 64, 96, 128, 160))
+        rows = 2 * int(torch.randint(1, 20, (1,), generator=rng))  # even: the reduce-scatter splits
+        dtype = pick((torch.bfloat16, torch.float16, torch.float32))
+        op = pick(("one_shot", "two_shot", "reduce_scatter", "all_gather"))
+        scale = float(torch.rand(1, generator=rng)) * 100
+        xs = [(torch.randn(rows, hidden, generator=torch.Generator().manual_seed(case * 7 + r)) * scale).to(dtype)
+              for r in range(world)]
+        x = xs[rank]
+        if op == "all_gather":
+            got = comm.all_gather(x, codec)
+            exact = torch.cat(xs).float()
+            err = torch.cat([_recon_err(codec, t) for t in xs])
+        else:
+            got = (comm.reduce_scatter(x, codec) if op == "reduce_scatter"
+                   else comm.all_reduce(x, codec, algorithm=op))
+            exact = sum(t.float() for t in xs)
+            err = sum(_recon_err(codec, t) for t in xs)
+            if op == "two_shot":  # the middle requantizes the sum of the decoded contributions
+                err = err + _recon_err(codec, sum(_decoded(codec, t) for t in xs))
+            if op == "reduce_scatter":
+                lo = rank * rows // world
+                exact, err = exact[lo:lo + rows // world], err[lo:lo + rows // world]
+        # plus the output's rounding to its dtype, relative to the output's own size
+        bound = err + (exact.abs() + err) * 2.0 ** -(7 if dtype == torch.bfloat16 else 10) + 1e-30
+        ok = bool((((got.float() - exact).abs() <= bound * 1.001) | (got.float() == exact)).all())
+        out.append((spec, op, str(dtype), rows, hidden, ok, got))
+    return out
+
+
+def _decoded(codec, t):
+    """What the reference codec makes of `t` (t itself where the gate keeps it exact)."""
+    if codec.ineligible(t.shape[-1]):
+        return t.float()
+    rows = t.float().reshape(-1, t.shape[-1])
+    return codec.decode_f32(codec.encode(rows), t.shape[-1]).reshape(t.shape)
+
+
+def _recon_err(codec, t):
+    """|t - decode(encode(t))| per element with the reference codec, or 0 where the gate keeps
+    the collective exact (hidden not a multiple of the block)."""
+    return (t.float() - _decoded(codec, t)).abs()
+
+
+def test_soak_random_collectives_within_the_codec_bound_and_equal_on_every_rank():
+    """A few hundred random cases (block codecs of every element, block and scale; rows, hidden
+    sizes that do and do not divide; three dtypes; all four collectives) on two gloo ranks: every
+    output within the sum of the ranks' own reconstruction errors (plus the requantization of
+    the two-shot middle, plus the output's rounding) of the exact result, and, for the
+    replicated outputs, bit for bit the same on both ranks."""
+    ranks = run_ranks(_soak, 2, 240, timeout_s=240)
+    for (spec, op, dtype, rows, hidden, ok, got), (_, _, _, _, _, ok1, got1) in zip(*ranks):
+        assert ok and ok1, (spec, op, dtype, rows, hidden)
+        if op != "reduce_scatter":
+            assert torch.equal(got, got1), ("ranks disagree", spec, op, dtype, rows, hidden)
