@@ -67,3 +67,13 @@ def test_bad_overrides(capsys):
     assert "expected PATTERN=SPEC" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs a calibration file"):
         CompressionConfig(spec="int4", overrides=(("decoder.layers.0.*", "outlier_int4/k64"),))
+
+
+def test_transport_flag_reaches_the_config(capsys):
+    cfg = config_from_args(_parse(["--tp-comm-compression", "fp4_e2m1/b32", "--tp-comm-transport", "symm_mem"]))
+    assert cfg.transport == "symm_mem" and config_from_args(_parse([])).transport == "auto"
+    with pytest.raises(SystemExit):
+        _parse(["--tp-comm-transport", "carrier-pigeon"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown transport"):
+        CompressionConfig(spec="fp4_e2m1/b32", transport="udp")

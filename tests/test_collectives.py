@@ -309,3 +309,26 @@ def test_soak_random_collectives_within_the_codec_bound_and_equal_on_every_rank(
         assert ok and ok1, (spec, op, dtype, rows, hidden)
         if op != "reduce_scatter":
             assert torch.equal(got, got1), ("ranks disagree", spec, op, dtype, rows, hidden)
+
+
+def _transport_fallback(rank, world):
+    import logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("tpcomp_megatron").addHandler(handler)
+    codec = make_codec("fp4_e2m1/b32/e6m2")
+    x = _inputs(rank, 3, (6, 64))
+    symm = [CompressedComm(None, GatePolicy(link="nvlink", transport="symm_mem", min_bytes=0)) for _ in range(2)]
+    nccl = CompressedComm(None, GatePolicy(link="nvlink", transport="nccl", min_bytes=0))
+    same = all(torch.equal(c.all_reduce(x, codec), nccl.all_reduce(x, codec)) for c in symm)
+    return same, seen
+
+
+def test_symmetric_memory_unavailable_falls_back_to_nccl_said_once():
+    """Where symmetric memory cannot run (here: no CUDA), a policy asking for it uses NCCL's path,
+    says why once per process, and gives the NCCL path's result (it used to raise)."""
+    for same, seen in run_ranks(_transport_fallback, 2):
+        assert same
+        assert len(seen) == 1 and "symmetric-memory transport unavailable (no CUDA)" in seen[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from .codecs import parse_codec_spec
-from .comm import ALGORITHMS, LINKS
+from .comm import ALGORITHMS, LINKS, TRANSPORTS
 from .megatron.apply import ROW_LAYERS, CompressionConfig
 
 
@@ -53,6 +53,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tp-comm-algorithm", choices=ALGORITHMS, default="auto")
     g.add_argument("--tp-comm-link", choices=("auto",) + LINKS, default="auto",
                    help="link class for the size gate (default: detected)")
+    g.add_argument("--tp-comm-transport", choices=TRANSPORTS, default="auto",
+                   help="how one-shot payloads travel: symmetric memory (NVLink peers read each other's slot), "
+                        "NCCL's all-gather, or auto (symm_mem on NVLink; NCCL, said once, where it cannot run)")
     g.add_argument("--tp-comm-min-bytes", type=int, default=None, metavar="N",
                    help="compress messages of at least N bytes (bf16), overriding the measured gate; 0 = always")
     return parser
@@ -67,6 +70,7 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         calibration=args.tp_comm_calibration,
         algorithm=args.tp_comm_algorithm,
         link=args.tp_comm_link,
+        transport=args.tp_comm_transport,
         min_bytes=args.tp_comm_min_bytes,
         overrides=tuple(args.tp_comm_compression_override),
         error_feedback=args.tp_comm_error_feedback,

@@ -23,6 +23,8 @@ peer died, a timeout) raise `CollectiveError` naming the operation and the group
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 
@@ -61,6 +63,15 @@ def _sources(n: int, source: int | None = None) -> tuple:
     return got
 
 
+_LOGGED: set = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logging.getLogger("tpcomp_megatron").warning(message)
+
+
 class CollectiveError(RuntimeError):
     """A collective failed or timed out; usually a peer rank died or diverged."""
 
@@ -95,6 +106,14 @@ class CompressedComm:
         self.stats = CommStats()
         self._symm = None  # SymmMemTransport, created on the first one-shot call that can use it
         self._symm_wanted = self._policy.transport == "symm_mem"
+        if self._symm_wanted:
+            from .symm import symm_mem_available
+
+            why = symm_mem_available(self.group)  # the same answer on every rank (backend, torch)
+            if why:
+                _log_once(f"symmetric-memory transport unavailable ({why}): one-shot payloads go through "
+                          "NCCL's all-gather")
+                self._symm_wanted = False
         self._gate: dict = {}  # (op, shape, dtype, codec, ...) -> the gate's answer (its inputs are fixed)
 
     @property
@@ -139,15 +158,12 @@ class CompressedComm:
         return None, sent, exact
 
     def _symm_transport(self):
-        """The symmetric-memory transport when the policy asks for it (NVLink), else None."""
-        if self.policy.transport != "symm_mem":
+        """The symmetric-memory transport when the policy asks for it (NVLink) and it can run."""
+        if not self._symm_wanted:
             return None
         if self._symm is None:
-            from .symm import SymmMemTransport, symm_mem_available
+            from .symm import SymmMemTransport
 
-            why = symm_mem_available(self.group)
-            if why:
-                raise RuntimeError(f"transport 'symm_mem' is unavailable: {why}; use transport='nccl'")
             self._symm = SymmMemTransport(self.group)
         return self._symm
 

@@ -23,8 +23,8 @@ def symm_mem_available(group) -> str | None:
         return "no CUDA"
     if dist.get_backend(group) != "nccl":
         return "process group is not NCCL"
-    try:
-        import torch.distributed._symmetric_memory  # noqa: F401
+    try:  # (imported under another name: a bare `import torch.x` would make `torch` local here)
+        import torch.distributed._symmetric_memory as _symm  # noqa: F401
     except ImportError:
         return "this torch has no symmetric memory"
     return None

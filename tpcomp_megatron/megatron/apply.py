@@ -51,6 +51,9 @@ class CompressionConfig:
     """Link class for the gate's thresholds: 'auto', 'nvlink', 'pcie_class', 'network_class', 'cpu'."""
     min_bytes: int | None = None
     """Override the gate's size threshold (bytes of the bf16 message); 0 compresses every call."""
+    transport: str = "auto"
+    """How one-shot payloads travel (`--tp-comm-transport`): 'auto' (symmetric memory on NVLink,
+    NCCL elsewhere), 'nccl', or 'symm_mem'; where symmetric memory cannot run, NCCL, said once."""
     overrides: tuple[tuple[str, str], ...] = ()
     """Per-layer codecs: (glob over module names, spec or 'none'), first match wins, e.g.
     ('decoder.layers.0.*', 'fp8_e4m3/b32/e8m0up') for a plan from `tpcomp-sensitivity`."""
@@ -81,7 +84,8 @@ class CompressionConfig:
             raise ValueError(f"codec {spec} needs a calibration file: run tools/calibrate.py and pass it")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm {self.algorithm!r}: choose one of {list(ALGORITHMS)}")
-        GatePolicy(algorithm=self.algorithm, link=self.link if self.link != "auto" else "cpu", min_bytes=self.min_bytes)
+        GatePolicy(algorithm=self.algorithm, link=self.link if self.link != "auto" else "cpu", min_bytes=self.min_bytes,
+                   transport=self.transport)
         object.__setattr__(self, "gather_codec_spec", gather_spec)
 
     @property
@@ -189,7 +193,8 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         group = parallel_state.get_tensor_model_parallel_group()
     if calibration is None and config.needs_calibration:
         calibration = load_calibration(config.calibration)
-    policy = GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes)
+    policy = GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes,
+                        transport=config.transport)
     # the gate's settings as resolved on this rank (e.g. the detected link class) are checked too
     check_same_config(f"{config.describe(calibration)} gate: {policy.describe()}", group)
     if not config.enabled:
