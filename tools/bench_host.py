@@ -51,9 +51,9 @@ def _init(backend: str, world: int, device: torch.device) -> None:
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     elif backend == "mirror":
-        from tpcomp_megatron.testing.onerank import _register
+        from tpcomp_megatron.testing.onerank import register_mirror_backend
 
-        _register("mirror")
+        register_mirror_backend()
         dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world)
     else:
         store = dist.HashStore()

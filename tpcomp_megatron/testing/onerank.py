@@ -106,14 +106,12 @@ class MirrorProcessGroup(dist.ProcessGroup):
         return self._done
 
 
-_GROUPS = {"mirror": MirrorProcessGroup}
-
-
-def _register(name: str) -> None:
-    if name not in dist.Backend.backend_list:
-        cls = _GROUPS[name]
-        dist.Backend.register_backend(name, lambda common, _opts: cls(common.group_rank, common.group_size),
-                                      extended_api=True, devices=["cpu", "cuda"])
+def register_mirror_backend() -> None:
+    """Make "mirror" a process-group backend of this process (`init_process_group("mirror", ...)`)."""
+    if "mirror" not in dist.Backend.backend_list:
+        dist.Backend.register_backend(
+            "mirror", lambda common, _opts: MirrorProcessGroup(common.group_rank, common.group_size),
+            extended_api=True, devices=["cpu", "cuda"])
 
 
 @contextlib.contextmanager
@@ -137,7 +135,7 @@ def one_rank_tp(world_size: int, *, backend: str = "mirror", device: torch.devic
 
         store = FakeStore()
     else:
-        _register(backend)
+        register_mirror_backend()
         store = dist.HashStore()
     dist.init_process_group(backend, store=store, rank=0, world_size=world_size)
     try:
