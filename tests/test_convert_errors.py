@@ -291,3 +291,11 @@ def test_garbage_config_and_tracker_files_are_named(hf_dir, tmp_path, capsys):
     assert cli.main([str(ckpt), str(tmp_path / "hf"), "--reverse"]) == 2
     err = capsys.readouterr().err
     assert "latest_checkpointed_iteration.txt must hold 'release' or an iteration number" in err
+
+
+def test_verify_at_a_tp_the_checkpoint_cannot_split_is_one_clear_error(torch_dist_ckpt, capsys):
+    """--verify-tp where the checkpoint's query groups do not split: exit 2 with one line naming
+    the problem, before any rank is spawned (a traceback from inside a rank before)."""
+    assert cli.main([str(torch_dist_ckpt), "--verify", "--verify-tp", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "do not split over TP=3" in err and "Traceback" not in err

@@ -153,6 +153,9 @@ def verify_checkpoint(
     ckpt = str(Path(checkpoint).absolute())
     cfg = load_config(ckpt)
     tp = tp or cfg.tensor_parallel_size
+    if tp < 1:
+        raise ValueError(f"--verify-tp must be >= 1, got {tp}")
+    cfg.head_layout.check_divides(tp)  # here, not as a traceback from inside the spawned ranks
     src = source or cfg.source
     if hf_model is None and (not src or not Path(src).exists()):
         raise FileNotFoundError(f"the HF source {src!r} is not available; pass --hf-source")
