@@ -299,3 +299,14 @@ def test_verify_at_a_tp_the_checkpoint_cannot_split_is_one_clear_error(torch_dis
     assert cli.main([str(torch_dist_ckpt), "--verify", "--verify-tp", "3"]) == 2
     err = capsys.readouterr().err
     assert "do not split over TP=3" in err and "Traceback" not in err
+
+
+def test_a_full_disk_is_named(hf_dir, tmp_path, monkeypatch):
+    """A writer that runs out of room (torch's zip writer says only 'unexpected pos ...') gives an
+    OSError that says the disk may be full, and leaves nothing behind."""
+    def full(folder, cfg, global_sd):
+        (folder / "release").mkdir(parents=True)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4544 vs 4432")
+
+    monkeypatch.setattr(pipeline, "write_legacy", full)
+    _convert_fails(hf_dir, tmp_path, OSError, "is the disk full")

@@ -124,6 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verify:
             return _verify(args, args.output)
         return 0
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, or the filesystem (exists, missing, read-only, full)
         print(f"tpcomp-convert: error: {e}", file=sys.stderr)
         return 2

@@ -91,6 +91,17 @@ def _clean_stale(dest: Path) -> None:
             pass
 
 
+_WRITE_FAILURES = ("unexpected pos", "file write failed", "No space left on device")
+
+
+def _write_failed(e: BaseException) -> bool:
+    """Whether `e` is a writer running out of room: torch's zip writer says 'unexpected pos' or
+    'file write failed' when the disk fills, others ENOSPC."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return isinstance(e, (RuntimeError, OSError)) and any(s in str(e) for s in _WRITE_FAILURES)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on success it becomes `path`, on error it is removed.
@@ -116,8 +127,11 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
         raise OSError(e.errno, f"cannot write in {dest.parent} ({e.strerror}); choose a writable output folder") from e
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _write_failed(e):
+            raise OSError(errno.ENOSPC, f"writing the output next to {dest} failed ({str(e).strip()[:200]}); "
+                          "is the disk full? Nothing was written") from e
         raise
     old = None
     if force and dest.exists():
