@@ -14,6 +14,7 @@ Prints the text, time to first token, decode tokens/s and the bytes the collecti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import os
@@ -127,6 +128,9 @@ def run(args) -> None:
         say(f"model {Path(ckpt).name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, TP={world}, "
             f"{device.type} {str(dtype).removeprefix('torch.')}; prompt {prompt.shape[1]} tokens")
 
+        if config.model is None:  # a calibration file made for another model is refused
+            name = Path(cfg.source or ckpt).name if args.checkpoint or args.source else args.model
+            config = dataclasses.replace(config, model=name)
         runs = ([("off", CompressionConfig())] if args.compare else []) + [("on", config)]
         gens, logits = {}, {}
         for label, cfg_run in runs:

@@ -215,3 +215,40 @@ def test_ranks_differing_only_in_link_fail_at_setup():
     for msg in run_ranks(_link_mismatch, 2, timeout_s=90, pg_timeout_s=30):
         assert msg and "different compression configurations" in msg
         assert "link=cpu" in msg and "link=nvlink" in msg
+
+
+def _calibration_of_another_model(rank, world):
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    from tpcomp_megatron.calibration import Calibration
+    from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
+
+    _ctx = init_megatron(world)  # noqa: F841
+    model = torch.nn.Module()
+    model.self_attention = torch.nn.Module()
+    model.self_attention.linear_proj = RowParallelLinear(64, 64, config=tiny_config(world),
+                                                         init_method=torch.nn.init.zeros_, bias=False,
+                                                         input_is_parallel=True, skip_bias_add=True)
+    name = "self_attention.linear_proj"
+    cal = Calibration(meta={"tp_size": world, "hidden": 64, "model": "other-model", "version": 2,
+                            "layers": [name]},
+                      stats={name: (-torch.ones(world + 1, 64), torch.ones(world + 1, 64))},
+                      channels={name: torch.tensor([1, 5])})
+    got = {}
+    for model_name in ("tiny-model", "other-model", None):
+        cfg = CompressionConfig(spec="outlier_int4/k32", calibration="unused.safetensors", link="cpu",
+                                model=model_name)
+        try:
+            apply_tp_compression(model, cfg, calibration=cal).remove()
+            got[model_name] = None
+        except ValueError as e:
+            got[model_name] = str(e)
+    return got
+
+
+def test_a_calibration_made_for_another_model_is_refused():
+    """Same hidden size, same TP, another model: refused by name when the model's name is known
+    (generate.py passes it), accepted for the right model and when no name is given."""
+    for got in run_ranks(_calibration_of_another_model, 2):
+        assert got["tiny-model"] and "made for model 'other-model', not 'tiny-model'" in got["tiny-model"]
+        assert got["other-model"] is None and got[None] is None

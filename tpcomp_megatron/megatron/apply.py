@@ -51,6 +51,10 @@ class CompressionConfig:
     """Link class for the gate's thresholds: 'auto', 'nvlink', 'pcie_class', 'network_class', 'cpu'."""
     min_bytes: int | None = None
     """Override the gate's size threshold (bytes of the bf16 message); 0 compresses every call."""
+    model: str | None = None
+    """The model's name as calibration files record it (`tpcomp-calibrate`: a known model name or
+    the Hugging Face folder's name); when set, a calibration file made for another model is refused
+    even if its hidden size and TP size match."""
     transport: str = "auto"
     """How one-shot payloads travel (`--tp-comm-transport`): 'auto' (symmetric memory on NVLink,
     NCCL elsewhere), 'nccl', or 'symm_mem'; where symmetric memory cannot run, NCCL, said once."""
@@ -222,7 +226,8 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
                 if spec is not None:
                     params = None
                     if needs_calibration(spec):
-                        calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size)
+                        calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size,
+                                                  model=config.model)
                         params = calibrated_params(spec, calibration, name)
                     codec = make_codec(spec, params)
                     found += 1
