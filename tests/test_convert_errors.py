@@ -310,3 +310,18 @@ def test_a_full_disk_is_named(hf_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "write_legacy", full)
     _convert_fails(hf_dir, tmp_path, OSError, "is the disk full")
+
+
+def test_a_read_only_output_folder_is_named(hf_dir, tmp_path, monkeypatch, capsys):
+    """An output folder the converter may not write in gives one line naming it (exit 2), not a
+    raw OSError traceback (simulated: as root, permissions do not stop writes)."""
+    import errno
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    assert cli.main([str(hf_dir), str(tmp_path / "out"), "--tp", "2", "--no-progress", "--formats", "legacy"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write in {tmp_path}" in err and "choose a writable output folder" in err
