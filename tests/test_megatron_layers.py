@@ -189,17 +189,23 @@ def test_per_layer_overrides():
     assert unused and "match no compressed row-parallel layer" in unused and "decoder.layer.0.*" in unused
 
 
-def _link_mismatch(rank, world):
+def _one_row_parallel_layer(world, size):
+    """A module holding one stock `self_attention.linear_proj` of `size` x `size`."""
     from megatron.core.tensor_parallel.layers import RowParallelLinear
 
+    model = torch.nn.Module()
+    model.self_attention = torch.nn.Module()
+    model.self_attention.linear_proj = RowParallelLinear(size, size, config=tiny_config(world),
+                                                         init_method=torch.nn.init.zeros_, bias=False,
+                                                         input_is_parallel=True, skip_bias_add=True)
+    return model
+
+
+def _link_mismatch(rank, world):
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
 
     _ctx = init_megatron(world)  # noqa: F841
-    model = torch.nn.Module()
-    model.self_attention = torch.nn.Module()
-    model.self_attention.linear_proj = RowParallelLinear(1024, 1024, config=tiny_config(world),
-                                                         init_method=torch.nn.init.zeros_, bias=False,
-                                                         input_is_parallel=True, skip_bias_add=True)
+    model = _one_row_parallel_layer(world, 1024)
     cfg = CompressionConfig(spec="fp4_e2m1/b32/e6m2", link="cpu" if rank == 0 else "nvlink")
     try:
         apply_tp_compression(model, cfg)
@@ -218,17 +224,11 @@ def test_ranks_differing_only_in_link_fail_at_setup():
 
 
 def _calibration_of_another_model(rank, world):
-    from megatron.core.tensor_parallel.layers import RowParallelLinear
-
     from tpcomp_megatron.calibration import Calibration
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
 
     _ctx = init_megatron(world)  # noqa: F841
-    model = torch.nn.Module()
-    model.self_attention = torch.nn.Module()
-    model.self_attention.linear_proj = RowParallelLinear(64, 64, config=tiny_config(world),
-                                                         init_method=torch.nn.init.zeros_, bias=False,
-                                                         input_is_parallel=True, skip_bias_add=True)
+    model = _one_row_parallel_layer(world, 64)
     name = "self_attention.linear_proj"
     cal = Calibration(meta={"tp_size": world, "hidden": 64, "model": "other-model", "version": 2,
                             "layers": [name]},

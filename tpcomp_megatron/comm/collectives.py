@@ -158,9 +158,7 @@ class CompressedComm:
         return None, sent, exact
 
     def _symm_transport(self):
-        """The symmetric-memory transport when the policy asks for it (NVLink) and it can run."""
-        if not self._symm_wanted:
-            return None
+        """The symmetric-memory transport (called only when `_symm_wanted`: asked for, and it can run)."""
         if self._symm is None:
             from .symm import SymmMemTransport
 

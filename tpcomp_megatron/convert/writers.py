@@ -304,10 +304,11 @@ def _check_torch_dist_tensors(sharded: dict, stored: dict, release: Path) -> Non
     have = {k: tuple(t.global_shape) for k, t in stored.items()
             if hasattr(t, "global_shape") and "_extra_state" not in k}
     problems = []
-    if sorted(set(want) - set(have)):
-        problems.append(f"missing tensors {sorted(set(want) - set(have))[:6]}")
-    if sorted(set(have) - set(want)):
-        problems.append(f"tensors the config does not describe {sorted(set(have) - set(want))[:6]}")
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing:
+        problems.append(f"missing tensors {missing[:6]}")
+    if extra:
+        problems.append(f"tensors the config does not describe {extra[:6]}")
     wrong = [f"{k}: stored {have[k]}, config {want[k]}" for k in sorted(set(want) & set(have))
              if want[k] and want[k] != have[k]]
     if wrong:

@@ -23,8 +23,8 @@ from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
 from . import outlier as _outlier
-from .plans import block_args, decode_plan, encode_plan, lowrank_bases, memo
-from .tables import outlier_tables, source_progression, source_row
+from .plans import block_args, decode_plan, encode_plan, lowrank_bases, memo, static_sources
+from .tables import outlier_tables, source_row
 
 Tensor = torch.Tensor
 SUPPORTED_CODECS = (BlockCodec, StaticOutlierCodec, HybridCodec, LowRankCodec)
@@ -185,16 +185,6 @@ def _block_args(codec: Codec, hidden: int, device: torch.device) -> tuple:
     return args[:7] + (list(args[7]),) + args[8:]
 
 
-def _static_sources(codec: StaticOutlierCodec, tables, sources: Sequence[int]):
-    """(lo, step, first row, row step): per-payload table rows as an arithmetic progression;
-    any other order gets tables gathered for this call (a host-to-device copy, not graph-safe)."""
-    prog = source_progression(sources, tables.sources)
-    if prog is not None:
-        return tables.lo, tables.step, prog[0], prog[1]
-    idx = torch.tensor([source_row(int(s), tables.sources) for s in sources], device=tables.lo.device)
-    return tables.lo.index_select(0, idx), tables.step.index_select(0, idx), 0, 1
-
-
 def _traced_encode(codec: Codec, x: Tensor, source: int) -> Tensor:
     """`encode` through the custom ops (torch.compile)."""
     x = x.contiguous()
@@ -272,7 +262,7 @@ def _traced_decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequenc
         return _decode_lowrank(codec, payloads, hidden, sources, dtype, mode, out_source)
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, payloads.device)
-        lo, step, first, stride = _static_sources(codec, t, sources)
+        lo, step, first, stride = static_sources(t, sources)
         return torch.ops.tpcomp.static_decode(payloads, hidden, lo, step, t.lo, t.inv, t.slot, t.chan, t.first,
                                               list(t.window_max), first,
                                               stride, mode, source_row(out_source, t.sources), dtype)

@@ -77,6 +77,17 @@ def lowrank_bases(codec: LowRankCodec, sources: Sequence[int], device: torch.dev
     return codec.source_bases(sources, device, torch.bfloat16 if bf16 else torch.float32)
 
 
+def static_sources(tables, sources: Sequence[int]):
+    """(lo, step, first row, row step) of the static outlier codec's payloads: per-payload table
+    rows as an arithmetic progression; any other order gets the tables' rows gathered (a
+    host-to-device copy, not graph-safe: a plan does it once)."""
+    prog = source_progression(sources, tables.sources)
+    if prog is not None:
+        return tables.lo, tables.step, prog[0], prog[1]
+    idx = torch.tensor([source_row(int(s), tables.sources) for s in sources], device=tables.lo.device)
+    return tables.lo.index_select(0, idx), tables.step.index_select(0, idx), 0, 1
+
+
 # -- plans --------------------------------------------------------------------------------------
 def _plan(fn: Callable, *launches) -> Callable:
     fn.launches = launches  # the plan's kernel launches (tests check they run direct on CUDA)
@@ -158,12 +169,7 @@ def decode_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: to
         return _plan(lambda p: torch.empty(shape, dtype=out_dtype, device=device))
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, device)
-        prog = source_progression(sources, t.sources)
-        if prog is not None:
-            lo, step, start, stride = t.lo, t.step, prog[0], prog[1]
-        else:  # any other order: the tables' rows gathered once, for this plan
-            idx = torch.tensor([source_row(int(s), t.sources) for s in sources], device=device)
-            lo, step, start, stride = t.lo.index_select(0, idx), t.step.index_select(0, idx), 0, 1
+        lo, step, start, stride = static_sources(t, sources)  # gathered rows: once, for this plan
         launch = _outlier.static_decode_launcher(n, rows, hidden, row_bytes, t.chan.numel(), lo.shape[0], out_dtype,
                                                  device, tuple(t.window_max), start, stride, each,
                                                  source_row(out_source, t.sources), not odd)
