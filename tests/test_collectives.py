@@ -145,6 +145,41 @@ def test_world_size_one_is_a_no_op():
     assert run_ranks(_single, 1) == [True]
 
 
+def _replays_vs_general(rank, world):
+    """Replayed and general-path calls side by side on the same inputs: shapes, dtypes, codecs and
+    gate answers changing from call to call (a stale replay would give another answer)."""
+    policy = GatePolicy(min_bytes=1000, link="cpu")  # [world, 64]: the exact path
+    fast, slow = CompressedComm(policy=policy), CompressedComm(policy=policy, replay=False)
+    codecs = [make_codec("fp4_e2m1/b32/e6m2"), make_codec("int4/b16/bf16"), None]
+    shapes = [(4 * world, 64), (2 * world, 3, 64), (world, 64), (4 * world, 96)]
+    gen = torch.Generator().manual_seed(rank)
+    mismatches = []
+    for step in range(40):
+        codec = codecs[step % 3]
+        shape = shapes[(step // 3) % 4]
+        dtype = (torch.bfloat16, torch.float32)[(step // 12) % 2]
+        x = torch.randn(shape, generator=gen).to(dtype)
+        for op, kw in (("all_reduce", {"algorithm": "one_shot"}), ("all_reduce", {"algorithm": "two_shot"}),
+                       ("all_reduce", {}), ("reduce_scatter", {}), ("all_gather", {})):
+            if op == "all_gather" and codec is None:
+                continue
+            a, b = getattr(fast, op)(x, codec, **kw), getattr(slow, op)(x, codec, **kw)
+            if not (torch.equal(a, b) and a.shape == b.shape and a.dtype == b.dtype):
+                mismatches.append((step, op, kw, shape, dtype, codec and codec.spec))
+    same_stats = (fast.stats.calls_compressed, fast.stats.calls_fallback, fast.stats.bytes_sent,
+                  fast.stats.bytes_baseline, fast.stats.fallback_reasons) == (
+        slow.stats.calls_compressed, slow.stats.calls_fallback, slow.stats.bytes_sent, slow.stats.bytes_baseline,
+        slow.stats.fallback_reasons)
+    return mismatches, same_stats, len(fast._replays._runs), fast.stats.calls_compressed, fast.stats.calls_fallback
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_replays_equal_the_general_path(world):
+    for mismatches, same_stats, replays, compressed, fallback in run_ranks(_replays_vs_general, world):
+        assert not mismatches and same_stats
+        assert replays > 20 and compressed > 0 and fallback > 0
+
+
 def _mismatch(rank, world):
     try:
         check_same_config("fp4_e2m1/b32/e8m0" if rank == 0 else "int4/b32/e8m0")

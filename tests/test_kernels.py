@@ -319,3 +319,49 @@ def test_plans_never_reuse_a_stale_configuration():
                         assert same(got, want), (codec.spec, rows, hidden, sources, dtype)
                     got = K.decode_sum(codec, p[:1], hidden, sources=sources[:1], dtype=torch.float32)
                     assert same(got, codec.decode_sum(p[:1], hidden, sources[:1], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_collective_replays_match_the_general_path(monkeypatch, world):
+    """Collectives replayed (comm/replay.py: plans prepared once, payload buffers kept) give the
+    general path's bytes through the kernels, call after call with fresh inputs, for every codec
+    family and operation; and both equal the reference codecs' path. One process, the mirror
+    process group (every peer holds this rank's input)."""
+    import torch.distributed as dist
+
+    from tpcomp_megatron import ops
+    from tpcomp_megatron.comm import CompressedComm, GatePolicy
+    from tpcomp_megatron.testing.onerank import register_mirror_backend
+
+    register_mirror_backend()
+    dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world)
+    try:
+        gen = _gen("replay", world)
+        hidden = 128
+        params = outlier_params(hidden, world, 32, gen)
+        codecs = [make_codec("fp4_e2m1/b32/e6m2"), make_codec("outlier+fp4_e2m1/b32/k32", params),
+                  make_codec("outlier_int4/k32", params),
+                  make_codec("lowrank+fp4_e2m1/b32/e6m2/r4", lowrank_bases(hidden, world, 4, gen))]
+        policy = GatePolicy(min_bytes=0, link="cpu")
+
+        def results(comm, codec, x):
+            return [comm.all_reduce(x, codec, algorithm="one_shot"), comm.all_reduce(x, codec, algorithm="two_shot"),
+                    comm.reduce_scatter(x, codec), comm.all_gather(x, codec)]
+
+        reference = CompressedComm(policy=policy, replay=False)  # reference codecs (ops' CPU dispatch)
+        for codec in codecs:
+            for call in range(3):
+                x = (torch.randn(2 * world, 3, hidden, generator=gen) * (1 + call)).to(torch.bfloat16)
+                want = results(reference, codec, x)
+                with monkeypatch.context() as m:
+                    m.setattr(ops, "_use_kernels", lambda t: K)
+                    general = CompressedComm(policy=policy, replay=False)
+                    if call == 0:
+                        replayed = CompressedComm(policy=policy)
+                    got = results(replayed, codec, x)
+                    slow = results(general, codec, x)
+                for a, b, c in zip(got, slow, want):
+                    assert same(a, b) and same(b, c), (codec.spec, call)
+            assert len(replayed._replays._runs) == 4, "each operation replayed"
+    finally:
+        dist.destroy_process_group()

@@ -35,7 +35,7 @@ def _tiny_cfg(tp: int):
 
 def _record_forward(tp: int, algorithm: str, skip_gather: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Rank 0's compressed all-reduces in one forward of the tiny model under the mirror group."""
-    from tpcomp_megatron.comm import collectives
+    from tpcomp_megatron.comm import transport
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
     from tpcomp_megatron.models.builder import build_gpt_model
     from tpcomp_megatron.testing.onerank import one_rank_tp
@@ -56,13 +56,13 @@ def _record_forward(tp: int, algorithm: str, skip_gather: bool = False) -> list[
         comm.all_reduce = recording
         tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(tp))
         pos = torch.arange(24).unsqueeze(0).expand(2, 24)
-        saved = collectives._all_gather
+        saved = transport.all_gather
         if skip_gather:  # the mutation: the one-shot all-gather does nothing (as a broken path would)
-            collectives._all_gather = lambda out, inp, group=None: None
+            transport.all_gather = lambda out, inp, group=None: None
         try:
             model(tokens, pos, attention_mask=None)
         finally:
-            collectives._all_gather = saved
+            transport.all_gather = saved
         assert handle.stats.calls_compressed == 4 and handle.stats.calls_fallback == 0
     return calls
 

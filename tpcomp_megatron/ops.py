@@ -7,7 +7,7 @@ any codec the kernels do not cover, to the codec's PyTorch reference. Both produ
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -88,3 +88,39 @@ def decode_each(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: S
         return k.decode_each(codec, payloads, hidden, sources=sources, dtype=dtype)
     n, rows, rb = payloads.shape
     return torch.cat([codec.decode(p, hidden, source=s, dtype=dtype) for p, s in zip(payloads, sources)])
+
+
+# -- prepared operations: set up once for tensors of one shape, then called again and again ------
+def prepare_encode(codec: Codec, x: torch.Tensor, *, source: int, out: torch.Tensor) -> Callable:
+    """`fn(x, out)`: `encode` of a contiguous tensor of `x`'s shape, dtype and device into a buffer
+    like `out` (a contiguous uint8 `[rows, row_bytes]`), validated once, here (the CUDA kernels'
+    launch plan; the reference elsewhere)."""
+    k = _use_kernels(x)
+    if k is not None:
+        return k.prepare_encode(codec, x, source=source, out=out)
+    codec.check_input(x)
+
+    def reference(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(codec.encode(x, source=source))
+    return reference
+
+
+_DECODES = {"sum": decode_sum, "each": decode_each}
+
+
+def prepare_decode(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
+                   dtype: torch.dtype, mode: str, out_source: int = 0) -> Callable:
+    """`fn(payloads)` -> a new tensor: `decode_sum` (`mode` 'sum'), `decode_each` ('each') or
+    `decode_sum_encode` ('encode', to source `out_source`) of contiguous payloads of this shape,
+    dtype and device, validated once, here."""
+    if mode not in ("sum", "each", "encode"):
+        raise ValueError(f"unknown decode mode {mode!r}; valid: 'sum', 'each', 'encode'")
+    sources = tuple(sources)
+    k = _use_kernels(payloads)
+    if k is not None:
+        return k.prepare_decode(codec, payloads, hidden, sources=sources, dtype=dtype, mode=mode,
+                                out_source=out_source)
+    if mode == "encode":
+        return lambda p: decode_sum_encode(codec, p, hidden, sources=sources, out_source=out_source)
+    fn = _DECODES[mode]
+    return lambda p: fn(codec, p, hidden, sources=sources, dtype=dtype)

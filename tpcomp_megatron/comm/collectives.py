@@ -32,37 +32,14 @@ from .. import ops
 from ..codecs.base import REDUCED, Codec
 from .feedback import ErrorFeedback, PostNorm, feedback_cost
 from .gate import GatePolicy, ineligible
+from . import transport
+from .replay import Replays
 from .stats import CommStats
+from .transport import CollectiveError, ring_bytes as _ring_bytes, run as _run, sources as _sources
 
 
 EXACT_LAYER = "layer left exact"
-
-# torch 2.13 renamed all_gather_into_tensor (deprecated alias kept); older torch has only the old name.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _gather_rows(what: str, group, n: int, payload: torch.Tensor) -> torch.Tensor:
-    """All-gather `[rows, bytes]` payloads into `[n, rows, bytes]` (gathered as the rows' concatenation
-    `[n * rows, bytes]`, the form gloo and NCCL both take)."""
-    rows, nbytes = payload.shape
-    out = payload.new_empty((n * rows, nbytes))
-    _run(what, group, _all_gather, out, payload)
-    return out.view(n, rows, nbytes)
-
-
-_SOURCES: dict = {}
 _MAX_ANSWERS = 4096  # cached gate answers per communicator
-
-
-def _sources(n: int, source: int | None = None) -> tuple:
-    """(0, ..., n-1), or `source` n times: the payloads' sources (cached: a call builds none)."""
-    key = (n, source)
-    got = _SOURCES.get(key)
-    if got is None:
-        got = _SOURCES[key] = tuple(range(n)) if source is None else (source,) * n
-    return got
-
-
 _LOGGED: set = set()
 
 
@@ -72,33 +49,25 @@ def _log_once(message: str) -> None:
         logging.getLogger("tpcomp_megatron").warning(message)
 
 
-class CollectiveError(RuntimeError):
-    """A collective failed or timed out; usually a peer rank died or diverged."""
-
-
-def _run(what: str, group, fn, *args, **kwargs):
-    try:
-        return fn(*args, group=group, **kwargs)
-    except RuntimeError as e:  # gloo/NCCL errors (DistBackendError, timeouts) are RuntimeErrors
-        raise CollectiveError(
-            f"compressed {what} over a group of {dist.get_world_size(group)} ranks failed on rank "
-            f"{dist.get_rank(group)} (a peer may have died, diverged or timed out): {e}"
-        ) from e
+def _gather_rows(what: str, group, n: int, payload: torch.Tensor) -> torch.Tensor:
+    """All-gather `[rows, bytes]` payloads into `[n, rows, bytes]` (gathered as the rows' concatenation
+    `[n * rows, bytes]`, the form gloo and NCCL both take)."""
+    rows, nbytes = payload.shape
+    out = payload.new_empty((n * rows, nbytes))
+    transport.run(what, group, transport.all_gather, out, payload)
+    return out.view(n, rows, nbytes)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _ring_bytes(nbytes: int, n: int, op: str) -> int:
-    """Bytes each rank sends in a ring algorithm for a message of `nbytes` (the full tensor)."""
-    return nbytes * 2 * (n - 1) // n if op == "all_reduce" else nbytes * (n - 1) // n
-
-
 class CompressedComm:
     """Compressed collectives over one process group, with a gate policy and counters."""
 
-    def __init__(self, group=None, policy: GatePolicy | None = None):
+    def __init__(self, group=None, policy: GatePolicy | None = None, *, replay: bool = True):
+        """`replay`: run each call's replay (`replay.py`) where one serves; False: always the
+        general path (the same bytes, more host time)."""
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
@@ -115,6 +84,8 @@ class CompressedComm:
                           "NCCL's all-gather")
                 self._symm_wanted = False
         self._gate: dict = {}  # (op, shape, dtype, codec, ...) -> the gate's answer (its inputs are fixed)
+        self._algorithm = self._policy.choose_algorithm(self.world_size)
+        self._replays = Replays(self) if replay else None
 
     @property
     def policy(self) -> GatePolicy:
@@ -184,7 +155,7 @@ class CompressedComm:
     def _exact_all_gather(self, x: torch.Tensor, reason: str) -> torch.Tensor:
         n = self.world_size
         out = x.new_empty((x.shape[0] * n,) + tuple(x.shape[1:]))
-        _run("all-gather (exact fallback)", self.group, _all_gather, out.view(-1), x.contiguous().view(-1))
+        _run("all-gather (exact fallback)", self.group, transport.all_gather, out.view(-1), x.contiguous().view(-1))
         self.stats.record_fallback(reason, x.numel() * x.element_size() * (n - 1))
         return out
 
@@ -197,7 +168,13 @@ class CompressedComm:
         n = self.world_size
         if n == 1:
             return x
-        algo = algorithm or self.policy.choose_algorithm(n)
+        algo = algorithm or self._algorithm
+        if algo not in ("one_shot", "two_shot"):
+            raise ValueError(f"unknown all-reduce algorithm {algo!r}; valid: 'one_shot', 'two_shot'")
+        if feedback is None and self._replays is not None:
+            run = self._replays.get(algo, x, codec)
+            if run is not None:
+                return run(x)
         extra = 1.0 if feedback is None else feedback_cost(norm, algo)
         why, sent, exact = self._why(algo, x, codec, extra)
         if why and (feedback is None or x.dim() == 0 or x.numel() == 0):  # nothing owed on no rows
@@ -268,7 +245,7 @@ class CompressedComm:
         else:
             payload = ops.encode_feedback(codec, rows, padded, source=self.rank)
         received = torch.empty_like(payload)
-        _run("all-reduce (two-shot all-to-all)", self.group, dist.all_to_all_single, received, payload)
+        _run("all-reduce (two-shot all-to-all)", self.group, transport.all_to_all, received, payload)
         received = received.view(n, chunk, -1)
         own = None
         if debt is None and not want_own:
@@ -303,6 +280,10 @@ class CompressedComm:
             return x
         if x.dim() == 0:
             raise ValueError("reduce-scatter splits along dim 0: a 0-d tensor has none")
+        if feedback is None and self._replays is not None:
+            run = self._replays.get("reduce_scatter", x, codec)
+            if run is not None:
+                return run(x)
         extra = 1.0 if feedback is None else feedback_cost(None, "two_shot")  # its first half
         why, sent, exact = self._why("reduce_scatter", x, codec, extra)
         if why and (feedback is None or x.numel() == 0):
@@ -320,7 +301,7 @@ class CompressedComm:
         else:  # feedback (pre-norm here) folds into the encode
             payload = ops.encode_feedback(codec, rows, feedback.debt_buffer(rows), source=self.rank)
         received = torch.empty_like(payload)
-        _run("reduce-scatter (all-to-all)", self.group, dist.all_to_all_single, received, payload)
+        _run("reduce-scatter (all-to-all)", self.group, transport.all_to_all, received, payload)
         out = ops.decode_sum(codec, received.view(n, rows.shape[0] // n, -1), x.shape[-1],
                              sources=_sources(n), dtype=x.dtype)
         self.stats.record_compressed(sent, exact)
@@ -334,6 +315,10 @@ class CompressedComm:
             return x
         if x.dim() == 0:
             raise ValueError("all-gather concatenates along dim 0: a 0-d tensor has none")
+        if self._replays is not None:
+            run = self._replays.get("all_gather", x, codec)
+            if run is not None:
+                return run(x)
         why, sent, exact = self._why("all_gather", x, codec, 1.0)
         if why:
             return self._exact_all_gather(x, why)

@@ -10,6 +10,8 @@ PyTorch reference (`tpcomp_megatron.codecs`):
 * `decode_each(codec, payloads, hidden, *, sources, dtype)`: dequantize n payloads side by side.
 * `encode_feedback(codec, x, debt, *, source)`: encode x + debt and update the error-feedback
   debt in the same pass (block and low-rank codecs).
+* `prepare_encode` / `prepare_decode`: the validated launch plan of one of these for tensors of
+  one shape, to call again and again (the collectives' replays, `comm/replay.py`).
 
 Files by idea: `numerics.py` (bit-exact rounding and scales), `pack.py` (codes and scales <->
 bytes), `block.py` (block and hybrid codec kernels), `outlier.py` (static outlier codec kernels),
@@ -19,7 +21,7 @@ CPU tensors in Triton's interpreter (that is how CI tests them).
 """
 
 from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, encode,
-                  encode_feedback)
+                  encode_feedback, prepare_decode, prepare_encode)
 
 __all__ = ["FEEDBACK_CODECS", "INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode",
-           "encode", "encode_feedback"]
+           "encode", "encode_feedback", "prepare_decode", "prepare_encode"]

@@ -293,16 +293,27 @@ def encode_feedback(codec: Codec, x: Tensor, debt: Tensor, *, source: int, out: 
 
 
 def _eager_encode(codec: Codec, x: Tensor, source: int, out: Tensor | None, debt: Tensor | None, check) -> Tensor:
-    """Replay (or build, after `check`) the plan of this encode; keyed on all it was set up for."""
+    plan = _encode_plan(codec, x, source, out, debt is not None, check)
+    return plan(x if x.is_contiguous() else x.contiguous(), out, debt)
+
+
+def _encode_plan(codec: Codec, x: Tensor, source: int, out: Tensor | None, feedback: bool, check):
+    """The plan of this encode (built after `check` on first use); keyed on all it was set up for."""
     odd = out is not None and out.data_ptr() & 1
-    key = ("encode" if debt is None else "feedback", x.shape, x.dtype, x.device, source, odd)
+    key = ("feedback" if feedback else "encode", x.shape, x.dtype, x.device, source, odd)
     plans = memo(codec)
     plan = plans.get(key)
     if plan is None:
         check(codec, x)
         plan = plans[key] = encode_plan(codec, x.shape[0], x.shape[1], x.dtype, x.device, source,
-                                        feedback=debt is not None, odd=odd)
-    return plan(x if x.is_contiguous() else x.contiguous(), out, debt)
+                                        feedback=feedback, odd=odd)
+    return plan
+
+
+def prepare_encode(codec: Codec, x: Tensor, *, source: int, out: Tensor | None = None):
+    """`encode`'s plan for tensors like `x` (and like `out`): `plan(x, out)` -> the payload, for a
+    contiguous `x` of `x`'s shape, dtype and device (unchecked: the caller keeps to them)."""
+    return _encode_plan(codec, x, source, out, False, _checked_input)
 
 
 def _checked_input(codec: Codec, x: Tensor) -> Codec:
@@ -328,6 +339,15 @@ def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int],
     if torch.compiler.is_compiling():
         payloads = _check_payloads(codec, payloads, hidden, sources)
         return _traced_decode(codec, payloads, hidden, sources, dtype, mode, out_source)
+    plan = prepare_decode(codec, payloads, hidden, sources=sources, dtype=dtype, mode=mode, out_source=out_source)
+    return plan(payloads if payloads.is_contiguous() else payloads.contiguous())
+
+
+def prepare_decode(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int], dtype: torch.dtype,
+                   mode: str, out_source: int = 0):
+    """The plan of a decode (`mode` 'sum', 'each' or 'encode': `decode_sum`, `decode_each`,
+    `decode_sum_encode`) of payloads like these: `plan(payloads)` -> a new tensor, for contiguous
+    payloads of this shape on this device (unchecked: the caller keeps to them)."""
     sources = tuple(sources)
     odd = payloads.data_ptr() & 1
     key = (mode, payloads.shape, hidden, dtype, payloads.device, sources, out_source, odd)
@@ -339,7 +359,7 @@ def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int],
         n, rows, row_bytes = payloads.shape
         plan = plans[key] = decode_plan(codec, n, rows, row_bytes, hidden, dtype, payloads.device, sources, mode,
                                         out_source, odd=odd)
-    return plan(payloads if payloads.is_contiguous() else payloads.contiguous())
+    return plan
 
 
 def decode_sum(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int],

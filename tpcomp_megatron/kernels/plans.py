@@ -105,19 +105,19 @@ def _out(shape: tuple, dtype: torch.dtype, device: torch.device, out: Tensor | N
 
 def encode_plan(codec, rows: int, hidden: int, dtype: torch.dtype, device: torch.device, source: int, *,
                 feedback: bool, odd: bool) -> Callable:
-    """`plan(x, out, debt)` -> payload [rows, row_bytes] for a validated x of this shape and dtype
+    """`plan(x, out[, debt])` -> payload [rows, row_bytes] for a validated x of this shape and dtype
     (`out`: a buffer to write the payload into, or None; `debt`: the float32 error-feedback debt,
     with `feedback`; `odd`: `out` sits at an odd address)."""
     row_bytes = codec.row_bytes(hidden)
     shape = (rows, row_bytes)
     if rows == 0:
-        return _plan(lambda x, out, debt: _out(shape, torch.uint8, device, out))
+        return _plan(lambda x, out, debt=None: _out(shape, torch.uint8, device, out))
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, device)
         launch = _outlier.static_encode_launcher(rows, hidden, row_bytes, t.chan.numel(), dtype, device,
                                                  source_row(source, t.sources), not odd)
 
-        def static(x, out, debt):
+        def static(x, out, debt=None):
             out = _out(shape, torch.uint8, device, out)
             launch(x, out, t.lo, t.inv, t.chan)
             return out
@@ -133,7 +133,7 @@ def encode_plan(codec, rows: int, hidden: int, dtype: torch.dtype, device: torch
         basis = codec.basis(source, device)
         bases = lowrank_bases(codec, [source], device)
 
-        def lowrank(x, out, debt):
+        def lowrank(x, out, debt=None):
             out = _out(shape, torch.uint8, device, out)
             tail, coef = code_coordinates(codec, coordinates(x if debt is None else x.float() + debt, basis))
             low = lowrank_sum(coef[None], bases)
@@ -142,13 +142,13 @@ def encode_plan(codec, rows: int, hidden: int, dtype: torch.dtype, device: torch
             return out
         return _plan(lowrank, launch)
     if slot is not None:
-        def hybrid(x, out, debt):
+        def hybrid(x, out, debt=None):
             out = _out(shape, torch.uint8, device, out)
             launch(x, out, slot, first, chan, out, out)
             return out
         return _plan(hybrid, launch)
 
-    def plain(x, out, debt):
+    def plain(x, out, debt=None):
         out = _out(shape, torch.uint8, device, out)
         launch(x, out, out, out, out, out, out if debt is None else debt)
         return out
