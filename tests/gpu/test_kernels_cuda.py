@@ -312,3 +312,56 @@ def test_eager_plans_match_custom_ops_cuda(spec):
                                            feedback=isinstance(codec, K.FEEDBACK_CODECS))
     launches = [launch for plan in plans for launch in plan.launches]
     assert launches and all(launch.compiled is not None for launch in launches), spec
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_collective_replays_cuda(world):
+    """Replayed collectives (comm/replay.py: plans launched direct, payload buffers kept, the
+    stream in the key) give the general path's bytes call after call with fresh inputs, on the
+    default stream and a side stream; a CUDA graph captured around the same calls (the general
+    path runs under capture) replays those bytes. One GPU, the mirror process group."""
+    import torch.distributed as dist
+
+    from tpcomp_megatron.comm import CompressedComm, GatePolicy
+    from tpcomp_megatron.testing.onerank import register_mirror_backend
+
+    def results(comm, codec, x):
+        return [comm.all_reduce(x, codec, algorithm="one_shot"), comm.all_reduce(x, codec, algorithm="two_shot"),
+                comm.reduce_scatter(x, codec), comm.all_gather(x, codec)]
+
+    register_mirror_backend()
+    dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world)
+    try:
+        gen = _gen("replay", world)
+        hidden = 640
+        params = outlier_params(hidden, world, 32, gen)
+        codecs = [make_codec("fp4_e2m1/b32/e6m2"), make_codec("lloyd4/b32/e6m2d"),
+                  make_codec("outlier+fp4_e2m1/b32/k32", params), make_codec("outlier_int4/k32", params),
+                  make_codec("lowrank+fp4_e2m1/b32/e6m2/r4", lowrank_bases(hidden, world, 4, gen))]
+        policy = GatePolicy(min_bytes=0, link="pcie_class", transport="nccl")
+        side = torch.cuda.Stream()
+        for codec in codecs:
+            fast, slow = CompressedComm(policy=policy), CompressedComm(policy=policy, replay=False)
+            for call in range(3):
+                x = torch.randn(4 * world, 3, hidden, generator=gen).to(torch.bfloat16).cuda()
+                for stream in (torch.cuda.current_stream(), side):
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        got, want = results(fast, codec, x), results(slow, codec, x)
+                    torch.cuda.synchronize()
+                    assert all(same(a.cpu(), b.cpu()) for a, b in zip(got, want)), (codec.spec, call)
+            assert len(fast._replays._runs) == 8, "each operation replayed, per stream"
+            static = torch.randn(4 * world, 3, hidden, generator=gen).to(torch.bfloat16).cuda()
+            want = results(slow, codec, static)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                results(fast, codec, static)  # warm-up off the default stream, as capture wants
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = results(fast, codec, static)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(same(a.cpu(), b.cpu()) for a, b in zip(outs, want)), codec.spec
+    finally:
+        dist.destroy_process_group()
