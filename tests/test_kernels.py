@@ -365,3 +365,37 @@ def test_collective_replays_match_the_general_path(monkeypatch, world):
             assert len(replayed._replays._runs) == 4, "each operation replayed"
     finally:
         dist.destroy_process_group()
+
+
+def test_direct_c_launch_only_for_the_known_launcher():
+    """`launch._c_launch` calls Triton's C launch function directly only for a launcher whose
+    `__call__` is the known `(gridX, gridY, gridZ, stream, function, *args)` without scratch
+    memory; any other launcher (another signature, scratch memory, missing fields) keeps Triton's
+    own call."""
+    from tpcomp_megatron.kernels.launch import _c_launch
+
+    def c_launch(*args):
+        return args
+
+    class Known:
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = False, True
+        launch = staticmethod(c_launch)
+
+        def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+            pass
+
+    class Newer(Known):  # Triton 3.9 passes metadata and hooks before the scratch buffers
+        def __call__(self, gridX, gridY, gridZ, stream, function, kernel_metadata, launch_metadata,
+                     launch_enter_hook, launch_exit_hook, *args):
+            pass
+
+    class Scratch(Known):
+        global_scratch_size = 128
+
+    class NoLaunch(Known):
+        launch = None
+
+    assert _c_launch(Known()) == (c_launch, (False, True, None, None))
+    for other in (Newer(), Scratch(), NoLaunch(), object()):
+        assert _c_launch(other) is None, type(other).__name__

@@ -10,9 +10,10 @@ would get; `--pg fake`: torch's FakeProcessGroup, whose all-reduce does nothing 
 all-gather and all-to-all launch one copy per peer), so rank 0 does exactly one TP rank's compute
 and host work, the whole compressed path included (gate, encode, transport call, decode, stats),
 the link excluded. Each
-(TP, batch, prompt) times compression off and each codec in the same run, interleaved, as the
-median of `--reps` eager forwards, and (`--graph`, CUDA only) of replays of the whole forward
-captured in one CUDA graph: the GPU-only floor. Beside each graph record, the GPU time of one
+(TP, batch, prompt) times compression off and each codec in the same run: eager forwards in
+pairs, off and on back to back (`--reps` x `--rounds` pairs; the overhead is the median of the
+pairs' ratios, so a slow spell of a shared machine hits both sides), and (`--graph`, CUDA only)
+replays of the whole forward captured in one CUDA graph: the GPU-only floor. Beside each graph record, the GPU time of one
 compressed collective alone (`collective_graph_us`) and of its kernels alone (`kernels_graph_us`,
 the codec ops it launches, nothing else), both under graph replay: the first over the second is
 what the path adds to its kernels (extra copies of the message).
@@ -142,7 +143,7 @@ def main() -> None:
     ap.add_argument("--pg", choices=["mirror", "fake"], default="mirror",
                     help="the stand-in process group (tpcomp_megatron/testing/onerank.py)")
     ap.add_argument("--rounds", type=int, default=2,
-                    help="passes over the configurations (off, codecs, off, codecs, ...): drift hits all alike")
+                    help="eager pairs (off, on) per codec: --reps x --rounds")
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing: cProfile of --reps forwards per configuration (own time, top 30)")
     ap.add_argument("--out", required=True)
@@ -203,26 +204,39 @@ def _run_point(model, configs, apply, cfg, tp, shape, batch, prompt, device, arg
 
     if args.profile:
         return _profile(model, configs, apply, forward, args.reps)
-    # Each configuration is applied once per round, as a user does (its plans and gate answers are
-    # built on the warm-up forwards), then timed; `--rounds` passes over all configurations.
-    eager, graph, calls = {spec: [] for spec, _ in configs}, {}, {}
-    for _ in range(args.rounds):
-        for spec, c in configs:
-            h = apply(model, c) if c is not None else None
-            for _ in range(2):  # warm-up: compiles the kernels, builds the plans
-                if h is not None:
-                    h.stats.reset()
+    # Each codec is applied once, as a user does (its plans, gate answers and replays are built on
+    # the warm-up forwards); then forwards with compression off and on alternate, pair by pair
+    # (detached and re-attached layer by layer, `toggle`), so that a slow spell of the machine hits
+    # both sides of a pair: the overhead is the median of the pairs' ratios.
+    eager, graph, calls, ratios = {spec: [] for spec, _ in configs}, {}, {}, {}
+    for spec, c in configs[1:]:
+        h = apply(model, c)
+        toggle = _toggle(model)
+        for on in (False, True):  # warm-up: compiles the kernels, builds plans and replays
+            toggle(on)
+            h.stats.reset()
+            for _ in range(2):
                 forward()
-            if h is not None:
-                calls[spec] = h.stats.calls_compressed
-            eager[spec].extend(time_eager(forward, device, 1) for _ in range(args.reps))
-            if cuda and args.graph and spec not in graph:
-                try:
-                    graph[spec] = time_graph(forward, args.reps)
-                except Exception as e:  # noqa: BLE001 (recorded, the eager numbers stand)
-                    graph[spec] = f"capture failed: {type(e).__name__}: {e}"
-            if h is not None:
-                h.remove()
+        calls[spec] = h.stats.calls_compressed // 2
+        ratios[spec] = []
+        for i in range(args.reps * args.rounds):
+            pair = {}
+            for on in ((False, True) if i % 2 == 0 else (True, False)):
+                toggle(on)
+                pair[on] = time_eager(forward, device, 1)
+            eager["none"].append(pair[False])
+            eager[spec].append(pair[True])
+            ratios[spec].append(pair[True] / pair[False])
+        if cuda and args.graph:
+            for key, on in (("none", False), (spec, True)):
+                toggle(on)
+                if key not in graph:
+                    try:
+                        graph[key] = time_graph(forward, args.reps)
+                    except Exception as e:  # noqa: BLE001 (recorded, the eager numbers stand)
+                        graph[key] = f"capture failed: {type(e).__name__}: {e}"
+        toggle(True)
+        h.remove()
     tokens_n = batch * prompt
     collectives = 2 * cfg.num_layers
     base_ms = statistics.median(eager["none"])
@@ -239,9 +253,13 @@ def _run_point(model, configs, apply, cfg, tp, shape, batch, prompt, device, arg
                 rec["error"] = rec["ms"] if isinstance(rec["ms"], str) else rec["baseline_ms"]
                 rec["ms"] = rec["baseline_ms"] = None
             else:
-                rec["overhead_pct"] = 100 * (rec["ms"] / rec["baseline_ms"] - 1)
+                paired = rec["mode"] == "eager" and c is not None
+                ratio = statistics.median(ratios[spec]) if paired else rec["ms"] / rec["baseline_ms"]
+                rec["overhead_pct"] = 100 * (ratio - 1)
+                if paired:
+                    rec["pairs"] = len(ratios[spec])
                 ncoll = rec["collectives"] or collectives
-                rec["overhead_us_per_collective"] = 1e3 * (rec["ms"] - rec["baseline_ms"]) / ncoll if c else 0.0
+                rec["overhead_us_per_collective"] = 1e3 * (ratio - 1) * rec["baseline_ms"] / ncoll if c else 0.0
             if rec["mode"] == "graph" and c is not None and rec["ms"] is not None:
                 rec.update(_collective_graph(c, model, tp, tokens_n, cfg.hidden_size, device, args.reps))
             out.write(json.dumps(rec) + "\n")
@@ -251,6 +269,18 @@ def _run_point(model, configs, apply, cfg, tp, shape, batch, prompt, device, arg
                 for lrec in _modelled(rec, links, tp, cfg.hidden_size, tokens_n, collectives):
                     out.write(json.dumps(lrec) + "\n")
                     _print(lrec)
+
+
+def _toggle(model):
+    """`toggle(on)`: compression attached to, or detached from, every layer `apply_tp_compression`
+    gave it (a layer without `tp_compression` runs its Megatron parent's forward, layers.py)."""
+    layers = [m for m in model.modules() if getattr(m, "tp_compression", None) is not None]
+    attached = [m.tp_compression for m in layers]
+
+    def toggle(on: bool) -> None:
+        for m, lc in zip(layers, attached):
+            m.tp_compression = lc if on else None
+    return toggle
 
 
 def _profile(model, configs, apply, forward, reps) -> None:

@@ -82,13 +82,13 @@ class Replays:
         self._kept = 0
 
     # -- building --------------------------------------------------------------------------------
-    def _buffers(self, shapes: tuple, device: torch.device) -> Callable[[], tuple]:
-        """`fn()` -> uint8 tensors of `shapes`: the same ones each call (kept, when they fit the
-        limits) or new ones."""
+    def _buffers(self, shapes: tuple, device: torch.device, views: Callable) -> Callable[[], tuple]:
+        """`fn()` -> `views(*buffers)`, the buffers uint8 tensors of `shapes`: the same ones each
+        call (kept, when they fit the limits) or new ones."""
         size = sum(a * b for a, b in shapes)
 
         def new() -> tuple:
-            return tuple(torch.empty(s, dtype=torch.uint8, device=device) for s in shapes)
+            return views(*(torch.empty(s, dtype=torch.uint8, device=device) for s in shapes))
 
         if size > PERSIST_BYTES or self._kept + size > BUDGET_BYTES:
             return new
@@ -121,16 +121,16 @@ def _exact(comm: "CompressedComm", op: str, why: str) -> Callable[[Tensor], Tens
 def _one_shot(comm, codec, x, m, h, rb, buffers, sent, exact):
     """Encode own rows, all-gather the n payloads, decode-and-sum them in rank order."""
     n, group, shape = comm.world_size, comm.group, x.shape
-    bufs = buffers(((m, rb), (n * m, rb)), x.device)
-    payload, gathered = bufs()
+    bufs = buffers(((m, rb), (n * m, rb)), x.device, lambda p, g: (p, g, g.view(n, m, rb)))
+    payload, _, gathered = bufs()
     encode = ops.prepare_encode(codec, x.view(m, h), source=comm.rank, out=payload)
-    decode = ops.prepare_decode(codec, gathered.view(n, m, rb), h, sources=_sources(n), dtype=x.dtype, mode="sum")
+    decode = ops.prepare_decode(codec, gathered, h, sources=_sources(n), dtype=x.dtype, mode="sum")
 
     def one_shot(x: Tensor) -> Tensor:
-        payload, gathered = bufs()
+        payload, flat, gathered = bufs()
         encode(x.view(m, h), payload)
-        _run("all-reduce (one-shot all-gather)", group, transport.all_gather, gathered, payload)
-        out = decode(gathered.view(n, m, rb))
+        _run("all-reduce (one-shot all-gather)", group, transport.all_gather, flat, payload)
+        out = decode(gathered)
         comm.stats.record_compressed(sent, exact)
         return out.view(shape)
     return one_shot
@@ -141,21 +141,21 @@ def _two_shot(comm, codec, x, m, h, rb, buffers, sent, exact):
     all-gather the reduced chunks, decode each."""
     n, group, shape = comm.world_size, comm.group, x.shape
     chunk = m // n
-    bufs = buffers(((m, rb), (m, rb), (m, rb)), x.device)
-    payload, received, gathered = bufs()
+    bufs = buffers(((m, rb), (m, rb), (m, rb)), x.device,
+                   lambda p, r, g: (p, r, r.view(n, chunk, rb), g, g.view(n, chunk, rb)))
+    payload, _, received, _, gathered = bufs()
     encode = ops.prepare_encode(codec, x.view(m, h), source=comm.rank, out=payload)
-    reduce = ops.prepare_decode(codec, received.view(n, chunk, rb), h, sources=_sources(n), dtype=torch.float32,
-                                mode="encode", out_source=REDUCED)
-    decode = ops.prepare_decode(codec, gathered.view(n, chunk, rb), h, sources=_sources(n, REDUCED), dtype=x.dtype,
-                                mode="each")
+    reduce = ops.prepare_decode(codec, received, h, sources=_sources(n), dtype=torch.float32, mode="encode",
+                                out_source=REDUCED)
+    decode = ops.prepare_decode(codec, gathered, h, sources=_sources(n, REDUCED), dtype=x.dtype, mode="each")
 
     def two_shot(x: Tensor) -> Tensor:
-        payload, received, gathered = bufs()
+        payload, received_flat, received, gathered_flat, gathered = bufs()
         encode(x.view(m, h), payload)
-        _run("all-reduce (two-shot all-to-all)", group, transport.all_to_all, received, payload)
-        reduced = reduce(received.view(n, chunk, rb))
-        _run("all-reduce (two-shot all-gather)", group, transport.all_gather, gathered, reduced)
-        out = decode(gathered.view(n, chunk, rb))
+        _run("all-reduce (two-shot all-to-all)", group, transport.all_to_all, received_flat, payload)
+        reduced = reduce(received)
+        _run("all-reduce (two-shot all-gather)", group, transport.all_gather, gathered_flat, reduced)
+        out = decode(gathered)
         comm.stats.record_compressed(sent, exact)
         return out.view(shape)
     return two_shot
@@ -165,17 +165,16 @@ def _reduce_scatter(comm, codec, x, m, h, rb, buffers, sent, exact):
     """Encode, all-to-all, decode-and-sum own chunk (rows split along dim 0)."""
     n, group = comm.world_size, comm.group
     out_shape = (x.shape[0] // n,) + tuple(x.shape[1:])
-    bufs = buffers(((m, rb), (m, rb)), x.device)
-    payload, received = bufs()
+    bufs = buffers(((m, rb), (m, rb)), x.device, lambda p, r: (p, r, r.view(n, m // n, rb)))
+    payload, _, received = bufs()
     encode = ops.prepare_encode(codec, x.view(m, h), source=comm.rank, out=payload)
-    decode = ops.prepare_decode(codec, received.view(n, m // n, rb), h, sources=_sources(n), dtype=x.dtype,
-                                mode="sum")
+    decode = ops.prepare_decode(codec, received, h, sources=_sources(n), dtype=x.dtype, mode="sum")
 
     def reduce_scatter(x: Tensor) -> Tensor:
-        payload, received = bufs()
+        payload, flat, received = bufs()
         encode(x.view(m, h), payload)
-        _run("reduce-scatter (all-to-all)", group, transport.all_to_all, received, payload)
-        out = decode(received.view(n, m // n, rb))
+        _run("reduce-scatter (all-to-all)", group, transport.all_to_all, flat, payload)
+        out = decode(received)
         comm.stats.record_compressed(sent, exact)
         return out.view(out_shape)
     return reduce_scatter
@@ -185,16 +184,16 @@ def _all_gather(comm, codec, x, m, h, rb, buffers, sent, exact):
     """Encode own shard, all-gather, decode every shard (own included: all ranks hold the same)."""
     n, group = comm.world_size, comm.group
     out_shape = (x.shape[0] * n,) + tuple(x.shape[1:])
-    bufs = buffers(((m, rb), (n * m, rb)), x.device)
-    payload, gathered = bufs()
+    bufs = buffers(((m, rb), (n * m, rb)), x.device, lambda p, g: (p, g, g.view(n, m, rb)))
+    payload, _, gathered = bufs()
     encode = ops.prepare_encode(codec, x.view(m, h), source=comm.rank, out=payload)
-    decode = ops.prepare_decode(codec, gathered.view(n, m, rb), h, sources=_sources(n), dtype=x.dtype, mode="each")
+    decode = ops.prepare_decode(codec, gathered, h, sources=_sources(n), dtype=x.dtype, mode="each")
 
     def all_gather(x: Tensor) -> Tensor:
-        payload, gathered = bufs()
+        payload, flat, gathered = bufs()
         encode(x.view(m, h), payload)
-        _run("all-gather", group, transport.all_gather, gathered, payload)
-        out = decode(gathered.view(n, m, rb))
+        _run("all-gather", group, transport.all_gather, flat, payload)
+        out = decode(gathered)
         comm.stats.record_compressed(sent, exact)
         return out.view(out_shape)
     return all_gather

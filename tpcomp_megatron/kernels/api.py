@@ -23,7 +23,7 @@ from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
 from . import outlier as _outlier
-from .plans import block_args, decode_plan, encode_plan, lowrank_bases, memo, static_sources
+from .plans import block_args, check_out, decode_plan, encode_plan, lowrank_bases, memo, static_sources
 from .tables import outlier_tables, source_row
 
 Tensor = torch.Tensor
@@ -298,7 +298,8 @@ def _eager_encode(codec: Codec, x: Tensor, source: int, out: Tensor | None, debt
 
 
 def _encode_plan(codec: Codec, x: Tensor, source: int, out: Tensor | None, feedback: bool, check):
-    """The plan of this encode (built after `check` on first use); keyed on all it was set up for."""
+    """The plan of this encode (built after `check` on first use; keyed on all it was set up
+    for), with `out` checked against it."""
     odd = out is not None and out.data_ptr() & 1
     key = ("feedback" if feedback else "encode", x.shape, x.dtype, x.device, source, odd)
     plans = memo(codec)
@@ -307,6 +308,8 @@ def _encode_plan(codec: Codec, x: Tensor, source: int, out: Tensor | None, feedb
         check(codec, x)
         plan = plans[key] = encode_plan(codec, x.shape[0], x.shape[1], x.dtype, x.device, source,
                                         feedback=feedback, odd=odd)
+    if out is not None:
+        check_out(out, (x.shape[0], codec.row_bytes(x.shape[1])), torch.uint8, x.device)
     return plan
 
 

@@ -19,6 +19,7 @@ many rows as fit `CPU_TILE_ELEMS`.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -126,7 +127,8 @@ class Launcher:
     (a profiler), under the interpreter, or on a Triton without `knobs` takes the JIT again.
     """
 
-    __slots__ = ("kernel", "grid", "scalars", "constexprs", "options", "compiled", "tail", "stream", "device")
+    __slots__ = ("kernel", "grid", "scalars", "constexprs", "options", "compiled", "tail", "stream", "device",
+                 "head")
 
     def __init__(self, kernel, grid: tuple[int, ...], scalars: tuple, constexprs: dict, options: dict):
         self.kernel = kernel
@@ -138,6 +140,7 @@ class Launcher:
         self.tail = None  # scalars + constexpr values, in the kernel's argument order
         self.stream = None
         self.device = None  # the CUDA device the binary was loaded on
+        self.head = None  # (C launch, the arguments Triton's launcher adds) where `_c_launch` knows them
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         compiled = self.compiled
@@ -147,8 +150,13 @@ class Launcher:
                 aligned |= t.data_ptr()
             if not aligned % _ALIGN:
                 g = self.grid
-                compiled.run(g[0], g[1], g[2], self.stream(self.device), compiled.function,
-                             compiled.packed_metadata, None, None, None, *tensors, *self.tail)
+                if self.head is not None:
+                    launch, extra = self.head
+                    launch(g[0], g[1], g[2], self.stream(self.device), compiled.function, *extra,
+                           compiled.packed_metadata, None, None, None, *tensors, *self.tail)
+                else:
+                    compiled.run(g[0], g[1], g[2], self.stream(self.device), compiled.function,
+                                 compiled.packed_metadata, None, None, None, *tensors, *self.tail)
                 return
         self._jit(tensors)
 
@@ -166,4 +174,27 @@ class Launcher:
         self.stream = triton.runtime.driver.active.get_current_stream
         self.device = tensors[0].device.index
         result._init_handles()
+        self.head = _c_launch(result.run)
         self.compiled = result
+
+
+_LAUNCHER_CALL = ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]
+
+
+def _c_launch(run) -> tuple | None:
+    """(the C launch function behind Triton's `CudaLauncher`, the arguments its `__call__` puts
+    between the function and the rest), for a launcher without scratch memory whose `__call__` is
+    `(gridX, gridY, gridZ, stream, function, *args)` (Triton 3.6; checked on H100): that call only
+    adds (cooperative grid, PDL, no global scratch, no profile scratch), so calling the C function
+    directly skips a Python frame per launch. None for any other launcher (Triton 3.9's, say: the
+    compiled kernel's `run` is called as before)."""
+    launch = getattr(run, "launch", None)
+    if not callable(launch) or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    try:
+        params = list(inspect.signature(type(run).__call__).parameters)
+    except (TypeError, ValueError):
+        return None
+    if params != _LAUNCHER_CALL or not hasattr(run, "launch_cooperative_grid") or not hasattr(run, "launch_pdl"):
+        return None
+    return launch, (run.launch_cooperative_grid, run.launch_pdl, None, None)

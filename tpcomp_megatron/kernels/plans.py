@@ -95,12 +95,15 @@ def _plan(fn: Callable, *launches) -> Callable:
 
 
 def _out(shape: tuple, dtype: torch.dtype, device: torch.device, out: Tensor | None) -> Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
+    """`out`, checked by the caller when the plan was made for it (`check_out`), or a new tensor."""
+    return torch.empty(shape, dtype=dtype, device=device) if out is None else out
+
+
+def check_out(out: Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """A buffer a plan will write into as it is: contiguous, of this shape, dtype and device."""
     if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {device}; "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    return out
 
 
 def encode_plan(codec, rows: int, hidden: int, dtype: torch.dtype, device: torch.device, source: int, *,
