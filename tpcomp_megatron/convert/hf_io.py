@@ -6,6 +6,9 @@ Sources:
 - a folder with `pytorch_model.bin` (+ index), read only with `torch.load(weights_only=True)` so a
   checkpoint cannot run code;
 - a `.gguf` file (or a folder with exactly one), dequantized to fp32 by transformers `gguf_file=`.
+
+The architecture is checked first, from config.json or the GGUF header alone: an unsupported
+model is refused before any tensor is read or de-quantized.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from typing import Any, Callable
 import torch
 
 from tpcomp_megatron.models.config import TokenizerRef
+from tpcomp_megatron.models.hf_config import GGUF_ARCHITECTURES, check_architecture
+
+from .gguf_header import read_gguf_metadata
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -152,7 +158,36 @@ def _tokenizer_ref(folder: Path) -> TokenizerRef | None:
     return None
 
 
+def _gguf_architecture(file: Path) -> tuple[str, dict[str, Any]]:
+    """The GGUF's `general.architecture` (refused unless supported) and its scalar metadata up to
+    the tokenizer keys; reads the header only."""
+    meta = read_gguf_metadata(file, stop=lambda key: key.startswith("tokenizer."))
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        supported = ", ".join(f"{a} ({c})" for a, c in GGUF_ARCHITECTURES.items())
+        raise SourceError(f"unsupported architecture {arch!r} in the GGUF {file}; supported GGUF "
+                          f"architectures: {supported}")
+    return str(arch), meta
+
+
+def _gguf_config_override(folder: str, name: str, arch: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """`config=` for transformers when its GGUF reader would get the model wrong: it does not read
+    `qwen3.attention.key_length` and takes Qwen3Config's default head_dim (128, right for every
+    released Qwen3), so a Qwen3 with another head_dim needs the config corrected."""
+    key_length = meta.get(f"{arch}.attention.key_length")
+    if arch != "qwen3" or key_length is None:
+        return {}
+    from transformers import AutoConfig, Qwen3Config
+
+    if int(key_length) == Qwen3Config().head_dim:
+        return {}
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config.head_dim = int(key_length)
+    return {"config": config}
+
+
 def _open_gguf(file: Path) -> HFSource:
+    arch, meta = _gguf_architecture(file)
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
@@ -164,7 +199,8 @@ def _open_gguf(file: Path) -> HFSource:
         # One load only: transformers parses the GGUF header in Python (seconds per pass), so the
         # config comes from the model rather than a separate AutoConfig call.
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
+            folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager",
+            **_gguf_config_override(folder, name, arch, meta),
         ).eval()
     except Exception as e:
         raise SourceError(
@@ -209,6 +245,10 @@ def open_hf_source(path: str | os.PathLike[str]) -> HFSource:
             f"{p} has no config.json" + (f" and {len(ggufs)} GGUF files: pass one" if ggufs else "")
         )
     config = _read_json(p / "config.json")
+    try:
+        check_architecture(config)  # before any weight file is opened
+    except ValueError as e:
+        raise SourceError(f"{p / 'config.json'}: {e}") from None
     st = _weight_files(p, "model.safetensors.index.json", "model.safetensors", "*.safetensors")
     if st:
         shapes, get, dtype = _open_safetensors(st)
