@@ -17,7 +17,7 @@ import torch
 COMMON: dict[str, Any] = dict(
     num_hidden_layers=2,
     intermediate_size=90,  # not divisible by 4: FFN padding at TP=4
-    vocab_size=250,
+    vocab_size=256,  # one token per byte: the GGUF can carry a byte-level tokenizer (verify uses it)
     max_position_embeddings=128,
     rms_norm_eps=1e-6,
     initializer_range=0.1,
@@ -92,9 +92,25 @@ def without_qk_norm(model: Any) -> Any:
 _GGUF_ARCH = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
 
+def _add_byte_tokenizer(w: Any) -> None:
+    """A GPT-2-style byte-level BPE without merges, as Qwen GGUFs carry ("gpt2", pre "qwen2"):
+    token i is byte i, so any text tokenizes."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list([b2u[b] for b in range(256)])
+    w.add_token_types([1] * 256)
+    w.add_token_scores([0.0] * 256)
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+
 def write_gguf(model: Any, path: Path, *, arch: str | None = None) -> Path:
-    """`model` as an F32 GGUF file (llama.cpp's tensor names and metadata keys), so its
-    de-quantization is exact. `arch` overrides `general.architecture` (for refusal tests)."""
+    """`model` as an F32 GGUF file (llama.cpp's tensor names and metadata keys, a byte-level
+    tokenizer), so its de-quantization is exact. `arch` overrides `general.architecture`."""
     import gguf
     import numpy as np
 
@@ -116,6 +132,7 @@ def write_gguf(model: Any, path: Path, *, arch: str | None = None) -> Path:
     if head_dim is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    _add_byte_tokenizer(w)
     model_arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[_GGUF_ARCH[hf_arch]]
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
     for key, t in model.state_dict().items():
