@@ -42,7 +42,7 @@ def hf_config(name: str, **changes: Any) -> Any:
     arch, kw = VARIANTS[name]
     kw = {**copy.deepcopy(COMMON), **copy.deepcopy(kw), **changes}
     theta = kw.pop("rope_theta")
-    kw["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    kw.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": theta})
     cls = Qwen2Config if arch == "Qwen2ForCausalLM" else Qwen3Config
     return cls(architectures=[arch], **kw)
 
