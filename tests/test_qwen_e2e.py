@@ -210,11 +210,13 @@ def test_config_json_records_qwen_features(world):
     assert g3["head_dim"] == 12 and g3["hf_architecture"] == "Qwen3ForCausalLM"
 
 
-def test_cli_converts_and_verifies_a_qwen2_gguf(world, capsys):
-    """`tpcomp-convert model.gguf OUT --tp 2 --verify`, the command of the issue, on a Qwen2 GGUF."""
+@pytest.mark.parametrize("name", GGUF_VARIANTS)
+def test_cli_converts_and_verifies_a_gguf(world, capsys, name):
+    """`tpcomp-convert model.gguf OUT --tp 2 --verify`, the command of the issue: the reference is
+    transformers' model of the GGUF (Qwen3's head_dim corrected), the text its byte tokenizer's."""
     from tpcomp_megatron.convert.cli import main
 
     root = world[0]
-    argv = [str(root / "qwen2_tied.gguf"), str(root / "cli_qwen2"), "--tp", "2", "--formats", "legacy"]
+    argv = [str(root / f"{name}.gguf"), str(root / f"cli_{name}"), "--tp", "2", "--formats", "legacy"]
     assert main(argv + ["--verify", "--no-progress"]) == 0
     assert "-> OK" in capsys.readouterr().out

@@ -22,9 +22,7 @@ from typing import Any, Callable
 import torch
 
 from tpcomp_megatron.models.config import TokenizerRef
-from tpcomp_megatron.models.hf_config import GGUF_ARCHITECTURES, check_architecture
-
-from .gguf_header import read_gguf_metadata
+from tpcomp_megatron.models.hf_config import check_architecture
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -158,54 +156,10 @@ def _tokenizer_ref(folder: Path) -> TokenizerRef | None:
     return None
 
 
-def _gguf_architecture(file: Path) -> tuple[str, dict[str, Any]]:
-    """The GGUF's `general.architecture` (refused unless supported) and its scalar metadata up to
-    the tokenizer keys; reads the header only."""
-    meta = read_gguf_metadata(file, stop=lambda key: key.startswith("tokenizer."))
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        supported = ", ".join(f"{a} ({c})" for a, c in GGUF_ARCHITECTURES.items())
-        raise SourceError(f"unsupported architecture {arch!r} in the GGUF {file}; supported GGUF "
-                          f"architectures: {supported}")
-    return str(arch), meta
-
-
-def _gguf_config_override(folder: str, name: str, arch: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """`config=` for transformers when its GGUF reader would get the model wrong: it does not read
-    `qwen3.attention.key_length` and takes Qwen3Config's default head_dim (128, right for every
-    released Qwen3), so a Qwen3 with another head_dim needs the config corrected."""
-    key_length = meta.get(f"{arch}.attention.key_length")
-    if arch != "qwen3" or key_length is None:
-        return {}
-    from transformers import AutoConfig, Qwen3Config
-
-    if int(key_length) == Qwen3Config().head_dim:
-        return {}
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    config.head_dim = int(key_length)
-    return {"config": config}
-
-
 def _open_gguf(file: Path) -> HFSource:
-    arch, meta = _gguf_architecture(file)
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as e:
-        raise SourceError(
-            "reading GGUF needs transformers and gguf: pip install transformers gguf"
-        ) from e
-    folder, name = str(file.parent), file.name
-    try:
-        # One load only: transformers parses the GGUF header in Python (seconds per pass), so the
-        # config comes from the model rather than a separate AutoConfig call.
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager",
-            **_gguf_config_override(folder, name, arch, meta),
-        ).eval()
-    except Exception as e:
-        raise SourceError(
-            f"transformers cannot load the GGUF {file} ({type(e).__name__}: {e})"
-        ) from e
+    from .gguf_source import load_gguf_model  # it raises this module's SourceError
+
+    model = load_gguf_model(file)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     hf = model.config.to_dict()
     hf.setdefault("architectures", [type(model).__name__])
@@ -222,7 +176,7 @@ def _open_gguf(file: Path) -> HFSource:
         config=hf,
         shapes={k: tuple(v.shape) for k, v in sd.items()},
         get=get,
-        tokenizer=TokenizerRef(path=str(file.parent.resolve()), gguf_file=name),
+        tokenizer=TokenizerRef(path=str(file.parent.resolve()), gguf_file=file.name),
         dtype="float32",
         model=model,
     )
