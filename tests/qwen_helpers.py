@@ -66,12 +66,6 @@ def make_hf_model(name: str, folder: Path | None = None, *, seed: int = 0) -> An
     return model.eval()
 
 
-def reference_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor:
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        return model(tokens).logits.float()
-
-
 def without_qkv_bias(model: Any) -> Any:
     """The same HF model with every q/k/v bias zeroed (what a converter dropping them gives)."""
     with torch.no_grad():

@@ -20,15 +20,8 @@ import torch
 from tpcomp_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from tpcomp_megatron.testing import run_ranks
 
-from convert_helpers import assert_round_trip_identical, read_json, stored_tensors
-from qwen_helpers import (
-    VARIANTS,
-    make_hf_model,
-    reference_logits,
-    without_qk_norm,
-    without_qkv_bias,
-    write_gguf,
-)
+from convert_helpers import assert_round_trip_identical, logit_diff, read_json, reference_logits, stored_tensors
+from qwen_helpers import VARIANTS, make_hf_model, without_qk_norm, without_qkv_bias, write_gguf
 
 SEED = int(os.environ.get("TPCOMP_TEST_SEED") or random.SystemRandom().randrange(2**31))
 SEQ = 12
@@ -107,14 +100,8 @@ def world(tmp_path_factory):
     return root, refs, ckpts, logits
 
 
-def _diff(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
-    got = got[..., : ref.shape[-1]]
-    cos = torch.nn.functional.cosine_similarity(ref.flatten(0, 1), got.flatten(0, 1), dim=-1)
-    return (ref - got).abs().max().item(), cos.min().item()
-
-
 def _check(ref: torch.Tensor, got: torch.Tensor, what) -> None:
-    diff, cos = _diff(ref, got)
+    diff, cos = logit_diff(ref, got)
     print(f"{what}: max-abs {diff:.3g}, min cosine {cos:.8f}")
     assert diff <= MAX_ABS and cos >= MIN_COSINE, f"{what} (seed {SEED}): max-abs {diff:.3g}, min cosine {cos:.8f}"
 
@@ -140,10 +127,10 @@ def test_dropping_the_bias_or_qk_norm_would_fail(world, name, dropped):
     """Without its QKV bias (Qwen2) or QK-norm (Qwen3) the model's logits move far beyond the
     tolerance, and ours match the complete HF model at every TP, never the reduced one."""
     _, refs, _, logits = world
-    effect, _ = _diff(refs[name], refs[name, dropped])
+    effect, _ = logit_diff(refs[name], refs[name, dropped])
     assert effect > 100 * MAX_ABS, f"seed {SEED}: the tiny model does not exercise {dropped} ({effect:.3g})"
     for tp in TPS:
-        ours, _ = _diff(refs[name, dropped], logits[name, tp, "legacy"])
+        ours, _ = logit_diff(refs[name, dropped], logits[name, tp, "legacy"])
         assert ours > 100 * MAX_ABS, (dropped, tp, ours)
     print(f"{name}: {dropped} moves the logits by up to {effect:.3g}")
 
@@ -167,7 +154,7 @@ def test_compression_on_qwen_tp2(world, name):
     off, on = logits[name, 2, "legacy"], logits[name, 2, "legacy", "compressed"]
     assert logits[name, 2, "legacy", "stats"] == (2 * 2, 0)  # 2 layers x 2 row-parallel linears
     assert torch.equal(logits[name, 2, "legacy", "removed"], off), "remove() must restore exactness"
-    diff, cos = _diff(off, on)
+    diff, cos = logit_diff(off, on)
     # FP8 E4M3 rounds each rank's partial sum to 3 mantissa bits: a visible but small change.
     assert 0 < diff and cos > 0.99, f"{name} (seed {SEED}): max-abs {diff:.3g}, min cosine {cos:.4f}"
 

@@ -120,6 +120,7 @@ def test_unsupported_gguf_fails_fast_before_any_tensor_read(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert code == 2 and "unsupported architecture 'foo'" in err
     assert "qwen2 (Qwen2ForCausalLM)" in err and "qwen3 (Qwen3ForCausalLM)" in err and "llama" in err
+    print(f"refused in {elapsed * 1e3:.1f} ms")
     assert elapsed < 0.5, f"refusal took {elapsed:.2f} s"
     assert not (tmp_path / "out").exists()
 
