@@ -110,6 +110,14 @@ def reference_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
+def logit_diff(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """(max-abs difference, min per-position cosine) of `[b, s, V]` logits; padded vocab columns
+    of `got` are dropped."""
+    got = got[..., : ref.shape[-1]]
+    cos = torch.nn.functional.cosine_similarity(ref.flatten(0, 1), got.flatten(0, 1), dim=-1)
+    return (ref - got).abs().max().item(), cos.min().item()
+
+
 def stored_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor in a HF folder's weight files, as stored."""
     out: dict[str, torch.Tensor] = {}

@@ -1,5 +1,7 @@
-"""Checkpoint tooling: Hugging Face Llama-family and Gemma checkpoints <-> Megatron-core TP layouts.
+"""Checkpoint tooling: Hugging Face Llama-family, Gemma and Qwen2/3 checkpoints <-> Megatron-core TP
+layouts.
 
+gguf_header / gguf_source (architecture check from the header, then the de-quantized model) ->
 hf_io (read HF/GGUF, write HF) -> mapping (key map, padding, TP sharding) -> writers (atomic
 output, legacy and torch_dist formats) -> pipeline (both directions) -> load (into a GPTModel at any
 TP) -> verify (logits vs transformers) -> cli (`tpcomp-convert`).

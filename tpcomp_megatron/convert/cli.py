@@ -1,5 +1,5 @@
-"""`tpcomp-convert`: Hugging Face Llama-family and Gemma 1/2/3 checkpoints <-> Megatron-core TP
-layouts.
+"""`tpcomp-convert`: Hugging Face Llama-family, Gemma 1/2/3 and Qwen2/2.5/3 checkpoints <-> Megatron-core
+TP layouts.
 
     tpcomp-convert SRC OUT --tp N [--formats torch_dist legacy] [--dtype bfloat16] [--verify]
     tpcomp-convert --reverse MEGATRON_CKPT HF_OUT            # back to a Hugging Face folder
@@ -21,7 +21,7 @@ from .writers import FORMATS
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tpcomp-convert",
-        description="Convert Hugging Face Llama-family and Gemma 1/2/3 checkpoints (safetensors, "
+        description="Convert Hugging Face Llama-family, Gemma 1/2/3 and Qwen2/2.5/3 checkpoints (safetensors, "
         ".bin, GGUF) to Megatron-core tensor-parallel checkpoints (torch_dist and legacy), and back.",
     )
     p.add_argument(

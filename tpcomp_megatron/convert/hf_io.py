@@ -6,6 +6,9 @@ Sources:
 - a folder with `pytorch_model.bin` (+ index), read only with `torch.load(weights_only=True)` so a
   checkpoint cannot run code;
 - a `.gguf` file (or a folder with exactly one), dequantized to fp32 by transformers `gguf_file=`.
+
+The architecture is checked first, from config.json or the GGUF header alone: an unsupported
+model is refused before any tensor is read or de-quantized.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from tpcomp_megatron.models.config import TokenizerRef
+from tpcomp_megatron.models.hf_config import check_architecture
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -153,23 +157,9 @@ def _tokenizer_ref(folder: Path) -> TokenizerRef | None:
 
 
 def _open_gguf(file: Path) -> HFSource:
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as e:
-        raise SourceError(
-            "reading GGUF needs transformers and gguf: pip install transformers gguf"
-        ) from e
-    folder, name = str(file.parent), file.name
-    try:
-        # One load only: transformers parses the GGUF header in Python (seconds per pass), so the
-        # config comes from the model rather than a separate AutoConfig call.
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
-    except Exception as e:
-        raise SourceError(
-            f"transformers cannot load the GGUF {file} ({type(e).__name__}: {e})"
-        ) from e
+    from .gguf_source import load_gguf_model  # it raises this module's SourceError
+
+    model = load_gguf_model(file)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     hf = model.config.to_dict()
     hf.setdefault("architectures", [type(model).__name__])
@@ -186,7 +176,7 @@ def _open_gguf(file: Path) -> HFSource:
         config=hf,
         shapes={k: tuple(v.shape) for k, v in sd.items()},
         get=get,
-        tokenizer=TokenizerRef(path=str(file.parent.resolve()), gguf_file=name),
+        tokenizer=TokenizerRef(path=str(file.parent.resolve()), gguf_file=file.name),
         dtype="float32",
         model=model,
     )
@@ -209,6 +199,10 @@ def open_hf_source(path: str | os.PathLike[str]) -> HFSource:
             f"{p} has no config.json" + (f" and {len(ggufs)} GGUF files: pass one" if ggufs else "")
         )
     config = _read_json(p / "config.json")
+    try:
+        check_architecture(config)  # before any weight file is opened
+    except ValueError as e:
+        raise SourceError(f"{p / 'config.json'}: {e}") from None
     st = _weight_files(p, "model.safetensors.index.json", "model.safetensors", "*.safetensors")
     if st:
         shapes, get, dtype = _open_safetensors(st)

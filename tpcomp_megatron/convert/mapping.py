@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Gemma <-> Megatron-core tensors: key map, padding, and per-rank sharding.
+"""Hugging Face Llama / Gemma / Qwen <-> Megatron-core tensors: key map, padding, per-rank sharding.
 
 Two steps, each with its exact inverse (tested by round trips):
 
@@ -6,6 +6,7 @@ Two steps, each with its exact inverse (tested by round trips):
    TP=1 model holds), with the padding that makes the checkpoint split over TP ranks:
    - `linear_qkv` rows per query group `[q heads of the group, k, v]` (no rotary un-permute: both
      use rotate-half), groups laid out by `HeadLayout` (replicated KV groups, zero query heads);
+     its bias (Qwen2) in the same order;
    - `linear_proj` columns per padded query head, zero for padding heads;
    - `linear_fc1` = `[gate; up]`, FFN padded with zero rows (silu(0) * 0 = 0) and zero
      `linear_fc2` columns;
@@ -77,6 +78,9 @@ def expected_hf_shapes(cfg: LlamaModelConfig) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj.weight": (f, h),
         "mlp.down_proj.weight": (h, f),
     }
+    if cfg.qkv_bias:
+        linears.update({"self_attn.q_proj.bias": (nq,), "self_attn.k_proj.bias": (nkv,),
+                        "self_attn.v_proj.bias": (nkv,)})
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         out.update({p + k: s for k, s in linears.items()})
@@ -156,6 +160,18 @@ def _unqkv(
     return torch.cat(q), torch.cat(k), torch.cat(v)  # type: ignore[arg-type]
 
 
+def _qkv_bias(cfg: LlamaModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The bias of `linear_qkv`: each bias as a one-column weight, laid out by `_qkv`."""
+    return _qkv(cfg, q[:, None], k[:, None], v[:, None])[:, 0]
+
+
+def _unqkv_bias(
+    cfg: LlamaModelConfig, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _unqkv(cfg, bias[:, None])
+    return q[:, 0], k[:, 0], v[:, 0]
+
+
 def _proj(cfg: LlamaModelConfig, o: torch.Tensor) -> torch.Tensor:
     d = cfg.head_dim
     zero = o.new_zeros(o.shape[0], d)
@@ -221,6 +237,10 @@ def hf_to_megatron(
                 mp + "mlp.linear_fc2.weight": down,
             }
         )
+        if cfg.qkv_bias:
+            out[mp + "self_attention.linear_qkv.bias"] = _qkv_bias(
+                cfg, *(g(hp + f"self_attn.{x}_proj.bias") for x in "qkv")
+            )
         if on_layer is not None:
             on_layer(i)
     out["decoder.final_layernorm.weight"] = g("model.norm.weight")
@@ -265,6 +285,10 @@ def megatron_to_hf(
                 hp + "mlp.down_proj.weight": m(mp + "mlp.linear_fc2.weight")[:, :f],
             }
         )
+        if cfg.qkv_bias:
+            qb, kb, vb = _unqkv_bias(cfg, m(mp + "self_attention.linear_qkv.bias"))
+            out.update({hp + "self_attn.q_proj.bias": qb, hp + "self_attn.k_proj.bias": kb,
+                        hp + "self_attn.v_proj.bias": vb})
     out["model.norm.weight"] = m("decoder.final_layernorm.weight")
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = m("output_layer.weight")[:v]
@@ -283,7 +307,8 @@ def megatron_to_hf(
 
 def split_kind(name: str) -> str:
     """How a Megatron tensor is split over TP ranks."""
-    if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight")):
+    if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight",
+                      "linear_qkv.bias")):
         return _ROW
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return _COL

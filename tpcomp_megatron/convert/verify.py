@@ -53,9 +53,9 @@ def _hf_model(source: str) -> Any:
     p = Path(source)
     kwargs: dict[str, Any] = dict(dtype=torch.float32, attn_implementation="eager")
     if p.is_file():
-        return AutoModelForCausalLM.from_pretrained(
-            str(p.parent), gguf_file=p.name, **kwargs
-        ).eval()
+        from .gguf_source import load_gguf_model
+
+        return load_gguf_model(p)
     return AutoModelForCausalLM.from_pretrained(str(p), **kwargs).eval()
 
 

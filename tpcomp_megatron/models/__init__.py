@@ -1,5 +1,5 @@
-"""Model configs and builders: Llama-family and Gemma 1/2/3 models as Megatron-core GPTModels at
-any TP size."""
+"""Model configs and builders: Llama-family, Gemma 1/2/3 and Qwen2/3 models as Megatron-core
+GPTModels at any TP size."""
 
 from .builder import (
     LayerSpecTransform,
@@ -12,8 +12,9 @@ from .builder import (
 from .config import LlamaModelConfig, TokenizerRef, load_model_config, model_config_from_dict
 from .gemma import GemmaModelConfig
 from .heads import HeadLayout, plan_head_layout
-from .hf_config import SUPPORTED_ARCHITECTURES, config_from_hf
+from .hf_config import SUPPORTED_ARCHITECTURES, config_from_hf, supported_architectures
 from .norm import RMSNorm
+from .qwen import QwenModelConfig
 from .rope import RopeScaling, rope_inv_freq, set_model_rope
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "HeadLayout",
     "LayerSpecTransform",
     "LlamaModelConfig",
+    "QwenModelConfig",
     "RMSNorm",
     "RopeScaling",
     "SUPPORTED_ARCHITECTURES",
@@ -34,6 +36,7 @@ __all__ = [
     "plan_head_layout",
     "rope_inv_freq",
     "set_model_rope",
+    "supported_architectures",
     "torch_dtype",
     "transformer_config",
 ]

@@ -1,7 +1,8 @@
 """Build a Megatron-core `GPTModel` for a `LlamaModelConfig` at the current tensor-parallel size.
 
 A `GemmaModelConfig` (a subclass) builds a Gemma model: its layer specs, TransformerConfig fields
-and post-build steps come from `tpcomp_megatron.models.gemma.spec`.
+and post-build steps come from `tpcomp_megatron.models.gemma.spec`; a `QwenModelConfig` a Qwen2/3
+model (`tpcomp_megatron.models.qwen.spec`).
 
 Uses the local (non-Transformer-Engine) layer spec so the same model runs on CPU (inside
 `cpu_megatron()`) and on GPU, with our `RMSNorm` in every norm slot (Hugging Face arithmetic, and
@@ -47,11 +48,21 @@ def _is_gemma(cfg: LlamaModelConfig) -> bool:
     return isinstance(cfg, GemmaModelConfig)
 
 
+def _is_qwen(cfg: LlamaModelConfig) -> bool:
+    from .qwen.config import QwenModelConfig
+
+    return isinstance(cfg, QwenModelConfig)
+
+
 def _family_overrides(cfg: LlamaModelConfig) -> dict[str, Any]:
     if _is_gemma(cfg):
         from .gemma.spec import gemma_transformer_overrides
 
         return gemma_transformer_overrides(cfg)  # type: ignore[arg-type]
+    if _is_qwen(cfg):
+        from .qwen.spec import qwen_transformer_overrides
+
+        return qwen_transformer_overrides(cfg)  # type: ignore[arg-type]
     return {}
 
 
@@ -63,6 +74,10 @@ def model_parts(
         from .gemma.spec import gemma_model_parts
 
         return gemma_model_parts(cfg, layer_spec_transform)  # type: ignore[arg-type]
+    if _is_qwen(cfg):
+        from .qwen.spec import qwen_model_parts
+
+        return qwen_model_parts(cfg, layer_spec_transform)  # type: ignore[arg-type]
     layer = llama_layer_spec(layer_spec_transform)
     return ModelParts(layer_specs=[layer] * cfg.num_layers, final_norm=RMSNorm)
 
@@ -143,13 +158,19 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def llama_layer_spec(layer_spec_transform: LayerSpecTransform | None = None) -> Any:
-    """The local GPT layer spec with our RMSNorm, after the caller's transform."""
+def llama_layer_spec(
+    layer_spec_transform: LayerSpecTransform | None = None, *, qk_norm: bool = False
+) -> Any:
+    """The local GPT layer spec with our RMSNorm (also over each query / key head when `qk_norm`,
+    as Qwen3 has), after the caller's transform."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm))
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if qk_norm:
+        spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     if layer_spec_transform is not None:
         out = layer_spec_transform(spec)
         spec = spec if out is None else out

@@ -152,7 +152,12 @@ class LlamaModelConfig:
 
     @property
     def qk_norm(self) -> bool:
-        """Per-head norms of queries and keys (none in Llama; Gemma 3 overrides)."""
+        """Per-head norms of queries and keys (none in Llama; Gemma 3 and Qwen3 override)."""
+        return False
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on the q, k and v projections (none in Llama; Qwen2 overrides)."""
         return False
 
     @property
@@ -211,10 +216,11 @@ class LlamaModelConfig:
 
 
 def _config_classes() -> list[type[LlamaModelConfig]]:
-    # Imported here: the Gemma config subclasses this module's class.
+    # Imported here: the Gemma and Qwen configs subclass this module's class.
     from .gemma.config import GemmaModelConfig
+    from .qwen.config import QwenModelConfig
 
-    return [LlamaModelConfig, GemmaModelConfig]
+    return [LlamaModelConfig, GemmaModelConfig, QwenModelConfig]
 
 
 def model_config_from_dict(data: dict[str, Any]) -> LlamaModelConfig:

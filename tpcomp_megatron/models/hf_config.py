@@ -1,5 +1,7 @@
 """Read a Hugging Face Llama-family `config.json` into a `LlamaModelConfig`, refusing what we can't
-reproduce exactly (biases, other activations, sliding windows, unknown rope types)."""
+reproduce exactly (biases, other activations, sliding windows, unknown rope types). Gemma and Qwen
+configs go to their families' readers; `check_architecture` tells, from the config alone, whether
+any family takes a model, so a source is refused before a tensor of it is read."""
 
 from __future__ import annotations
 
@@ -10,6 +12,18 @@ from .config import LlamaModelConfig, TokenizerRef
 from .rope import RopeScaling
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+"""The Llama family's classes and model types (Gemma and Qwen have their own tables)."""
+
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",  # Llama, SmolLM2 and Mistral GGUFs (transformers tells Mistral by name)
+    "mistral": "MistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+"""GGUF `general.architecture` -> the Hugging Face class it converts as (the ones both we and
+transformers' GGUF loader support)."""
 
 _HF_DTYPES = ("float32", "bfloat16", "float16")
 _REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
@@ -50,6 +64,42 @@ def common_fields(hf: dict[str, Any], *, arch: str, params_dtype: str | None, ma
     )
 
 
+def supported_architectures() -> list[str]:
+    """Every Hugging Face class name the converter takes."""
+    from .gemma.hf_config import GEMMA_ARCHITECTURES
+    from .qwen.hf_config import QWEN_ARCHITECTURES
+
+    return sorted([*SUPPORTED_ARCHITECTURES, *GEMMA_ARCHITECTURES, *QWEN_ARCHITECTURES])
+
+
+def unsupported_architecture(what: object) -> ValueError:
+    return ValueError(f"unsupported architecture {what!r}; supported: {', '.join(supported_architectures())}")
+
+
+def _family(hf: dict[str, Any]) -> str | None:
+    """The family ("gemma", "qwen" or "llama") that converts `hf`, else None."""
+    from .gemma.hf_config import gemma_architecture
+    from .qwen.hf_config import qwen_architecture
+
+    if gemma_architecture(hf) is not None:
+        return "gemma"
+    if qwen_architecture(hf) is not None:
+        return "qwen"
+    archs = hf.get("architectures") or []
+    if any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        return "llama"
+    if not archs and hf.get("model_type") in SUPPORTED_ARCHITECTURES.values():
+        return "llama"
+    return None
+
+
+def check_architecture(hf: dict[str, Any]) -> None:
+    """Raise ValueError naming the supported classes unless some family converts `hf` (a config
+    dict); cheap, so sources check it before reading any tensor."""
+    if _family(hf) is None:
+        raise unsupported_architecture(hf.get("architectures") or hf.get("model_type"))
+
+
 def config_from_hf(
     hf: dict[str, Any],
     *,
@@ -62,12 +112,15 @@ def config_from_hf(
     """Build our config from a Hugging Face config dict (as in config.json or `to_dict()`).
 
     `params_dtype` None keeps the source dtype (`torch_dtype`/`dtype`, float32 if absent).
-    Gemma 1/2/3 configs give a `GemmaModelConfig`.
+    Gemma 1/2/3 configs give a `GemmaModelConfig`, Qwen2/3 ones a `QwenModelConfig`.
     """
-    from .gemma.hf_config import gemma_architecture, gemma_config_from_hf
+    from .gemma.hf_config import gemma_config_from_hf
+    from .qwen.hf_config import qwen_config_from_hf
 
-    if gemma_architecture(hf) is not None:
-        return gemma_config_from_hf(
+    check_architecture(hf)
+    family_reader = {"gemma": gemma_config_from_hf, "qwen": qwen_config_from_hf}.get(str(_family(hf)))
+    if family_reader is not None:
+        return family_reader(
             hf,
             tensor_parallel_size=tensor_parallel_size,
             params_dtype=params_dtype,
@@ -76,16 +129,9 @@ def config_from_hf(
             make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         )
     archs = hf.get("architectures") or []
-    model_type = hf.get("model_type")
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
-        if archs or model_type not in SUPPORTED_ARCHITECTURES.values():
-            raise ValueError(
-                f"unsupported architecture {archs or model_type!r}; supported: "
-                f"{sorted(SUPPORTED_ARCHITECTURES)} (Llama 2/3.x, Mistral, SmolLM2) and "
-                "GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM"
-            )
-        arch = next(a for a, t in SUPPORTED_ARCHITECTURES.items() if t == model_type)
+        arch = next(a for a, t in SUPPORTED_ARCHITECTURES.items() if t == hf.get("model_type"))
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise _unsupported(f"hidden_act={act!r} (only silu/SwiGLU)")

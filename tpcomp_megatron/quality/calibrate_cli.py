@@ -150,7 +150,7 @@ def summarize(cal: Calibration, layers: int = 2) -> str:
 
 def parse_args(argv: list[str] | None = None) -> CalibrateConfig:
     ap = argparse.ArgumentParser(prog="tpcomp-calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, or a Hugging Face folder")
+    ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a Hugging Face folder or a .gguf file")
     ap.add_argument("--tp", type=int, nargs="+", required=True)
     ap.add_argument("--output", required=True, help="file path; '{tp}' is replaced by the TP size")
     ap.add_argument("--text", default="sotu-1901", help="text spec: alias, stdlib:<path> or file:<path>")

@@ -168,7 +168,7 @@ def _evaluate_real(folder, model_id, tp, points, cals, windows, common, rule_of,
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     ap = argparse.ArgumentParser(prog="tpcomp-eval-quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, or a Hugging Face folder")
+    ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a Hugging Face folder or a .gguf file")
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8])
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--sweep", choices=sorted(SWEEPS), default="default", help="a built-in list of sweep points")

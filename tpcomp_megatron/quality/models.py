@@ -10,7 +10,8 @@
 transformers dequantizes a GGUF to float32 in about a minute (Gemma: two); the result is saved once
 as a Hugging Face folder under the cache (`prepare_model`), which then loads in seconds and is also
 what the Megatron converter reads. The weights are 4-bit dequantized: fine for measuring the extra
-error of compressing the communication, which is what this study does.
+error of compressing the communication, which is what this study does. Any other GGUF file given
+by path (`--model model.gguf`, e.g. a Qwen2.5) is prepared the same way (`gguf_folder`).
 """
 
 from __future__ import annotations
@@ -92,18 +93,14 @@ def gguf_path(src: ModelSource) -> Path:
     return target
 
 
-def prepare_model(name: str) -> Path:
-    """A Hugging Face folder (float32 safetensors + tokenizer) of a known model, made once."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)} (or pass a Hugging Face folder)")
-    folder = cache_dir() / "models" / name
-    if (folder / "config.json").exists():
-        return folder
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _save_as_folder(gguf: Path, folder: Path) -> Path:
+    """De-quantize `gguf` once into a Hugging Face folder (float32 safetensors + tokenizer)."""
+    from transformers import AutoTokenizer
 
-    gguf = gguf_path(MODELS[name])
+    from ..convert.gguf_source import load_gguf_model
+
+    model = load_gguf_model(gguf)  # refuses an unsupported architecture before de-quantizing
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The dequantized weights are plain float32 now; a GGUF quantization record would make
     # transformers look for the GGUF again when the folder is loaded.
     if hasattr(model.config, "quantization_config"):
@@ -117,13 +114,43 @@ def prepare_model(name: str) -> Path:
     return folder
 
 
+def prepare_model(name: str) -> Path:
+    """A Hugging Face folder (float32 safetensors + tokenizer) of a known model, made once."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)} (or pass a Hugging Face folder)")
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").exists():
+        return folder
+    return _save_as_folder(gguf_path(MODELS[name]), folder)
+
+
+def gguf_folder(gguf: Path) -> Path:
+    """The Hugging Face folder of a GGUF file given by path, de-quantized once into the cache
+    (keyed by the file's fingerprint, so another file of the same name gets its own)."""
+    from ..convert.fingerprint import source_fingerprint
+
+    folder = cache_dir() / "models" / f"{gguf.stem}-{source_fingerprint(gguf)}"
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return _save_as_folder(gguf, folder)
+
+
+def _is_gguf(name_or_path: str) -> bool:
+    return name_or_path.endswith(".gguf") and Path(name_or_path).is_file()
+
+
 def model_folder(name_or_path: str) -> Path:
-    """The Hugging Face folder of a known model name (prepared on first use) or the folder given."""
-    return prepare_model(name_or_path) if name_or_path in MODELS else Path(name_or_path)
+    """The Hugging Face folder of a known model name or a GGUF file (prepared on first use), or the
+    folder given."""
+    if name_or_path in MODELS:
+        return prepare_model(name_or_path)
+    return gguf_folder(Path(name_or_path)) if _is_gguf(name_or_path) else Path(name_or_path)
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer, model id) for a known model name or a Hugging Face folder."""
+    """(model in eval mode, tokenizer, model id) for a known model name, a GGUF file or a Hugging Face
+    folder. A GGUF's id is its file name, as examples/generate.py names a `--source` model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = model_folder(name_or_path)
@@ -132,5 +159,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32):
                                 f"known model names: {sorted(MODELS)}")
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(str(folder))
-    model_id = name_or_path if name_or_path in MODELS else folder.name
+    if name_or_path in MODELS:
+        model_id = name_or_path
+    else:
+        model_id = Path(name_or_path).name if _is_gguf(name_or_path) else folder.name
     return model, tok, model_id

@@ -271,7 +271,7 @@ def _read_ranking(path: str, *, model: str, tp: int, layers: list[str], feedback
 
 def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap = argparse.ArgumentParser(prog="tpcomp-sensitivity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m or a Hugging Face folder")
+    ap.add_argument("--model", required=True, help="smollm2-135m, gemma3-270m, a Hugging Face folder or a .gguf file")
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--low", default="fp4_e2m1/b32/e6m2")
     ap.add_argument("--high", nargs="+", default=["fp6_e2m3/b32/e8m0"], help="codec(s) of the promoted layers")

@@ -1,0 +1,93 @@
+"""Read a GGUF file's metadata keys without touching its tensors.
+
+transformers (and gguf's `GGUFReader`) parse the whole header in Python, a tokenizer of 150k
+entries included, before anything can be checked; the converter only needs a few scalar keys
+(`general.architecture`, `<arch>.attention.key_length`) to refuse an unsupported model at once.
+This reader walks the key-value section with `struct`, skips arrays without decoding them, and
+stops at the first key it does not need to read on from (the tokenizer keys come last in files
+written by llama.cpp). Layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, BinaryIO, Callable
+
+_MAGIC = b"GGUF"
+# GGUF value types -> struct format (8: string, 9: array are handled apart).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFHeaderError(ValueError):
+    """The file is not a GGUF file, or its header is cut short."""
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO, order: str, path: str) -> None:
+        self.f, self.order, self.path = f, order, path
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = self.f.read(size)
+        if len(data) != size:
+            raise GGUFHeaderError(f"{self.path}: the GGUF header is cut short; re-download the file")
+        return struct.unpack(self.order + fmt, data)[0]
+
+    def string(self) -> str:
+        n = self.unpack("Q")
+        data = self.f.read(n)
+        if len(data) != n:
+            raise GGUFHeaderError(f"{self.path}: the GGUF header is cut short; re-download the file")
+        return data.decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        self.f.seek(self.unpack("Q"), os.SEEK_CUR)
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _ARRAY:
+            etype, n = self.unpack("I"), self.unpack("Q")
+            if etype in _SCALARS:
+                self.f.seek(n * struct.calcsize(_SCALARS[etype]), os.SEEK_CUR)
+            else:
+                for _ in range(n):
+                    self.skip_value(etype)
+            return None
+        raise GGUFHeaderError(f"{self.path}: unknown GGUF value type {vtype}")
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype == _STRING:
+            self.skip_string()
+        else:
+            self.value(vtype)
+
+
+def read_gguf_metadata(
+    path: str | os.PathLike[str], *, stop: Callable[[str], bool] = lambda key: False
+) -> dict[str, Any]:
+    """The metadata keys of a GGUF file up to the first key for which `stop(key)` holds, as
+    {key: value}; arrays are skipped (value None). No tensor is read."""
+    path = str(path)
+    with open(path, "rb") as f:
+        if f.read(4) != _MAGIC:
+            raise GGUFHeaderError(f"{path} is not a GGUF file (no GGUF magic); is it complete?")
+        r = _Reader(f, "<", path)
+        version = r.unpack("I")
+        if version & 0xFFFF == 0:  # a big-endian file read little-endian
+            r.order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+        if version not in (2, 3):
+            raise GGUFHeaderError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        r.unpack("Q")  # tensor count
+        n_kv = r.unpack("Q")
+        out: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = r.string()
+            if stop(key):
+                break
+            out[key] = r.value(r.unpack("I"))
+    return out
