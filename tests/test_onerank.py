@@ -56,13 +56,13 @@ def _record_forward(tp: int, algorithm: str, skip_gather: bool = False) -> list[
         comm.all_reduce = recording
         tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(tp))
         pos = torch.arange(24).unsqueeze(0).expand(2, 24)
-        saved = transport.all_gather
+        saved = transport.all_gather, transport.gather_into
         if skip_gather:  # the mutation: the one-shot all-gather does nothing (as a broken path would)
-            transport.all_gather = lambda out, inp, group=None: None
+            transport.all_gather = transport.gather_into = lambda out, inp, group=None: None
         try:
             model(tokens, pos, attention_mask=None)
         finally:
-            transport.all_gather = saved
+            transport.all_gather, transport.gather_into = saved
         assert handle.stats.calls_compressed == 4 and handle.stats.calls_fallback == 0
     return calls
 

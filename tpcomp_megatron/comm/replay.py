@@ -60,6 +60,8 @@ class Replays:
     def get(self, op: str, x: Tensor, codec) -> Callable[[Tensor], Tensor] | None:
         """The replay of `op` ('one_shot', 'two_shot', 'reduce_scatter', 'all_gather') for `x`,
         built on first use; None where the general path must run."""
+        if torch.compiler.is_compiling():
+            return None  # traced: the general path, whose calls Dynamo knows
         if x.is_cuda:
             if _capturing():
                 return None
@@ -129,7 +131,7 @@ def _one_shot(comm, codec, x, m, h, rb, buffers, sent, exact):
     def one_shot(x: Tensor) -> Tensor:
         payload, flat, gathered = bufs()
         encode(x.view(m, h), payload)
-        _run("all-reduce (one-shot all-gather)", group, transport.all_gather, flat, payload)
+        _run("all-reduce (one-shot all-gather)", group, transport.gather_into, flat, payload)
         out = decode(gathered)
         comm.stats.record_compressed(sent, exact)
         return out.view(shape)
@@ -152,9 +154,9 @@ def _two_shot(comm, codec, x, m, h, rb, buffers, sent, exact):
     def two_shot(x: Tensor) -> Tensor:
         payload, received_flat, received, gathered_flat, gathered = bufs()
         encode(x.view(m, h), payload)
-        _run("all-reduce (two-shot all-to-all)", group, transport.all_to_all, received_flat, payload)
+        _run("all-reduce (two-shot all-to-all)", group, transport.all_to_all_into, received_flat, payload)
         reduced = reduce(received)
-        _run("all-reduce (two-shot all-gather)", group, transport.all_gather, gathered_flat, reduced)
+        _run("all-reduce (two-shot all-gather)", group, transport.gather_into, gathered_flat, reduced)
         out = decode(gathered)
         comm.stats.record_compressed(sent, exact)
         return out.view(shape)
@@ -173,7 +175,7 @@ def _reduce_scatter(comm, codec, x, m, h, rb, buffers, sent, exact):
     def reduce_scatter(x: Tensor) -> Tensor:
         payload, flat, received = bufs()
         encode(x.view(m, h), payload)
-        _run("reduce-scatter (all-to-all)", group, transport.all_to_all, flat, payload)
+        _run("reduce-scatter (all-to-all)", group, transport.all_to_all_into, flat, payload)
         out = decode(received)
         comm.stats.record_compressed(sent, exact)
         return out.view(out_shape)
@@ -192,7 +194,7 @@ def _all_gather(comm, codec, x, m, h, rb, buffers, sent, exact):
     def all_gather(x: Tensor) -> Tensor:
         payload, flat, gathered = bufs()
         encode(x.view(m, h), payload)
-        _run("all-gather", group, transport.all_gather, flat, payload)
+        _run("all-gather", group, transport.gather_into, flat, payload)
         out = decode(gathered)
         comm.stats.record_compressed(sent, exact)
         return out.view(out_shape)

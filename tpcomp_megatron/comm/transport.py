@@ -1,15 +1,62 @@
 """The process-group calls the compressed collectives make, and how their failures read.
 
-Shared by the general path (`collectives.py`) and its replays (`replay.py`).
+Shared by the general path (`collectives.py`) and its replays (`replay.py`). The replays call the
+group's own methods (`gather_into`, `all_to_all_into`): what `torch.distributed`'s functions call
+after checking their arguments, checks a replay's fixed buffers passed on its first call.
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated alias kept); older torch has only the old name.
 all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 all_to_all = dist.all_to_all_single
+
+
+def _name(*names: str) -> str | None:
+    """The first of `names` this torch's ProcessGroup has (torch >= 2.12 names first)."""
+    return next((n for n in names if hasattr(dist.ProcessGroup, n)), None)
+
+
+def _options(cls):
+    opts = cls()
+    if hasattr(opts, "asyncOp"):
+        opts.asyncOp = False
+    return opts
+
+
+# Looked up on the group at each call: a process group written in Python (the stand-in groups of
+# testing/onerank.py) overrides them there.
+_GATHER = _name("all_gather_single", "_allgather_base")
+_ALL_TO_ALL = _name("all_to_all_single", "alltoall_base")
+_GATHER_OPTS = _options(c10d.AllgatherOptions)
+_ALL_TO_ALL_OPTS = _options(c10d.AllToAllOptions)
+_NO_SPLITS: list = []
+
+
+def gather_into(out, inp, group) -> None:
+    """`all_gather(out, inp, group=group)` through the group's method, then waited on as the
+    synchronous function waits (`group`: a ProcessGroup holding this rank)."""
+    work = getattr(group, _GATHER)(out, inp, _GATHER_OPTS)
+    if work is not None:
+        work.wait()
+
+
+def all_to_all_into(out, inp, group) -> None:
+    """`all_to_all(out, inp, group=group)` (equal splits) through the group's method, waited on."""
+    work = getattr(group, _ALL_TO_ALL)(out, inp, _NO_SPLITS, _NO_SPLITS, _ALL_TO_ALL_OPTS)
+    if work is not None:
+        work.wait()
+
+
+if _GATHER is None or _ALL_TO_ALL is None:  # a torch without them: the public functions
+    def gather_into(out, inp, group) -> None:  # noqa: F811
+        all_gather(out, inp, group=group)
+
+    def all_to_all_into(out, inp, group) -> None:  # noqa: F811
+        all_to_all(out, inp, group=group)
 
 
 class CollectiveError(RuntimeError):
