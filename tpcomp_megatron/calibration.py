@@ -182,6 +182,22 @@ class Calibration:
                              "source; re-run tpcomp-calibrate with --directions >= the rank")
         return self.bases[layer][:, :rank].contiguous()
 
+    def reselect(self, *, ratio: int | None = None, rule: str | None = None) -> "Calibration":
+        """The same statistics with the channels chosen for another ratio (one channel in `ratio`)
+        and/or rule (`RULES`); None keeps the file's."""
+        ratio = self.meta.get("ratio", 64) if ratio is None else ratio
+        rule = self.meta.get("rule", "range_sum") if rule is None else rule
+        if (ratio, rule) == (self.meta.get("ratio"), self.meta.get("rule")):
+            return self
+        if rule not in RULES:
+            raise ValueError(f"unknown outlier selection rule {rule!r}; valid: {list(RULES)}")
+        if not isinstance(ratio, int) or ratio < 2:
+            raise ValueError(f"outlier ratio {ratio!r} must be an integer >= 2")
+        k = -(-self.meta["hidden"] // ratio)
+        channels = {n: select_outlier_channels(lo, hi, k, rule) for n, (lo, hi) in self.stats.items()}
+        return Calibration(meta={**self.meta, "ratio": ratio, "rule": rule}, stats=self.stats, channels=channels,
+                           bases=self.bases)
+
     def check_matches(self, *, tp_size: int, hidden: int, model: str | None = None) -> None:
         m = self.meta
         problems = []

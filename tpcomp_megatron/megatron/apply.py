@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from ..calibration import Calibration, load_calibration
-from ..codecs import BlockSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec
+from ..calibration import RULES, Calibration, load_calibration
+from ..codecs import BlockSpec, OutlierSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec, parse_point
 from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
 from ..comm.feedback import ErrorFeedback, PostNorm
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
@@ -38,7 +38,10 @@ class CompressionConfig:
     """Which collectives of a Megatron model are compressed, and how."""
 
     spec: str = "none"
-    """Codec of the row-parallel reductions (`--tp-comm-compression`), e.g. 'fp4_e2m1/b32/e8m0'."""
+    """Codec of the row-parallel reductions (`--tp-comm-compression`): a preset ('fp4', 'fp6',
+    'fp8': codecs/presets.py), an expert spec such as 'fp4_e2m1/b32/e8m0', or either with the
+    evaluation tools' options, 'SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on|off]'
+    (codecs/point.py); an option given there sets `outlier_rule`, `algorithm`, `error_feedback`."""
     layers: tuple[str, ...] = ("linear_proj", "linear_fc2")
     """Row-parallel layers to compress: any of 'linear_proj' (attention), 'linear_fc2' (MLP)."""
     gather_spec: str = "none"
@@ -64,6 +67,9 @@ class CompressionConfig:
     error_feedback: bool = False
     """Carry each rank's quantization error into its next compressed reduction
     (`--tp-comm-error-feedback`, comm/feedback.py): same bits, errors telescope along depth."""
+    outlier_rule: str | None = None
+    """Outlier channel selection rule of outlier codecs (calibration.RULES); None: the calibration
+    file's. The channels are re-selected from the file's statistics."""
     reduce_spec: object = field(init=False, repr=False, compare=False)
     override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
@@ -73,7 +79,9 @@ class CompressionConfig:
         bad = [l for l in self.layers if l not in ROW_LAYERS]
         if bad or not self.layers:
             raise ValueError(f"layers {list(self.layers)}: choose one or more of {sorted(ROW_LAYERS)}")
-        reduce_spec = parse_codec_spec(self.spec)
+        point = parse_point(self.spec)
+        reduce_spec = point.spec
+        self._take_point_options(point)
         gather_spec = parse_codec_spec(self.gather_spec)
         if gather_spec is not None and not isinstance(gather_spec, BlockSpec):
             raise ValueError(f"gather_spec {self.gather_spec!r}: the sequence-parallel all-gather needs a "
@@ -91,6 +99,20 @@ class CompressionConfig:
         GatePolicy(algorithm=self.algorithm, link=self.link if self.link != "auto" else "cpu", min_bytes=self.min_bytes,
                    transport=self.transport)
         object.__setattr__(self, "gather_codec_spec", gather_spec)
+
+    def _take_point_options(self, point) -> None:
+        """The options written in `spec` become the fields they stand for; a field set otherwise to
+        something else is a conflict, not a silent choice."""
+        for name, value, unset in (("algorithm", point.algorithm, "auto"), ("error_feedback", point.feedback, False),
+                                   ("outlier_rule", point.rule, None)):
+            if value is None:
+                continue
+            if getattr(self, name) not in (unset, value):
+                raise ValueError(f"spec {self.spec!r} sets {name}={value!r}, but {name}={getattr(self, name)!r} was "
+                                 "also given: set it in one place")
+            object.__setattr__(self, name, value)
+        if self.outlier_rule is not None and self.outlier_rule not in RULES:
+            raise ValueError(f"outlier_rule {self.outlier_rule!r}: choose one of {list(RULES)}")
 
     @property
     def enabled(self) -> bool:
@@ -124,7 +146,7 @@ class CompressionConfig:
         return (f"spec={self.reduce_spec or 'none'} layers={','.join(sorted(self.layers))} "
                 f"overrides={[(p, str(sp or 'none')) for p, sp in self.override_specs]} "
                 f"gather={self.gather_codec_spec or 'none'} algorithm={self.algorithm} "
-                f"error_feedback={self.error_feedback} "
+                f"error_feedback={self.error_feedback} outlier_rule={self.outlier_rule} "
                 f"min_bytes={self.min_bytes} calibration={cal}")
 
 
@@ -211,6 +233,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         handle._hooks.append(model.register_forward_pre_hook(lambda module, args: feedback.reset()))
     found = 0
     matched: set[str] = set()
+    reselected: dict = {}  # (ratio, rule) -> the calibration's channels for them
     try:
         for name, module in model.named_modules():
             parent, _, leaf = name.rpartition(".")
@@ -228,7 +251,12 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
                     if needs_calibration(spec):
                         calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size,
                                                   model=config.model)
-                        params = calibrated_params(spec, calibration, name)
+                        cal = calibration
+                        if isinstance(spec, OutlierSpec):  # the spec's ratio, the config's rule
+                            key = (spec.ratio, config.outlier_rule)
+                            cal = reselected.get(key) or reselected.setdefault(
+                                key, calibration.reselect(ratio=spec.ratio, rule=config.outlier_rule))
+                        params = calibrated_params(spec, cal, name)
                     codec = make_codec(spec, params)
                     found += 1
                 norm = None if feedback is None else _post_norm(model.get_submodule(parent), name, module)

@@ -135,10 +135,8 @@ def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
 
 def summarize(cal: Calibration, layers: int = 2) -> str:
     """A few layers' channels and how much the rules agree (selection overlap)."""
-    from .calib import reselect
-
     lines = []
-    others = {r: reselect(cal, rule=r) for r in RULES if r != cal.meta["rule"]}
+    others = {r: cal.reselect(rule=r) for r in RULES if r != cal.meta["rule"]}
     for name in list(cal.channels)[:layers]:
         lines.append(f"  {name}: {cal.channels[name].tolist()}")
     for r, other in others.items():

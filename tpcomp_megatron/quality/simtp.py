@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from ..codecs.base import REDUCED, Codec
+from ..codecs.point import POINT_ALGORITHMS
 from ..comm.feedback import ErrorFeedback, PostNorm
 from .partition import RowParallelShapes, rank_columns
 
-ALGORITHMS = ("one_shot", "two_shot")
+ALGORITHMS = POINT_ALGORITHMS
 HF_SLOTS = {"linear_proj": ("self_attn", "o_proj", "self_attention"), "linear_fc2": ("mlp", "down_proj", "mlp")}
 
 Observer = Callable[[str, torch.Tensor], None]
