@@ -141,7 +141,7 @@ def run(args) -> None:
         runs = ([("off", CompressionConfig())] if args.compare else []) + [("on", config)]
         gens, logits = {}, {}
         for label, cfg_run in runs:
-            handle = apply_tp_compression(model, cfg_run)
+            handle = apply_tp_compression(model, cfg_run, model_config=cfg)
             gen = greedy_generate(model, prompt, args.max_new_tokens, vocab_size=cfg.vocab_size,
                                   eos_id=getattr(tok, "eos_token_id", None))
             gens[label] = gen
@@ -155,7 +155,7 @@ def run(args) -> None:
             if args.compare:  # teacher-force the uncompressed continuation through both models
                 ref_tokens = torch.cat([prompt, gens["off"].tokens], 1)
                 logits[label] = full_logits(model, ref_tokens, vocab_size=cfg.vocab_size)
-            spec = cfg_run.reduce_spec or "none"
+            spec = f"recipe {cfg_run.recipe}" if cfg_run.recipe else cfg_run.reduce_spec or "none"
             say(f"\n[{label}: compression {spec}] {args.prompt}{tok.decode(gen.tokens[0].tolist())}")
             say(f"  TTFT {gen.ttft_s * 1e3:.1f} ms, decode {gen.decode_tokens_per_s:.1f} tokens/s")
             if handle.stats is not None:

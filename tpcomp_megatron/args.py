@@ -55,6 +55,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="block codec of the sequence-parallel all-gather (default none)")
     g.add_argument("--tp-comm-calibration", default=None, metavar="PATH",
                    help="calibration file from tools/calibrate.py (outlier and low-rank codecs need one)")
+    g.add_argument("--tp-comm-recipe", default=None, metavar="PATH",
+                   help="a recipe file (tpcomp-calibrate --recipe, tpcomp-sensitivity --allocate --recipe): every "
+                        "layer's codec, error feedback and calibration data, checked against the model and TP size "
+                        "and applied as one unit (instead of the codec flags)")
     g.add_argument("--tp-comm-error-feedback", action="store_true",
                    help="each rank carries its quantization error into its next compressed reduction "
                         "(same bits; errors cancel along depth instead of adding up)")
@@ -82,4 +86,5 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         min_bytes=args.tp_comm_min_bytes,
         overrides=tuple(args.tp_comm_compression_override),
         error_feedback=args.tp_comm_error_feedback,
+        recipe=args.tp_comm_recipe,
     )

@@ -153,9 +153,10 @@ class Calibration:
         import hashlib
 
         h = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode())
-        for name in sorted(self.stats):
+        for name in sorted(set(self.stats) | set(self.bases)):  # a recipe's low-rank layers have bases alone
+            own = (*self.stats[name], self.channels[name]) if name in self.stats else ()
             extra = (self.bases[name],) if name in self.bases else ()
-            for t in (*self.stats[name], self.channels[name], *extra):
+            for t in (*own, *extra):
                 h.update(t.detach().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 

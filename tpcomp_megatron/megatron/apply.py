@@ -70,6 +70,11 @@ class CompressionConfig:
     outlier_rule: str | None = None
     """Outlier channel selection rule of outlier codecs (calibration.RULES); None: the calibration
     file's. The channels are re-selected from the file's statistics."""
+    recipe: str | None = None
+    """A recipe file (`--tp-comm-recipe`, recipe.py): every layer's codec, error feedback and the
+    calibration data, applied as one unit; `spec`, `overrides`, `calibration`, `error_feedback` and
+    `outlier_rule` stay unset. Checked against the model and TP size at `apply_tp_compression`."""
+    loaded_recipe: object = field(init=False, repr=False, compare=False)
     reduce_spec: object = field(init=False, repr=False, compare=False)
     override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
@@ -82,16 +87,19 @@ class CompressionConfig:
         point = parse_point(self.spec)
         reduce_spec = point.spec
         self._take_point_options(point)
+        object.__setattr__(self, "loaded_recipe", self._load_recipe())
         gather_spec = parse_codec_spec(self.gather_spec)
         if gather_spec is not None and not isinstance(gather_spec, BlockSpec):
             raise ValueError(f"gather_spec {self.gather_spec!r}: the sequence-parallel all-gather needs a "
                              "block codec (outlier codecs are calibrated on partial sums, not on gathered inputs)")
         overrides = tuple((str(pat), str(spec)) for pat, spec in self.overrides)
         override_specs = tuple((pat, parse_codec_spec(spec)) for pat, spec in overrides)
+        if self.loaded_recipe is not None:  # one exact-name override per layer of the recipe
+            override_specs = tuple((name, parse_codec_spec(spec)) for name, spec in self.loaded_recipe.layers.items())
         object.__setattr__(self, "overrides", overrides)
         object.__setattr__(self, "override_specs", override_specs)
         object.__setattr__(self, "reduce_spec", reduce_spec)
-        if self.needs_calibration and not self.calibration:
+        if self.needs_calibration and not self.calibration and self.loaded_recipe is None:
             spec = next(s for s in self._reduction_specs() if needs_calibration(s))
             raise ValueError(f"codec {spec} needs a calibration file: run tools/calibrate.py and pass it")
         if self.algorithm not in ALGORITHMS:
@@ -113,6 +121,23 @@ class CompressionConfig:
             object.__setattr__(self, name, value)
         if self.outlier_rule is not None and self.outlier_rule not in RULES:
             raise ValueError(f"outlier_rule {self.outlier_rule!r}: choose one of {list(RULES)}")
+
+    def _load_recipe(self):
+        if self.recipe is None:
+            return None
+        set_too = (("spec", self.spec.strip().lower() != "none"), ("overrides", bool(self.overrides)),
+                   ("calibration", self.calibration is not None), ("error_feedback", self.error_feedback),
+                   ("outlier_rule", self.outlier_rule is not None))
+        given = [name for name, is_set in set_too if is_set]
+        if given:
+            raise ValueError(f"recipe {self.recipe} is applied as one unit: it sets {', '.join(given)} itself "
+                             "(drop those flags, or drop the recipe)")
+        from ..recipe import load_recipe
+
+        recipe = load_recipe(self.recipe)
+        object.__setattr__(self, "error_feedback", recipe.error_feedback)
+        object.__setattr__(self, "outlier_rule", recipe.outlier_rule)
+        return recipe
 
     @property
     def enabled(self) -> bool:
@@ -138,7 +163,10 @@ class CompressionConfig:
         """Canonical text of everything that must agree across ranks (`calibration`: the loaded
         calibration in use, else the file named by the config is hashed)."""
         cal = "none"
-        if calibration is not None:
+        if self.recipe is not None:  # its codecs are in the overrides, its data in `calibration`
+            with open(self.recipe, "rb") as f:
+                cal = "recipe:" + hashlib.sha256(f.read()).hexdigest()[:16]
+        elif calibration is not None:
             cal = calibration.digest()
         elif self.calibration:
             with open(self.calibration, "rb") as f:
@@ -206,17 +234,39 @@ def _post_norm(parent: torch.nn.Module, name: str, module: RowParallelLinear) ->
     return PostNorm.probe(norm, module.output_size)
 
 
+def _check_recipe(model: torch.nn.Module, config: CompressionConfig, group, model_config) -> None:
+    """A recipe made for another model, TP size or layer set is refused, naming the mismatch."""
+    import torch.distributed as dist
+
+    from ..recipe import model_fingerprint
+
+    inner = _unwrap(model)
+    names = [n for n, _ in inner.named_modules()
+             if n.rpartition(".")[2] in ROW_LAYERS and n.rpartition(".")[0].endswith(ROW_LAYERS[n.rpartition(".")[2]])]
+    mc = getattr(inner, "config", None)
+    config.loaded_recipe.check(tp_size=dist.get_world_size(group), layer_names=names,
+                               hidden=getattr(mc, "hidden_size", None), num_layers=getattr(mc, "num_layers", None),
+                               fingerprint=None if model_config is None else model_fingerprint(model_config),
+                               model_name=config.model, where=f"recipe {config.recipe}")
+
+
 def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, group=None,
-                         calibration: Calibration | None = None) -> CompressionHandle:
+                         calibration: Calibration | None = None, model_config=None) -> CompressionHandle:
     """Attach compression to `model`'s tensor-parallel layers; returns a handle with `remove()`.
 
     Collective: every rank of `group` (default: Megatron's tensor-parallel group) must call it;
     ranks given different configurations get a ValueError here instead of a hang later.
+    `model_config` (the checkpoint's `models.config.LlamaModelConfig`, optional): a recipe's model
+    fingerprint is then checked in full (architecture, vocab, config hash), not only the hidden
+    size, layer count and layer names the built model shows.
     """
     if group is None:
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
+    if config.loaded_recipe is not None:
+        _check_recipe(model, config, group, model_config)
+        calibration = calibration or config.loaded_recipe.calibration
     if calibration is None and config.needs_calibration:
         calibration = load_calibration(config.calibration)
     policy = GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes,
