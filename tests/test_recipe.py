@@ -181,3 +181,10 @@ def test_calibrate_regenerates_the_same_recipe_bytes(tmp_path):
     assert got.made_by["command"] and got.made_by["commit"]
     with pytest.raises(ValueError, match="--recipe and --recipe-codec go together"):
         CalibrateConfig(model="m", tp=(2,), output="c", recipe="r.safetensors")
+
+
+def test_fingerprint_sees_the_function_not_float32_storage():
+    a, b = _tiny_model_config(rms_norm_eps=1e-5), _tiny_model_config(rms_norm_eps=float(torch.tensor(1e-5)))
+    assert model_fingerprint(a) == model_fingerprint(b)  # a GGUF's float32 copy of the same model
+    assert model_fingerprint(a) == model_fingerprint(a.with_tensor_parallel_size(2))  # TP layout is not the model
+    assert model_fingerprint(a)["config_hash"] != model_fingerprint(_tiny_model_config(rms_norm_eps=1e-6))["config_hash"]

@@ -45,10 +45,22 @@ def model_fingerprint(model_config, name: str | None = None) -> dict[str, Any]:
     """The fingerprint of a model config (`models.config.LlamaModelConfig` or a subclass; from a
     Hugging Face config: `models.hf_config.config_from_hf`): architecture, hidden, layers, vocab
     and a hash of every field that shapes the computed function."""
-    fields = {k: v for k, v in model_config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    fields = _float32_digits({k: v for k, v in model_config.to_dict().items() if k not in _NOT_FINGERPRINTED})
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"name": name, "architecture": model_config.hf_architecture, "hidden": model_config.hidden_size,
             "layers": model_config.num_layers, "vocab": model_config.vocab_size, "config_hash": digest}
+
+
+def _float32_digits(value: Any) -> Any:
+    """Floats to 6 significant digits: a GGUF stores 1e-5 as float32 (9.9999997e-06), a
+    config.json as 1e-05; both are the same model."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _float32_digits(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_float32_digits(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
