@@ -32,6 +32,8 @@ from .. import ops
 from ..codecs.base import REDUCED, Codec
 from .feedback import ErrorFeedback, PostNorm, feedback_cost
 from .gate import GatePolicy, ineligible
+from .reduce import reduce_payloads
+from .reduce import sources as _sources
 from .stats import CommStats
 
 
@@ -50,17 +52,7 @@ def _gather_rows(what: str, group, n: int, payload: torch.Tensor) -> torch.Tenso
     return out.view(n, rows, nbytes)
 
 
-_SOURCES: dict = {}
 _MAX_ANSWERS = 4096  # cached gate answers per communicator
-
-
-def _sources(n: int, source: int | None = None) -> tuple:
-    """(0, ..., n-1), or `source` n times: the payloads' sources (cached: a call builds none)."""
-    key = (n, source)
-    got = _SOURCES.get(key)
-    if got is None:
-        got = _SOURCES[key] = tuple(range(n)) if source is None else (source,) * n
-    return got
 
 
 _LOGGED: set = set()
@@ -246,11 +238,11 @@ class CompressedComm:
             encode(out=views[self.rank])
             symm.barrier()  # every payload is written
             own = self._own(codec, views[self.rank], hidden, self.rank) if want_own else None
-            return ops.decode_sum_list(codec, views, hidden, sources=_sources(n), dtype=dtype), own
+            return reduce_payloads(codec, views, hidden, algorithm="one_shot", dtype=dtype)[0], own
         payload = encode()
         own = self._own(codec, payload, hidden, self.rank) if want_own else None
         gathered = _gather_rows("all-reduce (one-shot all-gather)", self.group, n, payload)
-        return ops.decode_sum(codec, gathered, hidden, sources=_sources(n), dtype=dtype), own
+        return reduce_payloads(codec, gathered, hidden, algorithm="one_shot", dtype=dtype)[0], own
 
     def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
                   debt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -271,14 +263,11 @@ class CompressedComm:
         _run("all-reduce (two-shot all-to-all)", self.group, dist.all_to_all_single, received, payload)
         received = received.view(n, chunk, -1)
         own = None
-        if debt is None and not want_own:
-            reduced = ops.decode_sum_encode(codec, received, hidden, sources=_sources(n), out_source=REDUCED)
-        else:
-            # Unfused (same bytes as decode_sum_encode): this rank owns its chunk's requantization
-            # error, taken off its debt after the fused encode, or carried with its own first rounding.
-            summed = ops.decode_sum(codec, received, hidden, sources=_sources(n), dtype=torch.float32)
-            reduced = ops.encode(codec, summed, source=REDUCED)
-            requant = self._own(codec, reduced, hidden, REDUCED) - summed
+        # With feedback this rank owns its chunk's requantization error (unfused, same bytes):
+        # taken off its debt after the fused encode, or carried with its own first rounding.
+        reduced, requant = reduce_payloads(codec, received, hidden, algorithm="two_shot",
+                                           with_error=debt is not None or want_own)
+        if requant is not None:
             lo = self.rank * chunk
             if debt is not None:
                 padded[lo:lo + chunk] -= requant
