@@ -7,7 +7,7 @@ Ranks the layers on the calibration text (`sensitivity.layer_sensitivity`, simul
 the ranking (`--ranking`, JSON), then evaluates on the evaluation text, for each `--high` codec and
 each k of `--promote`, the plan with the k most sensitive layers on that codec and the rest on
 `--low`: perplexity, top-1 agreement and KL against the uncompressed model, one quality record per
-plan (RESULTS.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_text`). With
+plan (benchmarks/results/README.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_text`). With
 `--budget BITS`, each `--high` codec also gets the plan with as many layers as fit the budget:
 
     tpcomp-sensitivity --model smollm2-135m --tp 8 --budget 4.5 \\
