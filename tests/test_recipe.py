@@ -179,6 +179,14 @@ def test_calibrate_regenerates_the_same_recipe_bytes(tmp_path):
     assert got.model["hidden"] == CONFIG["hidden_size"] and got.model["layers"] == CONFIG["num_hidden_layers"]
     assert set(got.layers.values()) == {"outlier+fp4_e2m1/b32/e8m0/k32"} and len(got.layers) == 2 * CONFIG["num_hidden_layers"]
     assert got.made_by["command"] and got.made_by["commit"]
+    # the converted checkpoint's config (what generate.py passes as model_config) has the same fingerprint
+    from tpcomp_megatron.convert import CONFIG_NAME
+    from tpcomp_megatron.models.config import load_model_config
+    from tpcomp_megatron.quality.realtp import convert_checkpoint
+
+    ckpt = convert_checkpoint(tmp_path / "hf", 2, model_id="tiny", out=tmp_path / "ckpt")
+    converted = model_fingerprint(load_model_config(ckpt / CONFIG_NAME), name=got.model["name"])
+    assert converted == got.model
     with pytest.raises(ValueError, match="--recipe and --recipe-codec go together"):
         CalibrateConfig(model="m", tp=(2,), output="c", recipe="r.safetensors")
 
