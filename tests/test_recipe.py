@@ -155,8 +155,23 @@ def test_bad_files_are_refused_naming_the_file(recipe, tmp_path):
 def test_recipe_is_one_unit():
     from tpcomp_megatron.megatron import CompressionConfig
 
-    with pytest.raises(ValueError, match="applied as one unit: it sets spec, error_feedback"):
-        CompressionConfig(recipe="plan.safetensors", spec="fp4", error_feedback=True)
+    with pytest.raises(ValueError, match="applied as one unit: it sets spec, calibration itself"):
+        CompressionConfig(recipe="plan.safetensors", spec="fp4", calibration="cal.safetensors")
+
+
+def test_recipe_config_survives_replace_and_refuses_a_contradiction(recipe, tmp_path):
+    import dataclasses
+
+    from tpcomp_megatron.megatron import CompressionConfig
+
+    path = str(tmp_path / "plan.safetensors")
+    save_recipe(path, dataclasses.replace(recipe, error_feedback=False))
+    cfg = CompressionConfig(recipe=path)
+    assert not cfg.error_feedback and cfg.enabled
+    again = dataclasses.replace(cfg, model="tiny")  # as generate.py names the model
+    assert again.describe() == cfg.describe()
+    with pytest.raises(ValueError, match="sets error_feedback=False, but error_feedback=True"):
+        CompressionConfig(recipe=path, error_feedback=True)
 
 
 def test_calibrate_regenerates_the_same_recipe_bytes(tmp_path):

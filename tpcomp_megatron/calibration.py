@@ -235,10 +235,7 @@ def load_calibration(path: str) -> Calibration:
 
     try:
         with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(FORMAT_KEY)
-            if raw is None:
-                raise ValueError(f"{path} is not a tpcomp calibration file (no {FORMAT_KEY!r} metadata)")
-            meta = _read_meta(path, raw)
+            meta = _read_meta(path, tagged_metadata(path, f.metadata(), FORMAT_KEY, "calibration file"))
             stats, channels, bases = {}, {}, {}
             keys = set(f.keys())
             for name in meta["layers"]:
@@ -256,13 +253,22 @@ def load_calibration(path: str) -> Calibration:
     return Calibration(meta=meta, stats=stats, channels=channels, bases=bases)
 
 
-def _read_meta(path: str, raw: str) -> dict:
+def tagged_metadata(path: str, metadata: dict | None, key: str, what: str) -> dict:
+    """The JSON object a tpcomp safetensors file keeps under metadata `key` (`what`: the file's
+    kind, for messages); JSON only, never code."""
+    raw = (metadata or {}).get(key)
+    if raw is None:
+        raise ValueError(f"{path} is not a tpcomp {what} (no {key!r} metadata)")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its {FORMAT_KEY!r} metadata is not JSON ({e})") from None
+        raise ValueError(f"{path}: its {key!r} metadata is not JSON ({e})") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: its {FORMAT_KEY!r} metadata is not a JSON object")
+        raise ValueError(f"{path}: its {key!r} metadata is not a JSON object")
+    return meta
+
+
+def _read_meta(path: str, meta: dict) -> dict:
     if meta.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: calibration format version {meta.get('version')} is not one of {READABLE_VERSIONS}")
     for key, kind in (("layers", list), ("tp_size", int), ("hidden", int)):

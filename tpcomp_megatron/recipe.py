@@ -152,14 +152,11 @@ def load_recipe(path: str) -> Recipe:
     """Read and validate a recipe; every problem names the file."""
     from safetensors import SafetensorError, safe_open
 
-    from .calibration import _check_layer
+    from .calibration import _check_layer, tagged_metadata
 
     try:
         with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(FORMAT_KEY)
-            if raw is None:
-                raise ValueError(f"{path} is not a tpcomp recipe (no {FORMAT_KEY!r} metadata)")
-            meta = _read_meta(path, raw)
+            meta = _read_meta(path, tagged_metadata(path, f.metadata(), FORMAT_KEY, "recipe"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read the recipe {path}: {e}") from e
@@ -195,12 +192,8 @@ def load_recipe(path: str) -> Recipe:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _read_meta(path: str, raw: str) -> dict:
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its {FORMAT_KEY!r} metadata is not JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+def _read_meta(path: str, meta: dict) -> dict:
+    if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: its {FORMAT_KEY!r} metadata is not a {FORMAT} object")
     if meta.get("version") != VERSION:
         raise ValueError(f"{path}: recipe format version {meta.get('version')!r} is not {VERSION}, the version "

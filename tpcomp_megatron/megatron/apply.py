@@ -126,8 +126,7 @@ class CompressionConfig:
         if self.recipe is None:
             return None
         set_too = (("spec", self.spec.strip().lower() != "none"), ("overrides", bool(self.overrides)),
-                   ("calibration", self.calibration is not None), ("error_feedback", self.error_feedback),
-                   ("outlier_rule", self.outlier_rule is not None))
+                   ("calibration", self.calibration is not None))
         given = [name for name, is_set in set_too if is_set]
         if given:
             raise ValueError(f"recipe {self.recipe} is applied as one unit: it sets {', '.join(given)} itself "
@@ -135,8 +134,13 @@ class CompressionConfig:
         from ..recipe import load_recipe
 
         recipe = load_recipe(self.recipe)
-        object.__setattr__(self, "error_feedback", recipe.error_feedback)
-        object.__setattr__(self, "outlier_rule", recipe.outlier_rule)
+        # equal values are no conflict (dataclasses.replace passes the fields set from the recipe)
+        for name, value, unset in (("error_feedback", recipe.error_feedback, False),
+                                   ("outlier_rule", recipe.outlier_rule, None)):
+            if getattr(self, name) not in (unset, value):
+                raise ValueError(f"recipe {self.recipe} sets {name}={value!r}, but {name}={getattr(self, name)!r} "
+                                 "was also given: the recipe is applied as one unit")
+            object.__setattr__(self, name, value)
         return recipe
 
     @property
