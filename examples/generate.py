@@ -178,6 +178,19 @@ def run(args) -> None:
     dist.destroy_process_group()
 
 
+def main(argv: list[str]) -> int:
+    verbose = "--verbose" in argv
+    with quiet_warnings(enabled=not verbose):  # before the imports that warn
+        try:
+            run(parse_args(argv))
+        except ValueError as e:  # bad flags or files: every rank raises it; rank 0 says it once
+            if verbose:
+                raise
+            if os.environ.get("RANK", "0") == "0":
+                print(f"generate.py: error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
 if __name__ == "__main__":
-    with quiet_warnings(enabled="--verbose" not in sys.argv[1:]):  # before the imports that warn
-        run(parse_args(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
