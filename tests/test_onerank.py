@@ -126,7 +126,7 @@ def test_mirror_group_collectives():
 
 def test_bench_prefill_smoke(tmp_path):
     """tools/bench_prefill.py on CPU (fake group, tiny shape, TP=2 and 4): records with the fields
-    of ../shared/RESULTS.md, one per codec and mode, compressed collectives counted."""
+    of benchmarks/results/README.md, one per codec and mode, compressed collectives counted."""
     out = tmp_path / "prefill.jsonl"
     subprocess.run([sys.executable, str(ROOT / "tools" / "bench_prefill.py"), "--device", "cpu", "--shape", "tiny",
                     "--tp", "2", "4", "--layers", "2", "--prompts", "16", "--reps", "1", "--codecs", SPEC,

@@ -164,7 +164,6 @@ def _brute_force_select(lo, hi, k, rule):
 
 
 def test_calibration_deterministic_and_matches_brute_force(tiny):
-    from tpcomp_megatron.quality.calib import reselect
     from tpcomp_megatron.quality.models import load_model
 
     root, tp = tiny["root"], 3
@@ -181,7 +180,7 @@ def test_calibration_deterministic_and_matches_brute_force(tiny):
     assert sorted(ref) == sorted(cal.stats) == sorted(cal.meta["layers"])
     k = math.ceil(CONFIG["hidden_size"] / 32)
     for rule in RULES:
-        chosen = reselect(cal, rule=rule)
+        chosen = cal.reselect(rule=rule)
         for name, (lo, hi) in ref.items():
             torch.testing.assert_close(cal.stats[name][0], lo, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(cal.stats[name][1], hi, rtol=1e-5, atol=1e-5)
@@ -312,12 +311,16 @@ def test_configs_reject_bad_input():
     for bad in (0, 129):
         with pytest.raises(ValueError, match=r"--directions must be in \[1, 128\]"):
             CalibrateConfig(model="m", tp=(2,), output="c", directions=bad)
-    with pytest.raises(ValueError, match="bad sweep point option"):
+    with pytest.raises(ValueError, match="bad option 'foo=1'"):
         SweepPoint.parse("fp4_e2m1/b32:foo=1", 2)
     with pytest.raises(ValueError, match="outlier codecs only"):
         SweepPoint.parse("fp4_e2m1/b32:rule=range_sum", 2)
     with pytest.raises(ValueError, match="simulation-only"):
-        EvalConfig(model="m", points=("rot64+fp4_e2m1/b32/e8m0",), real_ranks=True)
+        EvalConfig(model="m", points=("fp4_e2m1/b32/e8m0",), real_ranks=True, rotation=64)
+    with pytest.raises(ValueError, match="in front of a block codec"):
+        EvalConfig(model="m", points=("outlier_int4/k64",), rotation=64)
+    with pytest.raises(ValueError, match="unknown codec 'rot64\\+fp4_e2m1'"):  # a flag now, not a spec
+        SweepPoint.parse("rot64+fp4_e2m1/b32/e8m0", 2)
     with pytest.raises(ValueError, match="TP=1 communicates nothing"):
         SweepPoint.parse("fp4_e2m1/b32", 1)
 

@@ -7,7 +7,7 @@ Launch one process per GPU, once per link class (NCCL reads its settings at star
     NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 torchrun ...    # network-class (sockets)
 
 Rank 0 appends one JSON record per (op, algorithm, size, mode) in the form of
-benchmarks/results (RESULTS.md): medians of several timed runs of many calls, eager and under
+benchmarks/results (format: benchmarks/results/README.md): medians of several timed runs of many calls, eager and under
 CUDA-graph replay, each with the NCCL bf16 baseline measured in the same run.
 """
 

@@ -13,7 +13,7 @@ same message size. `fraction_of_copy_same_bytes` compares with a copy that moves
 the kernel: below about 32 MB a copy's GB/s still grows with its size (launch and DRAM latency
 are a large part of its time), so a kernel that writes 4x fewer bytes than it reads is held to a
 bar the copy itself does not reach at that size; both are recorded. One JSON record per line,
-fields as in RESULTS.md `kernels_*.jsonl`.
+fields as in benchmarks/results/README.md `kernels_*.jsonl`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One TP rank's real prefill on one GPU, compression off vs on: what the compressed path costs.
 
     python tools/bench_prefill.py --tp 2 8 --out benchmarks/results/prefill_<device>_<date>.jsonl \
-        [--links ../shared/links/h200x2_2026-11-23.json]
+        [--links benchmarks/links/h200x2_2026-11-23.json]
 
 A real Megatron `GPTModel` (the project's builder, random bf16 weights, SDPA attention) at TP=N
 runs on one device through a stand-in process group (`tpcomp_megatron.testing.onerank`; `--pg
@@ -18,7 +18,7 @@ compressed collective alone (`collective_graph_us`) and of its kernels alone (`k
 the codec ops it launches, nothing else), both under graph replay: the first over the second is
 what the path adds to its kernels (extra copies of the message).
 
-With `--links FILE` (rows of ../shared/links/*.json) it adds, per link class of that table, the
+With `--links FILE` (rows of benchmarks/links/*.json) it adds, per link class of that table, the
 link time of the exact all-reduces (NCCL bf16) and of the compressed all-gathers to the measured
 compute: a modelled TTFT, labelled `modelled: true` (no multi-GPU run is behind it).
 
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--algorithm", default="auto")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--graph", action="store_true", help="also time the forward as one CUDA graph (CUDA)")
-    ap.add_argument("--links", help="link table (../shared/links/*.json) for a modelled TTFT")
+    ap.add_argument("--links", help="link table (benchmarks/links/*.json) for a modelled TTFT")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tag", default="", help="free text stored in each record (e.g. which build)")
     ap.add_argument("--pg", choices=["mirror", "fake"], default="mirror",

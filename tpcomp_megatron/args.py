@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import argparse
 
-from .codecs import parse_codec_spec
+from .codecs import GRAMMAR, PRESETS, parse_codec_spec, parse_point
 from .comm import ALGORITHMS, LINKS, TRANSPORTS
 from .megatron.apply import ROW_LAYERS, CompressionConfig
 
 
-def _spec(text: str) -> str:
-    try:
-        parse_codec_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def _checked(parse):
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return check
+
+
+_spec = _checked(parse_codec_spec)
+_point = _checked(parse_point)
 
 
 def _override(text: str) -> tuple[str, str]:
@@ -33,10 +40,11 @@ def _override(text: str) -> tuple[str, str]:
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("tpcomp-megatron", "compressed tensor-parallel communication")
-    g.add_argument("--tp-comm-compression", type=_spec, default="none", metavar="SPEC",
-                   help="codec of the row-parallel all-reduce / reduce-scatter, e.g. fp4_e2m1/b32/e8m0, "
-                        "int4/b16/bf16, outlier_int4/k64, outlier+fp4_e2m1/b32, lowrank+fp4_e2m1/b32/e6m2/r4; "
-                        "'none' (default) is exact")
+    g.add_argument("--tp-comm-compression", type=_point, default="none", metavar="SPEC",
+                   help=f"codec of the row-parallel all-reduce / reduce-scatter: a preset ({', '.join(PRESETS)}; "
+                        "no calibration needed) or an expert spec, e.g. fp4_e2m1/b32/e8m0, int4/b16/bf16, "
+                        "outlier_int4/k64, outlier+fp4_e2m1/b32, lowrank+fp4_e2m1/b32/e6m2/r4, optionally with the "
+                        f"evaluation tools' options ({GRAMMAR}); 'none' (default) is exact")
     g.add_argument("--tp-comm-compression-layers", nargs="+", choices=sorted(ROW_LAYERS),
                    default=["linear_proj", "linear_fc2"], help="which row-parallel layers to compress")
     g.add_argument("--tp-comm-compression-override", type=_override, action="append", default=[],
@@ -47,6 +55,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="block codec of the sequence-parallel all-gather (default none)")
     g.add_argument("--tp-comm-calibration", default=None, metavar="PATH",
                    help="calibration file from tools/calibrate.py (outlier and low-rank codecs need one)")
+    g.add_argument("--tp-comm-recipe", default=None, metavar="PATH",
+                   help="a recipe file (tpcomp-calibrate --recipe, tpcomp-sensitivity --allocate --recipe): every "
+                        "layer's codec, error feedback and calibration data, checked against the model and TP size "
+                        "and applied as one unit (instead of the codec flags)")
     g.add_argument("--tp-comm-error-feedback", action="store_true",
                    help="each rank carries its quantization error into its next compressed reduction "
                         "(same bits; errors cancel along depth instead of adding up)")
@@ -74,4 +86,5 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         min_bytes=args.tp_comm_min_bytes,
         overrides=tuple(args.tp_comm_compression_override),
         error_feedback=args.tp_comm_error_feedback,
+        recipe=args.tp_comm_recipe,
     )

@@ -153,9 +153,10 @@ class Calibration:
         import hashlib
 
         h = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode())
-        for name in sorted(self.stats):
+        for name in sorted(set(self.stats) | set(self.bases)):  # a recipe's low-rank layers have bases alone
+            own = (*self.stats[name], self.channels[name]) if name in self.stats else ()
             extra = (self.bases[name],) if name in self.bases else ()
-            for t in (*self.stats[name], self.channels[name], *extra):
+            for t in (*own, *extra):
                 h.update(t.detach().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -181,6 +182,22 @@ class Calibration:
             raise ValueError(f"low-rank rank {rank}: the calibration file holds {self.bases[layer].shape[1]} directions per "
                              "source; re-run tpcomp-calibrate with --directions >= the rank")
         return self.bases[layer][:, :rank].contiguous()
+
+    def reselect(self, *, ratio: int | None = None, rule: str | None = None) -> "Calibration":
+        """The same statistics with the channels chosen for another ratio (one channel in `ratio`)
+        and/or rule (`RULES`); None keeps the file's."""
+        ratio = self.meta.get("ratio", 64) if ratio is None else ratio
+        rule = self.meta.get("rule", "range_sum") if rule is None else rule
+        if (ratio, rule) == (self.meta.get("ratio"), self.meta.get("rule")):
+            return self
+        if rule not in RULES:
+            raise ValueError(f"unknown outlier selection rule {rule!r}; valid: {list(RULES)}")
+        if not isinstance(ratio, int) or ratio < 2:
+            raise ValueError(f"outlier ratio {ratio!r} must be an integer >= 2")
+        k = -(-self.meta["hidden"] // ratio)
+        channels = {n: select_outlier_channels(lo, hi, k, rule) for n, (lo, hi) in self.stats.items()}
+        return Calibration(meta={**self.meta, "ratio": ratio, "rule": rule}, stats=self.stats, channels=channels,
+                           bases=self.bases)
 
     def check_matches(self, *, tp_size: int, hidden: int, model: str | None = None) -> None:
         m = self.meta
@@ -218,10 +235,7 @@ def load_calibration(path: str) -> Calibration:
 
     try:
         with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(FORMAT_KEY)
-            if raw is None:
-                raise ValueError(f"{path} is not a tpcomp calibration file (no {FORMAT_KEY!r} metadata)")
-            meta = _read_meta(path, raw)
+            meta = _read_meta(path, tagged_metadata(path, f.metadata(), FORMAT_KEY, "calibration file"))
             stats, channels, bases = {}, {}, {}
             keys = set(f.keys())
             for name in meta["layers"]:
@@ -239,13 +253,22 @@ def load_calibration(path: str) -> Calibration:
     return Calibration(meta=meta, stats=stats, channels=channels, bases=bases)
 
 
-def _read_meta(path: str, raw: str) -> dict:
+def tagged_metadata(path: str, metadata: dict | None, key: str, what: str) -> dict:
+    """The JSON object a tpcomp safetensors file keeps under metadata `key` (`what`: the file's
+    kind, for messages); JSON only, never code."""
+    raw = (metadata or {}).get(key)
+    if raw is None:
+        raise ValueError(f"{path} is not a tpcomp {what} (no {key!r} metadata)")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its {FORMAT_KEY!r} metadata is not JSON ({e})") from None
+        raise ValueError(f"{path}: its {key!r} metadata is not JSON ({e})") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: its {FORMAT_KEY!r} metadata is not a JSON object")
+        raise ValueError(f"{path}: its {key!r} metadata is not a JSON object")
+    return meta
+
+
+def _read_meta(path: str, meta: dict) -> dict:
     if meta.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: calibration format version {meta.get('version')} is not one of {READABLE_VERSIONS}")
     for key, kind in (("layers", list), ("tp_size", int), ("hidden", int)):

@@ -10,6 +10,8 @@ from .block import BlockCodec
 from .formats import FORMATS, ElementFormat
 from .lowrank import LowRankCodec
 from .outlier import HybridCodec, StaticOutlierCodec
+from .point import GRAMMAR, CodecPoint, parse_point
+from .presets import PRESETS, Preset
 from .spec import BLOCK_SIZES, BlockSpec, CodecSpec, LowRankSpec, OutlierSpec, needs_calibration, parse_codec_spec
 
 
@@ -44,7 +46,8 @@ def calibrated_params(spec: CodecSpec, calibration, layer: str) -> OutlierParams
 
 
 __all__ = [
-    "BLOCK_SIZES", "FORMATS", "REDUCED", "SUPPORTED_DTYPES", "BlockCodec", "BlockSpec", "Codec",
-    "CodecSpec", "ElementFormat", "HybridCodec", "LowRankCodec", "LowRankSpec", "OutlierParams", "OutlierSpec",
-    "StaticOutlierCodec", "calibrated_params", "make_codec", "needs_calibration", "parse_codec_spec",
+    "BLOCK_SIZES", "FORMATS", "GRAMMAR", "PRESETS", "REDUCED", "SUPPORTED_DTYPES", "BlockCodec", "BlockSpec", "Codec",
+    "CodecPoint", "CodecSpec", "ElementFormat", "HybridCodec", "LowRankCodec", "LowRankSpec", "OutlierParams", "OutlierSpec",
+    "Preset", "StaticOutlierCodec", "calibrated_params", "make_codec", "needs_calibration", "parse_codec_spec",
+    "parse_point",
 ]

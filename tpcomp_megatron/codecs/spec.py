@@ -14,6 +14,7 @@ Grammar (parts separated by '/', order free after the first):
   block-coded like the residual (same block size and scale type, that element format; K a
   multiple of the block size), the rest of the row through the block codec (codecs/lowrank.py).
   Default K = 4.
+* Presets (codecs/presets.py): ``fp4``, ``fp6``, ``fp8``, each the name of one block spec above.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from .formats import FORMATS
+from .presets import PRESETS
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 SCALE_BITS = {"e8m0": 8, "e8m0up": 8, "e6m2": 8, "e6m2d": 4, "bf16": 16}
@@ -150,7 +152,7 @@ def needs_calibration(spec: CodecSpec | None) -> bool:
     return isinstance(spec, CALIBRATED)
 
 _VALID = (
-    "'none', '<element>[/b<block>][/<scale>]' (elements: "
+    "a preset (" + ", ".join(PRESETS) + "), 'none', '<element>[/b<block>][/<scale>]' (elements: "
     + ", ".join(sorted(FORMATS))
     + f"; blocks: {', '.join(map(str, BLOCK_SIZES))}; scales: e8m0, e8m0up, e6m2, e6m2d, bf16), "
     "'outlier_int4[/k<N>]', 'outlier+<block spec>[/k<N>]' or 'lowrank+<block spec>[/r<K>][/c<element>]'"
@@ -164,6 +166,8 @@ def parse_codec_spec(text: str) -> CodecSpec | None:
     s = text.strip().lower()
     if s == "none":
         return None
+    if s in PRESETS:
+        return parse_codec_spec(PRESETS[s].spec)
     hybrid = s.startswith(HYBRID_PREFIX)
     lowrank = s.startswith(LOWRANK_PREFIX)
     prefix = HYBRID_PREFIX if hybrid else LOWRANK_PREFIX if lowrank else ""

@@ -33,6 +33,7 @@ from ..codecs.base import REDUCED, Codec
 from .feedback import ErrorFeedback, PostNorm, feedback_cost
 from .gate import GatePolicy, ineligible
 from . import transport
+from .reduce import reduce_payloads
 from .replay import Replays
 from .stats import CommStats
 from .transport import CollectiveError, ring_bytes as _ring_bytes, run as _run, sources as _sources
@@ -223,11 +224,11 @@ class CompressedComm:
             encode(out=views[self.rank])
             symm.barrier()  # every payload is written
             own = self._own(codec, views[self.rank], hidden, self.rank) if want_own else None
-            return ops.decode_sum_list(codec, views, hidden, sources=_sources(n), dtype=dtype), own
+            return reduce_payloads(codec, views, hidden, algorithm="one_shot", dtype=dtype)[0], own
         payload = encode()
         own = self._own(codec, payload, hidden, self.rank) if want_own else None
         gathered = _gather_rows("all-reduce (one-shot all-gather)", self.group, n, payload)
-        return ops.decode_sum(codec, gathered, hidden, sources=_sources(n), dtype=dtype), own
+        return reduce_payloads(codec, gathered, hidden, algorithm="one_shot", dtype=dtype)[0], own
 
     def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
                   debt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,14 +249,11 @@ class CompressedComm:
         _run("all-reduce (two-shot all-to-all)", self.group, transport.all_to_all, received, payload)
         received = received.view(n, chunk, -1)
         own = None
-        if debt is None and not want_own:
-            reduced = ops.decode_sum_encode(codec, received, hidden, sources=_sources(n), out_source=REDUCED)
-        else:
-            # Unfused (same bytes as decode_sum_encode): this rank owns its chunk's requantization
-            # error, taken off its debt after the fused encode, or carried with its own first rounding.
-            summed = ops.decode_sum(codec, received, hidden, sources=_sources(n), dtype=torch.float32)
-            reduced = ops.encode(codec, summed, source=REDUCED)
-            requant = self._own(codec, reduced, hidden, REDUCED) - summed
+        # With feedback this rank owns its chunk's requantization error (unfused, same bytes):
+        # taken off its debt after the fused encode, or carried with its own first rounding.
+        reduced, requant = reduce_payloads(codec, received, hidden, algorithm="two_shot",
+                                           with_error=debt is not None or want_own)
+        if requant is not None:
             lo = self.rank * chunk
             if debt is not None:
                 padded[lo:lo + chunk] -= requant

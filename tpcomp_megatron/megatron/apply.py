@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from ..calibration import Calibration, load_calibration
-from ..codecs import BlockSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec
+from ..calibration import RULES, Calibration, load_calibration
+from ..codecs import BlockSpec, OutlierSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec, parse_point
 from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
 from ..comm.feedback import ErrorFeedback, PostNorm
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
@@ -38,7 +38,10 @@ class CompressionConfig:
     """Which collectives of a Megatron model are compressed, and how."""
 
     spec: str = "none"
-    """Codec of the row-parallel reductions (`--tp-comm-compression`), e.g. 'fp4_e2m1/b32/e8m0'."""
+    """Codec of the row-parallel reductions (`--tp-comm-compression`): a preset ('fp4', 'fp6',
+    'fp8': codecs/presets.py), an expert spec such as 'fp4_e2m1/b32/e8m0', or either with the
+    evaluation tools' options, 'SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on|off]'
+    (codecs/point.py); an option given there sets `outlier_rule`, `algorithm`, `error_feedback`."""
     layers: tuple[str, ...] = ("linear_proj", "linear_fc2")
     """Row-parallel layers to compress: any of 'linear_proj' (attention), 'linear_fc2' (MLP)."""
     gather_spec: str = "none"
@@ -64,6 +67,14 @@ class CompressionConfig:
     error_feedback: bool = False
     """Carry each rank's quantization error into its next compressed reduction
     (`--tp-comm-error-feedback`, comm/feedback.py): same bits, errors telescope along depth."""
+    outlier_rule: str | None = None
+    """Outlier channel selection rule of outlier codecs (calibration.RULES); None: the calibration
+    file's. The channels are re-selected from the file's statistics."""
+    recipe: str | None = None
+    """A recipe file (`--tp-comm-recipe`, recipe.py): every layer's codec, error feedback and the
+    calibration data, applied as one unit; `spec`, `overrides`, `calibration`, `error_feedback` and
+    `outlier_rule` stay unset. Checked against the model and TP size at `apply_tp_compression`."""
+    loaded_recipe: object = field(init=False, repr=False, compare=False)
     reduce_spec: object = field(init=False, repr=False, compare=False)
     override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
@@ -73,17 +84,22 @@ class CompressionConfig:
         bad = [l for l in self.layers if l not in ROW_LAYERS]
         if bad or not self.layers:
             raise ValueError(f"layers {list(self.layers)}: choose one or more of {sorted(ROW_LAYERS)}")
-        reduce_spec = parse_codec_spec(self.spec)
+        point = parse_point(self.spec)
+        reduce_spec = point.spec
+        self._take_point_options(point)
+        object.__setattr__(self, "loaded_recipe", self._load_recipe())
         gather_spec = parse_codec_spec(self.gather_spec)
         if gather_spec is not None and not isinstance(gather_spec, BlockSpec):
             raise ValueError(f"gather_spec {self.gather_spec!r}: the sequence-parallel all-gather needs a "
                              "block codec (outlier codecs are calibrated on partial sums, not on gathered inputs)")
         overrides = tuple((str(pat), str(spec)) for pat, spec in self.overrides)
         override_specs = tuple((pat, parse_codec_spec(spec)) for pat, spec in overrides)
+        if self.loaded_recipe is not None:  # one exact-name override per layer of the recipe
+            override_specs = tuple((name, parse_codec_spec(spec)) for name, spec in self.loaded_recipe.layers.items())
         object.__setattr__(self, "overrides", overrides)
         object.__setattr__(self, "override_specs", override_specs)
         object.__setattr__(self, "reduce_spec", reduce_spec)
-        if self.needs_calibration and not self.calibration:
+        if self.needs_calibration and not self.calibration and self.loaded_recipe is None:
             spec = next(s for s in self._reduction_specs() if needs_calibration(s))
             raise ValueError(f"codec {spec} needs a calibration file: run tools/calibrate.py and pass it")
         if self.algorithm not in ALGORITHMS:
@@ -91,6 +107,41 @@ class CompressionConfig:
         GatePolicy(algorithm=self.algorithm, link=self.link if self.link != "auto" else "cpu", min_bytes=self.min_bytes,
                    transport=self.transport)
         object.__setattr__(self, "gather_codec_spec", gather_spec)
+
+    def _take_point_options(self, point) -> None:
+        """The options written in `spec` become the fields they stand for; a field set otherwise to
+        something else is a conflict, not a silent choice."""
+        for name, value, unset in (("algorithm", point.algorithm, "auto"), ("error_feedback", point.feedback, False),
+                                   ("outlier_rule", point.rule, None)):
+            if value is None:
+                continue
+            if getattr(self, name) not in (unset, value):
+                raise ValueError(f"spec {self.spec!r} sets {name}={value!r}, but {name}={getattr(self, name)!r} was "
+                                 "also given: set it in one place")
+            object.__setattr__(self, name, value)
+        if self.outlier_rule is not None and self.outlier_rule not in RULES:
+            raise ValueError(f"outlier_rule {self.outlier_rule!r}: choose one of {list(RULES)}")
+
+    def _load_recipe(self):
+        if self.recipe is None:
+            return None
+        set_too = (("spec", self.spec.strip().lower() != "none"), ("overrides", bool(self.overrides)),
+                   ("calibration", self.calibration is not None))
+        given = [name for name, is_set in set_too if is_set]
+        if given:
+            raise ValueError(f"recipe {self.recipe} is applied as one unit: it sets {', '.join(given)} itself "
+                             "(drop those flags, or drop the recipe)")
+        from ..recipe import load_recipe
+
+        recipe = load_recipe(self.recipe)
+        # equal values are no conflict (dataclasses.replace passes the fields set from the recipe)
+        for name, value, unset in (("error_feedback", recipe.error_feedback, False),
+                                   ("outlier_rule", recipe.outlier_rule, None)):
+            if getattr(self, name) not in (unset, value):
+                raise ValueError(f"recipe {self.recipe} sets {name}={value!r}, but {name}={getattr(self, name)!r} "
+                                 "was also given: the recipe is applied as one unit")
+            object.__setattr__(self, name, value)
+        return recipe
 
     @property
     def enabled(self) -> bool:
@@ -116,7 +167,10 @@ class CompressionConfig:
         """Canonical text of everything that must agree across ranks (`calibration`: the loaded
         calibration in use, else the file named by the config is hashed)."""
         cal = "none"
-        if calibration is not None:
+        if self.recipe is not None:  # its codecs are in the overrides, its data in `calibration`
+            with open(self.recipe, "rb") as f:
+                cal = "recipe:" + hashlib.sha256(f.read()).hexdigest()[:16]
+        elif calibration is not None:
             cal = calibration.digest()
         elif self.calibration:
             with open(self.calibration, "rb") as f:
@@ -124,7 +178,7 @@ class CompressionConfig:
         return (f"spec={self.reduce_spec or 'none'} layers={','.join(sorted(self.layers))} "
                 f"overrides={[(p, str(sp or 'none')) for p, sp in self.override_specs]} "
                 f"gather={self.gather_codec_spec or 'none'} algorithm={self.algorithm} "
-                f"error_feedback={self.error_feedback} "
+                f"error_feedback={self.error_feedback} outlier_rule={self.outlier_rule} "
                 f"min_bytes={self.min_bytes} calibration={cal}")
 
 
@@ -184,17 +238,39 @@ def _post_norm(parent: torch.nn.Module, name: str, module: RowParallelLinear) ->
     return PostNorm.probe(norm, module.output_size)
 
 
+def _check_recipe(model: torch.nn.Module, config: CompressionConfig, group, model_config) -> None:
+    """A recipe made for another model, TP size or layer set is refused, naming the mismatch."""
+    import torch.distributed as dist
+
+    from ..recipe import model_fingerprint
+
+    inner = _unwrap(model)
+    names = [n for n, _ in inner.named_modules()
+             if n.rpartition(".")[2] in ROW_LAYERS and n.rpartition(".")[0].endswith(ROW_LAYERS[n.rpartition(".")[2]])]
+    mc = getattr(inner, "config", None)
+    config.loaded_recipe.check(tp_size=dist.get_world_size(group), layer_names=names,
+                               hidden=getattr(mc, "hidden_size", None), num_layers=getattr(mc, "num_layers", None),
+                               fingerprint=None if model_config is None else model_fingerprint(model_config),
+                               model_name=config.model, where=f"recipe {config.recipe}")
+
+
 def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, group=None,
-                         calibration: Calibration | None = None) -> CompressionHandle:
+                         calibration: Calibration | None = None, model_config=None) -> CompressionHandle:
     """Attach compression to `model`'s tensor-parallel layers; returns a handle with `remove()`.
 
     Collective: every rank of `group` (default: Megatron's tensor-parallel group) must call it;
     ranks given different configurations get a ValueError here instead of a hang later.
+    `model_config` (the checkpoint's `models.config.LlamaModelConfig`, optional): a recipe's model
+    fingerprint is then checked in full (architecture, vocab, config hash), not only the hidden
+    size, layer count and layer names the built model shows.
     """
     if group is None:
         from megatron.core import parallel_state
 
         group = parallel_state.get_tensor_model_parallel_group()
+    if config.loaded_recipe is not None:
+        _check_recipe(model, config, group, model_config)
+        calibration = calibration or config.loaded_recipe.calibration
     if calibration is None and config.needs_calibration:
         calibration = load_calibration(config.calibration)
     policy = GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes,
@@ -211,6 +287,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         handle._hooks.append(model.register_forward_pre_hook(lambda module, args: feedback.reset()))
     found = 0
     matched: set[str] = set()
+    reselected: dict = {}  # (ratio, rule) -> the calibration's channels for them
     try:
         for name, module in model.named_modules():
             parent, _, leaf = name.rpartition(".")
@@ -228,7 +305,12 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
                     if needs_calibration(spec):
                         calibration.check_matches(tp_size=comm.world_size, hidden=module.output_size,
                                                   model=config.model)
-                        params = calibrated_params(spec, calibration, name)
+                        cal = calibration
+                        if isinstance(spec, OutlierSpec):  # the spec's ratio, the config's rule
+                            key = (spec.ratio, config.outlier_rule)
+                            cal = reselected.get(key) or reselected.setdefault(
+                                key, calibration.reselect(ratio=spec.ratio, rule=config.outlier_rule))
+                        params = calibrated_params(spec, cal, name)
                     codec = make_codec(spec, params)
                     found += 1
                 norm = None if feedback is None else _post_norm(model.get_submodule(parent), name, module)

@@ -6,8 +6,8 @@ realtp (the same on real gloo ranks through apply_tp_compression) -> calibrate_c
 (`tpcomp-calibrate`, `tpcomp-eval-quality`). models / text fetch the real models and texts.
 """
 
-from .calib import PartialSumStats, build_calibration, layer_codecs, reselect
+from .calib import PartialSumStats, build_calibration, layer_codecs
 from .simtp import SimulatedTP, exact_sum, megatron_name, simulated_all_reduce
 
 __all__ = ["PartialSumStats", "SimulatedTP", "build_calibration", "exact_sum", "layer_codecs", "megatron_name",
-           "reselect", "simulated_all_reduce"]
+           "simulated_all_reduce"]

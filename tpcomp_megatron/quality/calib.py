@@ -4,12 +4,11 @@ Statistics follow `tpcomp_megatron.calibration`: per layer, per-channel min and 
 partial sum and, in the last row, of the full (reduced) sum, `[tp + 1, hidden]` float32, and a
 sketch of their leading directions (the low-rank codecs' bases). They do not depend on the outlier
 rule, ratio or rank, so one file serves every (rule, k) and every rank up to its directions:
-`reselect` derives the channels for another choice from the same statistics.
+`Calibration.reselect` derives the channels for another choice from the same statistics.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -109,19 +108,6 @@ def build_calibration(stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
     return Calibration(meta=meta, stats=dict(stats), channels=channels, bases=bases)
 
 
-def reselect(cal: Calibration, *, ratio: int | None = None, rule: str | None = None) -> Calibration:
-    """The same statistics with channels chosen for another ratio and/or rule."""
-    ratio = cal.meta["ratio"] if ratio is None else ratio
-    rule = cal.meta["rule"] if rule is None else rule
-    if (ratio, rule) == (cal.meta["ratio"], cal.meta["rule"]):
-        return cal
-    if rule not in RULES:
-        raise ValueError(f"unknown outlier selection rule {rule!r}; valid: {list(RULES)}")
-    k = num_outliers(cal.meta["hidden"], ratio)
-    channels = {n: select_outlier_channels(lo, hi, k, rule) for n, (lo, hi) in cal.stats.items()}
-    return dataclasses.replace(cal, meta={**cal.meta, "ratio": ratio, "rule": rule}, channels=channels)
-
-
 def layer_codecs(spec: str, layers: Iterable[str], calibration: Calibration | None = None, *,
                  rule: str | None = None) -> dict[str, Codec]:
     """One codec per layer name for `spec`; outlier codecs take their channels from `calibration`
@@ -138,5 +124,5 @@ def layer_codecs(spec: str, layers: Iterable[str], calibration: Calibration | No
         return {n: codec for n in layers}
     if calibration is None:
         raise ValueError(f"codec {spec} needs a calibration file: run tpcomp-calibrate first")
-    cal = reselect(calibration, ratio=parsed.ratio, rule=rule) if isinstance(parsed, OutlierSpec) else calibration
+    cal = calibration.reselect(ratio=parsed.ratio, rule=rule) if isinstance(parsed, OutlierSpec) else calibration
     return {n: make_codec(parsed, calibrated_params(parsed, cal, n)) for n in layers}

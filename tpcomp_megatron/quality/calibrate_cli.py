@@ -11,6 +11,10 @@ selects k = ceil(hidden / ratio) outlier channels per layer with `--rule` and th
 low-rank codecs (`lowrank+...`, up to rank `--directions`, default 64, at most 128), and writes a calibration file (safetensors + JSON
 metadata: model, TP size, layer names, codec, text). The statistics serve every rule, ratio and
 rank: the evaluation re-selects channels from them when asked for another.
+
+With `--recipe PATH --recipe-codec POINT` it also writes a recipe (recipe.py): every layer on
+that codec (runtime grammar, e.g. `outlier+fp4_e2m1/b32/e8m0/k64:feedback=on`), with only the
+calibration data it needs, deployable as `--tp-comm-recipe PATH`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..calibration import RULES, SKETCH_ROWS, Calibration, save_calibration
+from ..codecs import parse_point
 from ..codecs.spec import MAX_RANK
 
 
@@ -53,6 +58,10 @@ class CalibrateConfig:
     """torch threads for the simulated run (the machine is shared)."""
     directions: int = SKETCH_ROWS
     """Low-rank directions kept per source and layer: the largest rank the file serves."""
+    recipe: str | None = None
+    """Also write a recipe here ('{tp}' replaced by the TP size) with every layer on `recipe_codec`."""
+    recipe_codec: str | None = None
+    """The recipe's codec, `SPEC[:rule=RULE][:feedback=on]` (codecs/point.py)."""
 
     def __post_init__(self) -> None:
         if not self.tp or any(not isinstance(t, int) or t < 2 for t in self.tp):
@@ -67,6 +76,15 @@ class CalibrateConfig:
             raise ValueError(f"--ratio must be >= 2, got {self.ratio}")
         if self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if (self.recipe is None) != (self.recipe_codec is None):
+            raise ValueError("--recipe and --recipe-codec go together (the recipe's file and its codec)")
+        if self.recipe is not None:
+            point = parse_point(self.recipe_codec)
+            if point.spec is None or point.algorithm is not None:
+                raise ValueError(f"--recipe-codec {self.recipe_codec!r}: a codec, optionally with :rule= and "
+                                 ":feedback= (the algorithm is the deployment's choice)")
+            if len(set(self.tp)) > 1 and "{tp}" not in self.recipe:
+                raise ValueError("with several --tp sizes, --recipe must contain '{tp}' (one file per TP size)")
         if not 1 <= self.directions <= MAX_RANK:
             raise ValueError(f"--directions must be in [1, {MAX_RANK}] (the largest low-rank rank), got {self.directions}")
 
@@ -130,15 +148,25 @@ def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
         log(f"TP={tp}: {len(cal.stats)} layers, k={next(iter(cal.channels.values())).numel()} channels ({cfg.rule}), "
             f"{time.perf_counter() - t0:.0f} s -> {path}")
         log(summarize(cal))
+        if cfg.recipe is not None:
+            written.append(_write_recipe(cfg, tp, model, model_id, cal))
+            log(f"TP={tp}: recipe ({cfg.recipe_codec}) -> {written[-1]}")
     return written
+
+
+def _write_recipe(cfg: CalibrateConfig, tp: int, model, model_id: str, cal: Calibration) -> Path:
+    from .recipes import write_recipe
+
+    point = parse_point(cfg.recipe_codec)
+    return write_recipe(cfg.recipe.replace("{tp}", str(tp)), model=model, model_id=model_id, tp=tp,
+                        layers={name: str(point.spec) for name in cal.stats}, feedback=bool(point.feedback),
+                        rule=point.rule, calibration=cal)
 
 
 def summarize(cal: Calibration, layers: int = 2) -> str:
     """A few layers' channels and how much the rules agree (selection overlap)."""
-    from .calib import reselect
-
     lines = []
-    others = {r: reselect(cal, rule=r) for r in RULES if r != cal.meta["rule"]}
+    others = {r: cal.reselect(rule=r) for r in RULES if r != cal.meta["rule"]}
     for name in list(cal.channels)[:layers]:
         lines.append(f"  {name}: {cal.channels[name].tolist()}")
     for r, other in others.items():
@@ -162,10 +190,13 @@ def parse_args(argv: list[str] | None = None) -> CalibrateConfig:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--directions", type=int, default=SKETCH_ROWS,
                     help="low-rank directions kept per source and layer (the largest lowrank+ rank served)")
+    ap.add_argument("--recipe", help="also write a recipe file here ('{tp}' is replaced by the TP size)")
+    ap.add_argument("--recipe-codec", metavar="POINT", help="the recipe's codec for every layer, "
+                    "SPEC[:rule=RULE][:feedback=on], e.g. lowrank+fp4_e2m1/b32/e6m2/r4:feedback=on")
     a = ap.parse_args(argv)
     return CalibrateConfig(model=a.model, tp=tuple(a.tp), output=a.output, text=a.text, tokens=a.tokens,
                            seq_len=a.seq_len, ratio=a.ratio, rule=a.rule, real_ranks=a.real_ranks, threads=a.threads,
-                           directions=a.directions)
+                           directions=a.directions, recipe=a.recipe, recipe_codec=a.recipe_codec)
 
 
 def main(argv: list[str] | None = None) -> int:

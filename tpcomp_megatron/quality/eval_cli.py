@@ -35,7 +35,7 @@ class EvalConfig:
     tp: tuple[int, ...] = (2, 4, 8)
     """TP sizes to evaluate every point at."""
     points: tuple[str, ...] = SWEEPS["default"]
-    """Sweep points, `SPEC[:rule=RULE][:algo=one_shot|two_shot]`."""
+    """Sweep points in the runtime grammar (codecs/point.py), `SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on]`."""
     calibration: str | None = None
     """Calibration file ('{tp}' is replaced by the TP size); needed by outlier codecs."""
     text: str = "moby-dick"
@@ -54,6 +54,8 @@ class EvalConfig:
     """Skip points whose record (same model, text, TP, codec, rule, algorithm, mode) is already in `out`."""
     threads: int = 1
     """torch threads (simulated runs); the machine is shared."""
+    rotation: int | None = None
+    """EXPERIMENTAL, simulation only: a rotation of this size in front of every point's block codec."""
 
     def __post_init__(self) -> None:
         if not self.tp or any(not isinstance(t, int) or t < 2 for t in self.tp):
@@ -62,11 +64,11 @@ class EvalConfig:
             raise ValueError("no sweep points: pass --sweep or --codecs")
         if self.seq_len < 2 or self.windows < 1 or self.offset < 0 or self.threads < 1:
             raise ValueError("--seq-len >= 2, --windows >= 1, --offset >= 0 and --threads >= 1 are required")
+        if self.real_ranks and self.rotation is not None:
+            raise ValueError("--rotation is simulation-only (no collective exists for it); drop it with --real-ranks")
         for tp in self.tp:  # parse now: a typo fails before the model loads
             for p in self.points:
-                point = SweepPoint.parse(p, tp)
-                if self.real_ranks and point.experimental:
-                    raise ValueError(f"{p} is simulation-only (no collective exists for it); drop it with --real-ranks")
+                SweepPoint.parse(p, tp, rotation=self.rotation)
 
     def calibration_path(self, tp: int) -> Path | None:
         return Path(self.calibration.replace("{tp}", str(tp))) if self.calibration else None
@@ -107,7 +109,7 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
     out = Path(cfg.out) if cfg.out else default_results_path(model_id)
     sim = SimulatedTP(model)
     hidden = sim.hidden
-    points = [SweepPoint.parse(p, tp) for tp in cfg.tp for p in cfg.points]
+    points = [SweepPoint.parse(p, tp, rotation=cfg.rotation) for tp in cfg.tp for p in cfg.points]
     cals = _load_calibrations(cfg, points, model_id, hidden, canonical_text_spec(cfg.text))
 
     def rule_of(p: SweepPoint) -> str | None:
@@ -116,7 +118,7 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
     if cfg.skip_done:
         done = {_done_key(r) for r in read_records(out)}
         points = [p for p in points if (model_id, windows.description, windows.tokens_scored, p.tp, not cfg.real_ranks,
-                                        p.spec, rule_of(p), p.algorithm, p.feedback) not in done]
+                                        p.codec_label, rule_of(p), p.algorithm, p.feedback) not in done]
         log(f"{len(points)} points left to run")
     if not points:
         return []
@@ -139,7 +141,7 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
         res = run_simulated(model, sim, windows, points, {tp: c for tp, (c, _) in cals.items()}, log=log)
         for p in points:
             records.append(quality_record(totals=res.totals[p], baseline=res.baseline, world_size=p.tp, simulated=True,
-                                          codec=p.spec, bits=res.bits[p], calibration=_calibration_label(p, cals),
+                                          codec=p.codec_label, bits=res.bits[p], calibration=_calibration_label(p, cals),
                                           algorithm=p.algorithm, outlier_rule=rule_of(p), error_feedback=p.feedback,
                                           experimental=p.experimental,
                                           seconds=round(res.seconds[p], 1), **common))
@@ -172,7 +174,8 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8])
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--sweep", choices=sorted(SWEEPS), default="default", help="a built-in list of sweep points")
-    group.add_argument("--codecs", nargs="+", help="sweep points SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on]")
+    group.add_argument("--codecs", nargs="+", help="sweep points SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on] "
+                       "(what --tp-comm-compression takes)")
     ap.add_argument("--calibration", help="calibration file; '{tp}' is replaced by the TP size")
     ap.add_argument("--text", default="moby-dick")
     ap.add_argument("--seq-len", type=int, default=512)
@@ -182,10 +185,12 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     ap.add_argument("--out", help="JSON Lines output (appended)")
     ap.add_argument("--skip-done", action="store_true", help="skip points already recorded in --out")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rotation", type=int, metavar="G", help="EXPERIMENTAL, simulation only: a randomized Hadamard "
+                    "rotation of size G in front of every point's block codec (e.g. --sweep rotation --rotation 64)")
     a = ap.parse_args(argv)
     return EvalConfig(model=a.model, tp=tuple(a.tp), points=tuple(a.codecs or SWEEPS[a.sweep]), calibration=a.calibration,
                       text=a.text, seq_len=a.seq_len, windows=a.windows, offset=a.offset, real_ranks=a.real_ranks,
-                      out=a.out, skip_done=a.skip_done, threads=a.threads)
+                      out=a.out, skip_done=a.skip_done, threads=a.threads, rotation=a.rotation)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,7 +155,6 @@ def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, point
     rank 0 (every rank computes the same gathered logits; only rank 0 scores them)."""
     from ..calibration import load_calibration
     from ..megatron import CompressionConfig, apply_tp_compression
-    from .calib import reselect
 
     base, totals = Totals(), [Totals() for _ in points]
     seconds, fallbacks = [0.0] * len(points), [0] * len(points)
@@ -164,7 +163,7 @@ def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, point
         for p in points:
             cal = None
             if p.calibration:
-                cal = reselect(load_calibration(p.calibration), ratio=p.ratio, rule=p.rule)
+                cal = load_calibration(p.calibration).reselect(ratio=p.ratio, rule=p.rule)
             configs.append((CompressionConfig(spec=p.spec, calibration=p.calibration, min_bytes=0, link="cpu",
                                               algorithm=p.algorithm, overrides=p.overrides,
                                               error_feedback=p.feedback), cal))

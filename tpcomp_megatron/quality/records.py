@@ -1,4 +1,4 @@
-"""Result records (`benchmarks/results/quality_*.jsonl`, fields in RESULTS.md) and where they go."""
+"""Result records (`benchmarks/results/quality_*.jsonl`, fields in benchmarks/results/README.md) and where they go."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """EXPERIMENTAL, simulation only: a block codec applied after a fixed randomized Hadamard rotation.
 
-Spec `rot<G>+<block spec>` (e.g. `rot64+fp4_e2m1/b32/e8m0`): each rank multiplies its partial sum
+`tpcomp-eval-quality --rotation G` (records name the codec `rot<G>+<block spec>`, e.g.
+`rot64+fp4_e2m1/b32/e8m0`; no runtime spec: nothing can deploy it): each rank multiplies its partial sum
 by R = diag(signs) x blockdiag(H_G) (H_G: normalized Hadamard of size G, signs from a fixed seed,
 the same on every rank), block-quantizes it, and the receiver rotates the decoded sum back with
 R^T. R is orthogonal and linear, so the exact sum is unchanged; the rotation spreads a block's
@@ -8,14 +9,14 @@ outlier channels over G channels and makes blocks near-Gaussian, which block cod
 far better. Payload bits are those of the block codec (the rotation sends nothing).
 
 There is no kernel or collective for this: it is measured here to show what such a codec would buy
-(see benchmarks/results/quality_summary.md) before anyone builds one.
+(see benchmarks/results/quality_cpu-amd-epyc_2026-11-23.md) before anyone builds one.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..codecs import BlockSpec, make_codec, parse_codec_spec
+from ..codecs import BlockSpec, make_codec
 from ..codecs.base import Codec
 
 PREFIX = "rot"
@@ -32,22 +33,23 @@ def hadamard(n: int) -> torch.Tensor:
     return (h / n ** 0.5).float()
 
 
-def is_rotated_spec(spec: str) -> bool:
-    return spec.startswith(PREFIX) and "+" in spec and spec[len(PREFIX):spec.index("+")].isdigit()
+def check_rotation(group: int, spec) -> None:
+    """A rotation of size `group` goes in front of a block codec spec."""
+    if not isinstance(group, int) or group < 2 or group & (group - 1):
+        raise ValueError(f"rotation size {group!r} must be a power of two >= 2")
+    if not isinstance(spec, BlockSpec):
+        raise ValueError(f"{spec}: a rotation goes in front of a block codec, not an outlier or low-rank one")
 
 
 class RotatedBlockCodec(Codec):
     """A block codec on `x @ R`; decoding returns to the original basis."""
 
-    def __init__(self, spec: str, hidden: int):
-        head, _, inner_text = spec.partition("+")
-        group = int(head[len(PREFIX):])
-        inner = parse_codec_spec(inner_text)
-        if not isinstance(inner, BlockSpec):
-            raise ValueError(f"{spec}: a rotation goes in front of a block codec spec, got {inner_text!r}")
+    def __init__(self, inner: BlockSpec, group: int, hidden: int):
+        check_rotation(group, inner)
+        spec = f"{PREFIX}{group}+{inner}"
         if hidden % group:
             raise ValueError(f"{spec}: hidden size {hidden} is not a multiple of the rotation size {group}")
-        self.spec = f"{PREFIX}{group}+{inner}"
+        self.spec = spec
         self.inner = make_codec(inner)
         signs = torch.randint(0, 2, (hidden,), generator=torch.Generator().manual_seed(SEED)).float() * 2 - 1
         self.rot = torch.block_diag(*[hadamard(group)] * (hidden // group)) * signs[:, None]

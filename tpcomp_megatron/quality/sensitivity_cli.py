@@ -7,7 +7,7 @@ Ranks the layers on the calibration text (`sensitivity.layer_sensitivity`, simul
 the ranking (`--ranking`, JSON), then evaluates on the evaluation text, for each `--high` codec and
 each k of `--promote`, the plan with the k most sensitive layers on that codec and the rest on
 `--low`: perplexity, top-1 agreement and KL against the uncompressed model, one quality record per
-plan (RESULTS.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_text`). With
+plan (benchmarks/results/README.md fields plus `plan_low`, `plan_high`, `layers_high`, `ranking_text`). With
 `--budget BITS`, each `--high` codec also gets the plan with as many layers as fit the budget:
 
     tpcomp-sensitivity --model smollm2-135m --tp 8 --budget 4.5 \\
@@ -20,6 +20,10 @@ and `sensitivity.allocate` picks the plan of least summed KL within the budget; 
 
     tpcomp-sensitivity --model gemma3-270m --tp 8 --low lowrank+lloyd4/b32/e6m2/r4 --allocate --budget 4.5 \
         --high lowrank+lloyd3/b32/e6m2/r4 lowrank+lloyd5/b32/e6m2/r4 --calibration cal.safetensors --error-feedback
+
+`--recipe PATH` (with `--allocate`) writes the allocated plan as a recipe (recipe.py): every
+layer's codec, error feedback and the calibration data the codecs need, deployable as
+`--tp-comm-recipe PATH`.
 
 Calibrated codecs (`lowrank+...`, `outlier...`) need `--calibration` (a `tpcomp-calibrate` file
 made at `--tp`, never on the evaluation text).
@@ -80,6 +84,8 @@ class SensitivityConfig:
     """Error feedback on, for the ranking and every plan (`--tp-comm-error-feedback` when deployed)."""
     calibration: str | None = None
     """Calibration file for calibrated codecs (low-rank, outlier), made at `tp`."""
+    recipe: str | None = None
+    """With `allocate`: write the allocated plan as a recipe file here."""
 
     def __post_init__(self) -> None:
         if isinstance(self.high, str):
@@ -96,6 +102,8 @@ class SensitivityConfig:
             raise ValueError("calibrated codecs (lowrank+..., outlier...) need --calibration (tpcomp-calibrate --tp N)")
         if any(k < 0 for k in self.promote) or not (self.promote or self.budget is not None):
             raise ValueError(f"--promote: one or more layer counts >= 0 (or a --budget), got {list(self.promote)}")
+        if self.recipe is not None and not self.allocate:
+            raise ValueError("--recipe writes the --allocate plan: add --allocate --budget BITS")
         if self.allocate and self.budget is None:
             raise ValueError("--allocate needs --budget (bits per value)")
         if self.budget is not None and not self.budget > 0:
@@ -134,6 +142,12 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     choices = _promotions(cfg, sens, low_spec, codecs, sim.hidden)
     if cfg.allocate:
         choices.append(_allocation(cfg.budget, kl_by_codec, low_spec, codecs, sim.hidden))
+        if cfg.recipe is not None:
+            from .recipes import write_recipe
+
+            path = write_recipe(cfg.recipe, model=model, model_id=model_id, tp=cfg.tp, layers=choices[-1].specs,
+                                feedback=cfg.feedback, rule=None, calibration=calibration)
+            log(f"recipe of the allocation -> {path}")
     plans = [{n: codecs[c][n] for n, c in ch.specs.items()} for ch in choices]
     base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan, feedback=cfg.feedback) for plan in plans])
     env = environment()
@@ -294,6 +308,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--calibration", help="calibration file (tpcomp-calibrate at --tp) for lowrank+ / outlier+ codecs")
     ap.add_argument("--error-feedback", action="store_true",
                     help="rank and run the plans with error feedback (deploy with --tp-comm-error-feedback)")
+    ap.add_argument("--recipe", help="with --allocate: write the allocated plan as a recipe file (--tp-comm-recipe)")
     a = ap.parse_args(argv)
     promote = tuple(a.promote) if a.promote is not None else () if a.budget is not None else (0, 2, 4)
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,
@@ -301,7 +316,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
                              seq_len=a.seq_len, offset=a.offset, threads=a.threads, out=a.out, ranking=a.ranking,
                              ranking_in=a.ranking_in, real_ranks=a.real_ranks, feedback=a.error_feedback,
-                             calibration=a.calibration)
+                             calibration=a.calibration, recipe=a.recipe)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,9 @@ Inside `with sim.session(tp=N, codecs=...)` a wrapped layer splits its input int
 chunks Megatron would give the ranks (`partition.py`, head-aligned, padding replicated), forms each
 rank's partial sum `x_r @ W_r^T` in the model's dtype, and reduces them:
 * no codecs: exactly, in float32, in rank order;
-* codecs: the one-shot algorithm of `CompressedComm` on the reference codec,
-  `decode_sum(stack(encode(p_r, source=r)))`; or two-shot, whose reduced chunk is requantized with
-  the `REDUCED` source before it is sent again (an extra rounding the one-shot path does not have);
+* codecs: every rank's payload `encode(p_r, source=r)`, reduced by `CompressedComm`'s own
+  reduction step (`comm.reduce.reduce_payloads`): one-shot, or two-shot, whose reduced chunk is
+  requantized with the `REDUCED` source before it is sent again (an extra rounding);
 * with `feedback=True`, each simulated rank keeps an `ErrorFeedback` debt as `CompressedComm`
   does (comm/feedback.py), reset at the start of every forward; on post-norm models (Gemma 2/3)
   each layer pays through the norm its output passes (`PostNorm.probe` of the HF norm).
@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ..codecs.base import REDUCED, Codec
+from ..codecs.point import POINT_ALGORITHMS
 from ..comm.feedback import ErrorFeedback, PostNorm
+from ..comm.reduce import reduce_payloads
 from .partition import RowParallelShapes, rank_columns
 
-ALGORITHMS = ("one_shot", "two_shot")
+ALGORITHMS = POINT_ALGORITHMS
 HF_SLOTS = {"linear_proj": ("self_attn", "o_proj", "self_attention"), "linear_fc2": ("mlp", "down_proj", "mlp")}
 
 Observer = Callable[[str, torch.Tensor], None]
@@ -79,19 +81,19 @@ def simulated_all_reduce(codec: Codec | None, partials: torch.Tensor, *, algorit
         payloads = torch.stack([codec.encode(x, source=r) for r, x in enumerate(sends)])
         if feedback is not None:
             own = torch.stack([codec.decode_f32(p, hidden, source=r) for r, p in enumerate(payloads)])
+        # CompressedComm's reduction step itself (comm/reduce.py). Rows are coded independently,
+        # so reducing all rows at once equals each rank reducing its chunk; with feedback rank r
+        # owns rows chunk r (padded as CompressedComm pads) and that chunk's requantization error.
+        result, error = reduce_payloads(codec, payloads, hidden, algorithm=algorithm, dtype=dtype,
+                                        with_error=algorithm == "two_shot")
         if algorithm == "one_shot":
-            out = codec.decode_sum(payloads, hidden, range(n), dtype=dtype)
+            out = result
         else:
-            # Rows are coded independently, so splitting them into per-rank chunks changes the
-            # output nothing; with feedback rank r owns rows chunk r (padded as CompressedComm
-            # pads) and that chunk's requantization error.
-            summed = codec.decode_sum_f32(payloads, hidden, range(n))
-            requant = codec.decode_f32(codec.encode(summed, source=REDUCED), hidden, source=REDUCED)
-            out = requant.to(dtype)
+            out = codec.decode(result, hidden, source=REDUCED, dtype=dtype)
             if feedback is not None and norm is not None:  # through the norm with the rest
                 chunk = -(-rows // n)
                 for r in range(n):
-                    own[r, r * chunk:(r + 1) * chunk] += (requant - summed)[r * chunk:(r + 1) * chunk]
+                    own[r, r * chunk:(r + 1) * chunk] += error[r * chunk:(r + 1) * chunk]
     if feedback is not None:
         for fb, x, c in zip(feedback, sends, own):
             fb.settle(x, c, out)
@@ -100,7 +102,7 @@ def simulated_all_reduce(codec: Codec | None, partials: torch.Tensor, *, algorit
             # of a rank's chunk comes off its debt
             chunk = -(-rows // n)
             for r, fb in enumerate(feedback):
-                fb.debt[r * chunk:(r + 1) * chunk] -= (requant - summed)[r * chunk:(r + 1) * chunk]
+                fb.debt[r * chunk:(r + 1) * chunk] -= error[r * chunk:(r + 1) * chunk]
     return out
 
 

@@ -1,9 +1,11 @@
 """A quality sweep: sweep points, their codecs, and the simulated-TP evaluation loop.
 
 A point is a codec at one TP size with an outlier rule (outlier codecs), an all-reduce
-algorithm and error feedback on or off, written `SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on]`,
-e.g. `outlier_int4/k64:rule=absmax_max`, `fp4_e2m1/b32/e8m0:algo=two_shot`,
-`fp4_e2m1/b32/e6m2:feedback=on`, `rot64+fp4_e2m1/b32/e8m0` (experimental, see rotation.py).
+algorithm and error feedback on or off, written in the runtime's grammar (codecs/point.py: what
+`--tp-comm-compression` takes) `SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on]`, e.g.
+`outlier_int4/k64:rule=absmax_max`, `fp4_e2m1/b32/e8m0:algo=two_shot`, `fp4_e2m1/b32/e6m2:feedback=on`.
+Experimental, simulation only: `tpcomp-eval-quality --rotation 64` puts a rotation in front of
+every point's block codec (rotation.py; the ROTATION_SWEEP's points).
 
 The loop (`compare`, also used by `sensitivity.py`) runs window-major: each window's uncompressed
 logits are computed once and every point is compared against them while they are in memory (a 262k
@@ -18,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibration import RULES, Calibration
-from ..codecs import OutlierSpec, needs_calibration, parse_codec_spec
+from ..calibration import Calibration
+from ..codecs import CodecPoint, OutlierSpec, needs_calibration, parse_codec_spec, parse_point
 from ..codecs.base import Codec
 from .calib import layer_codecs
 from .metrics import Totals, add_compared, add_reference
-from .rotation import RotatedBlockCodec, is_rotated_spec
-from .simtp import ALGORITHMS, SimulatedTP
+from .rotation import RotatedBlockCodec, check_rotation
+from .simtp import SimulatedTP
 from .text import TokenWindows
 
 DEFAULT_SWEEP = (
@@ -42,10 +44,9 @@ DEFAULT_SWEEP = (
     # hybrid: calibrated outliers in bf16 + a block codec for the rest
     "outlier+fp4_e2m1/b32/e8m0/k64:rule=absmax_max", "outlier+fp4_e2m1/b32/e8m0/k64:rule=range_sq_sum",
     "outlier+fp4_e2m1/b16/e8m0/k64:rule=range_sq_sum", "outlier+fp5_e2m2/b32/e8m0/k64:rule=range_sq_sum",
-    # experimental (simulation only): rotation in front of a block codec
-    "rot64+fp4_e2m1/b32/e8m0", "rot64+fp4_e2m1/b16/e8m0", "rot64+fp4_e2m1/b8/e8m0", "rot64+fp5_e2m2/b32/e8m0",
-    "rot64+fp6_e2m3/b32/e8m0",
 )
+# Experimental (simulation only): with `--rotation 64`, a rotation in front of each block codec.
+ROTATION_SWEEP = ("fp4_e2m1/b32/e8m0", "fp4_e2m1/b16/e8m0", "fp4_e2m1/b8/e8m0", "fp5_e2m2/b32/e8m0", "fp6_e2m3/b32/e8m0")
 # The deployed default at TP >= 4 is two-shot, which requantizes the reduced chunk.
 TWO_SHOT_SWEEP = (
     "fp4_e2m1/b32/e8m0:algo=two_shot", "fp6_e2m3/b32/e8m0:algo=two_shot", "fp8_e4m3/b32/e8m0:algo=two_shot",
@@ -55,22 +56,23 @@ SMALL_SWEEP = (
     "fp4_e2m1/b32/e8m0", "fp4_e2m1/b16/e8m0", "fp4_e2m1/b8/e8m0", "int4/b32/bf16", "fp5_e2m2/b32/e8m0",
     "fp6_e2m3/b32/e8m0", "fp8_e4m3/b32/e8m0", "fp4_e2m1/b32/e8m0up", "fp4_e2m1/b32/e6m2", "outlier_int4/k64:rule=range_sum",
     "outlier_int4/k64:rule=range_sq_sum", "outlier+fp4_e2m1/b32/e8m0/k64:rule=range_sq_sum",
-    "rot64+fp4_e2m1/b32/e8m0", "rot64+fp5_e2m2/b32/e8m0",
 )
 # Error feedback (comm/feedback.py; through the post-norms on Gemma 2/3).
 FEEDBACK_SWEEP = (
     "fp4_e2m1/b32/e6m2:feedback=on", "fp4_e2m1/b16/e6m2:feedback=on", "int4/b32/e6m2:feedback=on",
     "fp5_e2m2/b32/e6m2:feedback=on", "fp4_e2m1/b32/e6m2:algo=two_shot:feedback=on",
 )
-SWEEPS = {"default": DEFAULT_SWEEP, "small": SMALL_SWEEP, "two_shot": TWO_SHOT_SWEEP, "feedback": FEEDBACK_SWEEP}
+SWEEPS = {"default": DEFAULT_SWEEP, "small": SMALL_SWEEP, "two_shot": TWO_SHOT_SWEEP, "feedback": FEEDBACK_SWEEP,
+          "rotation": ROTATION_SWEEP}
 
 
 @dataclass(frozen=True, kw_only=True)
 class SweepPoint:
-    """One evaluated configuration."""
+    """One evaluated configuration: a point of the runtime grammar (codecs/point.py) at a TP size,
+    and, experimental, a rotation in front of its block codec."""
 
     spec: str
-    """Codec spec (project grammar) or an experimental `rot<G>+<block spec>`."""
+    """Codec spec (project grammar, canonical form)."""
     tp: int
     """Tensor-parallel size."""
     rule: str | None = None
@@ -79,61 +81,59 @@ class SweepPoint:
     """'one_shot' or 'two_shot' (requantizes the reduced chunk)."""
     feedback: bool = False
     """Error feedback (comm/feedback.py): each rank carries its error into its next reduction."""
+    rotation: int | None = None
+    """EXPERIMENTAL (`tpcomp-eval-quality --rotation G`, rotation.py): a randomized Hadamard
+    rotation of size G in front of the block codec; simulation only."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp, int) or self.tp < 2:
             raise ValueError(f"TP size must be an integer >= 2 (TP=1 communicates nothing), got {self.tp!r}")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm {self.algorithm!r}: choose one of {list(ALGORITHMS)}")
-        if self.rule is not None and self.rule not in RULES:
-            raise ValueError(f"rule {self.rule!r}: choose one of {list(RULES)}")
-        if self.experimental:
-            return
-        parsed = parse_codec_spec(self.spec)
-        if parsed is None:
+        point = CodecPoint(spec=parse_codec_spec(self.spec), rule=self.rule, algorithm=self.algorithm,
+                           feedback=self.feedback)
+        if point.spec is None:
             raise ValueError("'none' is the baseline, not a sweep point")
-        if self.rule is not None and not isinstance(parsed, OutlierSpec):
-            raise ValueError(f"{self.spec}: ':rule=' applies to outlier codecs only")
-        object.__setattr__(self, "spec", str(parsed))  # canonical form, e.g. defaults filled in
+        if self.rotation is not None:
+            check_rotation(self.rotation, point.spec)
+        object.__setattr__(self, "spec", str(point.spec))  # canonical form, e.g. defaults filled in
 
     @property
     def experimental(self) -> bool:
-        return is_rotated_spec(self.spec)
+        return self.rotation is not None
 
     @property
     def outlier(self) -> bool:
         """An outlier codec (it has a selection rule)."""
-        return not self.experimental and isinstance(parse_codec_spec(self.spec), OutlierSpec)
+        return isinstance(parse_codec_spec(self.spec), OutlierSpec)
 
     @property
     def needs_calibration(self) -> bool:
-        return not self.experimental and needs_calibration(parse_codec_spec(self.spec))
+        return needs_calibration(parse_codec_spec(self.spec))
+
+    @property
+    def codec_label(self) -> str:
+        """The codec as records name it (`rot<G>+<spec>` for a rotated point)."""
+        return self.spec if self.rotation is None else f"rot{self.rotation}+{self.spec}"
 
     @property
     def label(self) -> str:
-        parts = ([self.spec] + ([f"rule={self.rule}"] if self.rule else [])
+        parts = ([self.codec_label] + ([f"rule={self.rule}"] if self.rule else [])
                  + ([f"algo={self.algorithm}"] if self.algorithm != "one_shot" else [])
                  + (["feedback=on"] if self.feedback else []))
         return f"TP={self.tp} " + ":".join(parts)
 
     @classmethod
-    def parse(cls, text: str, tp: int) -> SweepPoint:
-        spec, *opts = text.strip().split(":")
-        kw: dict = {}
-        for opt in opts:
-            key, eq, value = opt.partition("=")
-            bad_value = key == "feedback" and value not in ("on", "off")
-            if not eq or key not in ("rule", "algo", "feedback") or key in kw or bad_value:
-                raise ValueError(f"bad sweep point option {opt!r} in {text!r}; use "
-                                 "SPEC[:rule=RULE][:algo=one_shot|two_shot][:feedback=on|off]")
-            kw[key] = value
-        return cls(spec=spec, tp=tp, rule=kw.get("rule"), algorithm=kw.get("algo", "one_shot"),
-                   feedback=kw.get("feedback") == "on")
+    def parse(cls, text: str, tp: int, *, rotation: int | None = None) -> SweepPoint:
+        """A point written in the runtime grammar (`parse_point`: what `--tp-comm-compression` takes)."""
+        point = parse_point(text)
+        if point.spec is None:
+            raise ValueError("'none' is the baseline, not a sweep point")
+        return cls(spec=str(point.spec), tp=tp, rule=point.rule, algorithm=point.algorithm or "one_shot",
+                   feedback=bool(point.feedback), rotation=rotation)
 
 
 def point_codecs(point: SweepPoint, layers: Sequence[str], hidden: int, calibration: Calibration | None) -> dict[str, Codec]:
     if point.experimental:
-        codec = RotatedBlockCodec(point.spec, hidden)
+        codec = RotatedBlockCodec(parse_codec_spec(point.spec), point.rotation, hidden)
         return {n: codec for n in layers}
     if point.needs_calibration:
         if calibration is None:
