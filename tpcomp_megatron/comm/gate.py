@@ -35,14 +35,15 @@ SEED_THRESHOLDS: dict[tuple[str, int], int] = {
 }
 _TABLE_FILE = Path(__file__).with_name("gate_table.json")
 
-HOST_EXTRA_US = {"one_shot": 106.0, "two_shot": 209.0}
+HOST_EXTRA_US = {"one_shot": 67.0, "two_shot": 130.0}
 """Host time one compressed all-reduce adds over the exact collective inside a real eager prefill,
 per algorithm: one TP rank of a 10-layer Llama-2-13B (TP=2, one-shot) / 70B (TP=8, two-shot)
-shape at 512 tokens, where the forward is host-bound, fp4_e2m1/b32/e6m2, H100, 2026-12-06
-(tools/bench_prefill.py, benchmarks/results/host_overhead_2026-12-06.md; the isolated calls of
-tools/bench_host.py cost about half as much, 52 / 110 us over an NCCL all-reduce call). Such a
-prefill pays it in full, whatever the link. Reduce-scatter and all-gather (one collective and two
-kernels each, like the one-shot) take the one-shot figure."""
+shape at 512 tokens, where the forward is host-bound, fp4_e2m1/b32/e6m2, H100, 2026-12-06, with
+the collectives' replays (comm/replay.py): the larger of two runs, off and on timed in pairs
+(tools/bench_prefill.py, benchmarks/results/host_overhead_replays_2026-12-06.md: 52-67 / 117-130
+us; 106 / 209 before the replays). Such a prefill pays it in full, whatever the link.
+Reduce-scatter and all-gather (one collective and two kernels each, like the one-shot) take the
+one-shot figure."""
 LINK_BYTES_PER_S = {"nvlink": 169e9, "pcie_class": 26e9, "network_class": 3.6e9, "cpu": 3.6e9}
 """bf16 all-reduce message bytes per second of each link class, world size 2, 2048 x 5120
 (../shared/links/h200x2_2026-11-23.json: 0.124 / 0.802 / 5.76 ms for 21 MB); cpu (gloo) taken as
