@@ -399,3 +399,28 @@ def test_direct_c_launch_only_for_the_known_launcher():
     assert _c_launch(Known()) == (c_launch, (False, True, None, None))
     for other in (Newer(), Scratch(), NoLaunch(), object()):
         assert _c_launch(other) is None, type(other).__name__
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2d", "int8/b16/bf16", "outlier+fp4_e2m1/b32/k32",
+                                  "outlier_int4/k32"])
+def test_decode_sum_list_reads_separate_buffers(spec):
+    """`decode_sum_list` of n separately allocated payloads (peers' slots: any addresses, in any
+    order, lower or higher than the first) gives `decode_sum` of them stacked, bit for bit; calls
+    with the same buffers reuse the plan's source table, new buffers get their own."""
+    gen = _gen("list", spec)
+    hidden, n = 256, 3
+    params = outlier_params(hidden, n, 32, gen)
+    codec = make_codec(spec, params)
+    for call in range(3):
+        xs = [outlier_input(5, params, s, torch.bfloat16, gen) for s in range(n)]
+        # separate buffers, some carved out of a larger one at an offset (not at its start)
+        payloads = [K.encode(codec, x, source=s) for s, x in enumerate(xs)]
+        host = torch.zeros(payloads[1].numel() + 64, dtype=torch.uint8)
+        payloads[1] = host[64:].view_as(payloads[1]).copy_(payloads[1])
+        order = [2, 0, 1] if call == 1 else [0, 1, 2]
+        listed = [payloads[i] for i in order]
+        for dtype in (torch.bfloat16, torch.float32):
+            want = K.decode_sum(codec, torch.stack(listed), hidden, sources=order, dtype=dtype)
+            got = K.decode_sum_list(codec, listed, hidden, sources=order, dtype=dtype)
+            assert same(got, want), (spec, call, dtype)
+            assert same(got, codec.decode_sum(torch.stack(listed), hidden, order, dtype=dtype))

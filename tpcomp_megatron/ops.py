@@ -66,7 +66,7 @@ def decode_sum_list(codec: Codec, payloads: Sequence[torch.Tensor], hidden: int,
                     sources: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """Like `decode_sum`, for n separate `[rows, row_bytes]` payloads (e.g. peers' buffers)."""
     k = _use_kernels(payloads[0])
-    if k is not None and hasattr(k, "decode_sum_list"):
+    if k is not None:  # read where they lie (block and hybrid codecs)
         return k.decode_sum_list(codec, list(payloads), hidden, sources=sources, dtype=dtype)
     return decode_sum(codec, torch.stack(list(payloads)), hidden, sources=sources, dtype=dtype)
 

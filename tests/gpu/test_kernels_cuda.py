@@ -365,3 +365,22 @@ def test_collective_replays_cuda(world):
             assert all(same(a.cpu(), b.cpu()) for a, b in zip(outs, want)), codec.spec
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2d", "outlier+fp4_e2m1/b32/k32"])
+def test_decode_sum_list_cuda(spec):
+    """Separate CUDA buffers (as peers' symmetric-memory slots) are read where they lie: the
+    same bytes as stacking them, launched straight through the compiled binary after the first
+    call, the source table built once per address set."""
+    gen = _gen("list", spec)
+    hidden, n = 640, 3
+    params = outlier_params(hidden, n, 32, gen)
+    codec = make_codec(spec, params)
+    for call in range(3):
+        xs = [outlier_input(40, params, s, torch.bfloat16, gen, nonfinite=False).cuda() for s in range(n)]
+        payloads = [K.encode(codec, x, source=s) for s, x in enumerate(xs)]
+        order = [2, 0, 1] if call == 1 else [0, 1, 2]
+        listed = [payloads[i] for i in order]
+        want = K.decode_sum(codec, torch.stack(listed), hidden, sources=order, dtype=torch.bfloat16)
+        got = K.decode_sum_list(codec, listed, hidden, sources=order, dtype=torch.bfloat16)
+        assert same(got.cpu(), want.cpu()), (spec, call)

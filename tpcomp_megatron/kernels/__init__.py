@@ -5,6 +5,8 @@ PyTorch reference (`tpcomp_megatron.codecs`):
 
 * `encode(codec, x, *, source)`: quantize and pack in one pass.
 * `decode_sum(codec, payloads, hidden, *, sources, dtype)`: dequantize and sum n payloads.
+* `decode_sum_list(codec, [payload, ...], hidden, *, sources, dtype)`: `decode_sum` of separate
+  buffers (peers' symmetric-memory slots) read where they lie.
 * `decode_sum_encode(codec, payloads, hidden, *, sources, out_source)`: the two-shot middle,
   dequantize, sum and requantize without leaving registers.
 * `decode_each(codec, payloads, hidden, *, sources, dtype)`: dequantize n payloads side by side.
@@ -20,8 +22,8 @@ and the validated public functions). Built while TRITON_INTERPRET=1 is set, the 
 CPU tensors in Triton's interpreter (that is how CI tests them).
 """
 
-from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode, encode,
-                  encode_feedback, prepare_decode, prepare_encode)
+from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode,
+                  decode_sum_list, encode, encode_feedback, prepare_decode, prepare_encode)
 
 __all__ = ["FEEDBACK_CODECS", "INTERPRETED", "SUPPORTED_CODECS", "decode_each", "decode_sum", "decode_sum_encode",
-           "encode", "encode_feedback", "prepare_decode", "prepare_encode"]
+           "decode_sum_list", "encode", "encode_feedback", "prepare_decode", "prepare_encode"]

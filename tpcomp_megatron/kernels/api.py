@@ -23,7 +23,8 @@ from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
 from . import outlier as _outlier
-from .plans import block_args, check_out, decode_plan, encode_plan, lowrank_bases, memo, static_sources
+from .plans import (block_args, check_out, decode_list_plan, decode_plan, encode_plan, lowrank_bases, memo,
+                    static_sources)
 from .tables import outlier_tables, source_row
 
 Tensor = torch.Tensor
@@ -369,6 +370,36 @@ def decode_sum(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence
                dtype: torch.dtype) -> Tensor:
     """`[n, rows, row_bytes]` -> `[rows, hidden]`: float32 sum in index order from +0.0, as `dtype`."""
     return _decode(codec, payloads, hidden, sources, dtype, "sum")
+
+
+def decode_sum_list(codec: Codec, payloads: Sequence[Tensor], hidden: int, *, sources: Sequence[int],
+                    dtype: torch.dtype) -> Tensor:
+    """`decode_sum` of n separate `[rows, row_bytes]` payloads (e.g. peers' symmetric-memory
+    slots): block and hybrid codecs read them where they lie (`plans.decode_list_plan`); other
+    codecs, and traced calls, decode them stacked."""
+    payloads = list(payloads)
+    if not payloads:
+        raise ValueError("decode_sum_list needs at least one payload")
+    first = payloads[0]
+    direct = isinstance(codec, (BlockCodec, HybridCodec)) and not torch.compiler.is_compiling()
+    if not direct or any(p.shape != first.shape or p.device != first.device or not p.is_contiguous()
+                         for p in payloads):
+        return _decode(codec, torch.stack(payloads), hidden, sources, dtype, "sum")
+    n, sources = len(payloads), tuple(sources)
+    even = all(p.data_ptr() % 2 == 0 for p in payloads)
+    key = ("list", n, first.shape, hidden, dtype, first.device, sources, even)
+    plans = memo(codec)
+    plan = plans.get(key)
+    if plan is None:
+        if first.dim() != 2:
+            raise ValueError(f"payloads must be uint8 [rows, row_bytes] each; got {tuple(first.shape)}")
+        _check_payloads(codec, first.unsqueeze(0), hidden, sources[:1])
+        if len(sources) != n:
+            raise ValueError(f"{len(sources)} sources given for {n} payloads")
+        _check_dtype(dtype)
+        plan = plans[key] = decode_list_plan(codec, n, first.shape[0], first.shape[1], hidden, dtype, first.device,
+                                             even=even)
+    return plan(payloads)
 
 
 def decode_sum_encode(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequence[int],

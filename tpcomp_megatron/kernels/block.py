@@ -139,9 +139,9 @@ def _block_encode_kernel(x_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, 
 
 
 @triton.jit
-def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, rows, hidden, row_bytes, data_bytes,
-                         slots_off, src_stride, LOWRANK: tl.constexpr, N: tl.constexpr, EACH: tl.constexpr,
-                         ENCODE: tl.constexpr,
+def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, src_ptr, rows, hidden, row_bytes,
+                         data_bytes, slots_off, src_stride, LOWRANK: tl.constexpr, N: tl.constexpr,
+                         EACH: tl.constexpr, ENCODE: tl.constexpr, TABLE: tl.constexpr,
                          OUT_KIND: tl.constexpr,
                          OUTLIERS: tl.constexpr, KT: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
                          R: tl.constexpr, T: tl.constexpr, B: tl.constexpr,
@@ -151,7 +151,8 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, 
                          LEVELS: tl.constexpr):
     """Sum of N payloads [N, rows, row_bytes] in float32, in index order from +0.0; stored as
     the output dtype, or (ENCODE) requantized into one payload [rows, row_bytes]. EACH (N = 1):
-    a plain decode, no accumulation."""
+    a plain decode, no accumulation. TABLE: payload i starts `src_ptr[i]` bytes (int64) after
+    `p_ptr` instead of `i * src_stride` (separate buffers, e.g. peers' symmetric memory; I64)."""
     SB: tl.constexpr = 2 if SCALE == SCALE_BF16 else 1
     r = tl.program_id(0) * R + tl.arange(0, R)[:, None]
     col0 = tl.program_id(1) * T
@@ -166,7 +167,10 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, 
         osum = tl.full([R, KT], 0.0, tl.float32)  # the sum at the tile's outlier channels
     acc = tl.full([R, T], 0.0, tl.float32)
     for i in tl.static_range(N):
-        off = (r * 0 + i) * src_stride + row_off  # int64 when I64
+        if TABLE:
+            off = tl.load(src_ptr + i) + row_off
+        else:
+            off = (r * 0 + i) * src_stride + row_off  # int64 when I64
         codes = _load_codes(p_ptr, off, row_mask, col0, hidden, R, T, BITS)
         if SCALE == SCALE_E6M2D:
             stored = _load_delta_scales(p_ptr, off, row_mask, col0, hidden, data_bytes, R, T, B, DELTA_GROUP,
@@ -256,10 +260,13 @@ def encode_launcher(rows: int, hidden: int, row_bytes: int, in_dtype: torch.dtyp
 @lru_cache(maxsize=4096)
 def decode_launcher(n: int, rows: int, hidden: int, row_bytes: int, out_dtype: torch.dtype, device: torch.device, *,
                     element: str, block: int, scale: str, data_bytes: int, window_max: tuple | None, slots_off: int,
-                    encode: bool, each: bool, lowrank: bool, even: bool, tiles: Tiles | None = None) -> Launcher:
+                    encode: bool, each: bool, lowrank: bool, even: bool, table: bool = False,
+                    tiles: Tiles | None = None) -> Launcher:
     """The launch of `_block_decode_kernel` for payloads [n, rows, row_bytes] -> [rows, hidden] of
     `out_dtype` (or, `encode`, the requantized payload; `each`: n = 1 over all rows). Tensors, in
-    order: payloads, out (bf16 as int16), slot, first, chan, lowrank (dummies: payloads)."""
+    order: payloads, out (bf16 as int16), slot, first, chan, lowrank, source table (dummies:
+    payloads). `table`: the payloads are n separate buffers, the first tensor the lowest of them
+    and the table their int64 byte offsets from it."""
     on_gpu = device.type == "cuda"
     tiles = tiles or _choose(rows, hidden, block, scale, on_gpu, window_max is not None)
     kt = 2 if window_max is None else tile_slots(window_max, tiles.cols)
@@ -267,10 +274,10 @@ def decode_launcher(n: int, rows: int, hidden: int, row_bytes: int, out_dtype: t
     kind = 0 if encode else out_kind_of(out_dtype, on_gpu)
     return Launcher(_block_decode_kernel, _grid(rows, hidden, tiles),
                     (rows, hidden, row_bytes, data_bytes, slots_off, rows * row_bytes),
-                    dict(LOWRANK=lowrank, N=n, EACH=each, ENCODE=encode, OUT_KIND=kind,
+                    dict(LOWRANK=lowrank, N=n, EACH=each, ENCODE=encode, TABLE=table, OUT_KIND=kind,
                          OUTLIERS=window_max is not None, KT=kt,
                          EVEN=even and row_bytes % 2 == 0 and slots_off % 2 == 0,
-                         I64=needs_int64(n * rows * row_bytes, out_numel), R=tiles.rows, T=tiles.cols,
+                         I64=table or needs_int64(n * rows * row_bytes, out_numel), R=tiles.rows, T=tiles.cols,
                          **_constexprs(element, block, scale)),
                     dict(num_warps=tiles.num_warps, **LAUNCH_OPTIONS))
 
@@ -320,4 +327,4 @@ def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: in
     launch = decode_launcher(n, rows, hidden, row_bytes, out.dtype, payloads.device, element=element, block=block,
                              scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,
                              encode=encode, each=each, lowrank=lowrank is not None, even=even, tiles=tiles)
-    launch(payloads, dst, slot, first, chan, payloads if lowrank is None else lowrank)
+    launch(payloads, dst, slot, first, chan, payloads if lowrank is None else lowrank, payloads)

@@ -204,7 +204,7 @@ def decode_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: to
             else:
                 part = lowrank_sum(coefs, bases)
                 out = torch.empty(sum_shape, dtype=kind, device=device)
-            launch(p, out.view(torch.int16) if out.dtype == torch.bfloat16 else out, p, p, p, part)
+            launch(p, out.view(torch.int16) if out.dtype == torch.bfloat16 else out, p, p, p, part, p)
             return encode_payload(codec, out, source=out_source) if encode else out
         return _plan(low, launch)
     slot, first, chan = (slot, first, chan) if slot is not None else (None, None, None)
@@ -213,9 +213,52 @@ def decode_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: to
         out = torch.empty(shape, dtype=out_dtype, device=device)
         dst = out.view(torch.int16) if out_dtype == torch.bfloat16 else out  # bf16 stored as bits
         if slot is None:
-            launch(p, dst, p, p, p, p)
+            launch(p, dst, p, p, p, p, p)
         else:
-            launch(p, dst, slot, first, chan, p)
+            launch(p, dst, slot, first, chan, p, p)
         return out
     return _plan(block_decode, launch)
 
+
+
+MAX_TABLES = 64
+"""Source tables kept per list plan (address sets: a transport's peer slots repeat)."""
+
+
+def decode_list_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: torch.dtype,
+                     device: torch.device, *, even: bool) -> Callable:
+    """`plan(payloads)` for n separate validated payloads [rows, row_bytes] of a block or hybrid
+    codec (e.g. peers' symmetric-memory slots): their sum [rows, hidden] in `dtype`, read where
+    they lie, with no stacked copy. The kernel reads payload i at the lowest payload's address
+    plus a byte offset from a device table, built on the first call with each set of addresses
+    (a host-to-device copy: warm up before CUDA-graph capture) and kept (`even`: every payload
+    sits at an even address)."""
+    element, block, scale, data_bytes, slot, first, chan, window_max, slots_off = block_args(codec, hidden, device)
+    launch = _block.decode_launcher(n, rows, hidden, row_bytes, dtype, device, element=element, block=block,
+                                    scale=scale, data_bytes=data_bytes, window_max=window_max or None,
+                                    slots_off=slots_off, encode=False, each=False, lowrank=False, even=even,
+                                    table=True)
+    shape = (rows, hidden)
+    tables: dict = {}
+
+    def block_list(payloads: Sequence[Tensor]) -> Tensor:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        if rows == 0:
+            return out
+        ptrs = tuple(p.data_ptr() for p in payloads)
+        got = tables.get(ptrs)
+        if got is None:
+            lo = min(range(n), key=ptrs.__getitem__)
+            offsets = torch.tensor([q - ptrs[lo] for q in ptrs], dtype=torch.int64).to(device)
+            if len(tables) >= MAX_TABLES:
+                tables.clear()
+            got = tables[ptrs] = (lo, offsets)
+        lo, offsets = got
+        base = payloads[lo]
+        dst = out.view(torch.int16) if dtype == torch.bfloat16 else out  # bf16 stored as bits
+        if slot is None:
+            launch(base, dst, base, base, base, base, offsets)
+        else:
+            launch(base, dst, slot, first, chan, base, offsets)
+        return out
+    return _plan(block_list, launch)
