@@ -24,7 +24,12 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from ..calibration import Calibration, load_calibration
 from ..codecs import BlockSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec
-from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
+import torch.distributed as dist
+
+from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config, detect_link
+from ..comm.collectives import _log_once
+from ..comm.table import TableKey
+from ..comm.table import resolve as resolve_gate_table
 from ..comm.feedback import ErrorFeedback, PostNorm
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from .mappings import LayerCompression
@@ -64,6 +69,11 @@ class CompressionConfig:
     error_feedback: bool = False
     """Carry each rank's quantization error into its next compressed reduction
     (`--tp-comm-error-feedback`, comm/feedback.py): same bits, errors telescope along depth."""
+    gate_table: str | None = None
+    """The gate's measured table (`--tp-comm-gate-table`, written by `tpcomp-tune`): a path, 'seed'
+    (the seed thresholds, no table), or None: the cached table of this machine, device, world size,
+    link and versions (`~/.cache/tpcomp-megatron/gate/`), else the seed thresholds. A table measured
+    under another key is refused, naming the field."""
     reduce_spec: object = field(init=False, repr=False, compare=False)
     override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
@@ -90,6 +100,8 @@ class CompressionConfig:
             raise ValueError(f"algorithm {self.algorithm!r}: choose one of {list(ALGORITHMS)}")
         GatePolicy(algorithm=self.algorithm, link=self.link if self.link != "auto" else "cpu", min_bytes=self.min_bytes,
                    transport=self.transport)
+        if self.gate_table is not None and not isinstance(self.gate_table, str):
+            raise ValueError(f"gate_table must be a path, 'seed' or None, got {type(self.gate_table).__name__}")
         object.__setattr__(self, "gather_codec_spec", gather_spec)
 
     @property
@@ -184,6 +196,25 @@ def _post_norm(parent: torch.nn.Module, name: str, module: RowParallelLinear) ->
     return PostNorm.probe(norm, module.output_size)
 
 
+def _gate_policy(config: CompressionConfig, group) -> tuple[GatePolicy, str | None]:
+    """(this rank's gate policy, with the measured table it found; why the table cannot serve
+    this run, or None). Never raises for a table: a rank alone raising would leave its peers
+    waiting in the configuration check, so the refusal goes through that check first."""
+    link = config.link if config.link != "auto" else detect_link()
+    key = TableKey.current(dist.get_world_size(group), link, dist.get_backend(group))
+    refusal = None
+    try:
+        table, source = resolve_gate_table(config.gate_table, key)
+    except (OSError, ValueError) as e:
+        table, source, refusal = None, "", str(e)
+    policy = GatePolicy(algorithm=config.algorithm, link=link, min_bytes=config.min_bytes,
+                        transport=config.transport, table=table)
+    refusal = refusal or policy.table_refusal(group)
+    if config.enabled and refusal is None:
+        _log_once(f"tpcomp-megatron gate: {source}")
+    return policy, refusal
+
+
 def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, group=None,
                          calibration: Calibration | None = None) -> CompressionHandle:
     """Attach compression to `model`'s tensor-parallel layers; returns a handle with `remove()`.
@@ -197,10 +228,12 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         group = parallel_state.get_tensor_model_parallel_group()
     if calibration is None and config.needs_calibration:
         calibration = load_calibration(config.calibration)
-    policy = GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes,
-                        transport=config.transport)
-    # the gate's settings as resolved on this rank (e.g. the detected link class) are checked too
-    check_same_config(f"{config.describe(calibration)} gate: {policy.describe()}", group)
+    policy, refusal = _gate_policy(config, group)
+    # the gate's settings as resolved on this rank (e.g. the detected link class, the measured
+    # table's identity, whether this rank refused it) are checked too: ranks that differ fail here
+    check_same_config(f"{config.describe(calibration)} gate: {policy.describe()} refused={refusal}", group)
+    if refusal:
+        raise ValueError(refusal)
     if not config.enabled:
         return CompressionHandle(None)
     comm = CompressedComm(group, policy)
