@@ -90,8 +90,9 @@ class GatePolicy:
     from symmetric memory), or 'auto' (symm_mem on NVLink with CUDA, else nccl)."""
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     table: GateTable | None = None
-    """A table measured on this machine (`tpcomp-tune`): all-reduces are compressed where it
-    measured compression faster, instead of by the thresholds (`min_bytes` still overrides both).
+    """A table measured on this machine (`tpcomp-tune`): all-reduces of the paths it measured are
+    compressed where it measured compression faster, instead of by the thresholds (`min_bytes`
+    still overrides both).
     A table measured under another key is refused by `table_refusal` / `check_group`."""
 
     def __post_init__(self) -> None:
@@ -137,11 +138,14 @@ class GatePolicy:
         if why:
             raise ValueError(why)
 
-    def measured(self, x: torch.Tensor, codec: Codec, extra_cost: float, algorithm: str) -> str | None:
-        """The measured table's answer for an all-reduce of `x` (see `GateTable.why_exact`); one-shot
-        payloads travel by the policy's transport, two-shot ones by NCCL."""
+    def table_path(self, codec: Codec, algorithm: str) -> str | None:
+        """The measured table's name of this all-reduce path (one-shot payloads travel by the
+        policy's transport, two-shot ones by NCCL), or None where the table did not measure it."""
+        if self.table is None:
+            return None
         transport = self.transport if algorithm == "one_shot" else "nccl"
-        return self.table.why_exact(path_name(str(codec.spec), algorithm, transport), x.numel() * 2, extra_cost)
+        path = path_name(str(codec.spec), algorithm, transport)
+        return path if self.table.measures(path) else None
 
     def threshold(self, world_size: int, codec: Codec, hidden: int, extra_cost: float = 1.0,
                   algorithm: str = "one_shot") -> int:
@@ -183,8 +187,8 @@ def ineligible(x: torch.Tensor, codec: Codec, world_size: int, policy: GatePolic
     """Why `x` must take the exact collective, or None when it can be compressed (`extra_cost`,
     `algorithm`: see `GatePolicy.threshold`). A pure function of its arguments (the policy is
     frozen): callers cache its answer per shape, dtype and codec. All-reduces (`op`) follow the
-    policy's measured table where it has one; the sequence-parallel collectives, which the table
-    does not measure, the thresholds."""
+    policy's measured table where it measured their path; the sequence-parallel collectives and
+    unmeasured codecs (e.g. calibrated ones), the thresholds."""
     if x.dtype not in SUPPORTED_DTYPES:
         return f"dtype {x.dtype}"
     if x.dim() == 0 or x.numel() == 0:
@@ -195,8 +199,9 @@ def ineligible(x: torch.Tensor, codec: Codec, world_size: int, policy: GatePolic
         return why
     if rows_divisible and x.shape[0] % world_size:
         return f"first dimension {x.shape[0]} not divisible by world size {world_size}"
-    if policy.table is not None and policy.min_bytes is None and op == "all_reduce":
-        return policy.measured(x, codec, extra_cost, algorithm)
+    path = policy.table_path(codec, algorithm) if policy.min_bytes is None and op == "all_reduce" else None
+    if path is not None:
+        return policy.table.why_exact(path, x.numel() * 2, extra_cost)
     if x.numel() * 2 < policy.threshold(world_size, codec, hidden, extra_cost, algorithm):
         return "below size threshold"
     return None

@@ -146,12 +146,15 @@ class GateTable:
     def paths(self) -> list[str]:
         return sorted({p for r in self.rows for p in r.ms})
 
+    def measures(self, path: str) -> bool:
+        return all(path in r.ms for r in self.rows)
+
     def why_exact(self, path: str, nbytes: int, extra: float = 1.0) -> str | None:
-        """Why a message of `nbytes` (bf16) must take the exact all-reduce rather than `path`, or
-        None: compressed only where the measured sizes on both sides of it (or the size itself, or,
-        above the largest, the largest) measured `path` faster."""
-        if not any(path in r.ms for r in self.rows):
-            return f"gate table: {path} not measured (run tpcomp-tune with this codec, algorithm and transport)"
+        """Why a message of `nbytes` (bf16) must take the exact all-reduce rather than `path` (a
+        path it `measures`), or None: compressed only where the measured sizes on both sides of it
+        (or the size itself, or, above the largest, the largest) measured `path` faster."""
+        if not self.measures(path):
+            raise ValueError(f"gate table {self.source or self.digest} did not measure {path}")
         below = [r for r in self.rows if r.nbytes <= nbytes]
         if not below:
             return WHY_SMALL

@@ -150,6 +150,22 @@ def _graph_ms(fn, cfg: TuneConfig, group, device, what: str) -> float:
     return _samples(graph.replay, cfg.iters, cfg, group, device)
 
 
+def _time(c: Candidate, x, mode: str, cfg: TuneConfig, group, link: str, comms: dict, device, notes: list) -> float:
+    """This rank's ms per call of `c` on `x` in `mode`. PyTorch's symmetric-memory all-reduces are
+    for comparison only: where one fails (size or alignment limits of this torch) it is left out
+    (inf: the MAX over ranks keeps it out everywhere); a failing compressed path is an error."""
+    try:
+        fn = _runner(c, x, group, link, comms)
+        if mode == "eager":
+            return _eager_ms(fn, cfg, group, device)
+        return _graph_ms(fn, cfg, group, device, f"{c.name} at {x.shape[0]} tokens")
+    except RuntimeError as e:
+        if c.name not in SYMM_EXACT.values():
+            raise
+        notes.append(f"{c.name} at {x.shape[0]} tokens ({mode}) failed on rank {dist.get_rank(group)}: {e}")
+        return float("inf")
+
+
 def tune(cfg: TuneConfig, group=None) -> TuneResult:
     """Measure every path of `cfg` over `group` (default: the world); collective: every rank of
     the group calls it with the same `cfg`."""
@@ -157,20 +173,20 @@ def tune(cfg: TuneConfig, group=None) -> TuneResult:
     backend = dist.get_backend(group)
     device = _device(backend)
     link = detect_link() if cfg.link == "auto" else cfg.link
-    modes = ["eager"] + (["graph"] if cfg.graph and device.type == "cuda" else [])
+    single = dist.get_world_size(group) == 1
+    modes = ["eager"] + (["graph"] if cfg.graph and device.type == "cuda" and not single else [])
     cands, notes = candidates(cfg, group, link)
-    if dist.get_world_size(group) == 1:
-        notes.append("world size 1: every collective returns at once; the table only shows the tool works")
+    if single:
+        notes.append("world size 1: every collective returns at once (no graph to capture); the table only "
+                     "shows the tool works")
     comms: dict = {}
     local: dict = {}
     gen = torch.Generator(device=device).manual_seed(1234 + dist.get_rank(group))
     for tokens in cfg.tokens:
         x = torch.randn(tokens, cfg.hidden, generator=gen, device=device).to(torch.bfloat16)
         for c in cands:
-            fn = _runner(c, x, group, link, comms)
-            local[(tokens, c.name, "eager")] = _eager_ms(fn, cfg, group, device)
-            if "graph" in modes:
-                local[(tokens, c.name, "graph")] = _graph_ms(fn, cfg, group, device, f"{c.name} at {tokens} tokens")
+            for mode in modes:
+                local[(tokens, c.name, mode)] = _time(c, x, mode, cfg, group, link, comms, device, notes)
         del x
     for (algo, transport), comm in comms.items():  # a compressed path that fell back timed the wrong thing
         if comm.stats.fallback_reasons.keys() - {"layer left exact"}:
@@ -178,8 +194,9 @@ def tune(cfg: TuneConfig, group=None) -> TuneResult:
     slowest = torch.tensor(list(local.values()), dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
     worst = dict(zip(local, slowest.tolist()))
-    rows = tuple(SizeRow(tokens=t, hidden=cfg.hidden,
-                         ms={c.name: {m: worst[(t, c.name, m)] for m in modes} for c in cands})
+    rows = tuple(SizeRow(tokens=t, hidden=cfg.hidden,  # (a lossless comparison path that failed: left out)
+                         ms={c.name: {m: worst[(t, c.name, m)] for m in modes} for c in cands
+                             if all(worst[(t, c.name, m)] < float("inf") for m in modes)})
                  for t in cfg.tokens)
     key = TableKey.current(dist.get_world_size(group), link, backend)
     meta = {"date": datetime.date.today().isoformat(), "command": " ".join(["tpcomp-tune"] + sys.argv[1:]),
