@@ -319,3 +319,17 @@ def test_stats_count_calls_per_size_bucket_with_reasons():
     assert "[1 MiB, 2 MiB)" in text and f"{WHY_SMALL} (2)" in text and "3 compressed / 3 exact" in text
     s.reset()
     assert s.by_bucket() == {} and s.compressed_at == {}
+
+
+def test_tune_on_a_one_process_stand_in_group_writes_a_table_no_real_run_takes(tmp_path):
+    """`--pg mirror`: one process standing in for rank 0 of 4 (one rank's host and kernel time);
+    its table's link is the stand-in's name, so a real run refuses it."""
+    from tpcomp_megatron.tune.cli import main
+
+    assert not dist.is_initialized()
+    main(["--hidden", str(HIDDEN), "--tokens", "4", "--codecs", FAST, "--warmup", "0", "--iters", "1",
+          "--repeats", "1", "--pg", "mirror", "--world-size", "4", "--out", str(tmp_path / "t.json"), "--no-cache"])
+    assert not dist.is_initialized()
+    table = GateTable.load(tmp_path / "t.json")
+    assert table.key.link == "mirror" and table.key.world_size == 4
+    assert "link: table 'mirror', this run 'cpu'" in table.refusal(_key(world_size=4))

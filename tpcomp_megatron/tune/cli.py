@@ -54,18 +54,35 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", metavar="PNG", help="plot speedup against message size (matplotlib; rank 0)")
     ap.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                     help="process group when not already initialized (auto: NCCL with CUDA, else gloo)")
+    ap.add_argument("--pg", choices=("mirror", "fake"), default=None,
+                    help="instead: one process standing in for rank 0 of --world-size ranks (testing/onerank.py): "
+                         "its host and kernel time without a link; the table's link is the stand-in's name, so "
+                         "no real run uses it")
+    ap.add_argument("--world-size", type=int, default=2, help="with --pg: the world size simulated")
     return ap
 
 
-def _init(backend: str) -> None:
-    """The default group from torchrun's environment, or a 1-rank group without it."""
+def _init(backend: str, pg: str | None = None, world_size: int = 2) -> None:
+    """The default group from torchrun's environment, a 1-rank group without it, or (`pg`) a
+    one-process stand-in for rank 0 of `world_size` ranks."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if pg == "fake":
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        return
+    if pg == "mirror":
+        from ..testing.onerank import register_mirror_backend
+
+        register_mirror_backend()
+        dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world_size)
+        return
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     kw = {}
     if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        kw["device_id"] = device
+        kw["device_id"] = torch.device("cuda", torch.cuda.current_device())
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kw)
     else:
@@ -84,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                          layers=layers)
     except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
+    if args.world_size < 1:
+        ap.error(f"--world-size must be >= 1, got {args.world_size}")
     own = not dist.is_initialized()
     if own:
-        _init(args.backend)
+        _init(args.backend, args.pg, args.world_size)
     try:
         result = tune(cfg)
         table, rank = result.table, dist.get_rank()

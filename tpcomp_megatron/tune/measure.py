@@ -27,6 +27,8 @@ from ..comm.symm import symm_mem_available
 from ..comm.table import EXACT, GateTable, SizeRow, TableKey, path_name
 from .config import TuneConfig
 
+STAND_INS = ("mirror", "fake")
+"""One-process stand-in groups (testing/onerank.py): one rank's host and kernel work, no link."""
 SYMM_EXACT = {"one_shot": "exact symm_mem one_shot", "two_shot": "exact symm_mem two_shot"}
 """Path names of PyTorch's lossless symmetric-memory bf16 all-reduces (for comparison)."""
 
@@ -172,10 +174,13 @@ def tune(cfg: TuneConfig, group=None) -> TuneResult:
     group = group if group is not None else dist.group.WORLD
     backend = dist.get_backend(group)
     device = _device(backend)
+    simulated = backend in STAND_INS
     link = detect_link() if cfg.link == "auto" else cfg.link
     single = dist.get_world_size(group) == 1
     modes = ["eager"] + (["graph"] if cfg.graph and device.type == "cuda" and not single else [])
     cands, notes = candidates(cfg, group, link)
+    if simulated:  # a stand-in has no link: its name is the key's link, so no real run takes its table
+        notes.append(f"stand-in process group '{backend}': one rank's host and kernel time, no link")
     if single:
         notes.append("world size 1: every collective returns at once (no graph to capture); the table only "
                      "shows the tool works")
@@ -192,13 +197,14 @@ def tune(cfg: TuneConfig, group=None) -> TuneResult:
         if comm.stats.fallback_reasons.keys() - {"layer left exact"}:
             raise RuntimeError(f"{algo} {transport}: a compressed call fell back ({dict(comm.stats.fallback_reasons)})")
     slowest = torch.tensor(list(local.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+    if not simulated:  # (one process: its times are the slowest; a stand-in's all-reduce is no MAX)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
     worst = dict(zip(local, slowest.tolist()))
     rows = tuple(SizeRow(tokens=t, hidden=cfg.hidden,  # (a lossless comparison path that failed: left out)
                          ms={c.name: {m: worst[(t, c.name, m)] for m in modes} for c in cands
                              if all(worst[(t, c.name, m)] < float("inf") for m in modes)})
                  for t in cfg.tokens)
-    key = TableKey.current(dist.get_world_size(group), link, backend)
+    key = TableKey.current(dist.get_world_size(group), backend if simulated else link, backend)
     meta = {"date": datetime.date.today().isoformat(), "command": " ".join(["tpcomp-tune"] + sys.argv[1:]),
             "model": cfg.model, "layers": cfg.layers, "modes": modes, "warmup": cfg.warmup, "iters": cfg.iters,
             "repeats": cfg.repeats, "notes": notes, "timing": "slowest rank's median ms per call"}
