@@ -53,5 +53,6 @@ setup(
         "tpcomp-calibrate=tpcomp_megatron.quality.calibrate_cli:main",
         "tpcomp-eval-quality=tpcomp_megatron.quality.eval_cli:main",
         "tpcomp-sensitivity=tpcomp_megatron.quality.sensitivity_cli:main",
+        "tpcomp-tune=tpcomp_megatron.tune.cli:main",
     ]},
 )

@@ -34,6 +34,18 @@ def tiny_config(tp: int, *, sp: bool = False, layers: int = 2):
     )
 
 
+def one_row_parallel_layer(world, size):
+    """A module holding one stock `self_attention.linear_proj` of `size` x `size`."""
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    model = torch.nn.Module()
+    model.self_attention = torch.nn.Module()
+    model.self_attention.linear_proj = RowParallelLinear(size, size, config=tiny_config(world),
+                                                         init_method=torch.nn.init.zeros_, bias=False,
+                                                         input_is_parallel=True, skip_bias_add=True)
+    return model
+
+
 def tiny_gpt(tp: int, *, sp: bool = False, vocab: int = 256, core_attention=None):
     """A Llama-style GPTModel (RMSNorm, SwiGLU, GQA, RoPE, untied output) on the local spec."""
     from megatron.core.models.gpt import GPTModel

@@ -1,5 +1,7 @@
 """CompressedRowParallelLinear / CompressedColumnParallelLinear against stock Megatron layers."""
 
+import time
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from tpcomp_megatron.megatron import (CompressedColumnParallelLinear, Compressed
                                       LayerCompression)
 from tpcomp_megatron.testing import run_ranks
 
-from megatron_helpers import init_megatron, tiny_config
+from megatron_helpers import init_megatron, one_row_parallel_layer, tiny_config
 
 
 def _row_pair(cls_a, cls_b, config, seed):
@@ -189,38 +191,28 @@ def test_per_layer_overrides():
     assert unused and "match no compressed row-parallel layer" in unused and "decoder.layer.0.*" in unused
 
 
-def _one_row_parallel_layer(world, size):
-    """A module holding one stock `self_attention.linear_proj` of `size` x `size`."""
-    from megatron.core.tensor_parallel.layers import RowParallelLinear
-
-    model = torch.nn.Module()
-    model.self_attention = torch.nn.Module()
-    model.self_attention.linear_proj = RowParallelLinear(size, size, config=tiny_config(world),
-                                                         init_method=torch.nn.init.zeros_, bias=False,
-                                                         input_is_parallel=True, skip_bias_add=True)
-    return model
-
-
 def _link_mismatch(rank, world):
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
 
     _ctx = init_megatron(world)  # noqa: F841
-    model = _one_row_parallel_layer(world, 1024)
+    model = one_row_parallel_layer(world, 1024)
     cfg = CompressionConfig(spec="fp4_e2m1/b32/e6m2", link="cpu" if rank == 0 else "nvlink")
+    t0 = time.monotonic()
     try:
         apply_tp_compression(model, cfg)
     except ValueError as e:
-        return str(e)
-    return None
+        return str(e), time.monotonic() - t0
+    return None, time.monotonic() - t0
 
 
 def test_ranks_differing_only_in_link_fail_at_setup():
     """Ranks whose gates would choose different collectives (here: only the link class differs,
     so at 1 MB one compresses and the other does not) fail at apply_tp_compression, naming the
     setting, instead of hanging in their first forward (a regression times out here)."""
-    for msg in run_ranks(_link_mismatch, 2, timeout_s=90, pg_timeout_s=30):
+    for msg, elapsed in run_ranks(_link_mismatch, 2, timeout_s=90, pg_timeout_s=30):
         assert msg and "different compression configurations" in msg
         assert "link=cpu" in msg and "link=nvlink" in msg
+        assert elapsed < 10, f"the refusal took {elapsed:.1f} s"
 
 
 def _calibration_of_another_model(rank, world):
@@ -228,7 +220,7 @@ def _calibration_of_another_model(rank, world):
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
 
     _ctx = init_megatron(world)  # noqa: F841
-    model = _one_row_parallel_layer(world, 64)
+    model = one_row_parallel_layer(world, 64)
     name = "self_attention.linear_proj"
     cal = Calibration(meta={"tp_size": world, "hidden": 64, "model": "other-model", "version": 2,
                             "layers": [name]},

@@ -70,6 +70,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "NCCL's all-gather, or auto (symm_mem on NVLink; NCCL, said once, where it cannot run)")
     g.add_argument("--tp-comm-min-bytes", type=int, default=None, metavar="N",
                    help="compress messages of at least N bytes (bf16), overriding the measured gate; 0 = always")
+    g.add_argument("--tp-comm-gate-table", default=None, metavar="PATH",
+                   help="the gate's measured table (written by tpcomp-tune on this machine); 'seed': the seed "
+                        "thresholds; default: the cached table matching this device, world size, link and "
+                        "versions (~/.cache/tpcomp-megatron/gate/), else the seed thresholds")
     return parser
 
 
@@ -87,4 +91,5 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         overrides=tuple(args.tp_comm_compression_override),
         error_feedback=args.tp_comm_error_feedback,
         recipe=args.tp_comm_recipe,
+        gate_table=args.tp_comm_gate_table,
     )

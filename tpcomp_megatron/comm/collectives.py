@@ -73,6 +73,7 @@ class CompressedComm:
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self._policy = policy if policy is not None else GatePolicy()
+        self._policy.check_group(self.group)  # a measured table from another setup is refused
         self.stats = CommStats()
         self._symm = None  # SymmMemTransport, created on the first one-shot call that can use it
         self._symm_wanted = self._policy.transport == "symm_mem"
@@ -113,7 +114,8 @@ class CompressedComm:
             why = "1-D tensor (a reduce-scatter splits its elements, not rows)"
         else:
             why = ineligible(x, codec, n, self.policy, rows_divisible=op == "reduce_scatter",
-                             extra_cost=extra, algorithm="two_shot" if op == "two_shot" else "one_shot")
+                             extra_cost=extra, algorithm="two_shot" if op == "two_shot" else "one_shot",
+                             op="all_reduce" if op in ("one_shot", "two_shot") else op)
         if why:
             return why, 0, 0
         rows, row_bytes = x.numel() // x.shape[-1], codec.row_bytes(x.shape[-1])

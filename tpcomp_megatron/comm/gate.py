@@ -6,7 +6,9 @@ table maps (link, world_size) to the smallest bf16 message, in bytes, worth comp
 ~4-bit codec. Wider codecs save less, so their threshold is scaled by the inverse of the saving.
 
 Seeded conservatively (compression only for large messages) until the kernel benchmark measures
-the real crossovers; `tools/bench_collectives.py` prints the table it derives.
+the real crossovers; `tools/bench_collectives.py` prints the table it derives. A table measured on
+the machine itself (`tpcomp-tune`, comm/table.py) replaces the thresholds for all-reduces: the
+gate then compresses exactly where compression was measured faster there.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..codecs.base import SUPPORTED_DTYPES, Codec
+from .table import GateTable, TableKey, path_name
 
 LINKS = ("nvlink", "pcie_class", "network_class", "cpu")
 ALGORITHMS = ("auto", "one_shot", "two_shot")
@@ -87,8 +90,15 @@ class GatePolicy:
     """How one-shot payloads travel: 'nccl' (all-gather), 'symm_mem' (peer reads over NVLink
     from symmetric memory), or 'auto' (symm_mem on NVLink with CUDA, else nccl)."""
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    table: GateTable | None = None
+    """A table measured on this machine (`tpcomp-tune`): all-reduces of the paths it measured are
+    compressed where it measured compression faster, instead of by the thresholds (`min_bytes`
+    still overrides both).
+    A table measured under another key is refused by `table_refusal` / `check_group`."""
 
     def __post_init__(self) -> None:
+        if self.table is not None and not isinstance(self.table, GateTable):
+            raise ValueError(f"table must be a GateTable (GateTable.load(path)), got {type(self.table).__name__}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; valid: {list(ALGORITHMS)}")
         if self.link != "auto" and self.link not in LINKS:
@@ -109,8 +119,34 @@ class GatePolicy:
         part of the cross-rank configuration check."""
         table = ",".join(f"{link}/{world}:{b}" for (link, world), b in sorted(self.thresholds.items()))
         host = ",".join(f"{a}:{us}" for a, us in sorted(HOST_EXTRA_US.items()))
+        measured = self.table.digest if self.table is not None else "none"
         return (f"link={self.link} transport={self.transport} algorithm={self.algorithm} "
-                f"min_bytes={self.min_bytes} thresholds=[{table}] host_us=[{host}]")
+                f"min_bytes={self.min_bytes} thresholds=[{table}] host_us=[{host}] table={measured}")
+
+    def table_refusal(self, group) -> str | None:
+        """Why the measured table cannot serve `group` (another device, world size, link or
+        torch / NCCL / project version: the message names the fields), or None."""
+        if self.table is None:
+            return None
+        import torch.distributed as dist
+
+        run = TableKey.current(dist.get_world_size(group), self.link, dist.get_backend(group))
+        return self.table.refusal(run)
+
+    def check_group(self, group) -> None:
+        """Raise ValueError where the measured table does not match `group`'s run (`table_refusal`)."""
+        why = self.table_refusal(group)
+        if why:
+            raise ValueError(why)
+
+    def table_path(self, codec: Codec, algorithm: str) -> str | None:
+        """The measured table's name of this all-reduce path (one-shot payloads travel by the
+        policy's transport, two-shot ones by NCCL), or None where the table did not measure it."""
+        if self.table is None:
+            return None
+        transport = self.transport if algorithm == "one_shot" else "nccl"
+        path = path_name(str(codec.spec), algorithm, transport)
+        return path if self.table.measures(path) else None
 
     def threshold(self, world_size: int, codec: Codec, hidden: int, extra_cost: float = 1.0,
                   algorithm: str = "one_shot") -> int:
@@ -147,9 +183,13 @@ class GatePolicy:
 
 
 def ineligible(x: torch.Tensor, codec: Codec, world_size: int, policy: GatePolicy, *,
-               rows_divisible: bool = False, extra_cost: float = 1.0, algorithm: str = "one_shot") -> str | None:
+               rows_divisible: bool = False, extra_cost: float = 1.0, algorithm: str = "one_shot",
+               op: str = "all_reduce") -> str | None:
     """Why `x` must take the exact collective, or None when it can be compressed (`extra_cost`,
-    `algorithm`: see `GatePolicy.threshold`)."""
+    `algorithm`: see `GatePolicy.threshold`). A pure function of its arguments (the policy is
+    frozen): callers cache its answer per shape, dtype and codec. All-reduces (`op`) follow the
+    policy's measured table where it measured their path; the sequence-parallel collectives and
+    unmeasured codecs (e.g. calibrated ones), the thresholds."""
     if x.dtype not in SUPPORTED_DTYPES:
         return f"dtype {x.dtype}"
     if x.dim() == 0 or x.numel() == 0:
@@ -160,6 +200,9 @@ def ineligible(x: torch.Tensor, codec: Codec, world_size: int, policy: GatePolic
         return why
     if rows_divisible and x.shape[0] % world_size:
         return f"first dimension {x.shape[0]} not divisible by world size {world_size}"
+    path = policy.table_path(codec, algorithm) if policy.min_bytes is None and op == "all_reduce" else None
+    if path is not None:
+        return policy.table.why_exact(path, x.numel() * 2, extra_cost)
     if x.numel() * 2 < policy.threshold(world_size, codec, hidden, extra_cost, algorithm):
         return "below size threshold"
     return None

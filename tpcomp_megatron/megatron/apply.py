@@ -20,11 +20,15 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from ..calibration import RULES, Calibration, load_calibration
 from ..codecs import BlockSpec, OutlierSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec, parse_point
-from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
+from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config, detect_link
+from ..comm.collectives import _log_once
+from ..comm.table import TableKey
+from ..comm.table import resolve as resolve_gate_table
 from ..comm.feedback import ErrorFeedback, PostNorm
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from .mappings import LayerCompression
@@ -75,6 +79,11 @@ class CompressionConfig:
     calibration data, applied as one unit; `spec`, `overrides`, `calibration`, `error_feedback` and
     `outlier_rule` stay unset. Checked against the model and TP size at `apply_tp_compression`."""
     loaded_recipe: object = field(init=False, repr=False, compare=False)
+    gate_table: str | None = None
+    """The gate's measured table (`--tp-comm-gate-table`, written by `tpcomp-tune`): a path, 'seed'
+    (the seed thresholds, no table), or None: the cached table of this machine, device, world size,
+    link and versions (`~/.cache/tpcomp-megatron/gate/`), else the seed thresholds. A table measured
+    under another key is refused, naming the field."""
     reduce_spec: object = field(init=False, repr=False, compare=False)
     override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
@@ -106,6 +115,8 @@ class CompressionConfig:
             raise ValueError(f"algorithm {self.algorithm!r}: choose one of {list(ALGORITHMS)}")
         GatePolicy(algorithm=self.algorithm, link=self.link if self.link != "auto" else "cpu", min_bytes=self.min_bytes,
                    transport=self.transport)
+        if self.gate_table is not None and not isinstance(self.gate_table, str):
+            raise ValueError(f"gate_table must be a path, 'seed' or None, got {type(self.gate_table).__name__}")
         object.__setattr__(self, "gather_codec_spec", gather_spec)
 
     def _take_point_options(self, point) -> None:
@@ -240,8 +251,6 @@ def _post_norm(parent: torch.nn.Module, name: str, module: RowParallelLinear) ->
 
 def _check_recipe(model: torch.nn.Module, config: CompressionConfig, group, model_config) -> None:
     """A recipe made for another model, TP size or layer set is refused, naming the mismatch."""
-    import torch.distributed as dist
-
     from ..recipe import model_fingerprint
 
     inner = _unwrap(model)
@@ -252,6 +261,25 @@ def _check_recipe(model: torch.nn.Module, config: CompressionConfig, group, mode
                                hidden=getattr(mc, "hidden_size", None), num_layers=getattr(mc, "num_layers", None),
                                fingerprint=None if model_config is None else model_fingerprint(model_config),
                                model_name=config.model, where=f"recipe {config.recipe}")
+
+
+def _gate_policy(config: CompressionConfig, group) -> tuple[GatePolicy, str | None]:
+    """(this rank's gate policy, with the measured table it found; why the table cannot serve
+    this run, or None). Never raises for a table: a rank alone raising would leave its peers
+    waiting in the configuration check, so the refusal goes through that check first."""
+    link = config.link if config.link != "auto" else detect_link()
+    key = TableKey.current(dist.get_world_size(group), link, dist.get_backend(group))
+    refusal = None
+    try:
+        table, source = resolve_gate_table(config.gate_table, key)
+    except (OSError, ValueError) as e:
+        table, source, refusal = None, "", str(e)
+    policy = GatePolicy(algorithm=config.algorithm, link=link, min_bytes=config.min_bytes,
+                        transport=config.transport, table=table)
+    refusal = refusal or policy.table_refusal(group)
+    if config.enabled and refusal is None:
+        _log_once(f"tpcomp-megatron gate: {source}")
+    return policy, refusal
 
 
 def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, group=None,
@@ -273,10 +301,12 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         calibration = calibration or config.loaded_recipe.calibration
     if calibration is None and config.needs_calibration:
         calibration = load_calibration(config.calibration)
-    policy = GatePolicy(algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes,
-                        transport=config.transport)
-    # the gate's settings as resolved on this rank (e.g. the detected link class) are checked too
-    check_same_config(f"{config.describe(calibration)} gate: {policy.describe()}", group)
+    policy, refusal = _gate_policy(config, group)
+    # the gate's settings as resolved on this rank (e.g. the detected link class, the measured
+    # table's identity, whether this rank refused it) are checked too: ranks that differ fail here
+    check_same_config(f"{config.describe(calibration)} gate: {policy.describe()} refused={refusal}", group)
+    if refusal:
+        raise ValueError(refusal)
     if not config.enabled:
         return CompressionHandle(None)
     comm = CompressedComm(group, policy)
