@@ -73,7 +73,8 @@ class TableKey:
         from .. import __version__
 
         nccl = backend == "nccl"
-        return cls(device=torch.cuda.get_device_name(torch.cuda.current_device()) if nccl else "cpu",
+        gpu = backend != "gloo" and torch.cuda.is_available()  # NCCL, or a stand-in group on the GPU
+        return cls(device=torch.cuda.get_device_name(torch.cuda.current_device()) if gpu else "cpu",
                    world_size=world_size, link=link, torch=torch.__version__,
                    nccl=_nccl_version() if nccl else "none", project=__version__)
 
