@@ -333,3 +333,50 @@ def test_tune_on_a_one_process_stand_in_group_writes_a_table_no_real_run_takes(t
     table = GateTable.load(tmp_path / "t.json")
     assert table.key.link == "mirror" and table.key.world_size == 4
     assert "link: table 'mirror', this run 'cpu'" in table.refusal(_key(world_size=4))
+
+
+def _probe_at_apply(rank, world, tmp):
+    """apply_tp_compression with no table: `gate_probe=True` times the group and the gate follows
+    the probed table (the same on every rank, though one rank's exact all-reduce is slowed far
+    more than the other's); a codec slowed on every rank is not chosen; the default probes no
+    gloo group; `min_bytes` needs no probe."""
+    from megatron_helpers import init_megatron, one_row_parallel_layer
+
+    from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
+    from tpcomp_megatron.tune import probe
+
+    _ctx = init_megatron(world)  # noqa: F841
+    model = one_row_parallel_layer(world, HIDDEN)
+    out = {}
+    slow_exact = _slowed(dist.all_reduce, EXACT_DELAY_S * (1 + rank))
+    slow_encode = _slowed(BlockCodec.encode, SLOW_ENCODE_S, lambda codec, *a, **k: codec.spec.element == "int4")
+    with _Patched((dist, "all_reduce", slow_exact), (BlockCodec, "encode", slow_encode),
+                  (probe, "PROBE_TOKENS", (2, 16))):
+        for spec in (FAST, SLOW):
+            cfg = CompressionConfig(spec=spec, link="cpu", gate_probe=True)
+            handle = apply_tp_compression(model, cfg)
+            table = handle.comm.policy.table
+            x = _x(16, rank)
+            out[spec] = (table.digest, table.meta.get("source"),
+                         table.why_exact(path_name(spec, "one_shot", "nccl"), x.numel() * 2),
+                         handle.comm._why("one_shot", x, make_codec(spec), 1.0)[0])
+            handle.remove()
+    handle = apply_tp_compression(model, CompressionConfig(spec=FAST, link="cpu"))
+    out["default"] = handle.comm.policy.table
+    handle.remove()
+    handle = apply_tp_compression(model, CompressionConfig(spec=FAST, link="cpu", gate_probe=True, min_bytes=0))
+    out["min_bytes"] = handle.comm.policy.table
+    handle.remove()
+    return out
+
+
+def test_apply_probes_the_group_when_no_table_serves(tmp_path):
+    results = run_ranks(_probe_at_apply, 2, str(tmp_path), env={"XDG_CACHE_HOME": str(tmp_path / "xdg")},
+                        timeout_s=240, pg_timeout_s=60)
+    assert results[0][FAST][0] == results[1][FAST][0] and results[0][SLOW][0] == results[1][SLOW][0]
+    for out in results:
+        digest, source, why, gate = out[FAST]
+        assert source == "probe at apply_tp_compression" and why is None and gate is None, out[FAST]
+        digest, source, why, gate = out[SLOW]
+        assert why is not None and gate is not None, out[SLOW]  # the slowed codec: exact
+        assert out["default"] is None and out["min_bytes"] is None

@@ -74,6 +74,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="the gate's measured table (written by tpcomp-tune on this machine); 'seed': the seed "
                         "thresholds; default: the cached table matching this device, world size, link and "
                         "versions (~/.cache/tpcomp-megatron/gate/), else the seed thresholds")
+    g.add_argument("--tp-comm-gate-probe", choices=("auto", "on", "off"), default="auto",
+                   help="without a measured table: time a few collectives over the group at startup and let the "
+                        "gate follow them (auto: on NCCL groups when no --tp-comm-min-bytes is given)")
     return parser
 
 
@@ -92,4 +95,5 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
         error_feedback=args.tp_comm_error_feedback,
         recipe=args.tp_comm_recipe,
         gate_table=args.tp_comm_gate_table,
+        gate_probe={"auto": None, "on": True, "off": False}[args.tp_comm_gate_probe],
     )

@@ -15,6 +15,7 @@ Nothing global is patched.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import hashlib
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from ..codecs import BlockSpec, OutlierSpec, calibrated_params, make_codec, need
 from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config, detect_link
 from ..comm.collectives import _log_once
 from ..comm.table import TableKey
+from ..comm.table import SEED
 from ..comm.table import resolve as resolve_gate_table
 from ..comm.feedback import ErrorFeedback, PostNorm
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
@@ -84,6 +86,11 @@ class CompressionConfig:
     (the seed thresholds, no table), or None: the cached table of this machine, device, world size,
     link and versions (`~/.cache/tpcomp-megatron/gate/`), else the seed thresholds. A table measured
     under another key is refused, naming the field."""
+    gate_probe: bool | None = None
+    """With no measured table for this run: time a few collectives over the real group at
+    `apply_tp_compression` and let the gate follow them (`tune/probe.py`; seconds, conservative).
+    None: probe on NCCL groups when the gate decides by size (no `min_bytes`, no 'seed' table);
+    True: also elsewhere (gloo); False: never (the seed thresholds)."""
     reduce_spec: object = field(init=False, repr=False, compare=False)
     override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
@@ -282,6 +289,28 @@ def _gate_policy(config: CompressionConfig, group) -> tuple[GatePolicy, str | No
     return policy, refusal
 
 
+def _probed(policy: GatePolicy, config: CompressionConfig, group, model: torch.nn.Module) -> GatePolicy:
+    """`policy`, with a table probed over `group` where it has none and `config.gate_probe` asks
+    for one (`tune/probe.py`)."""
+    if policy.table is not None or policy.min_bytes is not None or config.gate_table == SEED:
+        return policy
+    nccl = dist.get_backend(group) == "nccl"
+    if config.gate_probe is False or (config.gate_probe is None and not nccl) or dist.get_world_size(group) == 1:
+        return policy
+    hidden = next((m.output_size for n, m in _unwrap(model).named_modules()
+                   if n.rpartition(".")[2] in ROW_LAYERS and isinstance(m, RowParallelLinear)), None)
+    from ..tune.probe import probe_codecs, probe_table
+
+    codecs = probe_codecs([config.reduce_spec, *(spec for _, spec in config.override_specs)], hidden or 0)
+    if not hidden or not codecs:
+        return policy
+    table = probe_table(group, hidden=hidden, codecs=codecs, algorithm=policy.choose_algorithm(dist.get_world_size(group)),
+                        link=policy.link)
+    _log_once(f"tpcomp-megatron gate: probed {len(table.rows)} message sizes of hidden {hidden} over the group "
+              f"({table.digest}, {', '.join(codecs)}); tpcomp-tune measures this machine in full")
+    return dataclasses.replace(policy, table=table)
+
+
 def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, group=None,
                          calibration: Calibration | None = None, model_config=None) -> CompressionHandle:
     """Attach compression to `model`'s tensor-parallel layers; returns a handle with `remove()`.
@@ -309,6 +338,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         raise ValueError(refusal)
     if not config.enabled:
         return CompressionHandle(None)
+    policy = _probed(policy, config, group, model)  # every rank alike: their settings matched above
     comm = CompressedComm(group, policy)
     model = _unwrap(model)
     feedback = ErrorFeedback(comm.world_size) if config.error_feedback else None
