@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -125,6 +126,8 @@ def run(args) -> None:
     config = config_from_args(args)  # validate flags before any heavy work
     rank, world = init_distributed(device)
     say = print if rank == 0 else (lambda *a, **k: None)
+    if rank != 0 and not args.verbose:  # rank 0 alone speaks (its peers' lines would repeat it)
+        logging.getLogger("tpcomp_megatron").setLevel(logging.ERROR)
     with megatron_device_context(device):
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
         model_parallel_cuda_manual_seed(1234)

@@ -284,7 +284,7 @@ def _gate_policy(config: CompressionConfig, group) -> tuple[GatePolicy, str | No
     policy = GatePolicy(algorithm=config.algorithm, link=link, min_bytes=config.min_bytes,
                         transport=config.transport, table=table)
     refusal = refusal or policy.table_refusal(group)
-    if config.enabled and refusal is None:
+    if config.enabled and refusal is None and config.min_bytes is None:  # (a size override: no table consulted)
         _log_once(f"tpcomp-megatron gate: {source}")
     return policy, refusal
 
