@@ -79,10 +79,6 @@ class Replays:
             run = self._runs[key] = self._build(op, x, codec)
         return run
 
-    def clear(self) -> None:
-        self._runs.clear()
-        self._kept = 0
-
     # -- building --------------------------------------------------------------------------------
     def _buffers(self, shapes: tuple, device: torch.device, views: Callable) -> Callable[[], tuple]:
         """`fn()` -> `views(*buffers)`, the buffers uint8 tensors of `shapes`: the same ones each
@@ -120,22 +116,33 @@ def _exact(comm: "CompressedComm", op: str, why: str) -> Callable[[Tensor], Tens
     return lambda x: fallback(x, why)
 
 
-def _one_shot(comm, codec, x, m, h, rb, buffers, sent, exact):
-    """Encode own rows, all-gather the n payloads, decode-and-sum them in rank order."""
-    n, group, shape = comm.world_size, comm.group, x.shape
+def _gathered(comm, codec, x, m, h, rb, buffers, sent, exact, *, mode: str, out_shape: tuple, what: str):
+    """Encode own rows, all-gather the n payloads, decode them (`mode` 'sum': the one-shot
+    all-reduce, summed in rank order; 'each': the all-gather, every shard decoded)."""
+    n, group = comm.world_size, comm.group
     bufs = buffers(((m, rb), (n * m, rb)), x.device, lambda p, g: (p, g, g.view(n, m, rb)))
     payload, _, gathered = bufs()
     encode = ops.prepare_encode(codec, x.view(m, h), source=comm.rank, out=payload)
-    decode = ops.prepare_decode(codec, gathered, h, sources=_sources(n), dtype=x.dtype, mode="sum")
+    decode = ops.prepare_decode(codec, gathered, h, sources=_sources(n), dtype=x.dtype, mode=mode)
 
-    def one_shot(x: Tensor) -> Tensor:
+    def gathered_call(x: Tensor) -> Tensor:
         payload, flat, gathered = bufs()
         encode(x.view(m, h), payload)
-        _run("all-reduce (one-shot all-gather)", group, transport.gather_into, flat, payload)
+        _run(what, group, transport.gather_into, flat, payload)
         out = decode(gathered)
         comm.stats.record_compressed(sent, exact)
-        return out.view(shape)
-    return one_shot
+        return out.view(out_shape)
+    return gathered_call
+
+
+def _one_shot(comm, codec, x, m, h, rb, buffers, sent, exact):
+    return _gathered(comm, codec, x, m, h, rb, buffers, sent, exact, mode="sum", out_shape=x.shape,
+                     what="all-reduce (one-shot all-gather)")
+
+
+def _all_gather(comm, codec, x, m, h, rb, buffers, sent, exact):
+    return _gathered(comm, codec, x, m, h, rb, buffers, sent, exact, mode="each",
+                     out_shape=(x.shape[0] * comm.world_size,) + tuple(x.shape[1:]), what="all-gather")
 
 
 def _two_shot(comm, codec, x, m, h, rb, buffers, sent, exact):
@@ -180,22 +187,3 @@ def _reduce_scatter(comm, codec, x, m, h, rb, buffers, sent, exact):
         comm.stats.record_compressed(sent, exact)
         return out.view(out_shape)
     return reduce_scatter
-
-
-def _all_gather(comm, codec, x, m, h, rb, buffers, sent, exact):
-    """Encode own shard, all-gather, decode every shard (own included: all ranks hold the same)."""
-    n, group = comm.world_size, comm.group
-    out_shape = (x.shape[0] * n,) + tuple(x.shape[1:])
-    bufs = buffers(((m, rb), (n * m, rb)), x.device, lambda p, g: (p, g, g.view(n, m, rb)))
-    payload, _, gathered = bufs()
-    encode = ops.prepare_encode(codec, x.view(m, h), source=comm.rank, out=payload)
-    decode = ops.prepare_decode(codec, gathered, h, sources=_sources(n), dtype=x.dtype, mode="each")
-
-    def all_gather(x: Tensor) -> Tensor:
-        payload, flat, gathered = bufs()
-        encode(x.view(m, h), payload)
-        _run("all-gather", group, transport.gather_into, flat, payload)
-        out = decode(gathered)
-        comm.stats.record_compressed(sent, exact)
-        return out.view(out_shape)
-    return all_gather
