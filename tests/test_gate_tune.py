@@ -351,7 +351,7 @@ def _probe_at_apply(rank, world, tmp):
     slow_exact = _slowed(dist.all_reduce, EXACT_DELAY_S * (1 + rank))
     slow_encode = _slowed(BlockCodec.encode, SLOW_ENCODE_S, lambda codec, *a, **k: codec.spec.element == "int4")
     with _Patched((dist, "all_reduce", slow_exact), (BlockCodec, "encode", slow_encode),
-                  (probe, "PROBE_TOKENS", (2, 16))):
+                  (probe, "PROBE_TOKENS", (2, 16)), (probe, "PROBE_ITERS", 2), (probe, "PROBE_REPEATS", 1)):
         for spec in (FAST, SLOW):
             cfg = CompressionConfig(spec=spec, link="cpu", gate_probe=True)
             handle = apply_tp_compression(model, cfg)

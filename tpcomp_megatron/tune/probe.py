@@ -24,6 +24,8 @@ PROBE_TOKENS = (16, 256, 2048, 8192)
 """Message rows probed: decode-sized, short and long prefill chunks."""
 PROBE_MARGIN = 0.2
 """How much faster a compressed path must be measured, with a probe's few samples."""
+PROBE_ITERS, PROBE_REPEATS = 5, 3
+"""Calls per timed sample, samples per path and size (the median counts)."""
 
 
 def probe_codecs(specs: Sequence, hidden: int) -> tuple[str, ...]:
@@ -37,12 +39,11 @@ def probe_codecs(specs: Sequence, hidden: int) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def probe_table(group, *, hidden: int, codecs: Sequence[str], algorithm: str, link: str,
-                tokens: Sequence[int] = PROBE_TOKENS, iters: int = 5, repeats: int = 3) -> GateTable:
+def probe_table(group, *, hidden: int, codecs: Sequence[str], algorithm: str, link: str) -> GateTable:
     """A measured table from a few collectives over `group` (collective: every rank calls it
     with the same arguments)."""
-    cfg = TuneConfig(hidden=hidden, tokens=tuple(tokens), codecs=tuple(codecs), algorithms=(algorithm,),
-                     link=link, exact_symm=False, graph=False, warmup=2, iters=iters, repeats=repeats,
+    cfg = TuneConfig(hidden=hidden, tokens=PROBE_TOKENS, codecs=tuple(codecs), algorithms=(algorithm,),
+                     link=link, exact_symm=False, graph=False, warmup=2, iters=PROBE_ITERS, repeats=PROBE_REPEATS,
                      margin=PROBE_MARGIN)
     table = tune(cfg, group).table
     table.meta["source"] = "probe at apply_tp_compression"
