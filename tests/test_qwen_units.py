@@ -3,6 +3,7 @@ heads, the GGUF header reader, and an unsupported model refused before any tenso
 
 from __future__ import annotations
 
+import struct
 import time
 
 import pytest
@@ -88,6 +89,11 @@ def test_gguf_header_reader_reads_scalars_and_stops(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:40])
     with pytest.raises(GGUFHeaderError, match="cut short"):
         read_gguf_metadata(tmp_path / "cut.gguf")
+    # a corrupt key length (2**40 bytes) is refused before anything that size is read or allocated
+    head = b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 1 << 40) + b"general.architecture"
+    (tmp_path / "corrupt.gguf").write_bytes(head)
+    with pytest.raises(GGUFHeaderError, match="runs past the end of the file"):
+        read_gguf_metadata(tmp_path / "corrupt.gguf")
 
 
 def _forbid_tensor_reads(monkeypatch) -> None:

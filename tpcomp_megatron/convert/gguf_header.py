@@ -27,6 +27,7 @@ class GGUFHeaderError(ValueError):
 class _Reader:
     def __init__(self, f: BinaryIO, order: str, path: str) -> None:
         self.f, self.order, self.path = f, order, path
+        self.size = os.fstat(f.fileno()).st_size
 
     def unpack(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
@@ -37,6 +38,9 @@ class _Reader:
 
     def string(self) -> str:
         n = self.unpack("Q")
+        if n > self.size - self.f.tell():  # a corrupt length: refuse before reading (or allocating) it
+            raise GGUFHeaderError(f"{self.path}: a GGUF header string of {n} bytes runs past the end of the "
+                                  f"file ({self.size} bytes): the file is corrupt or cut short")
         data = self.f.read(n)
         if len(data) != n:
             raise GGUFHeaderError(f"{self.path}: the GGUF header is cut short; re-download the file")
