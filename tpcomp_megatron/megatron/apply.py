@@ -39,6 +39,13 @@ ROW_LAYERS = {"linear_proj": "self_attention", "linear_fc2": "mlp"}
 GATHER_LAYERS = {"linear_qkv": "self_attention", "linear_fc1": "mlp"}
 
 
+def _is_row_layer(name: str) -> bool:
+    """Whether module `name` is a row-parallel reduction compression applies to
+    ('...self_attention.linear_proj', '...mlp.linear_fc2')."""
+    parent, _, leaf = name.rpartition(".")
+    return leaf in ROW_LAYERS and parent.endswith(ROW_LAYERS[leaf])
+
+
 @dataclass(frozen=True, kw_only=True)
 class CompressionConfig:
     """Which collectives of a Megatron model are compressed, and how."""
@@ -261,8 +268,7 @@ def _check_recipe(model: torch.nn.Module, config: CompressionConfig, group, mode
     from ..recipe import model_fingerprint
 
     inner = _unwrap(model)
-    names = [n for n, _ in inner.named_modules()
-             if n.rpartition(".")[2] in ROW_LAYERS and n.rpartition(".")[0].endswith(ROW_LAYERS[n.rpartition(".")[2]])]
+    names = [n for n, _ in inner.named_modules() if _is_row_layer(n)]
     mc = getattr(inner, "config", None)
     config.loaded_recipe.check(tp_size=dist.get_world_size(group), layer_names=names,
                                hidden=getattr(mc, "hidden_size", None), num_layers=getattr(mc, "num_layers", None),
@@ -298,7 +304,7 @@ def _probed(policy: GatePolicy, config: CompressionConfig, group, model: torch.n
     if config.gate_probe is False or (config.gate_probe is None and not nccl) or dist.get_world_size(group) == 1:
         return policy
     hidden = next((m.output_size for n, m in _unwrap(model).named_modules()
-                   if n.rpartition(".")[2] in ROW_LAYERS and isinstance(m, RowParallelLinear)), None)
+                   if _is_row_layer(n) and isinstance(m, RowParallelLinear)), None)
     from ..tune.probe import probe_codecs, probe_table
 
     codecs = probe_codecs([config.reduce_spec, *(spec for _, spec in config.override_specs)], hidden or 0)
@@ -351,7 +357,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
     try:
         for name, module in model.named_modules():
             parent, _, leaf = name.rpartition(".")
-            if leaf in ROW_LAYERS and parent.endswith(ROW_LAYERS[leaf]):
+            if _is_row_layer(name):
                 spec = None
                 if leaf in config.layers:
                     matched.update(p for p, _ in config.override_specs if fnmatch.fnmatchcase(name, p))

@@ -154,10 +154,7 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     model, tok, model_id = load_model(cfg.model)
     sim = SimulatedTP(model)
     calibration = _calibration(cfg, model_id, sim.hidden)
-    # codec maps (layer name -> codec: calibrated codecs differ per layer), by canonical spec
-    low_spec = str(parse_codec_spec(cfg.low))
-    codecs = {low_spec: layer_codecs(low_spec, sim.layers, calibration)}
-    codecs.update({str(parse_codec_spec(h)): layer_codecs(h, sim.layers, calibration) for h in cfg.high})
+    low_spec, codecs = _codec_maps(cfg, sim.layers, calibration)
     kl_by_codec, ranking_text = _sensitivities(cfg, model, sim, tok, model_id, codecs, low_spec, log)
     sens = kl_by_codec[low_spec]
     ranking = {"model": model_id, "tp": cfg.tp, "codec": low_spec, "feedback": cfg.feedback, "text": ranking_text,
@@ -199,6 +196,15 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
     return records
 
 
+def _codec_maps(cfg: SensitivityConfig, layers, calibration) -> tuple[str, dict]:
+    """(the low codec's canonical spec, {canonical spec: {layer name: codec}} for the low and
+    every high codec): calibrated codecs differ per layer."""
+    low_spec = str(parse_codec_spec(cfg.low))
+    codecs = {low_spec: layer_codecs(low_spec, layers, calibration)}
+    codecs.update({str(parse_codec_spec(h)): layer_codecs(h, layers, calibration) for h in cfg.high})
+    return low_spec, codecs
+
+
 def plan_from_record(cfg: SensitivityConfig, *, log=print) -> dict[str, str]:
     """The plan `run` would choose, from the KLs of the sensitivity record `cfg.from_record` (same
     model, TP size and feedback), without running the model; written as a recipe with `cfg.recipe`.
@@ -210,9 +216,7 @@ def plan_from_record(cfg: SensitivityConfig, *, log=print) -> dict[str, str]:
     model, _, model_id = load_model(cfg.model)
     sim = SimulatedTP(model)
     calibration = _calibration(cfg, model_id, sim.hidden)
-    low_spec = str(parse_codec_spec(cfg.low))
-    codecs = {low_spec: layer_codecs(low_spec, sim.layers, calibration)}
-    codecs.update({str(parse_codec_spec(h)): layer_codecs(h, sim.layers, calibration) for h in cfg.high})
+    low_spec, codecs = _codec_maps(cfg, sim.layers, calibration)
     record = _read_ranking(cfg.from_record, model=model_id, tp=cfg.tp, layers=list(sim.layers), feedback=cfg.feedback)
     saved = record.get("kl_by_codec", {record["codec"]: record["kl"]})
     wanted = list(codecs) if cfg.allocate else [low_spec]
