@@ -36,6 +36,13 @@ SKETCH_ROWS = 64
 """Directions kept per source by default: the largest low-rank codec rank a calibration file
 serves (`tpcomp-calibrate --directions`, up to `codecs.spec.MAX_RANK`)."""
 LEVELS = 15  # 4-bit unsigned codes
+STAT_LIMIT = 1e18
+"""Largest magnitude a min/max statistic may have. Partial sums beyond it square past float32's
+range in the next norm (the codec's output turns into Inf, NaN or zeros downstream), and near
+bf16's own limit the codec's step overflows: no working model produces them."""
+ORTHONORMAL_TOL = 1e-3
+"""How far a stored basis's Gram matrix may lie from the identity (per entry): float32 storage of
+an orthonormal basis is off by ~1e-6; a scaled or non-orthogonal basis is off by far more."""
 RULES = ("range_sum", "absmax_max", "range_sq_sum")
 
 
@@ -261,8 +268,8 @@ def tagged_metadata(path: str, metadata: dict | None, key: str, what: str) -> di
         raise ValueError(f"{path} is not a tpcomp {what} (no {key!r} metadata)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its {key!r} metadata is not JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested past Python's limit
+        raise ValueError(f"{path}: its {key!r} metadata is not JSON we read ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its {key!r} metadata is not a JSON object")
     return meta
@@ -279,12 +286,16 @@ def _read_meta(path: str, meta: dict) -> dict:
     return meta
 
 
-def _check_layer(path: str, name: str, meta: dict, stats: tuple, channels: torch.Tensor,
+def _check_layer(path: str, name: str, meta: dict, stats: tuple | None, channels: torch.Tensor,
                  basis: torch.Tensor | None) -> None:
-    """One layer's tensors: shapes that match the metadata, finite statistics, channels that are
-    distinct indices below the hidden size, finite bases."""
+    """One layer's tensors: shapes that match the metadata, finite statistics in a range the codec
+    can represent, channels that are distinct indices below the hidden size, orthonormal bases
+    (`stats` None: a recipe's low-rank layer, which has a basis alone)."""
     sources, hidden = meta["tp_size"] + 1, meta["hidden"]  # every rank's partial sum, and the reduced one
     where = f"{path}, layer {name!r}"
+    _check_basis(where, sources, hidden, basis)
+    if stats is None:
+        return
     lo, hi = stats
     for what, t in (("min", lo), ("max", hi)):
         if tuple(t.shape) != (sources, hidden):
@@ -292,6 +303,10 @@ def _check_layer(path: str, name: str, meta: dict, stats: tuple, channels: torch
                              f"[{sources}, {hidden}] (TP={meta['tp_size']} ranks + the reduced sum, hidden {hidden})")
         if not torch.isfinite(t).all():
             raise ValueError(f"{where}: {what} statistics hold NaN or Inf")
+        if t.numel() and float(t.abs().max()) > STAT_LIMIT:
+            raise ValueError(f"{where}: {what} statistics reach {float(t.abs().max()):.3g}, beyond +-{STAT_LIMIT:g}: "
+                             "the codec's step and the norms after it cannot represent that range; re-run "
+                             "tpcomp-calibrate on a working model")
     if (lo > hi).any():
         raise ValueError(f"{where}: some channel's min statistic is above its max")
     if channels.dim() != 1 or channels.dtype.is_floating_point or channels.dtype == torch.bool:
@@ -301,7 +316,26 @@ def _check_layer(path: str, name: str, meta: dict, stats: tuple, channels: torch
                          f"{int(channels.max())}")
     if channels.numel() > 1 and not bool((channels[1:] > channels[:-1]).all()):
         raise ValueError(f"{where}: channel indices must be distinct and ascending")
-    if basis is not None and (basis.dim() != 3 or basis.shape[0] != sources or basis.shape[2] != hidden
-                              or not torch.isfinite(basis).all()):
+
+
+def _check_basis(where: str, sources: int, hidden: int, basis: torch.Tensor | None) -> None:
+    """A basis is finite, `[sources, directions, hidden]`, and per source orthonormal rows followed
+    by zero rows (a source that saw fewer directions): the codec projects on it and back, so a
+    scaled or skewed basis gives wrong numbers without a sign (NaN logits at 1e30)."""
+    if basis is None:
+        return
+    if (basis.dim() != 3 or basis.shape[0] != sources or basis.shape[2] != hidden or not basis.dtype.is_floating_point
+            or not torch.isfinite(basis).all()):
         raise ValueError(f"{where}: the low-rank basis must be finite [{sources}, directions, {hidden}], "
-                         f"got {tuple(basis.shape)}")
+                         f"got {basis.dtype} {tuple(basis.shape)}")
+    b = basis.double()
+    gram = b @ b.transpose(1, 2)
+    norms = gram.diagonal(dim1=1, dim2=2)
+    unit = (norms - 1).abs() <= ORTHONORMAL_TOL
+    zero = norms <= ORTHONORMAL_TOL**2
+    off = (gram - torch.diag_embed(norms)).abs().amax() if gram.numel() else torch.tensor(0.0)
+    if not bool((unit | zero).all()) or float(off) > ORTHONORMAL_TOL:
+        worst = float((norms - 1).abs().where(~zero, torch.zeros_like(norms)).amax()) if norms.numel() else 0.0
+        raise ValueError(f"{where}: the low-rank basis is not orthonormal (largest row norm error {worst:.3g}, "
+                         f"largest dot product between rows {float(off):.3g}; tolerance {ORTHONORMAL_TOL:g}): "
+                         "the file was altered or made by another tool; re-run tpcomp-calibrate")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .calibration import Calibration
+from .calibration import RULES, Calibration
 from .codecs import LowRankSpec, OutlierSpec, needs_calibration, parse_codec_spec
 
 FORMAT = "tpcomp-recipe"
@@ -180,9 +180,8 @@ def load_recipe(path: str) -> Recipe:
     if stats or bases:
         cal_meta = {**(meta.get("calibration") or {}), "model": meta["model"].get("name"), "tp_size": tp,
                     "hidden": hidden, "layers": sorted(set(stats) | set(bases))}
-        for name in cal_meta["layers"]:
-            lo_hi = stats.get(name, (torch.zeros(tp + 1, hidden), torch.zeros(tp + 1, hidden)))
-            _check_layer(path, name, cal_meta, lo_hi, channels.get(name, torch.zeros(0, dtype=torch.int64)),
+        for name in cal_meta["layers"]:  # shapes checked against tp and hidden before anything is allocated
+            _check_layer(path, name, cal_meta, stats.get(name), channels.get(name, torch.zeros(0, dtype=torch.int64)),
                          bases.get(name))
         cal = Calibration(meta=cal_meta, stats=stats, channels=channels, bases=bases)
     try:
@@ -199,11 +198,22 @@ def _read_meta(path: str, meta: dict) -> dict:
         raise ValueError(f"{path}: recipe format version {meta.get('version')!r} is not {VERSION}, the version "
                          "this tpcomp-megatron reads; re-make the recipe with this version's tools")
     model = meta.get("model")
-    if not isinstance(model, dict) or not all(isinstance(model.get(k), int) for k in ("hidden", "layers")):
-        raise ValueError(f"{path}: its model fingerprint lacks 'hidden' and 'layers'")
-    if not isinstance(meta.get("tp_size"), int) or not isinstance(meta.get("error_feedback"), bool):
-        raise ValueError(f"{path}: its metadata lacks 'tp_size' (int) or 'error_feedback' (bool)")
+    if not isinstance(model, dict) or not all(_count(model.get(k)) for k in ("hidden", "layers")):
+        raise ValueError(f"{path}: its model fingerprint lacks 'hidden' and 'layers' (positive integers)")
+    if not _count(meta.get("tp_size")) or not isinstance(meta.get("error_feedback"), bool):
+        raise ValueError(f"{path}: its metadata lacks 'tp_size' (a positive integer) or 'error_feedback' (bool)")
+    if meta.get("calibration") is not None and not isinstance(meta["calibration"], dict):
+        raise ValueError(f"{path}: its 'calibration' metadata must be an object or null")
+    if meta.get("outlier_rule") is not None and meta["outlier_rule"] not in RULES:
+        raise ValueError(f"{path}: its 'outlier_rule' {meta['outlier_rule']!r} is not one of {list(RULES)}")
+    if not isinstance(meta.get("made_by", {}), dict):
+        raise ValueError(f"{path}: its 'made_by' metadata must be an object")
     layers = meta.get("layers")
     if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
         raise ValueError(f"{path}: 'layers' must map layer names to codec specs")
     return meta
+
+
+def _count(value: Any) -> bool:
+    """A positive integer (not a bool) that a tensor dimension can hold."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63

@@ -159,10 +159,20 @@ _VALID = (
 )
 
 
+def _number(digits: str) -> int:
+    """ASCII digits only: `int()` also takes '٣٢', '+32', ' 32' and '3_2', which a spec must not
+    (two ranks spelling one spec two ways, or a typo taken as a size)."""
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 6:
+        raise ValueError
+    return int(digits)
+
+
 def parse_codec_spec(text: str) -> CodecSpec | None:
     """Parse a spec string; `None` means no compression. Raises ValueError naming valid choices."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"empty codec spec; valid forms: {_VALID}")
+    if not text.isascii():  # lower() maps some non-ASCII letters onto ASCII ones (the Kelvin sign to 'k')
+        raise ValueError(f"codec spec {text!r} holds non-ASCII characters; valid forms: {_VALID}")
     s = text.strip().lower()
     if s == "none":
         return None
@@ -179,11 +189,11 @@ def parse_codec_spec(text: str) -> CodecSpec | None:
             if opt in SCALE_BITS and scale is None:
                 scale = opt
             elif opt.startswith("b") and block is None:
-                block = int(opt[1:])
+                block = _number(opt[1:])
             elif opt.startswith("k") and ratio is None:
-                ratio = int(opt[1:])
+                ratio = _number(opt[1:])
             elif opt.startswith("r") and rank is None:
-                rank = int(opt[1:])
+                rank = _number(opt[1:])
             elif opt.startswith("c") and coords is None and len(opt) > 1:
                 coords = opt[1:]
             else:
