@@ -49,10 +49,11 @@ setup(
         ],
     },
     entry_points={"console_scripts": [
-        "tpcomp-convert=tpcomp_megatron.convert.cli:main",
-        "tpcomp-calibrate=tpcomp_megatron.quality.calibrate_cli:main",
-        "tpcomp-eval-quality=tpcomp_megatron.quality.eval_cli:main",
-        "tpcomp-sensitivity=tpcomp_megatron.quality.sensitivity_cli:main",
-        "tpcomp-tune=tpcomp_megatron.tune.cli:main",
+        # through console.py: the tool is imported inside the quiet warning filters (quiet.py)
+        "tpcomp-convert=tpcomp_megatron.console:convert",
+        "tpcomp-calibrate=tpcomp_megatron.console:calibrate",
+        "tpcomp-eval-quality=tpcomp_megatron.console:eval_quality",
+        "tpcomp-sensitivity=tpcomp_megatron.console:sensitivity",
+        "tpcomp-tune=tpcomp_megatron.console:tune",
     ]},
 )

@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import main
+from ..console import convert
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(convert())

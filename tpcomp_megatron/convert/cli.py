@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from ..quiet import VERBOSE_HELP, no_progress_bars
 from .writers import FORMATS
 
 
@@ -66,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify on CPU gloo ranks or GPU (torchrun)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
 
 def _verify(args: argparse.Namespace, checkpoint: str) -> int:
+    with no_progress_bars(args.no_progress):  # transformers' "Loading weights" bars too
+        return _verify_report(args, checkpoint)
+
+
+def _verify_report(args: argparse.Namespace, checkpoint: str) -> int:
     from . import verify as v
 
     limits = dict(
@@ -105,15 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = convert_megatron_to_hf(args.source, args.output, fmt=args.fmt, force=args.force)
             print(f"wrote {args.output}: {cfg.hf_architecture}, {cfg.num_layers} layers")
             return 0
-        cfg = convert_hf_to_megatron(
-            args.source,
-            args.output,
-            tp=args.tp,
-            formats=args.formats,
-            dtype=args.dtype,
-            force=args.force,
-            progress=not args.no_progress,
-        )
+        with no_progress_bars(args.no_progress):  # a GGUF source is read through transformers
+            cfg = convert_hf_to_megatron(
+                args.source,
+                args.output,
+                tp=args.tp,
+                formats=args.formats,
+                dtype=args.dtype,
+                force=args.force,
+                progress=not args.no_progress,
+            )
         layout = cfg.head_layout
         print(
             f"wrote {args.output} for TP={cfg.tensor_parallel_size} ({', '.join(args.formats)}): "

@@ -30,6 +30,7 @@ import torch
 from ..calibration import RULES, SKETCH_ROWS, Calibration, save_calibration
 from ..codecs import parse_point
 from ..codecs.spec import MAX_RANK
+from ..quiet import VERBOSE_HELP
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> CalibrateConfig:
     ap.add_argument("--recipe", help="also write a recipe file here ('{tp}' is replaced by the TP size)")
     ap.add_argument("--recipe-codec", metavar="POINT", help="the recipe's codec for every layer, "
                     "SPEC[:rule=RULE][:feedback=on], e.g. lowrank+fp4_e2m1/b32/e6m2/r4:feedback=on")
+    ap.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     a = ap.parse_args(argv)
     return CalibrateConfig(model=a.model, tp=tuple(a.tp), output=a.output, text=a.text, tokens=a.tokens,
                            seq_len=a.seq_len, ratio=a.ratio, rule=a.rule, real_ranks=a.real_ranks, threads=a.threads,

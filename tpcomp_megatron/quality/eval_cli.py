@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..calibration import Calibration
+from ..quiet import VERBOSE_HELP
 from .calib import load_for_evaluation
 from .sweep import SWEEPS, SweepPoint, point_codecs
 
@@ -187,6 +188,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rotation", type=int, metavar="G", help="EXPERIMENTAL, simulation only: a randomized Hadamard "
                     "rotation of size G in front of every point's block codec (e.g. --sweep rotation --rotation 64)")
+    ap.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     a = ap.parse_args(argv)
     return EvalConfig(model=a.model, tp=tuple(a.tp), points=tuple(a.codecs or SWEEPS[a.sweep]), calibration=a.calibration,
                       text=a.text, seq_len=a.seq_len, windows=a.windows, offset=a.offset, real_ranks=a.real_ranks,

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from ..codecs import needs_calibration, parse_codec_spec
+from ..quiet import VERBOSE_HELP
 from .calib import layer_codecs, load_for_evaluation
 from .records import append_records, default_results_path, environment, quality_record
 from .text import canonical_text_spec
@@ -381,6 +382,7 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--recipe", help="with --allocate or --from-record: write the plan as a recipe file (--tp-comm-recipe)")
     ap.add_argument("--from-record", metavar="FILE.json",
                     help="make one plan from a sensitivity record's KLs (a --ranking file) without running the model")
+    ap.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     a = ap.parse_args(argv)
     promote = tuple(a.promote) if a.promote is not None else () if a.budget is not None else (0, 2, 4)
     return SensitivityConfig(model=a.model, tp=a.tp, low=a.low, high=tuple(a.high), promote=promote, budget=a.budget,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ..comm.gate import LINKS
 from ..comm.table import store_in_cache
+from ..quiet import VERBOSE_HELP, quiet_warnings
 from .config import DEFAULT_CODECS, DEFAULT_TOKENS, TUNE_ALGORITHMS, TUNE_TRANSPORTS, TuneConfig
 from .measure import tune
 from .report import format_table, plot
@@ -59,6 +60,7 @@ def parser() -> argparse.ArgumentParser:
                          "its host and kernel time without a link; the table's link is the stand-in's name, so "
                          "no real run uses it")
     ap.add_argument("--world-size", type=int, default=2, help="with --pg: the world size simulated")
+    ap.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return ap
 
 
@@ -125,5 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m tpcomp_megatron.tune.cli`, as torchrun starts it
+    with quiet_warnings(enabled="--verbose" not in sys.argv):
+        sys.exit(main())
