@@ -145,11 +145,12 @@ def test_world_size_one_is_a_no_op():
     assert run_ranks(_single, 1) == [True]
 
 
-def _replays_vs_general(rank, world):
-    """Replayed and general-path calls side by side on the same inputs: shapes, dtypes, codecs and
-    gate answers changing from call to call (a stale replay would give another answer)."""
+def _kept_vs_fresh(rank, world):
+    """Calls with kept payload buffers (comm/engine.py) and with buffers allocated per call side by
+    side on the same inputs: shapes, dtypes, codecs and gate answers changing from call to call (a
+    stale kit or view would give another answer)."""
     policy = GatePolicy(min_bytes=1000, link="cpu")  # [world, 64]: the exact path
-    fast, slow = CompressedComm(policy=policy), CompressedComm(policy=policy, replay=False)
+    fast, slow = CompressedComm(policy=policy), CompressedComm(policy=policy, keep_buffers=False)
     codecs = [make_codec("fp4_e2m1/b32/e6m2"), make_codec("int4/b16/bf16"), None]
     shapes = [(4 * world, 64), (2 * world, 3, 64), (world, 64), (4 * world, 96)]
     gen = torch.Generator().manual_seed(rank)
@@ -170,14 +171,15 @@ def _replays_vs_general(rank, world):
                   fast.stats.bytes_baseline, fast.stats.fallback_reasons) == (
         slow.stats.calls_compressed, slow.stats.calls_fallback, slow.stats.bytes_sent, slow.stats.bytes_baseline,
         slow.stats.fallback_reasons)
-    return mismatches, same_stats, len(fast._replays._runs), fast.stats.calls_compressed, fast.stats.calls_fallback
+    return (mismatches, same_stats, fast.kits.built, fast.kits.kept_bytes, slow.kits.kept_bytes,
+            fast.stats.calls_compressed, fast.stats.calls_fallback)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_replays_equal_the_general_path(world):
-    for mismatches, same_stats, replays, compressed, fallback in run_ranks(_replays_vs_general, world):
+def test_kept_buffers_equal_fresh_ones(world):
+    for mismatches, same_stats, kits, kept, kept_slow, compressed, fallback in run_ranks(_kept_vs_fresh, world):
         assert not mismatches and same_stats
-        assert replays > 20 and compressed > 0 and fallback > 0
+        assert kits > 4 and kept > 0 and kept_slow == 0 and compressed > 0 and fallback > 0
 
 
 def _mismatch(rank, world):

@@ -321,12 +321,13 @@ def test_plans_never_reuse_a_stale_configuration():
                     assert same(got, codec.decode_sum(p[:1], hidden, sources[:1], dtype=torch.float32))
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_collective_replays_match_the_general_path(monkeypatch, world):
-    """Collectives replayed (comm/replay.py: plans prepared once, payload buffers kept) give the
-    general path's bytes through the kernels, call after call with fresh inputs, for every codec
-    family and operation; and both equal the reference codecs' path. One process, the mirror
-    process group (every peer holds this rank's input)."""
+@pytest.mark.parametrize("world", [2, 3])
+def test_collectives_through_kits_match_the_reference(monkeypatch, world):
+    """Collectives through the kernels (comm/engine.py: plans prepared once per row bucket and
+    launched for each call's rows, payload buffers kept) give the reference codecs' bytes, call
+    after call with fresh inputs and row counts that change within a bucket, split unevenly over
+    the ranks (two-shot padding) or not, for every codec family and operation. One process, the
+    mirror process group (every peer holds this rank's input)."""
     import torch.distributed as dist
 
     from tpcomp_megatron import ops
@@ -336,7 +337,7 @@ def test_collective_replays_match_the_general_path(monkeypatch, world):
     register_mirror_backend()
     dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world)
     try:
-        gen = _gen("replay", world)
+        gen = _gen("kits", world)
         hidden = 128
         params = outlier_params(hidden, world, 32, gen)
         codecs = [make_codec("fp4_e2m1/b32/e6m2"), make_codec("outlier+fp4_e2m1/b32/k32", params),
@@ -345,24 +346,28 @@ def test_collective_replays_match_the_general_path(monkeypatch, world):
         policy = GatePolicy(min_bytes=0, link="cpu")
 
         def results(comm, codec, x):
-            return [comm.all_reduce(x, codec, algorithm="one_shot"), comm.all_reduce(x, codec, algorithm="two_shot"),
-                    comm.reduce_scatter(x, codec), comm.all_gather(x, codec)]
+            out = [comm.all_reduce(x, codec, algorithm="one_shot"), comm.all_reduce(x, codec, algorithm="two_shot"),
+                   comm.all_gather(x, codec)]
+            if x.shape[0] % world == 0:
+                out.append(comm.reduce_scatter(x, codec))
+            return out
 
-        reference = CompressedComm(policy=policy, replay=False)  # reference codecs (ops' CPU dispatch)
+        reference = CompressedComm(policy=policy)  # reference codecs (ops' CPU dispatch)
         for codec in codecs:
-            for call in range(3):
-                x = (torch.randn(2 * world, 3, hidden, generator=gen) * (1 + call)).to(torch.bfloat16)
+            with monkeypatch.context() as m:
+                m.setattr(ops, "_use_kernels", lambda t: K)
+                kernels = CompressedComm(policy=policy)
+            # 3 and 4 rows share a bucket (4), as do 5..8 (8); 5 and 7 do not split over 2 or 3 ranks
+            for call, rows in enumerate((4, 3, 2 * world, 7, 5, 3)):
+                x = (torch.randn(rows, hidden, generator=gen) * (1 + call)).to(torch.bfloat16)
                 want = results(reference, codec, x)
                 with monkeypatch.context() as m:
                     m.setattr(ops, "_use_kernels", lambda t: K)
-                    general = CompressedComm(policy=policy, replay=False)
-                    if call == 0:
-                        replayed = CompressedComm(policy=policy)
-                    got = results(replayed, codec, x)
-                    slow = results(general, codec, x)
-                for a, b, c in zip(got, slow, want):
-                    assert same(a, b) and same(b, c), (codec.spec, call)
-            assert len(replayed._replays._runs) == 4, "each operation replayed"
+                    got = results(kernels, codec, x)
+                for i, (a, b) in enumerate(zip(got, want)):
+                    assert same(a, b), (codec.spec, rows, i)
+            assert kernels.stats.calls_fallback == 0
+            assert kernels.kits.built <= 2 * 4, "a kit per operation and row bucket (4, 8), not per row count"
     finally:
         dist.destroy_process_group()
 

@@ -91,10 +91,11 @@ def decode_each(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: S
 
 
 # -- prepared operations: set up once for tensors of one shape, then called again and again ------
-def prepare_encode(codec: Codec, x: torch.Tensor, *, source: int, out: torch.Tensor) -> Callable:
-    """`fn(x, out)`: `encode` of a contiguous tensor of `x`'s shape, dtype and device into a buffer
-    like `out` (a contiguous uint8 `[rows, row_bytes]`), validated once, here (the CUDA kernels'
-    launch plan; the reference elsewhere)."""
+def prepare_encode(codec: Codec, x: torch.Tensor, *, source: int, out: torch.Tensor | None = None) -> Callable:
+    """`fn(x, out)`: `encode` of a contiguous `[m, hidden]` tensor of `x`'s dtype and device, m in
+    `x`'s row bucket (`codecs.base.row_bucket`), into a contiguous uint8 `[m, row_bytes]` buffer
+    (like `out`, when given), validated once, here (the CUDA kernels' launch plan; the reference
+    elsewhere)."""
     k = _use_kernels(x)
     if k is not None:
         return k.prepare_encode(codec, x, source=source, out=out)
@@ -111,8 +112,8 @@ _DECODES = {"sum": decode_sum, "each": decode_each}
 def prepare_decode(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
                    dtype: torch.dtype, mode: str, out_source: int = 0) -> Callable:
     """`fn(payloads)` -> a new tensor: `decode_sum` (`mode` 'sum'), `decode_each` ('each') or
-    `decode_sum_encode` ('encode', to source `out_source`) of contiguous payloads of this shape,
-    dtype and device, validated once, here."""
+    `decode_sum_encode` ('encode', to source `out_source`) of contiguous payloads `[n, m, row_bytes]`
+    on this device, m in the row bucket of `payloads`' rows, validated once, here."""
     if mode not in ("sum", "each", "encode"):
         raise ValueError(f"unknown decode mode {mode!r}; valid: 'sum', 'each', 'encode'")
     sources = tuple(sources)

@@ -14,6 +14,7 @@ to the fused Triton kernels, which are tested bit-for-bit against these.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from typing import Sequence
 
@@ -23,8 +24,30 @@ REDUCED = -1
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def row_bucket(rows: int) -> int:
+    """The row bucket of `rows`: 0, or the power of two at or above it. Rows are coded
+    independently, so what is set up for a bucket (kernel plans, payload buffers) serves every
+    row count in it."""
+    return 1 << (rows - 1).bit_length() if rows > 0 else 0
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 (16 hex digits) of tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 class Codec(ABC):
-    """A reference codec. Subclasses are immutable after construction."""
+    """A reference codec. Subclasses are immutable after construction.
+
+    Codecs compare and hash by value (`identity`: kind, spec and a digest of the calibrated
+    parameters), so every layer whose codec has the same value shares what is set up for it (the
+    collectives' plans, the gate's answers); two layers with the same spec but other calibration
+    data do not."""
 
     spec: object
     kernel_cost: float = 1.0
@@ -68,6 +91,26 @@ class Codec(ABC):
     def decode_sum(self, payloads: torch.Tensor, hidden: int, sources: Sequence[int] | None = None,
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return self.decode_sum_f32(payloads, hidden, sources).to(dtype)
+
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        """The calibrated tensors the payloads depend on beyond the spec (none for block codecs)."""
+        return ()
+
+    @property
+    def identity(self) -> tuple:
+        """(kind, spec, digest of `parameters()`): the codec's value (computed once)."""
+        got = self.__dict__.get("_identity")
+        if got is None:
+            params = self.parameters()
+            got = self.__dict__["_identity"] = (type(self).__name__, str(self.spec),
+                                                tensor_digest(*params) if params else "")
+        return got
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, Codec) and self.identity == other.identity)
+
+    def __hash__(self) -> int:
+        return hash(self.identity)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError for a tensor this codec cannot encode."""

@@ -119,6 +119,9 @@ class LowRankCodec(Codec):
         self.bases = bases.to(torch.bfloat16).float().contiguous()  # see the module docstring
         self._on_device: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # copies, made once each
 
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.bases,)
+
     @property
     def hidden(self) -> int:
         return self.bases.shape[2]

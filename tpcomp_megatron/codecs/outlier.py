@@ -50,6 +50,9 @@ class _OutlierCodecBase(Codec):
         self.params = params
         self.k = params.channels.numel()
 
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.params.channels, self.params.lo, self.params.step)
+
     def _check_hidden(self, hidden: int) -> str | None:
         if hidden != self.params.hidden:
             return f"calibration is for hidden size {self.params.hidden}, the tensor has {hidden}"

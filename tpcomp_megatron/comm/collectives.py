@@ -16,6 +16,12 @@ and settles the debt from what its payload decoded to; the exact fallback carrie
 Pre-norm feedback (all-reduce, reduce-scatter) does both inside the encode
 (`ops.encode_feedback`). The gate asks feedback's extra work to pay too (`feedback_cost`).
 
+Each algorithm is written once (below) over a `Kit` (`engine.py`): the set-up state of its
+collective for one (codec value, hidden, dtypes, stream, row bucket), kernel plans and payload
+buffers, shared by every layer and every prompt length of the bucket; the same code runs eager,
+under CUDA-graph capture (buffers allocated per call) and under torch.compile (traced ops). Per
+exact shape only the gate's answer is cached (`_MAX_ANSWERS`, least recently used dropped first).
+
 Sums run in float32 in rank order, and every rank decodes the same payloads (its own included),
 so all-reduce results are bit-identical on every rank. Failures of the underlying collective (a
 peer died, a timeout) raise `CollectiveError` naming the operation and the group.
@@ -24,23 +30,24 @@ peer died, a timeout) raise `CollectiveError` naming the operation and the group
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..codecs.base import REDUCED, Codec
+from ..codecs.base import Codec
 from .feedback import ErrorFeedback, PostNorm, feedback_cost
 from .gate import GatePolicy, ineligible
 from . import transport
 from .reduce import reduce_payloads
-from .replay import Replays
+from .engine import BUDGET_BYTES, Kits, call_mode
 from .stats import CommStats
-from .transport import CollectiveError, ring_bytes as _ring_bytes, run as _run, sources as _sources
+from .transport import CollectiveError, ring_bytes as _ring_bytes, run as _run
 
 
 EXACT_LAYER = "layer left exact"
-_MAX_ANSWERS = 4096  # cached gate answers per communicator
+_MAX_ANSWERS = 4096  # cached gate answers (exact shapes) per communicator
 _LOGGED: set = set()
 
 
@@ -50,15 +57,6 @@ def _log_once(message: str) -> None:
         logging.getLogger("tpcomp_megatron").warning(message)
 
 
-def _gather_rows(what: str, group, n: int, payload: torch.Tensor) -> torch.Tensor:
-    """All-gather `[rows, bytes]` payloads into `[n, rows, bytes]` (gathered as the rows' concatenation
-    `[n * rows, bytes]`, the form gloo and NCCL both take)."""
-    rows, nbytes = payload.shape
-    out = payload.new_empty((n * rows, nbytes))
-    transport.run(what, group, transport.all_gather, out, payload)
-    return out.view(n, rows, nbytes)
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
@@ -66,9 +64,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 class CompressedComm:
     """Compressed collectives over one process group, with a gate policy and counters."""
 
-    def __init__(self, group=None, policy: GatePolicy | None = None, *, replay: bool = True):
-        """`replay`: run each call's replay (`replay.py`) where one serves; False: always the
-        general path (the same bytes, more host time)."""
+    def __init__(self, group=None, policy: GatePolicy | None = None, *, keep_buffers: bool = True):
+        """`keep_buffers`: keep payload buffers between calls within `engine.BUDGET_BYTES`; False:
+        allocate them per call (the same bytes)."""
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
@@ -85,9 +83,9 @@ class CompressedComm:
                 _log_once(f"symmetric-memory transport unavailable ({why}): one-shot payloads go through "
                           "NCCL's all-gather")
                 self._symm_wanted = False
-        self._gate: dict = {}  # (op, shape, dtype, codec, ...) -> the gate's answer (its inputs are fixed)
+        self._gate: OrderedDict = OrderedDict()  # (op, shape, dtype, codec, cost) -> the gate's answer
         self._algorithm = self._policy.choose_algorithm(self.world_size)
-        self._replays = Replays(self) if replay else None
+        self.kits = Kits(self.world_size, self.rank, budget=BUDGET_BYTES if keep_buffers else 0)
 
     @property
     def policy(self) -> GatePolicy:
@@ -101,8 +99,8 @@ class CompressedComm:
         key = (op, x.shape, x.dtype, codec, extra)
         got = self._gate.get(key)
         if got is None:
-            if len(self._gate) >= _MAX_ANSWERS:  # shapes without bound (varying prompts): start afresh
-                self._gate.clear()
+            if len(self._gate) >= _MAX_ANSWERS:  # shapes without bound (varying prompts): oldest out
+                self._gate.popitem(last=False)
             got = self._gate[key] = self._answer(op, x, codec, extra)
         return got
 
@@ -174,17 +172,13 @@ class CompressedComm:
         algo = algorithm or self._algorithm
         if algo not in ("one_shot", "two_shot"):
             raise ValueError(f"unknown all-reduce algorithm {algo!r}; valid: 'one_shot', 'two_shot'")
-        if feedback is None and self._replays is not None:
-            run = self._replays.get(algo, x, codec)
-            if run is not None:
-                return run(x)
         extra = 1.0 if feedback is None else feedback_cost(norm, algo)
         why, sent, exact = self._why(algo, x, codec, extra)
         if why and (feedback is None or x.dim() == 0 or x.numel() == 0):  # nothing owed on no rows
             return self._exact_all_reduce(x, why)
         rows = _rows(x)
         # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
-        fused = feedback is not None and norm is None and not why and algo in ("one_shot", "two_shot")
+        fused = feedback is not None and norm is None and not why
         send = rows if feedback is None or fused else feedback.to_send(rows, norm)
         if why:
             exact_in = send.to(x.dtype)
@@ -194,79 +188,82 @@ class CompressedComm:
             return out.view(x.shape)
         want_own = feedback is not None and not fused
         debt = feedback.debt_buffer(rows) if fused else None
+        mode, stream = call_mode(x)
         if algo == "one_shot":
-            out, own = self._one_shot(send, codec, x.dtype, want_own, debt=debt)
+            out, own = self._one_shot(send, codec, x.dtype, want_own, debt, mode, stream)
         else:
-            out, own = self._two_shot(send, codec, x.dtype, want_own, debt=debt)
+            out, own = self._two_shot(send, codec, x.dtype, want_own, debt, mode, stream)
         if want_own:
             feedback.settle(send, own, out)
         self.stats.record_compressed(sent, exact)
         return out.view(x.shape)
 
+    def _kit(self, op: str, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int):
+        return self.kits.get(op, codec, rows.shape[0], rows.shape[1], rows.dtype, dtype, rows.device, stream,
+                             traced=mode == "traced")
+
     def _own(self, codec: Codec, payload: torch.Tensor, hidden: int, source: int) -> torch.Tensor:
         return ops.decode_each(codec, payload.unsqueeze(0), hidden, sources=[source], dtype=torch.float32)
 
+    def _encode(self, kit, codec: Codec, rows: torch.Tensor, out: torch.Tensor, debt: torch.Tensor | None):
+        """This rank's payload of `rows` (plus `debt`, pre-norm error feedback, settled in place) into `out`."""
+        if debt is None:
+            return kit.encode(rows, out)
+        return ops.encode_feedback(codec, rows, debt, source=self.rank, out=out)
+
     def _one_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
-                  debt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  debt: torch.Tensor | None, mode: str, stream: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the sum, and with `want_own` what this rank's payload decodes to in float32). With a
         `debt` (pre-norm error feedback), `rows + debt` is sent and the debt updated in place."""
-        n, hidden = self.world_size, rows.shape[1]
-
-        def encode(out=None):
-            if debt is None:
-                return ops.encode(codec, rows, source=self.rank, out=out)
-            return ops.encode_feedback(codec, rows, debt, source=self.rank, out=out)
-
+        n, (m, hidden) = self.world_size, rows.shape
         symm = self._symm_transport() if self._symm_wanted and rows.is_cuda else None
-        if symm is not None:
-            shape = (rows.shape[0], codec.row_bytes(hidden))
+        if symm is not None:  # payloads written into peers' symmetric memory, read where they lie
+            shape = (m, codec.row_bytes(hidden))
             symm.ensure(shape[0] * shape[1])
             views = symm.peer_views(shape)
             symm.barrier()  # peers are done reading the previous call's payloads
-            encode(out=views[self.rank])
+            if debt is None:
+                ops.encode(codec, rows, source=self.rank, out=views[self.rank])
+            else:
+                ops.encode_feedback(codec, rows, debt, source=self.rank, out=views[self.rank])
             symm.barrier()  # every payload is written
             own = self._own(codec, views[self.rank], hidden, self.rank) if want_own else None
             return reduce_payloads(codec, views, hidden, algorithm="one_shot", dtype=dtype)[0], own
-        payload = encode()
+        kit = self._kit("one_shot", rows, codec, dtype, mode, stream)
+        payload, flat, gathered = kit.buffers(m, fresh=mode != "eager")
+        self._encode(kit, codec, rows, payload, debt)
         own = self._own(codec, payload, hidden, self.rank) if want_own else None
-        gathered = _gather_rows("all-reduce (one-shot all-gather)", self.group, n, payload)
-        return reduce_payloads(codec, gathered, hidden, algorithm="one_shot", dtype=dtype)[0], own
+        _run("all-reduce (one-shot all-gather)", self.group, transport.gather_into, flat, payload)
+        return kit.decode_sum(gathered), own
 
     def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
-                  debt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  debt: torch.Tensor | None, mode: str, stream: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As `_one_shot`; this rank's own share also carries its chunk's requantization error
-        (with `debt`: taken off the debt after the fused encode has settled the rest)."""
+        (with `debt`: taken off the debt after the fused encode has settled the rest). Rows that
+        do not split evenly are padded to n equal chunks: the padding rows' payloads (whatever the
+        buffer holds: rows are coded independently) are reduced and decoded, then dropped."""
         n, (m, hidden) = self.world_size, rows.shape
         chunk = -(-m // n)
-        padded = debt
-        if chunk * n != m:  # pad rows so they split evenly; padding rows are zeros, dropped after
-            rows = torch.cat([rows, rows.new_zeros(chunk * n - m, hidden)])
-            if debt is not None:
-                padded = torch.cat([debt, debt.new_zeros(chunk * n - m, hidden)])
-        if debt is None:
-            payload = ops.encode(codec, rows, source=self.rank)
-        else:
-            payload = ops.encode_feedback(codec, rows, padded, source=self.rank)
-        received = torch.empty_like(payload)
-        _run("all-reduce (two-shot all-to-all)", self.group, transport.all_to_all, received, payload)
-        received = received.view(n, chunk, -1)
+        kit = self._kit("two_shot", rows, codec, dtype, mode, stream)
+        padded, payload, received_flat, received, gathered_flat, gathered = kit.buffers(m, fresh=mode != "eager")
+        self._encode(kit, codec, rows, payload, debt)
+        _run("all-reduce (two-shot all-to-all)", self.group, transport.all_to_all_into, received_flat, padded)
         own = None
-        # With feedback this rank owns its chunk's requantization error (unfused, same bytes):
-        # taken off its debt after the fused encode, or carried with its own first rounding.
-        reduced, requant = reduce_payloads(codec, received, hidden, algorithm="two_shot",
-                                           with_error=debt is not None or want_own)
-        if requant is not None:
+        if debt is None and not want_own:
+            reduced = kit.reduce(received)
+        else:  # this rank owns its chunk's requantization error (unfused, same bytes)
+            reduced, requant = reduce_payloads(codec, received, hidden, algorithm="two_shot", with_error=True)
             lo = self.rank * chunk
+            hi = min(lo + chunk, m)
             if debt is not None:
-                padded[lo:lo + chunk] -= requant
-                if padded is not debt:
-                    debt.copy_(padded[:m])
+                if hi > lo:
+                    debt[lo:hi] -= requant[:hi - lo]
             else:
-                mine = self._own(codec, payload, hidden, self.rank)
-                mine[lo:lo + chunk] += requant
-                own = mine[:m]
-        gathered = _gather_rows("all-reduce (two-shot all-gather)", self.group, n, reduced)
-        out = ops.decode_each(codec, gathered, hidden, sources=_sources(n, REDUCED), dtype=dtype)
+                own = self._own(codec, payload, hidden, self.rank)
+                if hi > lo:
+                    own[lo:hi] += requant[:hi - lo]
+        _run("all-reduce (two-shot all-gather)", self.group, transport.gather_into, gathered_flat, reduced)
+        out = kit.decode_each(gathered)
         return (out if chunk * n == m else out[:m]), own
 
     def reduce_scatter(self, x: torch.Tensor, codec: Codec | None, *, feedback: ErrorFeedback | None = None,
@@ -280,10 +277,6 @@ class CompressedComm:
             return x
         if x.dim() == 0:
             raise ValueError("reduce-scatter splits along dim 0: a 0-d tensor has none")
-        if feedback is None and self._replays is not None:
-            run = self._replays.get("reduce_scatter", x, codec)
-            if run is not None:
-                return run(x)
         extra = 1.0 if feedback is None else feedback_cost(None, "two_shot")  # its first half
         why, sent, exact = self._why("reduce_scatter", x, codec, extra)
         if why and (feedback is None or x.numel() == 0):
@@ -296,14 +289,13 @@ class CompressedComm:
             if feedback is not None:
                 feedback.settle(send, exact_in.float())
             return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
-        if feedback is None:
-            payload = ops.encode(codec, rows, source=self.rank)
-        else:  # feedback (pre-norm here) folds into the encode
-            payload = ops.encode_feedback(codec, rows, feedback.debt_buffer(rows), source=self.rank)
-        received = torch.empty_like(payload)
-        _run("reduce-scatter (all-to-all)", self.group, transport.all_to_all, received, payload)
-        out = ops.decode_sum(codec, received.view(n, rows.shape[0] // n, -1), x.shape[-1],
-                             sources=_sources(n), dtype=x.dtype)
+        mode, stream = call_mode(x)
+        kit = self._kit("reduce_scatter", rows, codec, x.dtype, mode, stream)
+        payload, received_flat, received = kit.buffers(rows.shape[0], fresh=mode != "eager")
+        # feedback (pre-norm here) folds into the encode
+        self._encode(kit, codec, rows, payload, None if feedback is None else feedback.debt_buffer(rows))
+        _run("reduce-scatter (all-to-all)", self.group, transport.all_to_all_into, received_flat, payload)
+        out = kit.decode_sum(received)
         self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
 
@@ -315,16 +307,15 @@ class CompressedComm:
             return x
         if x.dim() == 0:
             raise ValueError("all-gather concatenates along dim 0: a 0-d tensor has none")
-        if self._replays is not None:
-            run = self._replays.get("all_gather", x, codec)
-            if run is not None:
-                return run(x)
         why, sent, exact = self._why("all_gather", x, codec, 1.0)
         if why:
             return self._exact_all_gather(x, why)
-        hidden = x.shape[-1]
-        payload = ops.encode(codec, _rows(x), source=self.rank)
-        gathered = _gather_rows("all-gather", self.group, n, payload)
-        out = ops.decode_each(codec, gathered, hidden, sources=_sources(n), dtype=x.dtype)
+        rows = _rows(x)
+        mode, stream = call_mode(x)
+        kit = self._kit("all_gather", rows, codec, x.dtype, mode, stream)
+        payload, flat, gathered = kit.buffers(rows.shape[0], fresh=mode != "eager")
+        kit.encode(rows, payload)
+        _run("all-gather", self.group, transport.gather_into, flat, payload)
+        out = kit.decode_each(gathered)
         self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] * n,) + tuple(x.shape[1:]))

@@ -42,7 +42,7 @@ HOST_EXTRA_US = {"one_shot": 67.0, "two_shot": 130.0}
 """Host time one compressed all-reduce adds over the exact collective inside a real eager prefill,
 per algorithm: one TP rank of a 10-layer Llama-2-13B (TP=2, one-shot) / 70B (TP=8, two-shot)
 shape at 512 tokens, where the forward is host-bound, fp4_e2m1/b32/e6m2, H100, 2026-12-06, with
-the collectives' replays (comm/replay.py): the larger of two runs, off and on timed in pairs
+the collectives' set-up kits (comm/engine.py, then named replays): the larger of two runs, off and on timed in pairs
 (tools/bench_prefill.py, benchmarks/results/host_overhead_replays_2026-12-06.md: 52-67 / 117-130
 us; 106 / 209 before the replays). Such a prefill pays it in full, whatever the link.
 Reduce-scatter and all-gather (one collective and two kernels each, like the one-shot) take the

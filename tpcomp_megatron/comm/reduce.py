@@ -10,8 +10,8 @@
 `CompressedComm.all_reduce` (collectives.py) calls it on the payloads a rank received;
 `quality/simtp.py` on every simulated rank's payloads at once (rows are coded independently, so
 reducing all rows together equals reducing each rank's chunk). One function: the simulation
-cannot drift from what is deployed. (The collectives' replays, `replay.py`, launch the same
-kernels through plans prepared once; tests hold them to the general path's bytes.)
+cannot drift from what is deployed. (The collectives, `collectives.py`, launch the same
+kernels through plans prepared once per row bucket; tests hold them to the reference bytes.)
 """
 
 from __future__ import annotations

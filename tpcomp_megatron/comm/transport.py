@@ -1,8 +1,8 @@
 """The process-group calls the compressed collectives make, and how their failures read.
 
-Shared by the general path (`collectives.py`) and its replays (`replay.py`). The replays call the
+Used by the collectives (`collectives.py`, over the kits of `engine.py`), which call the
 group's own methods (`gather_into`, `all_to_all_into`): what `torch.distributed`'s functions call
-after checking their arguments, checks a replay's fixed buffers passed on its first call.
+after checking their arguments, checks a kit's buffers pass by construction.
 """
 
 from __future__ import annotations

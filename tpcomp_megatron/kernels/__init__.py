@@ -13,7 +13,7 @@ PyTorch reference (`tpcomp_megatron.codecs`):
 * `encode_feedback(codec, x, debt, *, source)`: encode x + debt and update the error-feedback
   debt in the same pass (block and low-rank codecs).
 * `prepare_encode` / `prepare_decode`: the validated launch plan of one of these for tensors of
-  one shape, to call again and again (the collectives' replays, `comm/replay.py`).
+  one row bucket, to call again and again (the collectives' kits, `comm/engine.py`).
 
 Files by idea: `numerics.py` (bit-exact rounding and scales), `pack.py` (codes and scales <->
 bytes), `block.py` (block and hybrid codec kernels), `outlier.py` (static outlier codec kernels),

@@ -24,7 +24,7 @@ from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 from . import block as _block
 from . import outlier as _outlier
 from .plans import (block_args, check_out, decode_list_plan, decode_plan, encode_plan, lowrank_bases, memo,
-                    static_sources)
+                    row_bucket, static_sources)
 from .tables import outlier_tables, source_row
 
 Tensor = torch.Tensor
@@ -172,7 +172,7 @@ def _check_payloads(codec: Codec, payloads: Tensor, hidden: int, sources: Sequen
                          f"(expected [n >= 1, rows, {codec.row_bytes(hidden)}])")
     if len(sources) != payloads.shape[0]:
         raise ValueError(f"{len(sources)} sources given for {payloads.shape[0]} payloads")
-    return payloads.contiguous()
+    return payloads
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -302,12 +302,13 @@ def _encode_plan(codec: Codec, x: Tensor, source: int, out: Tensor | None, feedb
     """The plan of this encode (built after `check` on first use; keyed on all it was set up
     for), with `out` checked against it."""
     odd = out is not None and out.data_ptr() & 1
-    key = ("feedback" if feedback else "encode", x.shape, x.dtype, x.device, source, odd)
+    bucket = row_bucket(x.shape[0]) if x.dim() == 2 else None
+    key = ("feedback" if feedback else "encode", bucket, x.shape[1:], x.dtype, x.device, source, odd)
     plans = memo(codec)
     plan = plans.get(key)
     if plan is None:
         check(codec, x)
-        plan = plans[key] = encode_plan(codec, x.shape[0], x.shape[1], x.dtype, x.device, source,
+        plan = plans[key] = encode_plan(codec, bucket, x.shape[1], x.dtype, x.device, source,
                                         feedback=feedback, odd=odd)
     if out is not None:
         check_out(out, (x.shape[0], codec.row_bytes(x.shape[1])), torch.uint8, x.device)
@@ -316,7 +317,8 @@ def _encode_plan(codec: Codec, x: Tensor, source: int, out: Tensor | None, feedb
 
 def prepare_encode(codec: Codec, x: Tensor, *, source: int, out: Tensor | None = None):
     """`encode`'s plan for tensors like `x` (and like `out`): `plan(x, out)` -> the payload, for a
-    contiguous `x` of `x`'s shape, dtype and device (unchecked: the caller keeps to them)."""
+    contiguous `x` of `x`'s row bucket (`plans.row_bucket`), width, dtype and device, and an `out`
+    of its rows (unchecked: the caller keeps to them)."""
     return _encode_plan(codec, x, source, out, False, _checked_input)
 
 
@@ -341,7 +343,7 @@ def _with_out(payload: Tensor, out: Tensor | None) -> Tensor:
 def _decode(codec: Codec, payloads: Tensor, hidden: int, sources: Sequence[int], dtype: torch.dtype, mode: str,
             out_source: int = 0) -> Tensor:
     if torch.compiler.is_compiling():
-        payloads = _check_payloads(codec, payloads, hidden, sources)
+        payloads = _check_payloads(codec, payloads, hidden, sources).contiguous()
         return _traced_decode(codec, payloads, hidden, sources, dtype, mode, out_source)
     plan = prepare_decode(codec, payloads, hidden, sources=sources, dtype=dtype, mode=mode, out_source=out_source)
     return plan(payloads if payloads.is_contiguous() else payloads.contiguous())
@@ -351,17 +353,20 @@ def prepare_decode(codec: Codec, payloads: Tensor, hidden: int, *, sources: Sequ
                    mode: str, out_source: int = 0):
     """The plan of a decode (`mode` 'sum', 'each' or 'encode': `decode_sum`, `decode_each`,
     `decode_sum_encode`) of payloads like these: `plan(payloads)` -> a new tensor, for contiguous
-    payloads of this shape on this device (unchecked: the caller keeps to them)."""
+    payloads [n, m, row_bytes] with m in this row bucket, on this device (unchecked: the caller
+    keeps to them)."""
     sources = tuple(sources)
     odd = payloads.data_ptr() & 1
-    key = (mode, payloads.shape, hidden, dtype, payloads.device, sources, out_source, odd)
+    shape = payloads.shape
+    bucket = row_bucket(shape[1]) if len(shape) == 3 else None
+    key = (mode, shape[0], bucket, shape[2:], hidden, dtype, payloads.device, sources, out_source, odd)
     plans = memo(codec)
     plan = plans.get(key)
     if plan is None:
         _check_payloads(codec, payloads, hidden, sources)
         _check_dtype(dtype)
-        n, rows, row_bytes = payloads.shape
-        plan = plans[key] = decode_plan(codec, n, rows, row_bytes, hidden, dtype, payloads.device, sources, mode,
+        n, _, row_bytes = payloads.shape
+        plan = plans[key] = decode_plan(codec, n, bucket, row_bytes, hidden, dtype, payloads.device, sources, mode,
                                         out_source, odd=odd)
     return plan
 
@@ -387,7 +392,8 @@ def decode_sum_list(codec: Codec, payloads: Sequence[Tensor], hidden: int, *, so
         return _decode(codec, torch.stack(payloads), hidden, sources, dtype, "sum")
     n, sources = len(payloads), tuple(sources)
     even = all(p.data_ptr() % 2 == 0 for p in payloads)
-    key = ("list", n, first.shape, hidden, dtype, first.device, sources, even)
+    bucket = row_bucket(first.shape[0]) if first.dim() == 2 else None
+    key = ("list", n, bucket, first.shape[1:], hidden, dtype, first.device, sources, even)
     plans = memo(codec)
     plan = plans.get(key)
     if plan is None:
@@ -397,7 +403,7 @@ def decode_sum_list(codec: Codec, payloads: Sequence[Tensor], hidden: int, *, so
         if len(sources) != n:
             raise ValueError(f"{len(sources)} sources given for {n} payloads")
         _check_dtype(dtype)
-        plan = plans[key] = decode_list_plan(codec, n, first.shape[0], first.shape[1], hidden, dtype, first.device,
+        plan = plans[key] = decode_list_plan(codec, n, bucket, first.shape[1], hidden, dtype, first.device,
                                              even=even)
     return plan(payloads)
 

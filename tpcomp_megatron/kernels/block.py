@@ -254,7 +254,8 @@ def encode_launcher(rows: int, hidden: int, row_bytes: int, in_dtype: torch.dtyp
                          EVEN=even and row_bytes % 2 == 0 and slots_off % 2 == 0,
                          I64=needs_int64(rows * hidden, rows * row_bytes), R=tiles.rows, T=tiles.cols,
                          **_constexprs(element, block, scale)),
-                    dict(num_warps=tiles.num_warps, **LAUNCH_OPTIONS))
+                    dict(num_warps=tiles.num_warps, **LAUNCH_OPTIONS), rows=rows, row_tile=tiles.rows,
+                    row_scalars=((0, 1),))
 
 
 @lru_cache(maxsize=4096)
@@ -279,7 +280,8 @@ def decode_launcher(n: int, rows: int, hidden: int, row_bytes: int, out_dtype: t
                          EVEN=even and row_bytes % 2 == 0 and slots_off % 2 == 0,
                          I64=table or needs_int64(n * rows * row_bytes, out_numel), R=tiles.rows, T=tiles.cols,
                          **_constexprs(element, block, scale)),
-                    dict(num_warps=tiles.num_warps, **LAUNCH_OPTIONS))
+                    dict(num_warps=tiles.num_warps, **LAUNCH_OPTIONS), rows=rows, row_tile=tiles.rows,
+                    row_scalars=((0, 1), (5, row_bytes)))
 
 
 def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, block: int, scale: str,

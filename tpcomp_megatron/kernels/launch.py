@@ -116,66 +116,90 @@ def _hooked() -> bool:
 
 
 class Launcher:
-    """One kernel launch with everything but its tensors fixed: grid, scalars, constexprs, and
-    (keyed by whoever builds it) the device.
+    """One kernel launch over rows with everything but its tensors and its row count fixed: grid
+    columns, scalars, constexprs (tile shape, index width: a row *bucket*, `plans.row_bucket`),
+    and (keyed by whoever builds it) the device.
 
-    The first call goes through Triton's JIT (`kernel[grid](...)`), which compiles or finds the
-    binary and returns it. Later calls hand the tensors straight to that binary's launcher,
-    skipping the JIT's per-call binding, specialization and cache lookup (most of a launch's host
-    time; same binary, same arguments, so the same bytes). The binary was specialized on the first
-    call's tensors being 16-byte aligned: a call with an unaligned tensor, with a launch hook set
-    (a profiler), under the interpreter, or on a Triton without `knobs` takes the JIT again.
+    `launch(*tensors)` launches for the rows it was built for; `launch.run(rows, *tensors)` for
+    any row count of its bucket: the grid's first dimension is `cdiv(rows, row_tile)` and the
+    scalars at `row_scalars` ((index, factor), ...) are `rows * factor` (the row count itself, a
+    payload stride), so a new prompt length launches with no new set-up.
+
+    The first call of each specialization goes through Triton's JIT (`kernel[grid](...)`), which
+    compiles or finds the binary and returns it. Later calls hand the tensors straight to that
+    binary's launcher, skipping the JIT's per-call binding, specialization and cache lookup (most
+    of a launch's host time; same binary, same arguments, so the same bytes). Triton specializes
+    integer arguments on being 1 and on divisibility by 16, and pointers on 16-byte alignment: a
+    binary is kept per specialization of the row-dependent scalars, and a call with an unaligned
+    tensor, with a launch hook set (a profiler), under the interpreter, or on a Triton without
+    `knobs` takes the JIT again.
     """
 
-    __slots__ = ("kernel", "grid", "scalars", "constexprs", "options", "compiled", "tail", "stream", "device",
-                 "head")
+    __slots__ = ("kernel", "grid", "scalars", "constexprs", "options", "rows", "row_tile", "row_scalars", "binaries",
+                 "tail_const")
 
-    def __init__(self, kernel, grid: tuple[int, ...], scalars: tuple, constexprs: dict, options: dict):
+    def __init__(self, kernel, grid: tuple[int, ...], scalars: tuple, constexprs: dict, options: dict, *,
+                 rows: int = 0, row_tile: int = 0, row_scalars: tuple = ()):
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.scalars = scalars
         self.constexprs = constexprs
         self.options = options
-        self.compiled = None
-        self.tail = None  # scalars + constexpr values, in the kernel's argument order
-        self.stream = None
-        self.device = None  # the CUDA device the binary was loaded on
-        self.head = None  # (C launch, the arguments Triton's launcher adds) where `_c_launch` knows them
+        self.rows = rows  # the row count `__call__` launches for
+        self.row_tile = row_tile  # rows per program (0: the grid does not follow the rows)
+        self.row_scalars = tuple(row_scalars)
+        self.binaries: dict = {}  # specialization of the row scalars -> (compiled, head, stream, device)
+        self.tail_const = None  # the constexpr values, in the kernel's argument order
+
+    @property
+    def compiled(self):
+        """A compiled binary this launcher took over (None before the first JIT launch)."""
+        return next((b[0] for b in self.binaries.values()), None)
 
     def __call__(self, *tensors: torch.Tensor) -> None:
-        compiled = self.compiled
-        if compiled is not None and not _hooked():
+        self.run(self.rows, *tensors)
+
+    def run(self, rows: int, *tensors: torch.Tensor) -> None:
+        scalars, spec = self.scalars, 0
+        if self.row_scalars:
+            scalars = list(scalars)
+            for i, factor in self.row_scalars:
+                v = rows * factor
+                scalars[i] = v
+                spec = spec * 8 + (v == 1) + 2 * (v % 16 == 0) + 4 * (v > INT32_LIMIT)
+        g0 = -(-rows // self.row_tile) if self.row_tile else self.grid[0]
+        binary = self.binaries.get(spec)
+        if binary is not None and not _hooked():
             aligned = 0
             for t in tensors:
                 aligned |= t.data_ptr()
             if not aligned % _ALIGN:
+                compiled, head, stream, device = binary
                 g = self.grid
-                if self.head is not None:
-                    launch, extra = self.head
-                    launch(g[0], g[1], g[2], self.stream(self.device), compiled.function, *extra,
-                           compiled.packed_metadata, None, None, None, *tensors, *self.tail)
+                if head is not None:
+                    launch, extra = head
+                    launch(g0, g[1], g[2], stream(device), compiled.function, *extra,
+                           compiled.packed_metadata, None, None, None, *tensors, *scalars, *self.tail_const)
                 else:
-                    compiled.run(g[0], g[1], g[2], self.stream(self.device), compiled.function,
-                                 compiled.packed_metadata, None, None, None, *tensors, *self.tail)
+                    compiled.run(g0, g[1], g[2], stream(device), compiled.function,
+                                 compiled.packed_metadata, None, None, None, *tensors, *scalars, *self.tail_const)
                 return
-        self._jit(tensors)
+        self._jit(tensors, tuple(scalars), (g0,) + self.grid[1:], spec)
 
-    def _jit(self, tensors: tuple) -> None:
-        result = self.kernel[self.grid](*tensors, *self.scalars, **self.constexprs, **self.options)
-        if self.compiled is not None or _KNOBS is None or not tensors[0].is_cuda:
+    def _jit(self, tensors: tuple, scalars: tuple, grid: tuple, spec: int) -> None:
+        result = self.kernel[grid](*tensors, *scalars, **self.constexprs, **self.options)
+        if spec in self.binaries or _KNOBS is None or not tensors[0].is_cuda:
             return
         aligned = 0
         for t in tensors:
             aligned |= t.data_ptr()
         if aligned % _ALIGN or not hasattr(result, "packed_metadata"):
             return
-        names = self.kernel.arg_names[len(tensors) + len(self.scalars):]
-        self.tail = self.scalars + tuple(self.constexprs[n] for n in names)
-        self.stream = triton.runtime.driver.active.get_current_stream
-        self.device = tensors[0].device.index
+        names = self.kernel.arg_names[len(tensors) + len(scalars):]
+        self.tail_const = tuple(self.constexprs[n] for n in names)
         result._init_handles()
-        self.head = _c_launch(result.run)
-        self.compiled = result
+        self.binaries[spec] = (result, _c_launch(result.run), triton.runtime.driver.active.get_current_stream,
+                               tensors[0].device.index)
 
 
 _LAUNCHER_CALL = ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]

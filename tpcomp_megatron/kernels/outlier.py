@@ -207,7 +207,7 @@ def static_encode_launcher(rows: int, hidden: int, row_bytes: int, k: int, in_dt
                     dict(IN_BF16=in_dtype == torch.bfloat16, EVEN=even and row_bytes % 2 == 0 and (hidden // 2) % 2 == 0,
                          I64=needs_int64(rows * hidden, rows * row_bytes), R=t.rows, T=t.cols,
                          CHUNKS=triton.cdiv(hidden, t.cols), KP=_kp(k)),
-                    dict(num_warps=t.num_warps, **LAUNCH_OPTIONS))
+                    dict(num_warps=t.num_warps, **LAUNCH_OPTIONS), rows=rows, row_tile=t.rows, row_scalars=((0, 1),))
 
 
 @lru_cache(maxsize=4096)
@@ -232,7 +232,8 @@ def static_decode_launcher(n: int, rows: int, hidden: int, row_bytes: int, k: in
                          EVEN=even and row_bytes % 2 == 0 and (hidden // 2) % 2 == 0,
                          I64=needs_int64(n * rows * row_bytes, out_numel, sources * hidden), R=t.rows, T=t.cols,
                          CHUNKS=chunks, KP=_kp(k), KT=1 if encode else tile_slots(window_max, t.cols)),
-                    dict(num_warps=t.num_warps, **LAUNCH_OPTIONS))
+                    dict(num_warps=t.num_warps, **LAUNCH_OPTIONS), rows=rows, row_tile=t.rows,
+                    row_scalars=((0, 1), (5, row_bytes)))
 
 
 def launch_static_encode(x, out, *, lo, inv, chan, src_row: int, tiles: Tiles | None = None) -> None:

@@ -1,15 +1,19 @@
 """Eager launch plans: each distinct codec operation validated and set up once, then replayed.
 
-A compressed collective calls the same few operations with the same shapes over and over (one per
-layer, per forward). Everything about such a call but its tensors is fixed by (codec, operation,
-shape, dtype, device, sources): validation, the codec's constants, device tables, tile choice,
-grid, the Triton binary (`launch.Launcher`). A plan holds all of that, memoized on the codec
-instance (as its device tables are, `tables.py`), so a call costs a dict lookup, the output's
-allocation and the kernel launches. The custom ops in `api.py` (for torch.compile) run the same
-kernels with the same arguments: the same bytes (tested).
+A compressed collective calls the same few operations over and over (two per layer, per
+forward), with a row count that changes with every prompt. Everything about such a call but its
+tensors and its row count is fixed by (codec, operation, row bucket, hidden size, dtype, device,
+sources): validation, the codec's constants, device tables, tile choice, index width, the Triton
+binary (`launch.Launcher`, launched for the call's rows). A plan holds all of that, memoized on the
+codec instance (as its device tables are, `tables.py`), so a call costs a dict lookup, the
+output's allocation and the kernel launches, for a prompt length never seen as for one seen
+before. The custom ops in `api.py` (for torch.compile) run the same kernels with the same
+arguments: the same bytes (tested).
 
-A plan is keyed on what it was validated for; a tensor of any other shape, dtype, device, address
-parity or source list gets (and caches) a plan of its own, so no stale configuration is reused.
+A row bucket (`row_bucket`) is the power of two at or above the row count: the tiles depend on the
+rows only through it, and the index width is chosen for its largest count. A plan is keyed on
+what it was validated for; a tensor of any other bucket, width, dtype, device, address parity or
+source list gets (and caches) a plan of its own, so no stale configuration is reused.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from tpcomp_megatron.codecs.base import row_bucket  # noqa: F401 (the plans' bucket, re-exported)
 from tpcomp_megatron.codecs.lowrank import LowRankCodec, coordinates, lowrank_sum
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
@@ -108,21 +113,21 @@ def check_out(out: Tensor, shape: tuple, dtype: torch.dtype, device: torch.devic
 
 def encode_plan(codec, rows: int, hidden: int, dtype: torch.dtype, device: torch.device, source: int, *,
                 feedback: bool, odd: bool) -> Callable:
-    """`plan(x, out[, debt])` -> payload [rows, row_bytes] for a validated x of this shape and dtype
-    (`out`: a buffer to write the payload into, or None; `debt`: the float32 error-feedback debt,
-    with `feedback`; `odd`: `out` sits at an odd address)."""
+    """`plan(x, out[, debt])` -> payload [m, row_bytes] for a validated x [m, hidden] of this dtype,
+    m in the row bucket `rows` (`out`: a buffer to write the payload into, or None; `debt`: the
+    float32 error-feedback debt, with `feedback`; `odd`: `out` sits at an odd address)."""
     row_bytes = codec.row_bytes(hidden)
-    shape = (rows, row_bytes)
     if rows == 0:
-        return _plan(lambda x, out, debt=None: _out(shape, torch.uint8, device, out))
+        return _plan(lambda x, out, debt=None: _out((0, row_bytes), torch.uint8, device, out))
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, device)
         launch = _outlier.static_encode_launcher(rows, hidden, row_bytes, t.chan.numel(), dtype, device,
                                                  source_row(source, t.sources), not odd)
 
         def static(x, out, debt=None):
-            out = _out(shape, torch.uint8, device, out)
-            launch(x, out, t.lo, t.inv, t.chan)
+            m = x.shape[0]
+            out = _out((m, row_bytes), torch.uint8, device, out)
+            launch.run(m, x, out, t.lo, t.inv, t.chan)
             return out
         return _plan(static, launch)
     element, block, scale, data_bytes, slot, first, chan, window_max, slots_off = block_args(codec, hidden, device)
@@ -137,39 +142,42 @@ def encode_plan(codec, rows: int, hidden: int, dtype: torch.dtype, device: torch
         bases = lowrank_bases(codec, [source], device)
 
         def lowrank(x, out, debt=None):
-            out = _out(shape, torch.uint8, device, out)
+            m = x.shape[0]
+            out = _out((m, row_bytes), torch.uint8, device, out)
             tail, coef = code_coordinates(codec, coordinates(x if debt is None else x.float() + debt, basis))
             low = lowrank_sum(coef[None], bases)
-            launch(x, out, out, out, out, low, out if debt is None else debt)
+            launch.run(m, x, out, out, out, out, low, out if debt is None else debt)
             out[:, slots_off:] = tail
             return out
         return _plan(lowrank, launch)
     if slot is not None:
         def hybrid(x, out, debt=None):
-            out = _out(shape, torch.uint8, device, out)
-            launch(x, out, slot, first, chan, out, out)
+            m = x.shape[0]
+            out = _out((m, row_bytes), torch.uint8, device, out)
+            launch.run(m, x, out, slot, first, chan, out, out)
             return out
         return _plan(hybrid, launch)
 
     def plain(x, out, debt=None):
-        out = _out(shape, torch.uint8, device, out)
-        launch(x, out, out, out, out, out, out if debt is None else debt)
+        m = x.shape[0]
+        out = _out((m, row_bytes), torch.uint8, device, out)
+        launch.run(m, x, out, out, out, out, out, out if debt is None else debt)
         return out
     return _plan(plain, launch)
 
 
 def decode_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: torch.dtype, device: torch.device,
                 sources: tuple, mode: str, out_source: int, *, odd: bool) -> Callable:
-    """`plan(payloads)` for validated payloads [n, rows, row_bytes]: mode 'sum' -> [rows, hidden],
-    'each' -> [n * rows, hidden] (both `dtype`), 'encode' -> the requantized sum, a payload of
-    source `out_source` (`odd`: the payloads sit at an odd address)."""
+    """`plan(payloads)` for validated payloads [n, m, row_bytes], m in the row bucket `rows`: mode
+    'sum' -> [m, hidden], 'each' -> [n * m, hidden] (both `dtype`), 'encode' -> the requantized
+    sum, a payload of source `out_source` (`odd`: the payloads sit at an odd address)."""
     each, encode = mode == "each", mode == "encode"
-    if encode:
-        shape, out_dtype = (rows, row_bytes), torch.uint8
-    else:
-        shape, out_dtype = (n * rows if each else rows, hidden), dtype
+    out_dtype = torch.uint8 if encode else dtype
+
+    def shape(m: int) -> tuple:
+        return (m, row_bytes) if encode else (n * m if each else m, hidden)
     if rows == 0:
-        return _plan(lambda p: torch.empty(shape, dtype=out_dtype, device=device))
+        return _plan(lambda p: torch.empty(shape(0), dtype=out_dtype, device=device))
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, device)
         lo, step, start, stride = static_sources(t, sources)  # gathered rows: once, for this plan
@@ -178,8 +186,9 @@ def decode_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: to
                                                  source_row(out_source, t.sources), not odd)
 
         def static(p):
-            out = torch.empty(shape, dtype=out_dtype, device=device)
-            launch(p, out.view(torch.int16) if out_dtype == torch.bfloat16 else out, lo, step, t.lo, t.inv, t.slot,
+            m = p.shape[1]
+            out = torch.empty(shape(m), dtype=out_dtype, device=device)
+            launch.run(m, p, out.view(torch.int16) if out_dtype == torch.bfloat16 else out, lo, step, t.lo, t.inv, t.slot,
                    t.chan, t.first)
             return out
         return _plan(static, launch)
@@ -194,28 +203,30 @@ def decode_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: to
         from .api import coordinate_values, encode as encode_payload
 
         bases = [lowrank_bases(codec, [s], device) for s in sources] if each else lowrank_bases(codec, sources, device)
-        sum_shape = (rows, hidden)
 
         def low(p):
+            m = p.shape[1]
             coefs = coordinate_values(codec, p, slots_off)
             if each:
                 part = torch.cat([lowrank_sum(coefs[i:i + 1], b) for i, b in enumerate(bases)])
-                out = torch.empty(shape, dtype=out_dtype, device=device)
+                out = torch.empty(shape(m), dtype=out_dtype, device=device)
             else:
                 part = lowrank_sum(coefs, bases)
-                out = torch.empty(sum_shape, dtype=kind, device=device)
-            launch(p, out.view(torch.int16) if out.dtype == torch.bfloat16 else out, p, p, p, part, p)
+                out = torch.empty((m, hidden), dtype=kind, device=device)
+            launch.run(n * m if each else m, p, out.view(torch.int16) if out.dtype == torch.bfloat16 else out, p, p, p, part, p)
             return encode_payload(codec, out, source=out_source) if encode else out
         return _plan(low, launch)
     slot, first, chan = (slot, first, chan) if slot is not None else (None, None, None)
 
     def block_decode(p):
-        out = torch.empty(shape, dtype=out_dtype, device=device)
+        m = p.shape[1]
+        out = torch.empty(shape(m), dtype=out_dtype, device=device)
         dst = out.view(torch.int16) if out_dtype == torch.bfloat16 else out  # bf16 stored as bits
+        rows = n * m if each else m
         if slot is None:
-            launch(p, dst, p, p, p, p, p)
+            launch.run(rows, p, dst, p, p, p, p, p)
         else:
-            launch(p, dst, slot, first, chan, p, p)
+            launch.run(rows, p, dst, slot, first, chan, p, p)
         return out
     return _plan(block_decode, launch)
 
@@ -227,7 +238,7 @@ MAX_TABLES = 64
 
 def decode_list_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: torch.dtype,
                      device: torch.device, *, even: bool) -> Callable:
-    """`plan(payloads)` for n separate validated payloads [rows, row_bytes] of a block or hybrid
+    """`plan(payloads)` for n separate validated payloads [m, row_bytes] (m in the bucket `rows`) of a block or hybrid
     codec (e.g. peers' symmetric-memory slots): their sum [rows, hidden] in `dtype`, read where
     they lie, with no stacked copy. The kernel reads payload i at the lowest payload's address
     plus a byte offset from a device table, built on the first call with each set of addresses
@@ -238,12 +249,12 @@ def decode_list_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtyp
                                     scale=scale, data_bytes=data_bytes, window_max=window_max or None,
                                     slots_off=slots_off, encode=False, each=False, lowrank=False, even=even,
                                     table=True)
-    shape = (rows, hidden)
     tables: dict = {}
 
     def block_list(payloads: Sequence[Tensor]) -> Tensor:
-        out = torch.empty(shape, dtype=dtype, device=device)
-        if rows == 0:
+        m = payloads[0].shape[0]
+        out = torch.empty((m, hidden), dtype=dtype, device=device)
+        if m == 0:
             return out
         ptrs = tuple(p.data_ptr() for p in payloads)
         got = tables.get(ptrs)
@@ -257,8 +268,8 @@ def decode_list_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtyp
         base = payloads[lo]
         dst = out.view(torch.int16) if dtype == torch.bfloat16 else out  # bf16 stored as bits
         if slot is None:
-            launch(base, dst, base, base, base, base, offsets)
+            launch.run(m, base, dst, base, base, base, base, offsets)
         else:
-            launch(base, dst, slot, first, chan, base, offsets)
+            launch.run(m, base, dst, slot, first, chan, base, offsets)
         return out
     return _plan(block_list, launch)
