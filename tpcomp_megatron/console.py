@@ -1,9 +1,24 @@
 """The console scripts (setup.py): each imports its tool inside the quiet warning filters
-(quiet.py), since importing Megatron-core is what warns, before any argument is read."""
+(quiet.py), since importing Megatron-core is what warns, before any argument is read; and how a
+tool refuses an input under torchrun (`refuse`)."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 from .quiet import run_quietly
+
+
+def refuse(prog: str, error: BaseException) -> int:
+    """Print `prog: error (rank R of N): <error>` on this rank and return exit status 2.
+
+    Every rank that refuses says why itself: torchrun stops the other ranks as soon as one exits,
+    so a reason left to rank 0 is lost whenever another rank exits first."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+    print(f"{prog}: error{where}: {error}", file=sys.stderr, flush=True)
+    return 2
 
 
 def convert() -> int:

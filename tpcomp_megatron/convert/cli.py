@@ -12,9 +12,9 @@ Exit status: 0 on success, 1 when verification exceeds its tolerance, 2 on bad i
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
+from ..console import refuse
 from ..quiet import VERBOSE_HELP, no_progress_bars
 from .writers import FORMATS
 
@@ -133,5 +133,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _verify(args, args.output)
         return 0
     except (ValueError, OSError) as e:  # bad input, or the filesystem (exists, missing, read-only, full)
-        print(f"tpcomp-convert: error: {e}", file=sys.stderr)
-        return 2
+        return refuse("tpcomp-convert", e)  # on every rank under torchrun (--verify --device cuda)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ..comm.gate import LINKS
 from ..comm.table import store_in_cache
+from ..console import refuse
 from ..quiet import VERBOSE_HELP, quiet_warnings
 from .config import DEFAULT_CODECS, DEFAULT_TOKENS, TUNE_ALGORITHMS, TUNE_TRANSPORTS, TuneConfig
 from .measure import tune
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     if own:
         _init(args.backend, args.pg, args.world_size)
     try:
-        result = tune(cfg)
+        try:
+            result = tune(cfg)
+        except (ValueError, FileNotFoundError) as e:  # every rank refuses alike, and says why (refuse)
+            return refuse("tpcomp-tune", e)
         table, rank = result.table, dist.get_rank()
         if rank == 0:
             print(format_table(table), flush=True)
