@@ -354,6 +354,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
     found = 0
     matched: set[str] = set()
     reselected: dict = {}  # (ratio, rule) -> the calibration's channels for them
+    codecs: dict = {}  # one codec object per codec value: layers share its plans and gate answers
     try:
         for name, module in model.named_modules():
             parent, _, leaf = name.rpartition(".")
@@ -378,13 +379,16 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
                                 key, calibration.reselect(ratio=spec.ratio, rule=config.outlier_rule))
                         params = calibrated_params(spec, cal, name)
                     codec = make_codec(spec, params)
+                    codec = codecs.setdefault(codec, codec)
                     found += 1
                 norm = None if feedback is None else _post_norm(model.get_submodule(parent), name, module)
                 handle._attach(module, CompressedRowParallelLinear, LayerCompression(comm, codec, feedback, norm))
             elif (config.gather_codec_spec is not None and leaf in GATHER_LAYERS
                   and parent.endswith(GATHER_LAYERS[leaf]) and getattr(module, "sequence_parallel", False)):
                 _check_class(name, module, ColumnParallelLinear)
-                handle._attach(module, CompressedColumnParallelLinear, LayerCompression(comm, make_codec(config.gather_codec_spec)))
+                codec = make_codec(config.gather_codec_spec)
+                handle._attach(module, CompressedColumnParallelLinear,
+                               LayerCompression(comm, codecs.setdefault(codec, codec)))
                 found += 1
         unused = [p for p, _ in config.override_specs if p not in matched]
         if unused:
