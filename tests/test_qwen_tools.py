@@ -25,14 +25,15 @@ def _cache(tmp_path, monkeypatch):
 
 def test_eval_quality_on_a_qwen2_gguf_simulated_and_real_ranks(ggufs, tiny, tmp_path):
     """Simulated TP=2 and the converted model on 2 gloo ranks agree (the same codec on the same
-    partial sums up to summation order); the GGUF is prepared once and named by its file name."""
+    partial sums up to summation order); the GGUF is prepared once and named by its header
+    (general.name and architecture), not its file name."""
     from tpcomp_megatron.quality.eval_cli import EvalConfig, evaluate
     from tpcomp_megatron.quality.models import model_folder
 
     common = dict(model=ggufs["qwen2"], tp=(2,), points=(CODEC,), text=tiny["text"], seq_len=SEQ, windows=WINDOWS)
     sim = evaluate(EvalConfig(**common, out=str(tmp_path / "sim.jsonl")), log=quiet)
     real = evaluate(EvalConfig(**common, real_ranks=True, out=str(tmp_path / "real.jsonl")), log=quiet)
-    assert sim[0]["model"] == real[0]["model"] == "qwen2.gguf"
+    assert sim[0]["model"] == real[0]["model"] == "tiny-qwen2 (qwen2)"
     assert sim[0]["kl"] > 0 and real[0]["kl"] == pytest.approx(sim[0]["kl"], rel=5e-2)
     assert real[0]["baseline_ppl"] == pytest.approx(sim[0]["baseline_ppl"], rel=1e-4)
     folders = list((tmp_path / "cache" / "models").iterdir())
@@ -46,7 +47,7 @@ def test_calibrate_and_sensitivity_on_a_qwen3_gguf(ggufs, tiny, tmp_path):
 
     (cal,) = calibrate(CalibrateConfig(model=ggufs["qwen3"], tp=(2,), output=str(tmp_path / "q3_tp{tp}.safetensors"),
                                        text=tiny["cal_text"], seq_len=SEQ, tokens=SEQ * WINDOWS), log=quiet)
-    assert load_calibration(str(cal)).meta["model"] == "qwen3.gguf"
+    assert load_calibration(str(cal)).meta["model"] == "tiny-qwen3 (qwen3)"
     recs = run(SensitivityConfig(model=ggufs["qwen3"], tp=2, low=CODEC, high="fp8_e4m3/b16/e8m0up", promote=(0, 1),
                                  calib_text=tiny["cal_text"], calib_windows=1, text=tiny["text"], windows=WINDOWS,
                                  seq_len=SEQ, out=str(tmp_path / "sens.jsonl")), log=quiet)

@@ -1,6 +1,6 @@
 """The console scripts (setup.py): each imports its tool inside the quiet warning filters
 (quiet.py), since importing Megatron-core is what warns, before any argument is read; and how a
-tool refuses an input under torchrun (`refuse`)."""
+tool refuses an input under torchrun (`refuse`) and prints progress (`say`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import os
 import sys
 
 from .quiet import run_quietly
+
+
+def say(line: str) -> None:
+    """Print one progress line now: written to a file or a pipe, stdout is block-buffered, and an
+    evaluation's lines would otherwise all appear when it ends, minutes later."""
+    print(line, flush=True)
 
 
 def refuse(prog: str, error: BaseException) -> int:

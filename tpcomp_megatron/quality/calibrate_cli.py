@@ -30,6 +30,7 @@ import torch
 from ..calibration import RULES, SKETCH_ROWS, Calibration, save_calibration
 from ..codecs import parse_point
 from ..codecs.spec import MAX_RANK
+from ..console import say
 from ..quiet import VERBOSE_HELP
 
 
@@ -124,7 +125,7 @@ def collect_real(hf_folder: Path, model_id: str, windows, tp: int, directions: i
     return stats
 
 
-def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
+def calibrate(cfg: CalibrateConfig, *, log=say) -> list[Path]:
     from .calib import build_calibration
     from .models import load_model, model_folder
     from .text import make_windows
@@ -133,6 +134,9 @@ def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
     model, tok, model_id = load_model(cfg.model)
     windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.tokens // cfg.seq_len)
     written = []
+    layers, hidden = 2 * model.config.num_hidden_layers, model.config.hidden_size  # linear_proj and linear_fc2
+    for tp in cfg.tp:
+        log(expected_size(tp, layers, hidden, cfg.directions))
     for tp in cfg.tp:
         t0 = time.perf_counter()
         if cfg.real_ranks:
@@ -153,6 +157,23 @@ def calibrate(cfg: CalibrateConfig, *, log=print) -> list[Path]:
             written.append(_write_recipe(cfg, tp, model, model_id, cal))
             log(f"TP={tp}: recipe ({cfg.recipe_codec}) -> {written[-1]}")
     return written
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def expected_size(tp: int, layers: int, hidden: int, directions: int) -> str:
+    """What a calibration file at `tp` will weigh, and why, said before the run."""
+    sources = tp + 1
+    per_direction = layers * sources * hidden * 4
+    minmax = 2 * per_direction
+    total = minmax + directions * per_direction
+    return (f"TP={tp}: the calibration file will be about {_size(total)}: {layers} layers x {sources} sources "
+            f"({tp} ranks and their sum) x {hidden} channels x (min and max + {directions} low-rank directions), "
+            f"float32. Only lowrank+ codecs read the directions ({_size(directions * per_direction)}); "
+            f"--directions N keeps fewer (the largest rank served), and a recipe (--recipe) keeps only what its "
+            f"codec needs")
 
 
 def _write_recipe(cfg: CalibrateConfig, tp: int, model, model_id: str, cal: Calibration) -> Path:

@@ -7,7 +7,8 @@
 Scores held-out real text (default: the start of Moby Dick, never the calibration text) with the
 unmodified model and with every sweep point, simulated in one process (default) or on real gloo
 ranks through `apply_tp_compression` (`--real-ranks`). One JSON record per point is appended to
-`--out` (default benchmarks/results/quality_<model>_<cpu>_<date>.jsonl); tools/plot_quality.py
+`--out` (default quality_<model>_<cpu>_<date>.jsonl in ~/.cache/tpcomp-megatron/results, or under
+$TPCOMP_CACHE; the path is printed first); tools/plot_quality.py
 turns the file into a Markdown table and the bits/value vs perplexity-increase plot.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..calibration import Calibration
+from ..console import say
 from ..quiet import VERBOSE_HELP
 from .calib import load_for_evaluation
 from .sweep import SWEEPS, SweepPoint, point_codecs
@@ -98,9 +100,10 @@ def _done_key(r: dict) -> tuple:
             r.get("outlier_rule"), r.get("algorithm", "one_shot"), r.get("error_feedback", False))
 
 
-def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
+def evaluate(cfg: EvalConfig, *, log=say) -> list[dict]:
     from .models import load_model, model_folder
-    from .records import append_records, default_results_path, environment, quality_record, read_records
+    from .records import (append_records, default_results_path, environment, point_label, quality_record,
+                          read_records)
     from .simtp import SimulatedTP
     from .text import canonical_text_spec, make_windows
 
@@ -108,6 +111,7 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
     model, tok, model_id = load_model(cfg.model)
     windows = make_windows(tok, cfg.text, seq_len=cfg.seq_len, windows=cfg.windows, offset=cfg.offset)
     out = Path(cfg.out) if cfg.out else default_results_path(model_id)
+    log(f"records of {model_id} will be appended to {out}")
     sim = SimulatedTP(model)
     hidden = sim.hidden
     points = [SweepPoint.parse(p, tp, rotation=cfg.rotation) for tp in cfg.tp for p in cfg.points]
@@ -149,7 +153,7 @@ def evaluate(cfg: EvalConfig, *, log=print) -> list[dict]:
     append_records(out, records)
     log(f"{len(records)} records in {time.perf_counter() - t0:.0f} s -> {out}")
     for r in records:
-        log(f"  TP={r['world_size']} {'sim' if r['simulated_tp'] else 'real'} {r['codec']:34s} {r.get('outlier_rule') or '':12s} "
+        log(f"  TP={r['world_size']} {'sim' if r['simulated_tp'] else 'real'} {point_label(r):46s} "
             f"{r['bits_per_value']:6.3f} b/v  ppl {r['ppl']:.3f} ({r['ppl_increase_pct']:+.2f}%)  top1 {r['top1_agreement']:.4f}  KL {r['kl']:.5f}")
     return records
 
@@ -183,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--real-ranks", action="store_true", help="real gloo ranks through apply_tp_compression")
-    ap.add_argument("--out", help="JSON Lines output (appended)")
+    ap.add_argument("--out", help="JSON Lines output (appended; default: a file in ~/.cache/tpcomp-megatron/results)")
     ap.add_argument("--skip-done", action="store_true", help="skip points already recorded in --out")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rotation", type=int, metavar="G", help="EXPERIMENTAL, simulation only: a randomized Hadamard "

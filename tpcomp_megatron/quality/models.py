@@ -11,7 +11,8 @@ transformers dequantizes a GGUF to float32 in about a minute (Gemma: two); the r
 as a Hugging Face folder under the cache (`prepare_model`), which then loads in seconds and is also
 what the Megatron converter reads. The weights are 4-bit dequantized: fine for measuring the extra
 error of compressing the communication, which is what this study does. Any other GGUF file given
-by path (`--model model.gguf`, e.g. a Qwen2.5) is prepared the same way (`gguf_folder`).
+by path (`--model model.gguf`, e.g. a Qwen2.5) is prepared the same way (`gguf_folder`) and named
+by its header (general.name, architecture, size), which records and calibration files then carry.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..provenance import source_model_name
 from .text import cache_dir
 
 
@@ -150,7 +152,8 @@ def model_folder(name_or_path: str) -> Path:
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer, model id) for a known model name, a GGUF file or a Hugging Face
-    folder. A GGUF's id is its file name, as examples/generate.py names a `--source` model."""
+    folder. A GGUF's id is what its header names (`provenance.source_model_name`, as
+    examples/generate.py names a `--source` model), not its file name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = model_folder(name_or_path)
@@ -162,5 +165,5 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32):
     if name_or_path in MODELS:
         model_id = name_or_path
     else:
-        model_id = Path(name_or_path).name if _is_gguf(name_or_path) else folder.name
+        model_id = source_model_name(name_or_path) if _is_gguf(name_or_path) else folder.name
     return model, tok, model_id

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..console import say
 from .metrics import Totals, add_compared, add_reference
 from .records import slug
 from .text import TokenWindows, cache_dir
@@ -140,7 +141,7 @@ class RealPoint:
 
 
 def evaluate_on_ranks(folder: str | Path, model_id: str, tp: int, windows: TokenWindows, points: Sequence[RealPoint],
-                      *, log=print) -> tuple:
+                      *, log=say) -> tuple:
     """`rank_evaluate` of `points` on `tp` gloo ranks, on the model's converted checkpoint (made
     once, cached): (baseline Totals, [Totals], [seconds], [fallback calls]) per point."""
     from ..testing import run_ranks

@@ -26,7 +26,8 @@ def write_recipe(path: str | Path, *, model, model_id: str, tp: int, layers: Map
     env = environment()
     recipe = Recipe(model=hf_fingerprint(model, model_id), tp_size=tp, layers=dict(layers), error_feedback=feedback,
                     outlier_rule=rule, calibration=calibration,
-                    made_by={"command": env["command"], "commit": env["git"]})
+                    made_by={"command": env["command"], "version": env["version"],
+                             "commit": env["git"] or "none (not run from a checkout)"})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_recipe(str(path), recipe)

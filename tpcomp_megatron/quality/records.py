@@ -1,4 +1,5 @@
-"""Result records (`benchmarks/results/quality_*.jsonl`, fields in benchmarks/results/README.md) and where they go."""
+"""Result records (`quality_*.jsonl`, fields in benchmarks/results/README.md) and where they go: `--out`, or
+a per-user results folder (`results_dir`); the committed ones live in benchmarks/results/."""
 
 from __future__ import annotations
 
@@ -7,14 +8,12 @@ import json
 import platform
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
+from ..provenance import provenance
 from .metrics import Totals
-
-RESULTS_DIR = Path("benchmarks") / "results"
-
+from .text import cache_dir
 
 def cpu_name() -> str:
     try:
@@ -30,23 +29,23 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False)
-    rev = out.stdout.strip() or "unknown"
-    return rev + ("-dirty" if dirty.stdout.strip() else "")
+def results_dir() -> Path:
+    """Where records go without `--out`: a per-user folder (under $TPCOMP_CACHE or
+    ~/.cache/tpcomp-megatron), never the folder the command is run from."""
+    return cache_dir() / "results"
 
 
 def default_results_path(model: str, date: str | None = None) -> Path:
     date = date or datetime.date.today().isoformat()
-    return RESULTS_DIR / f"quality_{slug(model)}_cpu-{slug(cpu_name())}_{date}.jsonl"
+    return results_dir() / f"quality_{slug(model)}_cpu-{slug(cpu_name())}_{date}.jsonl"
 
 
 def environment() -> dict:
-    """device / date / command / git, shared by every record of one run."""
+    """device / date / command / version / git, shared by every record of one run (`git`: the
+    commit of the checkout the package runs from, None for an installed package)."""
     return {"device": f"CPU: {cpu_name()}", "date": datetime.date.today().isoformat(),
             "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:]),
-            "git": git_commit()}
+            **provenance()}
 
 
 def quality_record(*, model: str, text: str, totals: Totals, baseline: Totals, world_size: int, simulated: bool,
@@ -60,6 +59,19 @@ def quality_record(*, model: str, text: str, totals: Totals, baseline: Totals, w
     rec.update(extra)
     rec.update(env)
     return rec
+
+
+def point_label(record: dict) -> str:
+    """Everything that defines a record's point, in the runtime grammar: `fp4_e2m1/b32/e6m2` and
+    `fp4_e2m1/b32/e6m2:feedback=on` are different points and print differently."""
+    parts = [record["codec"]]
+    if record.get("outlier_rule"):
+        parts.append(f"rule={record['outlier_rule']}")
+    if record.get("algorithm", "one_shot") != "one_shot":
+        parts.append(f"algo={record['algorithm']}")
+    if record.get("error_feedback"):
+        parts.append("feedback=on")
+    return ":".join(parts)
 
 
 def append_records(path: Path, records: list[dict]) -> None:

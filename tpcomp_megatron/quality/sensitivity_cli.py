@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from ..codecs import needs_calibration, parse_codec_spec
+from ..console import say
 from ..quiet import VERBOSE_HELP
 from .calib import layer_codecs, load_for_evaluation
 from .records import append_records, default_results_path, environment, quality_record
@@ -141,7 +142,7 @@ class SensitivityConfig:
                              "either --budget BITS or one --promote K")
 
 
-def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
+def run(cfg: SensitivityConfig, *, log=say) -> list[dict]:
     if cfg.from_record is not None:
         plan_from_record(cfg, log=log)
         return []
@@ -175,7 +176,8 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
                                 feedback=cfg.feedback, rule=None, calibration=calibration)
             log(f"recipe of the allocation -> {path}")
     plans = [{n: codecs[c][n] for n, c in ch.specs.items()} for ch in choices]
-    base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan, feedback=cfg.feedback) for plan in plans])
+    base, totals, _ = compare(model, sim, windows, [Plan(cfg.tp, plan, feedback=cfg.feedback) for plan in plans],
+                              labels=[ch.label for ch in choices], log=log)
     env = environment()
     bits = [plan_bits(plan, sim.hidden) for plan in plans]
     runs = [(True, base, totals, [{}] * len(plans))]
@@ -193,7 +195,9 @@ def run(cfg: SensitivityConfig, *, log=print) -> list[dict]:
             r = records[-1]
             log(f"TP={cfg.tp} {'sim' if simulated else 'real'} {label:60s} {r['bits_per_value']:.3f} b/v ppl {r['ppl']:.3f} "
                 f"({r['ppl_increase_pct']:+.2f}%) top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
-    append_records(Path(cfg.out) if cfg.out else default_results_path(model_id), records)
+    out = Path(cfg.out) if cfg.out else default_results_path(model_id)
+    append_records(out, records)
+    log(f"{len(records)} records -> {out}")
     return records
 
 
@@ -206,7 +210,7 @@ def _codec_maps(cfg: SensitivityConfig, layers, calibration) -> tuple[str, dict]
     return low_spec, codecs
 
 
-def plan_from_record(cfg: SensitivityConfig, *, log=print) -> dict[str, str]:
+def plan_from_record(cfg: SensitivityConfig, *, log=say) -> dict[str, str]:
     """The plan `run` would choose, from the KLs of the sensitivity record `cfg.from_record` (same
     model, TP size and feedback), without running the model; written as a recipe with `cfg.recipe`.
     Returns layer -> codec spec."""
@@ -371,7 +375,8 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--offset", type=int, default=0, help="first evaluation-text token used")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", help="JSON Lines file to append to (default: benchmarks/results/quality_<model>_<cpu>_<date>.jsonl)")
+    ap.add_argument("--out", help="JSON Lines file to append to (default: quality_<model>_<cpu>_<date>.jsonl "
+                    "in ~/.cache/tpcomp-megatron/results)")
     ap.add_argument("--ranking", help="write the per-layer ranking (JSON) here")
     ap.add_argument("--ranking-in", help="reuse the ranking of an earlier run (same model, --tp, --low)")
     ap.add_argument("--real-ranks", action="store_true",
