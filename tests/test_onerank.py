@@ -138,3 +138,26 @@ def test_bench_prefill_smoke(tmp_path):
                     "overhead_pct", "collectives", "overhead_us_per_collective", "device", "date", "command", "git"):
             assert key in r, key
     assert [r["collectives"] for r in recs] == [0, 4, 0, 4]
+
+
+def test_bench_serving_smoke(tmp_path):
+    """tools/bench_serving.py on CPU (mirror group, tiny shape, TP=2): a prefill record over distinct
+    prompt lengths and a decode record per batch, with the fields of shared/RESULTS.md, every
+    prefill collective compressed, and the Markdown page."""
+    out, md = tmp_path / "serving.jsonl", tmp_path / "serving.md"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "bench_serving.py"), "--device", "cpu", "--shape", "tiny",
+                    "--layers", "2", "--models", "13b", "--requests", "4", "--max-tokens", "96", "--batches", "1", "8",
+                    "--steps", "2", "--codec", SPEC, "--out", str(out), "--md", str(md)],
+                   check=True, cwd=tmp_path, capture_output=True, timeout=600)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["phase"], r.get("batch")) for r in recs] == [("prefill", None), ("decode", 1), ("decode", 8)]
+    for r in recs:
+        for key in ("model", "layers", "world_size", "codec", "overhead_pct_p50", "overhead_pct_p90", "device", "date",
+                    "git", "command"):
+            assert key in r, key
+    prefill = recs[0]
+    for key in ("requests", "length_distribution", "first_request_overhead_pct", "kept_payload_bytes", "plans_built"):
+        assert key in prefill, key
+    assert prefill["requests"] == 4 and prefill["requests_not_all_compressed"] == 0
+    assert prefill["plans_built"] <= 4, "a kit per row bucket (lengths 32-96: buckets 64 and 128)"
+    assert "## Prefill" in md.read_text() and "## Decode" in md.read_text()
