@@ -90,6 +90,9 @@ def expected_hf_shapes(cfg: LlamaModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_hf_tensors(cfg: LlamaModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raise MappingError naming missing/unexpected tensors and shape mismatches."""
+    if cfg.num_layers > len(shapes):  # every layer has tensors: bound the count before listing them
+        raise MappingError(f"config.json field 'num_hidden_layers' is {cfg.num_layers}, but the checkpoint holds "
+                           f"only {len(shapes)} tensors; check that the weights and config.json come from the same model")
     want = expected_hf_shapes(cfg)
     # Tied checkpoints sometimes also store lm_head (equal to the embedding); rotary caches are
     # recomputed from the config, so both are harmless extras.

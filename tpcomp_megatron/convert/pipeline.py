@@ -60,15 +60,20 @@ def convert_hf_to_megatron(
         # Checked before reading the source: a large model should not load only to fail here.
         raise FileExistsError(f"output {out} already exists; choose another path or pass --force")
     src = source if isinstance(source, HFSource) else open_hf_source(source)
-    cfg = config_from_hf(
-        src.config,
-        tensor_parallel_size=tp,
-        params_dtype=dtype or src.dtype,
-        tokenizer=src.tokenizer,
-        source=src.path,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-    )
-    check_hf_tensors(cfg, src.shapes)
+    try:
+        cfg = config_from_hf(
+            src.config,
+            tensor_parallel_size=tp,
+            params_dtype=dtype or src.dtype,
+            tokenizer=src.tokenizer,
+            source=src.path,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        )
+        check_hf_tensors(cfg, src.shapes)
+    except ValueError as e:  # name the source: the config's field alone does not say which model
+        if str(src.path) in str(e):
+            raise
+        raise type(e)(f"{src.path}: {e}") from None
     steps = cfg.num_layers + len(formats) + 1
     with (
         atomic_output(out, force=force) as tmp,

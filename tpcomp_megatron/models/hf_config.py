@@ -41,6 +41,15 @@ def common_fields(hf: dict[str, Any], *, arch: str, params_dtype: str | None, ma
     missing = [k for k in _REQUIRED if hf.get(k) is None]
     if missing:
         raise ValueError(f"config.json is missing {missing}")
+    for key in (*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if hf.get(key) is not None:
+            _check_size(key, hf[key])
+    scaling, params = hf.get("rope_scaling"), hf.get("rope_parameters")
+    if scaling and params and scaling != params:
+        # transformers 4.x reads only rope_scaling (+ rope_theta), 5.x lets rope_scaling replace
+        # rope_parameters (theta then defaults to 1e4): no reading is right for both
+        raise ValueError("config.json sets both 'rope_scaling' and 'rope_parameters', and they differ; "
+                         "transformers versions read such a file differently: keep one of them")
     heads = int(hf["num_attention_heads"])
     if params_dtype is None:
         src = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", "")
@@ -62,6 +71,18 @@ def common_fields(hf: dict[str, Any], *, arch: str, params_dtype: str | None, ma
         hf_config=json.loads(json.dumps(hf)),
         **passthrough,
     )
+
+
+MAX_SIZE = 2**31 - 1
+"""Largest size a config field may give (tensor dimensions and layer counts far below it; checked
+against the tensors present in `convert.mapping.check_hf_tensors`)."""
+
+
+def _check_size(key: str, value: Any) -> None:
+    """A config size is a positive JSON integer below MAX_SIZE: `int()` would take 1e300, "12",
+    true or 2.5, and raise OverflowError on Infinity."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+        raise ValueError(f"config.json field {key!r} must be an integer in [1, {MAX_SIZE}], got {value!r:.60}")
 
 
 def supported_architectures() -> list[str]:
@@ -113,7 +134,19 @@ def config_from_hf(
 
     `params_dtype` None keeps the source dtype (`torch_dtype`/`dtype`, float32 if absent).
     Gemma 1/2/3 configs give a `GemmaModelConfig`, Qwen2/3 ones a `QwenModelConfig`.
+    Any bad value raises ValueError.
     """
+    try:
+        return _config_from_hf(hf, tensor_parallel_size=tensor_parallel_size, params_dtype=params_dtype,
+                               tokenizer=tokenizer, source=source,
+                               make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    except (TypeError, AttributeError, KeyError, OverflowError, ZeroDivisionError) as e:  # a value of the wrong type
+        raise ValueError(f"config.json holds a value of the wrong type or size ({type(e).__name__}: {e})") from None
+
+
+def _config_from_hf(hf: dict[str, Any], *, tensor_parallel_size: int, params_dtype: str | None,
+                    tokenizer: TokenizerRef | None, source: str | None, make_vocab_size_divisible_by: int
+                    ) -> LlamaModelConfig:
     from .gemma.hf_config import gemma_config_from_hf
     from .qwen.hf_config import qwen_config_from_hf
 

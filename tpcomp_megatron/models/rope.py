@@ -39,7 +39,7 @@ class RopeScaling:
                 f"rope scaling type {self.rope_type!r} is not supported; supported: "
                 f"{SUPPORTED_ROPE_TYPES} (dynamic/yarn/longrope need a new rope module)"
             )
-        if not self.factor > 0:
+        if not 0 < self.factor < math.inf:
             raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
         if self.rope_type == "llama3":
             if not 0 < self.low_freq_factor < self.high_freq_factor:
@@ -58,6 +58,8 @@ class RopeScaling:
         """Parse a Hugging Face rope dict (old `type` or new `rope_type` key); None if unscaled."""
         if not params:
             return None
+        if not isinstance(params, dict):
+            raise ValueError(f"rope settings must be a JSON object, got {params!r:.60}")
         kind = params.get("rope_type", params.get("type", "default"))
         if kind == "default":
             return None
