@@ -13,12 +13,14 @@ import copy
 import json
 import random
 import shutil
+import struct
 import time
 from pathlib import Path
 
 import pytest
 
 from tpcomp_megatron.convert import cli, convert_hf_to_megatron
+from tpcomp_megatron.convert.gguf_header import GGUFHeaderError, read_gguf_metadata
 from tpcomp_megatron.convert.hf_io import open_hf_source
 from tpcomp_megatron.convert.mapping import check_hf_tensors
 from tpcomp_megatron.models.hf_config import config_from_hf
@@ -122,3 +124,97 @@ def test_fuzzed_configs_convert_or_are_refused(hf_dir):
             refused += 1
         assert time.perf_counter() - t0 < 1.0, f"mutation {i} took {time.perf_counter() - t0:.1f} s: {hf}"
     assert refused > 150
+
+
+# -- GGUF headers ----------------------------------------------------------------------------------
+def _kv_string(key: str, value: str) -> bytes:
+    k, v = key.encode(), value.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(v)) + v
+
+
+def _gguf_header() -> bytes:
+    """A header with every kind of value the reader walks: strings, scalars, arrays of scalars,
+    of strings and of arrays."""
+    def key(name: str) -> bytes:
+        return struct.pack("<Q", len(name)) + name.encode()
+
+    kvs = [_kv_string("general.architecture", "llama"),
+           key("llama.block_count") + struct.pack("<II", 4, 2),
+           key("llama.rope.freq_base") + struct.pack("<If", 6, 10000.0),
+           key("llama.context_length") + struct.pack("<IQ", 10, 64),
+           key("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, 3) + struct.pack("<3f", 0, 1, 2),
+           key("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + struct.pack("<Q", 1) + b"a"
+           + struct.pack("<Q", 2) + b"bc",
+           key("nested") + struct.pack("<IIQ", 9, 9, 1) + struct.pack("<IQ", 4, 2) + struct.pack("<2I", 7, 8),
+           _kv_string("general.name", "tiny")]
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs)
+
+
+def _read_or_refused(path: Path) -> dict | None:
+    t0 = time.perf_counter()
+    try:
+        out = read_gguf_metadata(path)
+    except GGUFHeaderError as e:
+        assert str(path) in str(e) and "\n" not in str(e), str(e)
+        out = None
+    assert time.perf_counter() - t0 < 1.0
+    return out
+
+
+def test_the_gguf_header_fixture_reads(tmp_path):
+    path = tmp_path / "ok.gguf"
+    path.write_bytes(_gguf_header())
+    meta = read_gguf_metadata(path)
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 2
+    assert meta["general.name"] == "tiny" and meta["nested"] is None
+
+
+def test_gguf_arrays_nested_5000_deep_are_refused(tmp_path):
+    """Item 10: RecursionError before."""
+    body = struct.pack("<Q", 6) + b"nested" + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000
+    path = tmp_path / "deep.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body + bytes(64))
+    with pytest.raises(GGUFHeaderError, match="nested deeper"):
+        read_gguf_metadata(path)
+
+
+@pytest.mark.parametrize("case", ["string", "scalar array", "string array"])
+def test_gguf_lengths_past_any_offset_are_refused_naming_the_file(tmp_path, case):
+    """Item 12: seeks of 2**63 bytes gave 'cannot fit int into an offset-sized integer' or
+    OSError 22, without the file name."""
+    key = struct.pack("<Q", 1) + b"k"
+    body = {"string": key + struct.pack("<IIQ", 9, 8, 1) + struct.pack("<Q", 2**63 - 1),
+            "scalar array": key + struct.pack("<IIQ", 9, 12, 2**62),
+            "string array": key + struct.pack("<IIQ", 9, 8, 2**64 - 1)}[case]
+    path = tmp_path / "big.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body + bytes(64))
+    with pytest.raises(GGUFHeaderError, match="runs past the end") as e:
+        read_gguf_metadata(path)
+    assert str(path) in str(e.value)
+
+
+def test_fuzzed_gguf_headers_read_or_are_refused(tmp_path):
+    """1200 seeded mutations (byte flips, length fields set to extremes, cuts, splices): each
+    reads or raises one GGUFHeaderError naming the file, within a second."""
+    base = _gguf_header()
+    rng = random.Random(32)
+    refused = 0
+    extremes = [0, 1, 2**31, 2**32 - 1, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
+    for i in range(1200):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            op, at = rng.randrange(5), rng.randrange(24, len(data))
+            if op == 0:
+                data[at] ^= 1 << rng.randrange(8)
+            elif op == 1 and at + 8 <= len(data):
+                data[at:at + 8] = struct.pack("<Q", rng.choice(extremes))
+            elif op == 2 and at + 4 <= len(data):
+                data[at:at + 4] = struct.pack("<I", rng.choice([7, 8, 9, 13, 2**31, 2**32 - 1]))
+            elif op == 3:
+                del data[at:]
+            else:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        path = tmp_path / f"{i % 8}.gguf"
+        path.write_bytes(bytes(data))
+        refused += _read_or_refused(path) is None
+    assert refused > 600

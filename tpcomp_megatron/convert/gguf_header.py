@@ -18,6 +18,7 @@ _MAGIC = b"GGUF"
 # GGUF value types -> struct format (8: string, 9: array are handled apart).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_MAX_DEPTH = 8  # arrays of arrays: llama.cpp writes none deeper than 2
 
 
 class GGUFHeaderError(ValueError):
@@ -46,29 +47,42 @@ class _Reader:
             raise GGUFHeaderError(f"{self.path}: the GGUF header is cut short; re-download the file")
         return data.decode("utf-8", errors="replace")
 
-    def skip_string(self) -> None:
-        self.f.seek(self.unpack("Q"), os.SEEK_CUR)
+    def skip(self, n: int, what: str) -> None:
+        """Seek `n` bytes on, refusing a length past the end of the file (a seek would take it, or
+        overflow: 'cannot fit int into an offset-sized integer', OSError 22)."""
+        if n > self.size - self.f.tell():
+            raise GGUFHeaderError(f"{self.path}: a GGUF header {what} of {n} bytes runs past the end of the file "
+                                  f"({self.size} bytes): the file is corrupt or cut short")
+        self.f.seek(n, os.SEEK_CUR)
 
-    def value(self, vtype: int) -> Any:
+    def skip_string(self) -> None:
+        self.skip(self.unpack("Q"), "string")
+
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self.string()
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _ARRAY:
+            if depth >= _MAX_DEPTH:
+                raise GGUFHeaderError(f"{self.path}: GGUF header arrays nested deeper than {_MAX_DEPTH}: the file is corrupt")
             etype, n = self.unpack("I"), self.unpack("Q")
             if etype in _SCALARS:
-                self.f.seek(n * struct.calcsize(_SCALARS[etype]), os.SEEK_CUR)
+                self.skip(n * struct.calcsize(_SCALARS[etype]), "array")
             else:
+                if n > (self.size - self.f.tell()) // 8:  # every string or array element takes 8 bytes or more
+                    raise GGUFHeaderError(f"{self.path}: a GGUF header array of {n} elements runs past the end of "
+                                          "the file: the file is corrupt or cut short")
                 for _ in range(n):
-                    self.skip_value(etype)
+                    self.skip_value(etype, depth + 1)
             return None
         raise GGUFHeaderError(f"{self.path}: unknown GGUF value type {vtype}")
 
-    def skip_value(self, vtype: int) -> None:
+    def skip_value(self, vtype: int, depth: int = 0) -> None:
         if vtype == _STRING:
             self.skip_string()
         else:
-            self.value(vtype)
+            self.value(vtype, depth)
 
 
 def read_gguf_metadata(
