@@ -80,7 +80,6 @@ class Kit:
         self.nbytes = sum(self.capacity)
         self._kept: tuple | None = None
         self._views: dict = {}
-        self.live = True
         if traced:  # the traced custom ops (torch.compile)
             self.encode = lambda x, out: ops.encode(codec, x, source=rank, out=out)
             self.decode_sum = lambda p: ops.decode_sum(codec, p, hidden, sources=_sources(n), dtype=out_dtype)
@@ -160,27 +159,33 @@ class Kits:
         kit = self._kits.get(key)
         if kit is not None:
             self._kits.move_to_end(key)
+            if kit.kept_bytes == 0 and kit.nbytes <= self.persist:  # released earlier, in use again
+                self._keep(kit)
             return kit
         kit = Kit(op, codec, self.n, self.rank, hidden, in_dtype, out_dtype, device, key[2], False)
         self.built += 1
         if len(self._kits) >= MAX_KITS:
-            self._evict(self._kits.popitem(last=False)[1])
-        if kit.nbytes <= self.persist:
-            for old in list(self._kits.values()):  # least recently used first
-                if self.kept_bytes + kit.nbytes <= self.budget:
-                    break
-                self._evict(old, keep_plans=True)
-            if self.kept_bytes + kit.nbytes <= self.budget:
-                kit.keep()
-                self.kept_bytes += kit.nbytes
+            self._release(self._kits.popitem(last=False)[1])
         self._kits[key] = kit
+        if kit.nbytes <= self.persist:
+            self._keep(kit)
         return kit
 
-    def _evict(self, kit: Kit, keep_plans: bool = False) -> None:
+    def _keep(self, kit: Kit) -> None:
+        """Keep `kit`'s buffers, releasing the least recently used kits' until they fit the budget
+        (none, where they cannot fit it at all)."""
+        if kit.nbytes > self.budget:
+            return
+        for old in self._kits.values():  # least recently used first; `kit` is the most recent
+            if self.kept_bytes + kit.nbytes <= self.budget:
+                break
+            self._release(old)
+        kit.keep()
+        self.kept_bytes += kit.nbytes
+
+    def _release(self, kit: Kit) -> None:
         self.kept_bytes -= kit.kept_bytes
         kit.release()
-        if not keep_plans:
-            kit.live = False
 
     def __len__(self) -> int:
         return len(self._kits)
