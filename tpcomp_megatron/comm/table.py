@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -99,6 +100,20 @@ class SizeRow:
     hidden: int
     ms: dict
     """path name -> {mode: ms}."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**40:
+                raise ValueError(f"size row field {name!r} must be an integer in [1, 2**40), got {value!r:.40}")
+        if not isinstance(self.ms, dict) or not all(isinstance(m, dict) for m in self.ms.values()):
+            raise ValueError("size row field 'ms' must map each path to {mode: ms}")
+        for path, modes in self.ms.items():
+            for mode, t in modes.items():
+                # a zero, negative or infinite time would make a path win (or lose) everywhere
+                if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+                    raise ValueError(f"size row {self.tokens} x {self.hidden}: time of {path!r} {mode} must be a "
+                                     f"positive finite number of ms, got {t!r:.40}")
 
     @property
     def nbytes(self) -> int:
@@ -187,12 +202,15 @@ class GateTable:
         try:
             if doc.get("format") != FORMAT:
                 raise ValueError(f"format {doc.get('format')!r}, this version reads format {FORMAT}")
-            rows = tuple(SizeRow(tokens=int(r["tokens"]), hidden=int(r["hidden"]),
+            rows = tuple(SizeRow(tokens=r["tokens"], hidden=r["hidden"],
                                  ms={str(p): {str(m): float(t) for m, t in modes.items()} for p, modes in r["ms"].items()})
                          for r in doc["rows"])
-            return cls(key=TableKey(**doc["key"]), rows=rows, margin=float(doc.get("margin", 0.05)),
+            margin = doc.get("margin", 0.05)
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+                raise ValueError(f"margin must be a number, got {margin!r:.40}")
+            return cls(key=TableKey(**doc["key"]), rows=rows, margin=float(margin),
                        meta=dict(doc.get("meta", {})), source=source)
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError, RecursionError) as e:
             raise ValueError(f"{where} is not a tpcomp-tune table ({type(e).__name__}: {e}); "
                              "rewrite it with tpcomp-tune") from None
 
@@ -203,8 +221,11 @@ class GateTable:
             raise FileNotFoundError(f"gate table {p} not found; write one with tpcomp-tune --out {p}")
         try:
             doc = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"gate table {p} is not JSON ({e}); rewrite it with tpcomp-tune") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+            raise ValueError(f"gate table {p} is not JSON we read ({type(e).__name__}: {e}); rewrite it with "
+                             "tpcomp-tune") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"gate table {p} is not a JSON object; rewrite it with tpcomp-tune")
         return cls.from_dict(doc, str(p))
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -235,7 +256,7 @@ def invalidate_stale(key: TableKey, root: Path | None = None) -> list[str]:
     for p in sorted(root.glob("*.json")) if root.is_dir() else ():
         try:
             old = TableKey(**json.loads(p.read_text())["key"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             continue  # not ours, or being written: leave it
         if old.slot() == key.slot() and old != key:
             p.unlink(missing_ok=True)

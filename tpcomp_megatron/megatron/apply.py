@@ -295,13 +295,20 @@ def _gate_policy(config: CompressionConfig, group) -> tuple[GatePolicy, str | No
     return policy, refusal
 
 
+def _probes(policy: GatePolicy, config: CompressionConfig, group) -> bool:
+    """Whether this rank would run the probe's collectives (part of the cross-rank check: a rank
+    probing while its peer runs its forward aborts gloo and mismatches NCCL's collectives)."""
+    if policy.table is not None or policy.min_bytes is not None or config.gate_table == SEED:
+        return False
+    nccl = dist.get_backend(group) == "nccl"
+    return not (config.gate_probe is False or (config.gate_probe is None and not nccl)
+                or dist.get_world_size(group) == 1)
+
+
 def _probed(policy: GatePolicy, config: CompressionConfig, group, model: torch.nn.Module) -> GatePolicy:
     """`policy`, with a table probed over `group` where it has none and `config.gate_probe` asks
     for one (`tune/probe.py`)."""
-    if policy.table is not None or policy.min_bytes is not None or config.gate_table == SEED:
-        return policy
-    nccl = dist.get_backend(group) == "nccl"
-    if config.gate_probe is False or (config.gate_probe is None and not nccl) or dist.get_world_size(group) == 1:
+    if not _probes(policy, config, group):
         return policy
     hidden = next((m.output_size for n, m in _unwrap(model).named_modules()
                    if _is_row_layer(n) and isinstance(m, RowParallelLinear)), None)
@@ -339,7 +346,8 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
     policy, refusal = _gate_policy(config, group)
     # the gate's settings as resolved on this rank (e.g. the detected link class, the measured
     # table's identity, whether this rank refused it) are checked too: ranks that differ fail here
-    check_same_config(f"{config.describe(calibration)} gate: {policy.describe()} refused={refusal}", group)
+    probe = config.enabled and _probes(policy, config, group)
+    check_same_config(f"{config.describe(calibration)} gate: {policy.describe()} refused={refusal} probe={probe}", group)
     if refusal:
         raise ValueError(refusal)
     if not config.enabled:
