@@ -21,6 +21,7 @@ from tpcomp_megatron.calibration import OutlierParams, select_outlier_channels
 from tpcomp_megatron.codecs import make_codec
 from tpcomp_megatron.comm import CompressedComm, GatePolicy
 from tpcomp_megatron.comm.engine import BUDGET_BYTES
+from tpcomp_megatron.testing import run_ranks
 
 
 @pytest.fixture
@@ -145,3 +146,26 @@ def test_reduce_scatter_lengths_share_a_bucket(mirror):
         out = comm.reduce_scatter(x, codec)
         assert out.shape == (k, hidden)
     assert comm.kits.built == 1 and comm.stats.calls_compressed == 5
+
+
+def _compiled(rank, world):
+    comm = CompressedComm(policy=GatePolicy(min_bytes=0, link="cpu"))
+    codec = make_codec("fp4_e2m1/b32/e8m0")
+    gen = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(13, 64, generator=gen).to(torch.bfloat16), torch.randn(4 * world, 64, generator=gen)
+    calls = {"one_shot": lambda t: comm.all_reduce(t * 1, codec, algorithm="one_shot"),
+             "two_shot": lambda t: comm.all_reduce(t * 1, codec, algorithm="two_shot"),
+             "reduce_scatter": lambda t: comm.reduce_scatter(t * 1, codec),
+             "all_gather": lambda t: comm.all_gather(t * 1, codec)}
+    same = {}
+    for name, fn in calls.items():
+        t = x if name in ("one_shot", "two_shot") else y
+        same[name] = torch.equal(torch.compile(fn)(t), fn(t))
+    return same
+
+
+def test_torch_compile_runs_the_same_collectives():
+    """Traced by torch.compile (the custom ops, the public collective functions), every operation
+    gives the eager path's result bit for bit, uneven two-shot rows included; 2 gloo ranks."""
+    for same in run_ranks(_compiled, 2):
+        assert all(same.values()), same

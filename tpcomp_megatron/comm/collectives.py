@@ -233,7 +233,7 @@ class CompressedComm:
         payload, flat, gathered = kit.buffers(m, fresh=mode != "eager")
         self._encode(kit, codec, rows, payload, debt)
         own = self._own(codec, payload, hidden, self.rank) if want_own else None
-        _run("all-reduce (one-shot all-gather)", self.group, transport.gather_into, flat, payload)
+        _run("all-reduce (one-shot all-gather)", self.group, transport.gather_fn(mode == "traced"), flat, payload)
         return kit.decode_sum(gathered), own
 
     def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
@@ -247,7 +247,8 @@ class CompressedComm:
         kit = self._kit("two_shot", rows, codec, dtype, mode, stream)
         padded, payload, received_flat, received, gathered_flat, gathered = kit.buffers(m, fresh=mode != "eager")
         self._encode(kit, codec, rows, payload, debt)
-        _run("all-reduce (two-shot all-to-all)", self.group, transport.all_to_all_into, received_flat, padded)
+        traced = mode == "traced"
+        _run("all-reduce (two-shot all-to-all)", self.group, transport.all_to_all_fn(traced), received_flat, padded)
         own = None
         if debt is None and not want_own:
             reduced = kit.reduce(received)
@@ -262,7 +263,7 @@ class CompressedComm:
                 own = self._own(codec, payload, hidden, self.rank)
                 if hi > lo:
                     own[lo:hi] += requant[:hi - lo]
-        _run("all-reduce (two-shot all-gather)", self.group, transport.gather_into, gathered_flat, reduced)
+        _run("all-reduce (two-shot all-gather)", self.group, transport.gather_fn(traced), gathered_flat, reduced)
         out = kit.decode_each(gathered)
         return (out if chunk * n == m else out[:m]), own
 
@@ -294,7 +295,8 @@ class CompressedComm:
         payload, received_flat, received = kit.buffers(rows.shape[0], fresh=mode != "eager")
         # feedback (pre-norm here) folds into the encode
         self._encode(kit, codec, rows, payload, None if feedback is None else feedback.debt_buffer(rows))
-        _run("reduce-scatter (all-to-all)", self.group, transport.all_to_all_into, received_flat, payload)
+        _run("reduce-scatter (all-to-all)", self.group, transport.all_to_all_fn(mode == "traced"), received_flat,
+             payload)
         out = kit.decode_sum(received)
         self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
@@ -315,7 +317,7 @@ class CompressedComm:
         kit = self._kit("all_gather", rows, codec, x.dtype, mode, stream)
         payload, flat, gathered = kit.buffers(rows.shape[0], fresh=mode != "eager")
         kit.encode(rows, payload)
-        _run("all-gather", self.group, transport.gather_into, flat, payload)
+        _run("all-gather", self.group, transport.gather_fn(mode == "traced"), flat, payload)
         out = kit.decode_each(gathered)
         self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] * n,) + tuple(x.shape[1:]))

@@ -59,6 +59,17 @@ if _GATHER is None or _ALL_TO_ALL is None:  # a torch without them: the public f
         all_to_all(out, inp, group=group)
 
 
+def gather_fn(traced: bool):
+    """The all-gather of `run`: the group's method (`gather_into`), or traced by torch.compile the
+    public function, which Dynamo knows."""
+    return all_gather if traced else gather_into
+
+
+def all_to_all_fn(traced: bool):
+    """The all-to-all of `run` (equal splits), as `gather_fn`."""
+    return all_to_all if traced else all_to_all_into
+
+
 class CollectiveError(RuntimeError):
     """A collective failed or timed out; usually a peer rank died or diverged."""
 
