@@ -9,12 +9,15 @@ from typing import Any
 from tpcomp_megatron.models.builder import LayerSpecTransform, build_gpt_model
 from tpcomp_megatron.models.config import LlamaModelConfig, load_model_config
 
+from .mapping import MappingError
 from .writers import (
     CONFIG_NAME,
+    DIGEST_NAME,
     FORMATS,
     LEGACY,
     TORCH_DIST,
     _load_into,
+    config_digest,
     load_legacy_rank,
     load_torch_dist_into,
 )
@@ -27,7 +30,13 @@ def load_config(checkpoint: str | os.PathLike[str]) -> LlamaModelConfig:
         raise FileNotFoundError(
             f"{path} is missing; is {checkpoint} a tpcomp-convert output folder?"
         )
-    return load_model_config(path)
+    cfg = load_model_config(path)
+    digest = Path(checkpoint) / DIGEST_NAME
+    if digest.exists():  # (conversions before the digest have none)
+        if digest.read_text().strip() != config_digest(cfg):
+            raise MappingError(f"{path} does not match the config its tensors were written with ({digest}): it "
+                               "was edited after conversion; restore it or convert the model again")
+    return cfg
 
 
 def available_formats(checkpoint: str | os.PathLike[str]) -> list[str]:

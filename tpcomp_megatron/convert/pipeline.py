@@ -16,11 +16,13 @@ from .load import available_formats, load_config
 from .mapping import check_hf_tensors, hf_to_megatron, megatron_to_hf
 from .writers import (
     CONFIG_NAME,
+    DIGEST_NAME,
     FORMATS,
     LEGACY,
     TORCH_DIST,
     atomic_output,
     check_output_vs_source,
+    config_digest,
     read_legacy,
     read_torch_dist,
     write_legacy,
@@ -81,6 +83,7 @@ def convert_hf_to_megatron(
     ):
         global_sd = hf_to_megatron(cfg, src.get, on_layer=lambda i: bar.update(1))
         cfg.save(tmp / CONFIG_NAME)
+        (tmp / DIGEST_NAME).write_text(config_digest(cfg) + "\n")
         bar.update(1)
         if LEGACY in formats:
             bar.set_postfix_str(LEGACY)

@@ -75,6 +75,11 @@ def check_torch_dist(release: Path) -> None:
     common = release / "common.pt"
     if common.exists():
         _weights_only(common.read_bytes(), str(common))
+    storage = getattr(meta.storage_data, "values", lambda: [])()
+    for info in storage:  # tensor items too: a read outside the folder is refused before any read
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or (release / rel).resolve().parent != release.resolve():
+            raise UnsafeCheckpoint(f"{path} points a stored item outside the checkpoint ({rel!r})")
     for fqn, item in meta.state_dict_metadata.items():
         if not isinstance(item, BytesStorageMetadata):
             continue  # tensors are raw bytes, never unpickled

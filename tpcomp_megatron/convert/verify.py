@@ -105,9 +105,14 @@ def _cpu_rank(
         try:
             tensor_parallel.model_parallel_cuda_manual_seed(1234)
             logits = megatron_logits(checkpoint, tokens, fmt)
+        except ValueError as e:  # a refused checkpoint: one line for the parent, not a traceback per rank
+            return _REFUSED, str(e)
         finally:
             parallel_state.destroy_model_parallel()
     return logits if rank == 0 else None
+
+
+_REFUSED = "refused"
 
 
 def compare_logits(
@@ -160,7 +165,11 @@ def verify_checkpoint(
     if hf_model is None and (not src or not Path(src).exists()):
         raise FileNotFoundError(f"the HF source {src!r} is not available; pass --hf-source")
     ids = tokens if tokens is not None else make_tokens(ckpt)
-    got = run_ranks(_cpu_rank, tp, ckpt, ids, fmt, timeout_s=timeout_s, pg_timeout_s=timeout_s)[0]
+    outs = run_ranks(_cpu_rank, tp, ckpt, ids, fmt, timeout_s=timeout_s, pg_timeout_s=timeout_s)
+    refused = [o[1] for o in outs if isinstance(o, tuple) and o[0] == _REFUSED]
+    if refused:
+        raise ValueError(refused[0])
+    got = outs[0]
     ref = hf_logits(hf_model if hf_model is not None else str(src), ids)
     return compare_logits(ref, got, tp=tp, max_abs=max_abs, min_cosine=min_cosine)
 

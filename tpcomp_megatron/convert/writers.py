@@ -28,6 +28,19 @@ from .mapping import EXTRA_STATE_LINEARS, MappingError, merge_shards, shard_for_
 from .safe_load import check_torch_dist
 
 CONFIG_NAME = "tpcomp_config.json"
+DIGEST_NAME = "tpcomp_config.sha256"
+"""Written next to CONFIG_NAME: the digest of the config the tensors were written with, so an
+edited config that still matches the tensors' shapes (4 heads x 16 -> 2 x 32) is refused."""
+_UNDIGESTED = ("tokenizer", "source")  # where files live: moving them is no change to the model
+
+
+def config_digest(cfg) -> str:
+    """sha256 of every field of `cfg` that shapes the tensors' meaning (not where files live)."""
+    import hashlib
+    import json
+
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in _UNDIGESTED}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 TORCH_DIST, LEGACY = "torch_dist", "legacy"
 FORMATS = (TORCH_DIST, LEGACY)
 _TRACKER = "latest_checkpointed_iteration.txt"
