@@ -12,7 +12,6 @@ device, world size, link and versions.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -27,6 +26,10 @@ from ..quiet import VERBOSE_HELP, quiet_warnings
 from .config import DEFAULT_CODECS, DEFAULT_TOKENS, TUNE_ALGORITHMS, TUNE_TRANSPORTS, TuneConfig
 from .measure import tune
 from .report import format_table, plot
+from .watchdog import Watchdog, group_timeout
+
+DEFAULT_TIMEOUT_S = 60.0
+"""How long a rank waits without progress (a sample timed) before giving up."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,13 +64,17 @@ def parser() -> argparse.ArgumentParser:
                          "its host and kernel time without a link; the table's link is the stand-in's name, so "
                          "no real run uses it")
     ap.add_argument("--world-size", type=int, default=2, help="with --pg: the world size simulated")
+    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                    help="give up, with one line, when a rank makes no progress for this long: another rank "
+                         f"stopped, dead or stuck (default {DEFAULT_TIMEOUT_S:.0f})")
     ap.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return ap
 
 
-def _init(backend: str, pg: str | None = None, world_size: int = 2) -> None:
+def _init(backend: str, pg: str | None = None, world_size: int = 2, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """The default group from torchrun's environment, a 1-rank group without it, or (`pg`) a
-    one-process stand-in for rank 0 of `world_size` ranks."""
+    one-process stand-in for rank 0 of `world_size` ranks. The group's timeout is longer than the
+    watchdog's (`timeout_s`), whose line must come first."""
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if pg == "fake":
@@ -87,7 +94,7 @@ def _init(backend: str, pg: str | None = None, world_size: int = 2) -> None:
     if backend == "nccl":
         kw["device_id"] = torch.device("cuda", torch.cuda.current_device())
     if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **kw)
+        dist.init_process_group(backend, timeout=group_timeout(timeout_s), **kw)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
 
@@ -106,14 +113,23 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if args.world_size < 1:
         ap.error(f"--world-size must be >= 1, got {args.world_size}")
+    if not args.timeout > 0:
+        ap.error(f"--timeout must be > 0 seconds, got {args.timeout}")
+    with Watchdog("tpcomp-tune", args.timeout) as dog:
+        return _run(args, cfg, dog)
+
+
+def _run(args, cfg: TuneConfig, dog: Watchdog) -> int:
     own = not dist.is_initialized()
     if own:
-        _init(args.backend, args.pg, args.world_size)
+        dog.beat("joining the process group: started")
+        _init(args.backend, args.pg, args.world_size, args.timeout)
     try:
         try:
-            result = tune(cfg)
+            result = tune(cfg, progress=dog.beat)
         except (ValueError, FileNotFoundError) as e:  # every rank refuses alike, and says why (refuse)
             return refuse("tpcomp-tune", e)
+        dog.beat("measured; writing the table")
         table, rank = result.table, dist.get_rank()
         if rank == 0:
             print(format_table(table), flush=True)

@@ -117,30 +117,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _samples(call: Callable[[], object], per_sample: int, cfg: TuneConfig, group, device) -> float:
+def _samples(call: Callable[[], object], per_sample: int, cfg: TuneConfig, group, device, beat) -> float:
     """Median over `cfg.repeats` samples of ms per call (`call` runs `per_sample` calls)."""
     out = []
-    for _ in range(cfg.repeats):
+    for i in range(cfg.repeats):
         _sync(device)
         dist.barrier(group=group)
         t0 = time.perf_counter()
         call()
         _sync(device)
         out.append((time.perf_counter() - t0) * 1e3 / per_sample)
+        beat(f"sample {i + 1} of {cfg.repeats}")
     return statistics.median(out)
 
 
-def _eager_ms(fn, cfg: TuneConfig, group, device) -> float:
+def _eager_ms(fn, cfg: TuneConfig, group, device, beat) -> float:
     for _ in range(cfg.warmup):
         fn()
 
     def loop():
         for _ in range(cfg.iters):
             fn()
-    return _samples(loop, cfg.iters, cfg, group, device)
+    return _samples(loop, cfg.iters, cfg, group, device, beat)
 
 
-def _graph_ms(fn, cfg: TuneConfig, group, device, what: str) -> float:
+def _graph_ms(fn, cfg: TuneConfig, group, device, what: str, beat) -> float:
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
@@ -149,18 +150,24 @@ def _graph_ms(fn, cfg: TuneConfig, group, device, what: str) -> float:
     except RuntimeError as e:
         raise RuntimeError(f"CUDA-graph capture of {what} failed ({e}); rerun tpcomp-tune with --no-graph") from e
     graph.replay()
-    return _samples(graph.replay, cfg.iters, cfg, group, device)
+    return _samples(graph.replay, cfg.iters, cfg, group, device, beat)
 
 
-def _time(c: Candidate, x, mode: str, cfg: TuneConfig, group, link: str, comms: dict, device, notes: list) -> float:
+def _time(c: Candidate, x, mode: str, cfg: TuneConfig, group, link: str, comms: dict, device, notes: list,
+          progress: Callable[[str], None]) -> float:
     """This rank's ms per call of `c` on `x` in `mode`. PyTorch's symmetric-memory all-reduces are
     for comparison only: where one fails (size or alignment limits of this torch) it is left out
     (inf: the MAX over ranks keeps it out everywhere); a failing compressed path is an error."""
+    what = f"timing {c.name} at {x.shape[0]} tokens ({mode})"
+    progress(f"{what}: started")
+
+    def beat(step: str) -> None:
+        progress(f"{what}: {step} done")
     try:
         fn = _runner(c, x, group, link, comms)
         if mode == "eager":
-            return _eager_ms(fn, cfg, group, device)
-        return _graph_ms(fn, cfg, group, device, f"{c.name} at {x.shape[0]} tokens")
+            return _eager_ms(fn, cfg, group, device, beat)
+        return _graph_ms(fn, cfg, group, device, f"{c.name} at {x.shape[0]} tokens", beat)
     except RuntimeError as e:
         if c.name not in SYMM_EXACT.values():
             raise
@@ -168,9 +175,11 @@ def _time(c: Candidate, x, mode: str, cfg: TuneConfig, group, link: str, comms: 
         return float("inf")
 
 
-def tune(cfg: TuneConfig, group=None) -> TuneResult:
+def tune(cfg: TuneConfig, group=None, *, progress: Callable[[str], None] | None = None) -> TuneResult:
     """Measure every path of `cfg` over `group` (default: the world); collective: every rank of
-    the group calls it with the same `cfg`."""
+    the group calls it with the same `cfg`. `progress(where)` is called after every timed sample
+    and before every collective step (tpcomp-tune's watchdog, watchdog.py)."""
+    progress = progress or (lambda where: None)
     group = group if group is not None else dist.group.WORLD
     backend = dist.get_backend(group)
     device = _device(backend)
@@ -191,12 +200,13 @@ def tune(cfg: TuneConfig, group=None) -> TuneResult:
         x = torch.randn(tokens, cfg.hidden, generator=gen, device=device).to(torch.bfloat16)
         for c in cands:
             for mode in modes:
-                local[(tokens, c.name, mode)] = _time(c, x, mode, cfg, group, link, comms, device, notes)
+                local[(tokens, c.name, mode)] = _time(c, x, mode, cfg, group, link, comms, device, notes, progress)
         del x
     for (algo, transport), comm in comms.items():  # a compressed path that fell back timed the wrong thing
         if comm.stats.fallback_reasons.keys() - {"layer left exact"}:
             raise RuntimeError(f"{algo} {transport}: a compressed call fell back ({dict(comm.stats.fallback_reasons)})")
     slowest = torch.tensor(list(local.values()), dtype=torch.float64, device=device)
+    progress("the all-reduce of every rank's times: started")
     if not simulated:  # (one process: its times are the slowest; a stand-in's all-reduce is no MAX)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
     worst = dict(zip(local, slowest.tolist()))
