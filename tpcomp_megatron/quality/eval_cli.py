@@ -103,7 +103,7 @@ def _done_key(r: dict) -> tuple:
 def evaluate(cfg: EvalConfig, *, log=say) -> list[dict]:
     from .models import load_model, model_folder
     from .records import (append_records, default_results_path, environment, point_label, quality_record,
-                          read_records)
+                          read_records, summary_line)
     from .simtp import SimulatedTP
     from .text import canonical_text_spec, make_windows
 
@@ -153,8 +153,7 @@ def evaluate(cfg: EvalConfig, *, log=say) -> list[dict]:
     append_records(out, records)
     log(f"{len(records)} records in {time.perf_counter() - t0:.0f} s -> {out}")
     for r in records:
-        log(f"  TP={r['world_size']} {'sim' if r['simulated_tp'] else 'real'} {point_label(r):46s} "
-            f"{r['bits_per_value']:6.3f} b/v  ppl {r['ppl']:.3f} ({r['ppl_increase_pct']:+.2f}%)  top1 {r['top1_agreement']:.4f}  KL {r['kl']:.5f}")
+        log("  " + summary_line(r, f"TP={r['world_size']} {'sim' if r['simulated_tp'] else 'real'} {point_label(r):46s}"))
     return records
 
 
@@ -200,9 +199,14 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .records import nonfinite_summary
+
     try:
-        evaluate(parse_args(argv))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        bad = nonfinite_summary(evaluate(parse_args(argv)))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # NonFiniteLogits of the uncompressed model too
         print(f"tpcomp-eval-quality: error: {e}", file=sys.stderr)
+        return 2
+    if bad:
+        print(f"tpcomp-eval-quality: error: {bad}", file=sys.stderr)
         return 2
     return 0

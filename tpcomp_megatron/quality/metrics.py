@@ -29,6 +29,9 @@ class Totals:
     """Sum over tokens of NLL(compressed) - NLL(uncompressed)."""
     diff_sq: float = 0.0
     """Sum of its squares (for the standard error of the paired difference)."""
+    nonfinite: str | None = None
+    """Where logits first held NaN or inf (window and first non-finite module), or None: the
+    figures are then NaN and say nothing (inference/finite.py)."""
 
     @property
     def ppl(self) -> float:

@@ -154,7 +154,10 @@ def evaluate_on_ranks(folder: str | Path, model_id: str, tp: int, windows: Token
 def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, points: Sequence[RealPoint]):
     """(baseline Totals, [Totals per point], [seconds per point], [fallback calls per point]) on
     rank 0 (every rank computes the same gathered logits; only rank 0 scores them)."""
+    from megatron.core import parallel_state
+
     from ..calibration import load_calibration
+    from ..inference.finite import describe, first_nonfinite_module, is_finite, nonfinite_error
     from ..megatron import CompressionConfig, apply_tp_compression
 
     base, totals = Totals(), [Totals() for _ in points]
@@ -168,9 +171,13 @@ def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, point
             configs.append((CompressionConfig(spec=p.spec, calibration=p.calibration, min_bytes=0, link="cpu",
                                               algorithm=p.algorithm, overrides=p.overrides,
                                               error_feedback=p.feedback), cal))
+        group = parallel_state.get_tensor_model_parallel_group()
         for i in range(windows.inputs.shape[0]):
             x, targets = windows.inputs[i:i + 1], windows.targets(i)
             ref = windows.scored_logits(_forward(model, x, cfg.vocab_size)[0])
+            if not is_finite(ref):  # (the gathered logits: every rank decides alike)
+                raise nonfinite_error(f"window {i + 1}, uncompressed", model, lambda: _forward(model, x, cfg.vocab_size),
+                                      group=group)
             add_reference(base, ref, targets)
             for j, (config, cal) in enumerate(configs):
                 t0 = time.perf_counter()
@@ -178,6 +185,9 @@ def rank_evaluate(rank: int, world: int, ckpt: str, windows: TokenWindows, point
                 try:
                     logits = windows.scored_logits(_forward(model, x, cfg.vocab_size)[0])
                     fallbacks[j] += handle.stats.calls_fallback
+                    if totals[j].nonfinite is None and not is_finite(logits):  # marks the point's record
+                        where = first_nonfinite_module(model, lambda: _forward(model, x, cfg.vocab_size), group=group)
+                        totals[j].nonfinite = f"window {i + 1}: {describe(where)}"
                 finally:
                     handle.remove()
                 add_compared(totals[j], logits, ref, targets)

@@ -56,6 +56,8 @@ def quality_record(*, model: str, text: str, totals: Totals, baseline: Totals, w
            "ppl": totals.ppl, "baseline_ppl": base, "ppl_increase_pct": 100.0 * (totals.ppl / base - 1.0),
            "ppl_increase_se_pct": totals.ppl_increase_se_pct(),
            "top1_agreement": totals.top1_agreement, "kl": totals.mean_kl}
+    if totals.nonfinite:  # the figures are NaN: say where the logits broke, never a quiet 'ppl nan'
+        rec["nonfinite"] = totals.nonfinite
     rec.update(extra)
     rec.update(env)
     return rec
@@ -72,6 +74,22 @@ def point_label(record: dict) -> str:
     if record.get("error_feedback"):
         parts.append("feedback=on")
     return ":".join(parts)
+
+
+def summary_line(record: dict, label: str) -> str:
+    """A record's figures, or, for non-finite logits, where they broke instead of NaN figures."""
+    if record.get("nonfinite"):
+        return f"{label} {record['bits_per_value']:6.3f} b/v  NON-FINITE logits (NaN or inf): {record['nonfinite']}"
+    return (f"{label} {record['bits_per_value']:6.3f} b/v  ppl {record['ppl']:.3f} ({record['ppl_increase_pct']:+.2f}%)  "
+            f"top1 {record['top1_agreement']:.4f}  KL {record['kl']:.5f}")
+
+
+def nonfinite_summary(records: list[dict]) -> str | None:
+    """One line naming every record whose logits were non-finite, or None."""
+    bad = [f"TP={r['world_size']} {point_label(r)} ({r['nonfinite']})" for r in records if r.get("nonfinite")]
+    if not bad:
+        return None
+    return f"non-finite logits at {len(bad)} of {len(records)} points (marked 'nonfinite' in the records): " + "; ".join(bad)
 
 
 def append_records(path: Path, records: list[dict]) -> None:

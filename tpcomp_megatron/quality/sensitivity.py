@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 
 from ..codecs.base import Codec
+from ..inference.finite import NonFiniteLogits
 from .simtp import SimulatedTP
 from .sweep import Plan, compare
 from .text import TokenWindows
@@ -30,6 +31,10 @@ def layer_sensitivity(model, sim: SimulatedTP, windows: TokenWindows, *, tp: int
     names = list(sim.layers)
     plans = [Plan(tp, {n: codecs[name] if n == name else None for n in names}, feedback=feedback) for name in names]
     _, totals, _ = compare(model, sim, windows, plans, labels=names, log=log)
+    for name, tot in zip(names, totals):  # a NaN KL would rank anywhere: no ranking at all
+        if tot.nonfinite:
+            raise NonFiniteLogits(f"compressing only {name} (codec {codecs[name].spec}) gives NaN or inf logits, "
+                                  f"at {tot.nonfinite}; no ranking can be made with this codec")
     out = {name: tot.mean_kl for name, tot in zip(names, totals)}
     for name, kl in out.items():
         log(f"{name}: KL {kl:.5f}")

@@ -57,7 +57,7 @@ from ..codecs import needs_calibration, parse_codec_spec
 from ..console import say
 from ..quiet import VERBOSE_HELP
 from .calib import layer_codecs, load_for_evaluation
-from .records import append_records, default_results_path, environment, quality_record
+from .records import append_records, default_results_path, environment, nonfinite_summary, quality_record, summary_line
 from .text import canonical_text_spec
 
 
@@ -192,9 +192,7 @@ def run(cfg: SensitivityConfig, *, log=say) -> list[dict]:
                                           calibration="none" if calibration is None else calibration.label(),
                                           **ch.fields, ranking_text=ranking_text, error_feedback=cfg.feedback,
                                           env=env, **more))
-            r = records[-1]
-            log(f"TP={cfg.tp} {'sim' if simulated else 'real'} {label:60s} {r['bits_per_value']:.3f} b/v ppl {r['ppl']:.3f} "
-                f"({r['ppl_increase_pct']:+.2f}%) top1 {r['top1_agreement']:.4f} KL {r['kl']:.5f}")
+            log(summary_line(records[-1], f"TP={cfg.tp} {'sim' if simulated else 'real'} {label:60s}"))
     out = Path(cfg.out) if cfg.out else default_results_path(model_id)
     append_records(out, records)
     log(f"{len(records)} records -> {out}")
@@ -399,9 +397,13 @@ def parse_args(argv: list[str] | None = None) -> SensitivityConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..inference.finite import NonFiniteLogits
+
     try:
         cfg = parse_args(argv)
-        run(cfg)
-    except ValueError as e:
+        bad = nonfinite_summary(run(cfg))
+    except (ValueError, NonFiniteLogits) as e:
         raise SystemExit(f"tpcomp-sensitivity: error: {e}") from None
+    if bad:
+        raise SystemExit(f"tpcomp-sensitivity: error: {bad}")
     return 0

@@ -23,6 +23,7 @@ import torch
 from ..calibration import Calibration
 from ..codecs import CodecPoint, OutlierSpec, needs_calibration, parse_codec_spec, parse_point
 from ..codecs.base import Codec
+from ..inference.finite import describe, first_nonfinite_module, is_finite, nonfinite_error
 from .calib import layer_codecs
 from .metrics import Totals, add_compared, add_reference
 from .rotation import RotatedBlockCodec, check_rotation
@@ -171,11 +172,17 @@ def compare(model, sim: SimulatedTP, windows: TokenWindows, plans: Sequence[Plan
         for i in range(n):
             x, targets = windows.inputs[i:i + 1], windows.targets(i)
             ref = windows.scored_logits(model(x).logits[0])
+            if not is_finite(ref):  # the model itself, not a point: nothing can be scored
+                raise nonfinite_error(f"window {i + 1}, uncompressed", model, lambda: model(x))
             add_reference(base, ref, targets)
             for j, plan in enumerate(plans):
                 t0 = time.perf_counter()
                 with sim.session(tp=plan.tp, codecs=plan.codecs, algorithm=plan.algorithm, feedback=plan.feedback):
                     logits = windows.scored_logits(model(x).logits[0])
+                    if totals[j].nonfinite is None and not is_finite(logits):  # marks the point's record
+                        totals[j].nonfinite = f"window {i + 1}: {describe(first_nonfinite_module(model, lambda: model(x)))}"
+                        log(f"{labels[j] if j < len(labels) else f'plan {j + 1}'}: NaN or inf logits at "
+                            f"{totals[j].nonfinite}")
                 add_compared(totals[j], logits, ref, targets)
                 seconds[j] += time.perf_counter() - t0
             log(f"window {i + 1}/{n}: baseline ppl so far {base.ppl:.3f}; "
