@@ -138,8 +138,8 @@ class CompressedComm:
         return self._symm
 
     # -- exact fallbacks ---------------------------------------------------------------------
-    def _exact_all_reduce(self, x: torch.Tensor, reason: str) -> torch.Tensor:
-        out = x.clone(memory_format=torch.contiguous_format)
+    def _exact_all_reduce(self, x: torch.Tensor, reason: str, in_place: bool = False) -> torch.Tensor:
+        out = x if in_place and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
         _run("all-reduce (exact fallback)", self.group, dist.all_reduce, out)
         self.stats.record_fallback(reason, _ring_bytes(x.numel() * x.element_size(), self.world_size, "all_reduce"))
         return out
@@ -162,10 +162,13 @@ class CompressedComm:
 
     # -- compressed collectives --------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor, codec: Codec | None, *, algorithm: str | None = None,
-                   feedback: ErrorFeedback | None = None, norm: PostNorm | None = None) -> torch.Tensor:
+                   feedback: ErrorFeedback | None = None, norm: PostNorm | None = None,
+                   in_place: bool = False) -> torch.Tensor:
         """Sum of `x` over the group; returns a new tensor of `x`'s shape and dtype (`codec` None:
         exact, for a layer left exact that still pays its error-feedback debt; `norm`: the
-        post-norm the output passes before the residual add, for error feedback)."""
+        post-norm the output passes before the residual add, for error feedback; `in_place`: `x`
+        is not needed after the call, and the exact collective may reduce it in place and return
+        it, as Megatron's own mapping does)."""
         n = self.world_size
         if n == 1:
             return x
@@ -175,7 +178,7 @@ class CompressedComm:
         extra = 1.0 if feedback is None else feedback_cost(norm, algo)
         why, sent, exact = self._why(algo, x, codec, extra)
         if why and (feedback is None or x.dim() == 0 or x.numel() == 0):  # nothing owed on no rows
-            return self._exact_all_reduce(x, why)
+            return self._exact_all_reduce(x, why, in_place)
         rows = _rows(x)
         # Pre-norm feedback folds into the encode (send, encode, settle: one kernel).
         fused = feedback is not None and norm is None and not why

@@ -89,7 +89,8 @@ def _needs_grad(x: torch.Tensor) -> bool:
 def compressed_reduce_from_tensor_parallel_region(x: torch.Tensor, lc: LayerCompression) -> torch.Tensor:
     if _needs_grad(x):
         return _AllReduce.apply(x, lc)
-    return lc.comm.all_reduce(x, lc.codec, feedback=lc.feedback, norm=lc.norm)
+    # x is the layer's partial sum, used by nothing else: an exact reduction may take it in place
+    return lc.comm.all_reduce(x, lc.codec, feedback=lc.feedback, norm=lc.norm, in_place=True)
 
 
 def compressed_reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, lc: LayerCompression) -> torch.Tensor:

@@ -95,7 +95,9 @@ def _launch(ctx, fn, world_size, args, timeout_s, pg_timeout_s, env, rendezvous,
                     failed_rendezvous = got
             if failed_rendezvous:
                 break
-            procs[[p.is_alive() for p in procs].index(True)].join(0.05)
+            alive = [p for p in procs if p.is_alive()]  # (a rank may end between two looks)
+            if alive:
+                alive[0].join(0.05)
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
     finally:
         for p in procs:
