@@ -9,5 +9,5 @@ mkdir -p "$out"
 for build in base new; do
   if [ "$build" = base ]; then pp="$base"; export GIT_COMMIT=${GIT_BASE:-base}; else pp="$PWD"; export GIT_COMMIT=${GIT_NEW:-new}; fi
   PYTHONPATH="$pp:${PYTHONPATH:-}" timeout "${SECS:-150}" python3 tools/bench_prefill.py --tag "$build" --pg mirror \
-    --tp 2 8 --reps 10 --prompts 512 2048 8192 --out "$out/prefill.jsonl" 2>&1 | grep -E "^TP" | tee -a "$out/prefill.log"
+    --tp 2 8 --reps "${REPS:-10}" --prompts 512 2048 8192 --out "$out/prefill.jsonl" 2>&1 | grep -E "^TP" | tee -a "$out/prefill.log"
 done
