@@ -5,7 +5,9 @@ entries included, before anything can be checked; the converter only needs a few
 (`general.architecture`, `<arch>.attention.key_length`) to refuse an unsupported model at once.
 This reader walks the key-value section with `struct`, skips arrays without decoding them, and
 stops at the first key it does not need to read on from (the tokenizer keys come last in files
-written by llama.cpp). Layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+written by llama.cpp). `read_gguf_header` also reads the tensor list that follows (names,
+dimensions, types; never the data), for the size checks in `gguf_source`.
+Layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 """
 
 from __future__ import annotations
@@ -90,7 +92,22 @@ def read_gguf_metadata(
 ) -> dict[str, Any]:
     """The metadata keys of a GGUF file up to the first key for which `stop(key)` holds, as
     {key: value}; arrays are skipped (value None). No tensor is read."""
-    path = str(path)
+    return _read(str(path), stop, tensors=False)[0]
+
+
+def read_gguf_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], int]]]:
+    """Every metadata key (arrays as None) and every tensor's (dims, GGML type) by name, dims in
+    GGUF order (the fastest-varying first: `token_embd.weight` is (hidden, vocab)). No tensor data
+    is read; a header whose tensor list cannot fit the file is refused."""
+    return _read(str(path), lambda key: False, tensors=True)
+
+
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MIN_TENSOR_INFO = 24  # name length (8), dimension count (4), type (4), offset (8)
+
+
+def _read(path: str, stop: Callable[[str], bool], *, tensors: bool
+          ) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], int]]]:
     with open(path, "rb") as f:
         if f.read(4) != _MAGIC:
             raise GGUFHeaderError(f"{path} is not a GGUF file (no GGUF magic); is it complete?")
@@ -100,12 +117,26 @@ def read_gguf_metadata(
             r.order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
         if version not in (2, 3):
             raise GGUFHeaderError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-        r.unpack("Q")  # tensor count
+        n_tensors = r.unpack("Q")
         n_kv = r.unpack("Q")
-        out: dict[str, Any] = {}
+        meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = r.string()
             if stop(key):
                 break
-            out[key] = r.value(r.unpack("I"))
-    return out
+            meta[key] = r.value(r.unpack("I"))
+        infos: dict[str, tuple[tuple[int, ...], int]] = {}
+        if tensors:
+            if n_tensors > (r.size - f.tell()) // _MIN_TENSOR_INFO:
+                raise GGUFHeaderError(f"{path}: the GGUF header lists {n_tensors} tensors, more than the file can "
+                                      "describe: the file is corrupt or cut short")
+            for _ in range(n_tensors):
+                name = r.string()
+                n_dims = r.unpack("I")
+                if not 1 <= n_dims <= _MAX_DIMS:
+                    raise GGUFHeaderError(f"{path}: GGUF tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS} "
+                                          "are possible): the file is corrupt")
+                dims = tuple(r.unpack("Q") for _ in range(n_dims))
+                infos[name] = (dims, r.unpack("I"))
+                r.unpack("Q")  # data offset
+    return meta, infos
