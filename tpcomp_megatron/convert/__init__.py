@@ -4,7 +4,7 @@ layouts.
 gguf_header / gguf_source (architecture check from the header, then the de-quantized model) ->
 hf_io (read HF/GGUF, write HF) -> mapping (key map, padding, TP sharding) -> writers (atomic
 output, legacy and torch_dist formats) -> pipeline (both directions) -> load (into a GPTModel at any
-TP) -> verify (logits vs transformers) -> cli (`tpcomp-convert`).
+TP) -> rope_check + verify (rope fields, then logits, vs transformers) -> cli (`tpcomp-convert`).
 """
 
 import importlib

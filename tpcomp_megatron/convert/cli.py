@@ -6,12 +6,14 @@ TP layouts.
     tpcomp-convert --verify MEGATRON_CKPT [--verify-tp M]     # check an existing conversion
     torchrun --nproc-per-node N -m tpcomp_megatron.convert --verify CKPT --device cuda
 
-Exit status: 0 on success, 1 when verification exceeds its tolerance, 2 on bad input.
+Exit status: 0 on success, 1 when verification exceeds its tolerance or the checkpoint's rope
+settings differ from what transformers reads from the source, 2 on bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Sequence
 
 from ..console import refuse
@@ -83,14 +85,21 @@ def _verify_report(args: argparse.Namespace, checkpoint: str) -> int:
         max_abs=v.DEFAULT_MAX_ABS if args.max_abs is None else args.max_abs,
         min_cosine=v.DEFAULT_MIN_COSINE if args.min_cosine is None else args.min_cosine,
     )
-    if args.device == "cuda":
-        report = v.verify_torchrun(checkpoint, fmt=args.fmt, source=args.hf_source, **limits)
-        if report is None:  # not rank 0
-            return 0
-    else:
-        report = v.verify_checkpoint(
-            checkpoint, tp=args.verify_tp, fmt=args.fmt, source=args.hf_source, **limits
-        )
+    from .rope_check import RopeMismatch
+
+    try:
+        if args.device == "cuda":
+            report = v.verify_torchrun(checkpoint, fmt=args.fmt, source=args.hf_source, **limits)
+            if report is None:  # not rank 0
+                return 0
+        else:
+            report = v.verify_checkpoint(
+                checkpoint, tp=args.verify_tp, fmt=args.fmt, source=args.hf_source, **limits
+            )
+    except RopeMismatch as e:  # the checkpoint differs from HF: a failed verification, found before any logits
+        rank = f" (rank {os.environ.get('RANK', '0')})" if args.device == "cuda" else ""  # every rank says it
+        print(f"verify{rank}: {e} -> FAILED", flush=True)
+        return 1
     print(report.summary())
     return 0 if report.ok else 1
 

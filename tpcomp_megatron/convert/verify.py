@@ -2,7 +2,8 @@
 
 The Megatron side loads the checkpoint at TP=N: on CPU in N spawned gloo ranks, on GPU in the ranks
 `torchrun` started (NCCL). Both sides run in fp32, so what remains is summation-order noise; the
-comparison is on logits (max-abs and cosine per position), never argmax alone.
+comparison is on logits (max-abs and cosine per position), never argmax alone. The rope settings
+are compared first, field by field (`rope_check`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from .load import load_config, load_megatron_model
+from .rope_check import check_rope
 
 DEFAULT_TEXT = (
     "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in "
@@ -57,6 +59,16 @@ def _hf_model(source: str) -> Any:
 
         return load_gguf_model(p)
     return AutoModelForCausalLM.from_pretrained(str(p), **kwargs).eval()
+
+
+def _hf_config(source: str) -> Any:
+    """The transformers config of a HF folder or GGUF, as the installed transformers reads it."""
+    from transformers import AutoConfig
+
+    p = Path(source)
+    if p.is_file():
+        return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+    return AutoConfig.from_pretrained(str(p))
 
 
 def make_tokens(
@@ -164,6 +176,9 @@ def verify_checkpoint(
     src = source or cfg.source
     if hf_model is None and (not src or not Path(src).exists()):
         raise FileNotFoundError(f"the HF source {src!r} is not available; pass --hf-source")
+    # Before any logits (and before a GGUF's model is loaded, which would stay in memory beside the
+    # ranks'): a rope read differently is named by its field, whatever the logits show.
+    check_rope(cfg, hf_model.config if hf_model is not None else _hf_config(str(src)), str(src))
     ids = tokens if tokens is not None else make_tokens(ckpt)
     outs = run_ranks(_cpu_rank, tp, ckpt, ids, fmt, timeout_s=timeout_s, pg_timeout_s=timeout_s)
     refused = [o[1] for o in outs if isinstance(o, tuple) and o[0] == _REFUSED]
@@ -195,12 +210,14 @@ def verify_torchrun(
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         cfg = load_config(checkpoint)
+        src = source or str(cfg.source)
+        check_rope(cfg, _hf_config(src), src)  # on every rank, before the model is built
         ids = make_tokens(checkpoint)
         got = megatron_logits(checkpoint, ids, fmt, device=f"cuda:{local}")
         parallel_state.destroy_model_parallel()
         if dist.get_rank() != 0:
             return None
-        ref = hf_logits(source or str(cfg.source), ids)
+        ref = hf_logits(src, ids)
         return compare_logits(
             ref, got, tp=dist.get_world_size(), max_abs=max_abs, min_cosine=min_cosine
         )
