@@ -20,7 +20,7 @@ Each algorithm is written once (below) over a `Kit` (`engine.py`): the set-up st
 collective for one (codec value, hidden, dtypes, stream, row bucket), kernel plans and payload
 buffers, shared by every layer and every prompt length of the bucket; the same code runs eager,
 under CUDA-graph capture (buffers allocated per call) and under torch.compile (traced ops). Per
-exact shape only the gate's answer is cached (`_MAX_ANSWERS`, least recently used dropped first).
+exact shape only the gate's answer is cached (`_MAX_ANSWERS`, the oldest dropped first).
 
 Sums run in float32 in rank order, and every rank decodes the same payloads (its own included),
 so all-reduce results are bit-identical on every rank. Failures of the underlying collective (a
