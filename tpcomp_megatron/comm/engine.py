@@ -72,8 +72,7 @@ class Kit:
 
     def __init__(self, op: str, codec, n: int, rank: int, hidden: int, in_dtype: torch.dtype, out_dtype: torch.dtype,
                  device: torch.device, bucket: int, traced: bool):
-        self.op, self.codec, self.n, self.hidden, self.bucket = op, codec, n, hidden, bucket
-        self.device = device
+        self.op, self.n, self.device = op, n, device
         self.rb = codec.row_bytes(hidden)
         chunk, rows = _layout(op, n, bucket)
         self.capacity = tuple(r * self.rb for r in rows)
@@ -90,18 +89,18 @@ class Kit:
         # allocate nothing: a plan reads its call's row count from the tensors it is given.
         x = torch.empty(1, hidden, dtype=in_dtype, device=device).expand(bucket, hidden)
         self.encode = ops.prepare_encode(codec, x, source=rank)
-        p = torch.empty(1, dtype=torch.uint8, device=device)
+        payloads = torch.empty(1, dtype=torch.uint8, device=device).expand(n, chunk, self.rb)
+
+        def decode(mode: str, sources: tuple = _sources(n), dtype: torch.dtype = out_dtype, out_source: int = 0):
+            return ops.prepare_decode(codec, payloads, hidden, sources=sources, dtype=dtype, mode=mode,
+                                      out_source=out_source)
         if op in ("one_shot", "reduce_scatter"):
-            self.decode_sum = ops.prepare_decode(codec, p.expand(n, chunk, self.rb), hidden, sources=_sources(n),
-                                                 dtype=out_dtype, mode="sum")
+            self.decode_sum = decode("sum")
         elif op == "all_gather":
-            self.decode_each = ops.prepare_decode(codec, p.expand(n, chunk, self.rb), hidden, sources=_sources(n),
-                                                  dtype=out_dtype, mode="each")
+            self.decode_each = decode("each")
         else:
-            self.reduce = ops.prepare_decode(codec, p.expand(n, chunk, self.rb), hidden, sources=_sources(n),
-                                             dtype=torch.float32, mode="encode", out_source=REDUCED)
-            self.decode_each = ops.prepare_decode(codec, p.expand(n, chunk, self.rb), hidden,
-                                                  sources=_sources(n, REDUCED), dtype=out_dtype, mode="each")
+            self.reduce = decode("encode", dtype=torch.float32, out_source=REDUCED)
+            self.decode_each = decode("each", sources=_sources(n, REDUCED))
 
     def keep(self) -> None:
         """Allocate the buffers to keep between calls."""
@@ -186,7 +185,4 @@ class Kits:
     def _release(self, kit: Kit) -> None:
         self.kept_bytes -= kit.kept_bytes
         kit.release()
-
-    def __len__(self) -> int:
-        return len(self._kits)
 

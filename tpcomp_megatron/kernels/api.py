@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from tpcomp_megatron.codecs.base import SUPPORTED_DTYPES, Codec
+from tpcomp_megatron.codecs.base import SUPPORTED_DTYPES, Codec, row_bucket
 from tpcomp_megatron.codecs.block import BlockCodec
 from tpcomp_megatron.codecs.lowrank import LowRankCodec, coordinates, lowrank_sum
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
@@ -24,7 +24,7 @@ from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 from . import block as _block
 from . import outlier as _outlier
 from .plans import (block_args, check_out, decode_list_plan, decode_plan, encode_plan, lowrank_bases, memo,
-                    row_bucket, static_sources)
+                    static_sources)
 from .tables import outlier_tables, source_row
 
 Tensor = torch.Tensor
@@ -317,7 +317,7 @@ def _encode_plan(codec: Codec, x: Tensor, source: int, out: Tensor | None, feedb
 
 def prepare_encode(codec: Codec, x: Tensor, *, source: int, out: Tensor | None = None):
     """`encode`'s plan for tensors like `x` (and like `out`): `plan(x, out)` -> the payload, for a
-    contiguous `x` of `x`'s row bucket (`plans.row_bucket`), width, dtype and device, and an `out`
+    contiguous `x` of `x`'s row bucket (`codecs.base.row_bucket`), width, dtype and device, and an `out`
     of its rows (unchecked: the caller keeps to them)."""
     return _encode_plan(codec, x, source, out, False, _checked_input)
 

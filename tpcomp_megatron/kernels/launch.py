@@ -117,7 +117,7 @@ def _hooked() -> bool:
 
 class Launcher:
     """One kernel launch over rows with everything but its tensors and its row count fixed: grid
-    columns, scalars, constexprs (tile shape, index width: a row *bucket*, `plans.row_bucket`),
+    columns, scalars, constexprs (tile shape, index width: a row *bucket*, `codecs.base.row_bucket`),
     and (keyed by whoever builds it) the device.
 
     `launch(*tensors)` launches for the rows it was built for; `launch.run(rows, *tensors)` for

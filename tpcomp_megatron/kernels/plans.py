@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from tpcomp_megatron.codecs.base import row_bucket  # noqa: F401 (the plans' bucket, re-exported)
 from tpcomp_megatron.codecs.lowrank import LowRankCodec, coordinates, lowrank_sum
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
