@@ -151,21 +151,27 @@ def test_reduce_scatter_lengths_share_a_bucket(mirror):
 def _compiled(rank, world):
     comm = CompressedComm(policy=GatePolicy(min_bytes=0, link="cpu"))
     codec = make_codec("fp4_e2m1/b32/e8m0")
+    gen = torch.Generator().manual_seed(0)  # the same calibration on every rank
+    lo, hi = -torch.rand(world + 1, 64, generator=gen) * 4, torch.rand(world + 1, 64, generator=gen) * 4
+    hi[-1] *= 3  # the reduced sum's range is its own: decoding it as a rank's would differ
+    static = make_codec("outlier_int4/k4", OutlierParams.from_stats(lo, hi, select_outlier_channels(lo, hi, 4)))
     gen = torch.Generator().manual_seed(rank)
     x, y = torch.randn(13, 64, generator=gen).to(torch.bfloat16), torch.randn(4 * world, 64, generator=gen)
     calls = {"one_shot": lambda t: comm.all_reduce(t * 1, codec, algorithm="one_shot"),
              "two_shot": lambda t: comm.all_reduce(t * 1, codec, algorithm="two_shot"),
+             "two_shot static": lambda t: comm.all_reduce(t * 1, static, algorithm="two_shot"),
              "reduce_scatter": lambda t: comm.reduce_scatter(t * 1, codec),
              "all_gather": lambda t: comm.all_gather(t * 1, codec)}
     same = {}
     for name, fn in calls.items():
-        t = x if name in ("one_shot", "two_shot") else y
+        t = x if "shot" in name else y
         same[name] = torch.equal(torch.compile(fn)(t), fn(t))
     return same
 
 
 def test_torch_compile_runs_the_same_collectives():
     """Traced by torch.compile (the custom ops, the public collective functions), every operation
-    gives the eager path's result bit for bit, uneven two-shot rows included; 2 gloo ranks."""
+    gives the eager path's result bit for bit, uneven two-shot rows included, and a static codec's
+    two-shot decodes the reduced chunks with the reduced sum's parameters; 2 gloo ranks."""
     for same in run_ranks(_compiled, 2):
         assert all(same.values()), same

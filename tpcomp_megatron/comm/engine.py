@@ -79,10 +79,12 @@ class Kit:
         self.nbytes = sum(self.capacity)
         self._kept: tuple | None = None
         self._views: dict = {}
+        # what decode_each decodes: every rank's shard, or (two-shot) the chunks reduced by their owners
+        each_sources = _sources(n, REDUCED) if op == "two_shot" else _sources(n)
         if traced:  # the traced custom ops (torch.compile)
             self.encode = lambda x, out: ops.encode(codec, x, source=rank, out=out)
             self.decode_sum = lambda p: ops.decode_sum(codec, p, hidden, sources=_sources(n), dtype=out_dtype)
-            self.decode_each = lambda p, s=_sources(n): ops.decode_each(codec, p, hidden, sources=s, dtype=out_dtype)
+            self.decode_each = lambda p: ops.decode_each(codec, p, hidden, sources=each_sources, dtype=out_dtype)
             self.reduce = lambda p: ops.decode_sum_encode(codec, p, hidden, sources=_sources(n), out_source=REDUCED)
             return
         # Plans for the bucket's largest tensors (index width), from stand-ins of its shape that
@@ -97,10 +99,10 @@ class Kit:
         if op in ("one_shot", "reduce_scatter"):
             self.decode_sum = decode("sum")
         elif op == "all_gather":
-            self.decode_each = decode("each")
+            self.decode_each = decode("each", sources=each_sources)
         else:
             self.reduce = decode("encode", dtype=torch.float32, out_source=REDUCED)
-            self.decode_each = decode("each", sources=_sources(n, REDUCED))
+            self.decode_each = decode("each", sources=each_sources)
 
     def keep(self) -> None:
         """Allocate the buffers to keep between calls."""
