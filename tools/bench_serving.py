@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--link", default="pcie_class", help="the gate's link class for decode steps")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="override the model shape (e.g. tiny)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
+                    help="CompressionConfig.cuda_graphs: collectives replayed from CUDA graphs (comm/graphs.py)")
     ap.add_argument("--tag", default="", help="free text stored in each record (e.g. which build)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--md", help="also write the Markdown page of --out (every record in it)")
@@ -166,7 +168,8 @@ def main() -> None:
                                num_kv_heads=kv, head_dim=hidden // heads, vocab_size=vocab,
                                max_position_embeddings=args.max_tokens + 8, tensor_parallel_size=tp,
                                params_dtype="bfloat16" if cuda else "float32")
-        common = dict(meta, model=f"{shape}-shape", layers=layers, world_size=tp, codec=args.codec)
+        common = dict(meta, model=f"{shape}-shape", layers=layers, world_size=tp, codec=args.codec,
+                      cuda_graphs=args.cuda_graphs)
         with one_rank_tp(tp, backend="mirror", device=device), torch.no_grad():
             model = build_gpt_model(cfg, layer_spec_transform=use_sdpa, use_cpu_initialization=not cuda)
             model = model.to(device).eval()
@@ -177,13 +180,16 @@ def main() -> None:
                 pos = torch.arange(start, start + length, device=device).unsqueeze(0).expand(batch, length)
                 return lambda: model(tokens, pos, attention_mask=None)
 
-            rec = _prefill(model, apply_tp_compression, CompressionConfig(spec=args.codec, min_bytes=0), lengths,
+            graphs = args.cuda_graphs == "on"
+            rec = _prefill(model, apply_tp_compression,
+                           CompressionConfig(spec=args.codec, min_bytes=0, cuda_graphs=graphs), lengths,
                            forward_of, cuda, layers, args)
             rec.update(common, phase="prefill", requests=len(lengths), length_distribution=dist_text)
             out.write(json.dumps(rec) + "\n")
             out.flush()
             _print(rec)
-            decode_cfg = CompressionConfig(spec=args.codec, link=args.link, gate_table="seed", gate_probe=False)
+            decode_cfg = CompressionConfig(spec=args.codec, link=args.link, gate_table="seed", gate_probe=False,
+                                           cuda_graphs=graphs)
             for batch in args.batches:
                 rec = _decode(model, apply_tp_compression, decode_cfg, batch, forward_of, cuda, layers, args)
                 rec.update(common, phase="decode", link=args.link)
@@ -222,6 +228,7 @@ def _prefill(model, apply, config, lengths, forward_of, cuda, layers, args) -> d
         if (i + 1) % 50 == 0:
             print(f"  {i + 1}/{len(lengths)} requests, {time.perf_counter() - t0:.0f} s", flush=True)
     built, kept = comm_state(handle.comm)
+    graphs = getattr(handle.comm, "graphs", None)
     handle.remove()
     wall_first, gpu_first = overheads(first, 0), overheads(first, 1)
     wall_rep, gpu_rep = overheads(repeat, 0), overheads(repeat, 1)
@@ -236,7 +243,10 @@ def _prefill(model, apply, config, lengths, forward_of, cuda, layers, args) -> d
             "baseline_gpu_ms_p50": statistics.median(p[False][1] for p in first),
             "by_length": _by_length(lengths, wall_first),
             "kept_payload_bytes": kept, "plans_built": built, "plans_built_in_trace": None if built is None else built - built0,
-            "requests_not_all_compressed": bad, "collectives_per_request": 2 * layers}
+            "requests_not_all_compressed": bad, "collectives_per_request": 2 * layers,
+            "graphs_captured": None if graphs is None else graphs.captured,
+            "graphs_replayed": None if graphs is None else graphs.replays,
+            "graph_bytes_kept": None if graphs is None else graphs.nbytes}
 
 
 def _by_length(lengths: list[int], overhead: list[float]) -> dict:
@@ -275,7 +285,8 @@ def _print(rec: dict) -> None:
         print(f"{head} {rec['requests']} requests: TTFT overhead p50 {rec['overhead_pct_p50']:+.1f}% "
               f"p90 {rec['overhead_pct_p90']:+.1f}% (GPU {rec['gpu_overhead_pct_p50']:+.1f}%); repeated length p50 "
               f"{rec['repeat_overhead_pct_p50']:+.1f}%; baseline p50 {rec['baseline_ms_p50']:.1f} ms; set-ups built "
-              f"{rec['plans_built']}, kept {rec['kept_payload_bytes']} B", flush=True)
+              f"{rec['plans_built']}, kept {rec['kept_payload_bytes']} B; graphs captured {rec.get('graphs_captured')}, "
+              f"replayed {rec.get('graphs_replayed')}, kept {rec.get('graph_bytes_kept')} B", flush=True)
     else:
         print(f"{head} batch {rec['batch']:3d}: overhead p50 {rec['overhead_pct_p50']:+.1f}% p90 "
               f"{rec['overhead_pct_p90']:+.1f}% (GPU {rec['gpu_overhead_pct_p50']:+.1f}%), baseline "

@@ -382,6 +382,70 @@ def test_collectives_through_kits_cuda(world):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("world", [2, 8])
+def test_collectives_replayed_from_graphs_cuda(world):
+    """Eager collectives replayed from their CUDA graphs (comm/graphs.py: the second call of a
+    shape captures, later ones replay) give the bytes of the same calls launched step by step, on
+    fresh inputs each call, with row counts that split unevenly, written into the caller's tensor
+    where the all-reduce may (in place); the graphs stay within a budget that forces eviction,
+    and under an outer capture the collectives are captured as before. One GPU, the mirror group."""
+    import torch.distributed as dist
+
+    from tpcomp_megatron.comm import CompressedComm, GatePolicy
+    from tpcomp_megatron.testing.onerank import register_mirror_backend
+
+    def results(comm, codec, x):
+        out = [comm.all_reduce(x.clone(), codec, algorithm="one_shot"),
+               comm.all_reduce(x.clone(), codec, algorithm="two_shot", in_place=True), comm.all_gather(x, codec)]
+        if x.shape[0] % world == 0:
+            out.append(comm.reduce_scatter(x, codec))
+        return out
+
+    register_mirror_backend()
+    dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world)
+    try:
+        gen = _gen("graphs", world)
+        hidden = 640
+        params = outlier_params(hidden, world, 32, gen)
+        policy = GatePolicy(min_bytes=0, link="pcie_class", transport="nccl")
+        for codec in (make_codec("fp4_e2m1/b32/e6m2"), make_codec("outlier+fp4_e2m1/b32/k32", params)):
+            graphed, stepped = CompressedComm(policy=policy), CompressedComm(policy=policy, cuda_graphs=False)
+            for rows in (8 * world, 7, 8 * world, 13, 7, 300):
+                for _ in range(3):
+                    x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16).cuda()
+                    got, want = results(graphed, codec, x), results(stepped, codec, x)
+                    torch.cuda.synchronize()
+                    assert all(same(a.cpu(), b.cpu()) for a, b in zip(got, want)), (codec.spec, rows)
+            assert graphed.graphs.captured >= 4 * 3 and graphed.graphs.replays > graphed.graphs.captured
+            assert stepped.graphs is None
+            assert graphed.graphs.nbytes <= graphed.graphs.budget
+        small = CompressedComm(policy=policy)
+        small.graphs.budget = 3 << 20  # one graph's pool (a 2 MB segment and its input): each capture evicts
+        for rows in (4 * world, 8 * world, 4 * world, 8 * world):
+            for _ in range(3):
+                x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16).cuda()
+                got = small.all_reduce(x, codec)
+                want = stepped.all_reduce(x, codec)
+                assert same(got.cpu(), want.cpu()), rows
+        assert small.graphs.captured == 4 and len(small.graphs._graphs) == 1
+        static = torch.randn(5 * world, hidden, generator=gen).to(torch.bfloat16).cuda()
+        want = [w.cpu() for w in results(stepped, codec, static)]
+        graphed = CompressedComm(policy=policy)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            results(graphed, codec, static)  # warm-up off the default stream, as capture wants
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = results(graphed, codec, static)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(same(a.cpu(), b) for a, b in zip(outs, want))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2d", "outlier+fp4_e2m1/b32/k32"])
 def test_decode_sum_list_cuda(spec):
     """Separate CUDA buffers (as peers' symmetric-memory slots) are read where they lie: the

@@ -20,7 +20,9 @@ Each algorithm is written once (below) over a `Kit` (`engine.py`): the set-up st
 collective for one (codec value, hidden, dtypes, stream, row bucket), kernel plans and payload
 buffers, shared by every layer and every prompt length of the bucket; the same code runs eager,
 under CUDA-graph capture (buffers allocated per call) and under torch.compile (traced ops). Per
-exact shape only the gate's answer is cached (`_MAX_ANSWERS`, the oldest dropped first).
+exact shape the gate's answer is cached (`_MAX_ANSWERS`, the oldest dropped first), and eager
+CUDA calls without error feedback replay a CUDA graph of their collective from the second call
+of a shape on (`graphs.py`: a forward's layers share one).
 
 Sums run in float32 in rank order, and every rank decodes the same payloads (its own included),
 so all-reduce results are bit-identical on every rank. Failures of the underlying collective (a
@@ -42,6 +44,7 @@ from .gate import GatePolicy, ineligible
 from . import transport
 from .reduce import reduce_payloads
 from .engine import BUDGET_BYTES, Kits, call_mode
+from .graphs import Graphs
 from .stats import CommStats
 from .transport import CollectiveError, ring_bytes as _ring_bytes, run as _run
 
@@ -64,9 +67,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 class CompressedComm:
     """Compressed collectives over one process group, with a gate policy and counters."""
 
-    def __init__(self, group=None, policy: GatePolicy | None = None, *, keep_buffers: bool = True):
+    def __init__(self, group=None, policy: GatePolicy | None = None, *, keep_buffers: bool = True,
+                 cuda_graphs: bool = True):
         """`keep_buffers`: keep payload buffers between calls within `engine.BUDGET_BYTES`; False:
-        allocate them per call (the same bytes)."""
+        allocate them per call (the same bytes). `cuda_graphs`: eager CUDA calls replay a CUDA
+        graph of their collective from the second call of an exact shape on (`graphs.py`; the
+        same kernels, the same result); False: every call launches its steps."""
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
@@ -86,6 +92,7 @@ class CompressedComm:
         self._gate: OrderedDict = OrderedDict()  # (op, shape, dtype, codec, cost) -> the gate's answer
         self._algorithm = self._policy.choose_algorithm(self.world_size)
         self.kits = Kits(self.world_size, self.rank, budget=BUDGET_BYTES if keep_buffers else 0)
+        self.graphs = Graphs() if cuda_graphs else None
 
     @property
     def policy(self) -> GatePolicy:
@@ -167,8 +174,8 @@ class CompressedComm:
         """Sum of `x` over the group; returns a new tensor of `x`'s shape and dtype (`codec` None:
         exact, for a layer left exact that still pays its error-feedback debt; `norm`: the
         post-norm the output passes before the residual add, for error feedback; `in_place`: `x`
-        is not needed after the call, and the exact collective may reduce it in place and return
-        it, as Megatron's own mapping does)."""
+        is not needed after the call, and the exact collective (or a replayed graph) may write the
+        sum into it and return it, as Megatron's own mapping does)."""
         n = self.world_size
         if n == 1:
             return x
@@ -192,14 +199,31 @@ class CompressedComm:
         want_own = feedback is not None and not fused
         debt = feedback.debt_buffer(rows) if fused else None
         mode, stream = call_mode(x)
-        if algo == "one_shot":
-            out, own = self._one_shot(send, codec, x.dtype, want_own, debt, mode, stream)
-        else:
-            out, own = self._two_shot(send, codec, x.dtype, want_own, debt, mode, stream)
+        run = self._one_shot if algo == "one_shot" else self._two_shot
+        if feedback is None and not (algo == "one_shot" and self._symm_wanted):
+            into = rows if in_place and rows.data_ptr() == x.data_ptr() else None
+            out = self._graphed(algo, rows, codec, x.dtype, mode, stream, into,
+                                lambda r, m, s: run(r, codec, x.dtype, False, None, m, s)[0])
+            self.stats.record_compressed(sent, exact)
+            return out.view(x.shape)
+        out, own = run(send, codec, x.dtype, want_own, debt, mode, stream)
         if want_own:
             feedback.settle(send, own, out)
         self.stats.record_compressed(sent, exact)
         return out.view(x.shape)
+
+    def _graphed(self, op: str, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int,
+                 into: torch.Tensor | None, body) -> torch.Tensor:
+        """`body(rows, mode, stream)` (a collective without error feedback), replayed from its CUDA
+        graph where it has one (`graphs.py`: eager CUDA calls), else run; into `into` when given
+        and replayed (the caller's buffer, `rows`' size)."""
+        graphs = self.graphs
+        if graphs is not None and mode == "eager" and rows.is_cuda and graphs.wants(rows):
+            key = (op, codec, rows.shape, rows.dtype, dtype, rows.device, stream)
+            out = graphs.run(key, rows, lambda r: body(r, "capture", 0), into)
+            if out is not None:
+                return out
+        return body(rows, mode, stream)
 
     def _kit(self, op: str, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int):
         return self.kits.get(op, codec, rows.shape[0], rows.shape[1], rows.dtype, dtype, rows.device, stream,
@@ -294,15 +318,22 @@ class CompressedComm:
                 feedback.settle(send, exact_in.float())
             return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
         mode, stream = call_mode(x)
-        kit = self._kit("reduce_scatter", rows, codec, x.dtype, mode, stream)
-        payload, received_flat, received = kit.buffers(rows.shape[0], fresh=mode != "eager")
-        # feedback (pre-norm here) folds into the encode
-        self._encode(kit, codec, rows, payload, None if feedback is None else feedback.debt_buffer(rows))
-        _run("reduce-scatter (all-to-all)", self.group, transport.all_to_all_fn(mode == "traced"), received_flat,
-             payload)
-        out = kit.decode_sum(received)
+        if feedback is None:
+            out = self._graphed("reduce_scatter", rows, codec, x.dtype, mode, stream, None,
+                                lambda r, m, s: self._reduce_scatter(r, codec, x.dtype, None, m, s))
+        else:  # feedback (pre-norm here) folds into the encode
+            out = self._reduce_scatter(rows, codec, x.dtype, feedback.debt_buffer(rows), mode, stream)
         self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
+
+    def _reduce_scatter(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, debt: torch.Tensor | None,
+                        mode: str, stream: int) -> torch.Tensor:
+        kit = self._kit("reduce_scatter", rows, codec, dtype, mode, stream)
+        payload, received_flat, received = kit.buffers(rows.shape[0], fresh=mode != "eager")
+        self._encode(kit, codec, rows, payload, debt)
+        _run("reduce-scatter (all-to-all)", self.group, transport.all_to_all_fn(mode == "traced"), received_flat,
+             payload)
+        return kit.decode_sum(received)
 
     def all_gather(self, x: torch.Tensor, codec: Codec) -> torch.Tensor:
         """Concatenation along dim 0 of every rank's `x` (each rank's shard is decoded too, so all
@@ -317,10 +348,14 @@ class CompressedComm:
             return self._exact_all_gather(x, why)
         rows = _rows(x)
         mode, stream = call_mode(x)
-        kit = self._kit("all_gather", rows, codec, x.dtype, mode, stream)
+        out = self._graphed("all_gather", rows, codec, x.dtype, mode, stream, None,
+                            lambda r, m, s: self._all_gather(r, codec, x.dtype, m, s))
+        self.stats.record_compressed(sent, exact)
+        return out.view((x.shape[0] * n,) + tuple(x.shape[1:]))
+
+    def _all_gather(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int) -> torch.Tensor:
+        kit = self._kit("all_gather", rows, codec, dtype, mode, stream)
         payload, flat, gathered = kit.buffers(rows.shape[0], fresh=mode != "eager")
         kit.encode(rows, payload)
         _run("all-gather", self.group, transport.gather_fn(mode == "traced"), flat, payload)
-        out = kit.decode_each(gathered)
-        self.stats.record_compressed(sent, exact)
-        return out.view((x.shape[0] * n,) + tuple(x.shape[1:]))
+        return kit.decode_each(gathered)

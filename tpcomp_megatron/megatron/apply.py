@@ -98,6 +98,10 @@ class CompressionConfig:
     `apply_tp_compression` and let the gate follow them (`tune/probe.py`; seconds, conservative).
     None: probe on NCCL groups when the gate decides by size (no `min_bytes`, no 'seed' table);
     True: also elsewhere (gloo); False: never (the seed thresholds)."""
+    cuda_graphs: bool = True
+    """Eager CUDA collectives replay a CUDA graph of themselves from the second call of a shape on
+    (comm/graphs.py: a prefill's layers share one; same kernels, same result); False: every call
+    launches its kernels and process-group calls."""
     reduce_spec: object = field(init=False, repr=False, compare=False)
     override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
@@ -353,7 +357,7 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
     if not config.enabled:
         return CompressionHandle(None)
     policy = _probed(policy, config, group, model)  # every rank alike: their settings matched above
-    comm = CompressedComm(group, policy)
+    comm = CompressedComm(group, policy, cuda_graphs=config.cuda_graphs)
     model = _unwrap(model)
     feedback = ErrorFeedback(comm.world_size) if config.error_feedback else None
     handle = CompressionHandle(comm, feedback)
