@@ -17,7 +17,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_data={"tpcomp_megatron.comm": ["*.json"]},  # gate_table.json once tools/derive_gate.py has written one
     install_requires=[
         # torch first in install order matters on CPU machines: see README.
         "torch>=2.4",

@@ -19,7 +19,7 @@ from tpcomp_megatron.codecs.base import Codec
 from tpcomp_megatron.codecs.block import BlockCodec
 from tpcomp_megatron.comm import CompressedComm, GatePolicy, check_same_config
 from tpcomp_megatron.comm.gate import ineligible
-from tpcomp_megatron.comm.table import (EXACT, WHY_FASTER, WHY_SMALL, GateTable, SizeRow, TableKey, find_in_cache,
+from tpcomp_megatron.comm.gate.table import (EXACT, WHY_FASTER, WHY_SMALL, GateTable, SizeRow, TableKey, find_in_cache,
                                         path_name, store_in_cache)
 from tpcomp_megatron.testing import run_ranks
 from tpcomp_megatron.tune import TuneConfig, tune
@@ -139,8 +139,7 @@ def test_rank_dependent_timings_give_the_same_decision_on_every_rank():
 
 
 def _key(**kw):
-    base = dict(device="cpu", world_size=2, link="cpu", torch=torch.__version__, nccl="none",
-                project=__import__("tpcomp_megatron").__version__)
+    base = dict(device="cpu", world_size=2, link="cpu", torch=torch.__version__, nccl="none")
     return TableKey(**{**base, **kw})
 
 
@@ -162,7 +161,7 @@ def _refused(rank, world, table_doc):
 
 
 @pytest.mark.parametrize("field,value", [("world_size", 4), ("device", "NVIDIA H100 80GB HBM3"),
-                                         ("torch", "2.0.0"), ("link", "nvlink"), ("project", "0.0.1")])
+                                         ("torch", "2.0.0"), ("link", "nvlink"), ("format", 1)])
 def test_a_table_with_another_key_is_refused_naming_the_field(field, value):
     table = _table(_key(**{field: value}))
     for msg, elapsed in run_ranks(_refused, 2, table.to_dict(), timeout_s=120):
@@ -297,9 +296,11 @@ def test_model_shape_reads_a_converted_checkpoint(tmp_path):
     LlamaModelConfig(num_layers=3, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_kv_heads=4,
                      head_dim=64, vocab_size=512, max_position_embeddings=64, tensor_parallel_size=2,
                      params_dtype="float32").save(tmp_path / "tpcomp_config.json")
-    assert TuneConfig.model_shape(tmp_path) == (256, 3)
+    from tpcomp_megatron.tune.cli import model_shape
+
+    assert model_shape(tmp_path) == (256, 3)
     with pytest.raises(FileNotFoundError, match="tpcomp-convert output"):
-        TuneConfig.model_shape(tmp_path / "nothing")
+        model_shape(tmp_path / "nothing")
 
 
 def test_stats_count_calls_per_size_bucket_with_reasons():
@@ -343,7 +344,7 @@ def _probe_at_apply(rank, world, tmp):
     from megatron_helpers import init_megatron, one_row_parallel_layer
 
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
-    from tpcomp_megatron.tune import probe
+    from tpcomp_megatron.comm.gate import probe
 
     _ctx = init_megatron(world)  # noqa: F841
     model = one_row_parallel_layer(world, HIDDEN)

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from tpcomp_megatron.comm.table import EXACT, GateTable, SizeRow, TableKey, find_in_cache, path_name, store_in_cache
+from tpcomp_megatron.comm.gate.table import EXACT, GateTable, SizeRow, TableKey, find_in_cache, path_name, store_in_cache
 from tpcomp_megatron.testing import run_ranks
 
 FAST = "fp8_e4m3/b32/e8m0"
@@ -26,8 +26,7 @@ HIDDEN = 64
 
 
 def _key(**kw) -> TableKey:
-    base = dict(device="cpu", world_size=2, link="cpu", torch=torch.__version__, nccl="none",
-                project=__import__("tpcomp_megatron").__version__)
+    base = dict(device="cpu", world_size=2, link="cpu", torch=torch.__version__, nccl="none")
     return TableKey(**{**base, **kw})
 
 
@@ -140,7 +139,7 @@ def _gate_mismatches(rank, world, tmp):
     from megatron_helpers import init_megatron, one_row_parallel_layer
 
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
-    from tpcomp_megatron.tune import probe
+    from tpcomp_megatron.comm.gate import probe
 
     _ctx = init_megatron(world)  # noqa: F841
     model = one_row_parallel_layer(world, HIDDEN)

@@ -20,7 +20,8 @@ TIMEOUT_S = 3  # the progress timeout under test (default 60 s): a gloo sample h
 
 RANK = """
 import os, signal, sys
-from tpcomp_megatron.tune import cli, measure
+from tpcomp_megatron.comm.gate import measure
+from tpcomp_megatron.tune import cli
 
 if os.environ["RANK"] == "1":
     real, seen = measure._samples, []

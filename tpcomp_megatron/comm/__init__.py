@@ -2,10 +2,10 @@
 
 from .collectives import CollectiveError, CompressedComm
 from .consistency import check_same_config
-from .gate import ALGORITHMS, DEFAULT_THRESHOLDS, LINKS, TRANSPORTS, GatePolicy, detect_link, ineligible
+from .gate import ALGORITHMS, LINKS, SEED_THRESHOLDS, TRANSPORTS, GatePolicy, detect_link, ineligible
 from .stats import CommStats
 
 __all__ = [
-    "ALGORITHMS", "DEFAULT_THRESHOLDS", "LINKS", "TRANSPORTS", "CollectiveError", "CommStats", "CompressedComm",
+    "ALGORITHMS", "LINKS", "SEED_THRESHOLDS", "TRANSPORTS", "CollectiveError", "CommStats", "CompressedComm",
     "GatePolicy", "check_same_config", "detect_link", "ineligible",
 ]

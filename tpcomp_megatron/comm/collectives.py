@@ -41,6 +41,7 @@ from .. import ops
 from ..codecs.base import Codec
 from .feedback import ErrorFeedback, PostNorm, feedback_cost
 from .gate import GatePolicy, ineligible
+from .gate.links import symm_mem_available
 from . import transport
 from .reduce import reduce_payloads
 from .engine import BUDGET_BYTES, Kits, call_mode
@@ -82,8 +83,6 @@ class CompressedComm:
         self._symm = None  # SymmMemTransport, created on the first one-shot call that can use it
         self._symm_wanted = self._policy.transport == "symm_mem"
         if self._symm_wanted:
-            from .symm import symm_mem_available
-
             why = symm_mem_available(self.group)  # the same answer on every rank (backend, torch)
             if why:
                 _log_once(f"symmetric-memory transport unavailable ({why}): one-shot payloads go through "
@@ -242,7 +241,7 @@ class CompressedComm:
                   debt: torch.Tensor | None, mode: str, stream: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the sum, and with `want_own` what this rank's payload decodes to in float32). With a
         `debt` (pre-norm error feedback), `rows + debt` is sent and the debt updated in place."""
-        n, (m, hidden) = self.world_size, rows.shape
+        m, hidden = rows.shape
         symm = self._symm_transport() if self._symm_wanted and rows.is_cuda else None
         if symm is not None:  # payloads written into peers' symmetric memory, read where they lie
             shape = (m, codec.row_bytes(hidden))

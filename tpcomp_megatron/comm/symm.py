@@ -17,18 +17,6 @@ import torch
 import torch.distributed as dist
 
 
-def symm_mem_available(group) -> str | None:
-    """Why symmetric memory cannot serve `group`, or None when it can."""
-    if not torch.cuda.is_available():
-        return "no CUDA"
-    if dist.get_backend(group) != "nccl":
-        return "process group is not NCCL"
-    try:  # (imported under another name: a bare `import torch.x` would make `torch` local here)
-        import torch.distributed._symmetric_memory as _symm  # noqa: F401
-    except ImportError:
-        return "this torch has no symmetric memory"
-    return None
-
 
 class SymmMemTransport:
     """A symmetric buffer of `capacity` bytes per rank, grown on demand (not during capture)."""

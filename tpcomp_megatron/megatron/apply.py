@@ -15,7 +15,6 @@ Nothing global is patched.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 import hashlib
 from dataclasses import dataclass, field
@@ -26,11 +25,8 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from ..calibration import RULES, Calibration, load_calibration
 from ..codecs import BlockSpec, OutlierSpec, calibrated_params, make_codec, needs_calibration, parse_codec_spec, parse_point
-from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config, detect_link
-from ..comm.collectives import _log_once
-from ..comm.table import TableKey
-from ..comm.table import SEED
-from ..comm.table import resolve as resolve_gate_table
+from ..comm import ALGORITHMS, CompressedComm, GatePolicy, check_same_config
+from ..comm.gate.resolve import resolve as resolve_gate
 from ..comm.feedback import ErrorFeedback, PostNorm
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from .mappings import LayerCompression
@@ -95,7 +91,7 @@ class CompressionConfig:
     under another key is refused, naming the field."""
     gate_probe: bool | None = None
     """With no measured table for this run: time a few collectives over the real group at
-    `apply_tp_compression` and let the gate follow them (`tune/probe.py`; seconds, conservative).
+    `apply_tp_compression` and let the gate follow them (`comm/gate/probe.py`; seconds, conservative).
     None: probe on NCCL groups when the gate decides by size (no `min_bytes`, no 'seed' table);
     True: also elsewhere (gloo); False: never (the seed thresholds)."""
     cuda_graphs: bool = True
@@ -280,54 +276,6 @@ def _check_recipe(model: torch.nn.Module, config: CompressionConfig, group, mode
                                model_name=config.model, where=f"recipe {config.recipe}")
 
 
-def _gate_policy(config: CompressionConfig, group) -> tuple[GatePolicy, str | None]:
-    """(this rank's gate policy, with the measured table it found; why the table cannot serve
-    this run, or None). Never raises for a table: a rank alone raising would leave its peers
-    waiting in the configuration check, so the refusal goes through that check first."""
-    link = config.link if config.link != "auto" else detect_link()
-    key = TableKey.current(dist.get_world_size(group), link, dist.get_backend(group))
-    refusal = None
-    try:
-        table, source = resolve_gate_table(config.gate_table, key)
-    except (OSError, ValueError) as e:
-        table, source, refusal = None, "", str(e)
-    policy = GatePolicy(algorithm=config.algorithm, link=link, min_bytes=config.min_bytes,
-                        transport=config.transport, table=table)
-    refusal = refusal or policy.table_refusal(group)
-    if config.enabled and refusal is None and config.min_bytes is None:  # (a size override: no table consulted)
-        _log_once(f"tpcomp-megatron gate: {source}")
-    return policy, refusal
-
-
-def _probes(policy: GatePolicy, config: CompressionConfig, group) -> bool:
-    """Whether this rank would run the probe's collectives (part of the cross-rank check: a rank
-    probing while its peer runs its forward aborts gloo and mismatches NCCL's collectives)."""
-    if policy.table is not None or policy.min_bytes is not None or config.gate_table == SEED:
-        return False
-    nccl = dist.get_backend(group) == "nccl"
-    return not (config.gate_probe is False or (config.gate_probe is None and not nccl)
-                or dist.get_world_size(group) == 1)
-
-
-def _probed(policy: GatePolicy, config: CompressionConfig, group, model: torch.nn.Module) -> GatePolicy:
-    """`policy`, with a table probed over `group` where it has none and `config.gate_probe` asks
-    for one (`tune/probe.py`)."""
-    if not _probes(policy, config, group):
-        return policy
-    hidden = next((m.output_size for n, m in _unwrap(model).named_modules()
-                   if _is_row_layer(n) and isinstance(m, RowParallelLinear)), None)
-    from ..tune.probe import probe_codecs, probe_table
-
-    codecs = probe_codecs([config.reduce_spec, *(spec for _, spec in config.override_specs)], hidden or 0)
-    if not hidden or not codecs:
-        return policy
-    table = probe_table(group, hidden=hidden, codecs=codecs, algorithm=policy.choose_algorithm(dist.get_world_size(group)),
-                        link=policy.link)
-    _log_once(f"tpcomp-megatron gate: probed {len(table.rows)} message sizes of hidden {hidden} over the group "
-              f"({table.digest}, {', '.join(codecs)}); tpcomp-tune measures this machine in full")
-    return dataclasses.replace(policy, table=table)
-
-
 def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, group=None,
                          calibration: Calibration | None = None, model_config=None) -> CompressionHandle:
     """Attach compression to `model`'s tensor-parallel layers; returns a handle with `remove()`.
@@ -347,16 +295,20 @@ def apply_tp_compression(model: torch.nn.Module, config: CompressionConfig, *, g
         calibration = calibration or config.loaded_recipe.calibration
     if calibration is None and config.needs_calibration:
         calibration = load_calibration(config.calibration)
-    policy, refusal = _gate_policy(config, group)
-    # the gate's settings as resolved on this rank (e.g. the detected link class, the measured
-    # table's identity, whether this rank refused it) are checked too: ranks that differ fail here
-    probe = config.enabled and _probes(policy, config, group)
-    check_same_config(f"{config.describe(calibration)} gate: {policy.describe()} refused={refusal} probe={probe}", group)
-    if refusal:
-        raise ValueError(refusal)
+    gate = resolve_gate(group, algorithm=config.algorithm, link=config.link, min_bytes=config.min_bytes,
+                        transport=config.transport, table=config.gate_table,
+                        probe=config.gate_probe if config.enabled else False)
+    # the gate as resolved on this rank (e.g. the detected link class, the measured table's
+    # identity, whether this rank refused it) is checked too: ranks that differ fail here
+    check_same_config(f"{config.describe(calibration)} {gate.describe()}", group)
+    if gate.refusal:
+        raise ValueError(gate.refusal)
     if not config.enabled:
         return CompressionHandle(None)
-    policy = _probed(policy, config, group, model)  # every rank alike: their settings matched above
+    hidden = next((m.output_size for n, m in _unwrap(model).named_modules()
+                   if _is_row_layer(n) and isinstance(m, RowParallelLinear)), None)
+    policy = gate.finish(group, hidden=hidden, codecs=[config.reduce_spec, *(s for _, s in config.override_specs)],
+                         collectives=CompressedComm)  # every rank alike: their settings matched above
     comm = CompressedComm(group, policy, cuda_graphs=config.cuda_graphs)
     model = _unwrap(model)
     feedback = ErrorFeedback(comm.world_size) if config.error_feedback else None

@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 
 from ..comm.gate import LINKS
-from ..comm.table import store_in_cache
+from ..comm.gate.config import DEFAULT_CODECS, DEFAULT_TOKENS, TUNE_ALGORITHMS, TUNE_TRANSPORTS, TuneConfig
+from ..comm.gate.table import store_in_cache
 from ..console import refuse
 from ..quiet import VERBOSE_HELP, quiet_warnings
-from .config import DEFAULT_CODECS, DEFAULT_TOKENS, TUNE_ALGORITHMS, TUNE_TRANSPORTS, TuneConfig
-from .measure import tune
+from . import tune
 from .report import format_table, plot
 from .watchdog import Watchdog, group_timeout
 
@@ -99,11 +99,19 @@ def _init(backend: str, pg: str | None = None, world_size: int = 2, timeout_s: f
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
 
 
+def model_shape(checkpoint: str | os.PathLike) -> tuple[int, int]:
+    """(hidden, layers) of a converted checkpoint (`tpcomp-convert` output folder)."""
+    from ..convert.load import load_config
+
+    cfg = load_config(checkpoint)
+    return cfg.hidden_size, cfg.num_layers
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     try:
-        hidden, layers = (args.hidden, None) if args.model is None else TuneConfig.model_shape(args.model)
+        hidden, layers = (args.hidden, None) if args.model is None else model_shape(args.model)
         cfg = TuneConfig(hidden=hidden, tokens=tuple(args.tokens), codecs=tuple(args.codecs),
                          algorithms=tuple(args.algorithms), transports=tuple(args.transports), link=args.link,
                          exact_symm=not args.no_symm_exact, graph=not args.no_graph, warmup=args.warmup,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..comm.table import EXACT, GateTable, SizeRow
+from ..comm.gate.table import EXACT, GateTable, SizeRow
 
 
 def _size(nbytes: int) -> str:
@@ -22,7 +22,7 @@ def format_table(table: GateTable) -> str:
     k, meta = table.key, table.meta
     modes = meta.get("modes") or sorted({m for r in table.rows for m in r.ms[EXACT]})
     lines = [f"tpcomp-tune: {k.device}, world size {k.world_size}, link {k.link}, torch {k.torch}, "
-             f"NCCL {k.nccl}, tpcomp-megatron {k.project}; table {table.digest}",
+             f"NCCL {k.nccl}, table format {k.format}; table {table.digest}",
              f"ms per call of the slowest rank ({' / '.join(modes)}); speedup = exact / path in its worse mode; "
              f"'compress' where the path beat the exact all-reduce by {table.margin:.0%} in every mode"]
     per_forward = meta.get("layers")

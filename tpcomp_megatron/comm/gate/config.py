@@ -1,12 +1,12 @@
-"""What `tpcomp-tune` measures: codecs, algorithms, transports, message sizes, repetitions."""
+"""What a measurement of the gate (`measure.tune`: `tpcomp-tune`, the start-up probe) times: codecs,
+algorithms, transports, message sizes, repetitions."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from ..codecs import make_codec, needs_calibration, parse_codec_spec
-from ..comm.gate import LINKS
+from ...codecs import make_codec, needs_calibration, parse_codec_spec
+from .links import LINKS
 
 DEFAULT_CODECS = ("fp4_e2m1/b32/e6m2", "fp6_e2m3/b32/e8m0", "int4/b32/bf16", "lloyd4/b32/e6m2d")
 DEFAULT_TOKENS = tuple(1 << i for i in range(14))
@@ -84,11 +84,3 @@ class TuneConfig:
                 raise ValueError(f"codec {spec} cannot compress hidden size {self.hidden}: {why}")
             canonical.append(str(spec))
         object.__setattr__(self, "codecs", tuple(dict.fromkeys(canonical)))
-
-    @staticmethod
-    def model_shape(checkpoint: str | os.PathLike) -> tuple[int, int]:
-        """(hidden, layers) of a converted checkpoint (`tpcomp-convert` output folder)."""
-        from ..convert.load import load_config
-
-        cfg = load_config(checkpoint)
-        return cfg.hidden_size, cfg.num_layers

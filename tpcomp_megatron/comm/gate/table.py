@@ -1,7 +1,8 @@
 """Measured gate tables: what `tpcomp-tune` wrote on a machine, and how the gate reads it.
 
 A table belongs to one machine and software stack, its key: the device (GPU name, or 'cpu'), the
-world size, the link class, and the torch / NCCL / project versions. For each message size a model
+world size, the link class, the torch / NCCL versions and the table format (`FORMAT`, raised only
+when what a table means changes: upgrading tpcomp-megatron keeps a measured table). For each message size a model
 sends (tokens x hidden) it holds the slowest rank's time per call of every path measured: the exact
 all-reduce the gate falls back to ('exact'), PyTorch's lossless symmetric-memory all-reduces where
 they ran, and each compressed (codec, algorithm, transport), eager and (on CUDA) under CUDA-graph
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT = 1
+FORMAT = 2
+"""Version of what a table holds and how the gate reads it (1: keyed by the project's version)."""
 EXACT = "exact"
 """The path name of the exact collective the gate falls back to (`dist.all_reduce`)."""
 MODES = ("eager", "graph")
@@ -52,16 +54,16 @@ class TableKey:
     """GPU name as torch reports it, or 'cpu'."""
     world_size: int
     link: str
-    """Link class (comm/gate.py LINKS) the measurement ran over."""
+    """Link class (`links.LINKS`) the measurement ran over."""
     torch: str
     nccl: str
     """NCCL version, or 'none' where the group is not NCCL."""
-    project: str
-    """tpcomp-megatron version."""
+    format: int = FORMAT
+    """The table format it was measured for (`FORMAT`)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            want = int if f.name == "world_size" else str
+            want = int if f.name in ("world_size", "format") else str
             value = getattr(self, f.name)
             if not isinstance(value, want) or isinstance(value, bool) or value == "":
                 raise ValueError(f"gate table key field {f.name!r}: expected a non-empty {want.__name__}, got {value!r}")
@@ -71,13 +73,11 @@ class TableKey:
     @classmethod
     def current(cls, world_size: int, link: str, backend: str) -> "TableKey":
         """This process's key for a group of `world_size` ranks of `backend` over `link`."""
-        from .. import __version__
-
         nccl = backend == "nccl"
         gpu = backend != "gloo" and torch.cuda.is_available()  # NCCL, or a stand-in group on the GPU
         return cls(device=torch.cuda.get_device_name(torch.cuda.current_device()) if gpu else "cpu",
                    world_size=world_size, link=link, torch=torch.__version__,
-                   nccl=_nccl_version() if nccl else "none", project=__version__)
+                   nccl=_nccl_version() if nccl else "none")
 
     def differences(self, run: "TableKey") -> list[str]:
         """'field: table X, this run Y' for every field where `run` differs."""
@@ -250,13 +250,17 @@ def cache_path(key: TableKey, root: Path | None = None) -> Path:
 
 def invalidate_stale(key: TableKey, root: Path | None = None) -> list[str]:
     """Remove cached tables of `key`'s device, world size and link measured under another key
-    (new torch, NCCL or project version); returns one line per table removed, naming the fields."""
+    (new torch or NCCL version, another table format); returns one line per table removed, naming
+    the fields."""
     root = root or cache_dir()
     removed = []
     for p in sorted(root.glob("*.json")) if root.is_dir() else ():
         try:
-            old = TableKey(**json.loads(p.read_text())["key"])
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            doc = json.loads(p.read_text())["key"]
+            if doc.get("format", 1) != FORMAT:  # an older format: keyed by the project's version
+                doc = {k: v for k, v in doc.items() if k != "project"} | {"format": doc.get("format", 1)}
+            old = TableKey(**doc)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             continue  # not ours, or being written: leave it
         if old.slot() == key.slot() and old != key:
             p.unlink(missing_ok=True)
@@ -286,7 +290,7 @@ SEED = "seed"
 """`--tp-comm-gate-table seed`: ignore any table, use the seed thresholds."""
 
 
-def resolve(choice: str | None, key: TableKey, root: Path | None = None) -> tuple[GateTable | None, str]:
+def choose_table(choice: str | None, key: TableKey, root: Path | None = None) -> tuple[GateTable | None, str]:
     """The table a run uses, and the sentence to log once about the gate's source: `choice` a path
     (that table, whatever its key: a mismatch is refused later, naming the field), 'seed' (none), or
     None (the cache's table for `key`, else none)."""

@@ -1,80 +1,26 @@
-"""When to compress: the eligibility gate and its measured size thresholds.
+"""The gate's per-call answer: whether a collective is compressed, and if not, why.
 
-Compression pays only when the bytes saved take longer to send than the extra kernels take to run;
-below a message size (per link class, world size and codec width) the exact collective wins. The
-table maps (link, world_size) to the smallest bf16 message, in bytes, worth compressing with a
-~4-bit codec. Wider codecs save less, so their threshold is scaled by the inverse of the saving.
-
-Seeded conservatively (compression only for large messages) until the kernel benchmark measures
-the real crossovers; `tools/bench_collectives.py` prints the table it derives. A table measured on
-the machine itself (`tpcomp-tune`, comm/table.py) replaces the thresholds for all-reduces: the
-gate then compresses exactly where compression was measured faster there.
+`GatePolicy` holds what a run decided once (`resolve.py`): link class, transport, algorithm, and
+one of the three sources of the size decision, in this order: an explicit size override
+(`min_bytes`), a measured table (`table.py`: compressed exactly where compression was measured
+faster on this machine), or the seed thresholds (`seed.py`, scaled by the codec's width and
+kernel cost). `ineligible` is the one function the collectives call: it gives the reason a call
+goes exact (one string), or None.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..codecs.base import SUPPORTED_DTYPES, Codec
+from ...codecs.base import SUPPORTED_DTYPES, Codec
+from .links import LINK_BYTES_PER_S, LINKS, detect_link
+from .seed import HOST_EXTRA_US, NEVER, SEED_THRESHOLDS
 from .table import GateTable, TableKey, path_name
 
-LINKS = ("nvlink", "pcie_class", "network_class", "cpu")
 ALGORITHMS = ("auto", "one_shot", "two_shot")
 TRANSPORTS = ("auto", "nccl", "symm_mem")
-NEVER = 1 << 62
-
-# (link, world_size) -> min bf16 bytes. Conservative seed (2026-11-23, no GPU measurement), used
-# where gate_table.json (measured, written by tools/derive_gate.py) has no entry.
-SEED_THRESHOLDS: dict[tuple[str, int], int] = {
-    ("nvlink", 2): 64 << 20,
-    ("pcie_class", 2): 8 << 20,
-    ("network_class", 2): 1 << 20,
-    ("cpu", 2): 1 << 20,
-}
-_TABLE_FILE = Path(__file__).with_name("gate_table.json")
-
-HOST_EXTRA_US = {"one_shot": 67.0, "two_shot": 130.0}
-"""Host time one compressed all-reduce adds over the exact collective inside a real eager prefill,
-per algorithm: one TP rank of a 10-layer Llama-2-13B (TP=2, one-shot) / 70B (TP=8, two-shot)
-shape at 512 tokens, where the forward is host-bound, fp4_e2m1/b32/e6m2, H100, 2026-12-06, with
-the collectives' set-up kits (comm/engine.py, then named replays): the larger of two runs, off and on timed in pairs
-(tools/bench_prefill.py, benchmarks/results/host_overhead_replays_2026-12-06.md: 52-67 / 117-130
-us; 106 / 209 before the replays). Such a prefill pays it in full, whatever the link.
-Reduce-scatter and all-gather (one collective and two kernels each, like the one-shot) take the
-one-shot figure."""
-LINK_BYTES_PER_S = {"nvlink": 169e9, "pcie_class": 26e9, "network_class": 3.6e9, "cpu": 3.6e9}
-"""bf16 all-reduce message bytes per second of each link class, world size 2, 2048 x 5120
-(../shared/links/h200x2_2026-11-23.json: 0.124 / 0.802 / 5.76 ms for 21 MB); cpu (gloo) taken as
-the network class."""
-
-
-def _load_thresholds() -> dict[tuple[str, int], int]:
-    table = dict(SEED_THRESHOLDS)
-    if _TABLE_FILE.exists():
-        doc = json.loads(_TABLE_FILE.read_text())
-        table.update({(e["link"], e["world_size"]): e["min_bytes_bf16"] for e in doc["thresholds"]})
-    return table
-
-
-DEFAULT_THRESHOLDS = _load_thresholds()
-
-
-def detect_link() -> str:
-    """The link class NCCL will use between this host's GPUs, from its settings and the hardware."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    if os.environ.get("NCCL_P2P_DISABLE", "0") == "1":
-        return "network_class" if os.environ.get("NCCL_SHM_DISABLE", "0") == "1" else "pcie_class"
-    n = torch.cuda.device_count()
-    if n > 1 and torch.cuda.can_device_access_peer(0, 1):
-        return "nvlink"  # peer access without NVLink (PCIe P2P) is rare on servers; override if so
-    return "pcie_class"
-
 
 @dataclass(frozen=True, kw_only=True)
 class GatePolicy:
@@ -89,7 +35,7 @@ class GatePolicy:
     transport: str = "auto"
     """How one-shot payloads travel: 'nccl' (all-gather), 'symm_mem' (peer reads over NVLink
     from symmetric memory), or 'auto' (symm_mem on NVLink with CUDA, else nccl)."""
-    thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    thresholds: dict = field(default_factory=lambda: dict(SEED_THRESHOLDS))
     table: GateTable | None = None
     """A table measured on this machine (`tpcomp-tune`): all-reduces of the paths it measured are
     compressed where it measured compression faster, instead of by the thresholds (`min_bytes`
@@ -125,7 +71,7 @@ class GatePolicy:
 
     def table_refusal(self, group) -> str | None:
         """Why the measured table cannot serve `group` (another device, world size, link or
-        torch / NCCL / project version: the message names the fields), or None."""
+        torch / NCCL version, table format: the message names the fields), or None."""
         if self.table is None:
             return None
         import torch.distributed as dist

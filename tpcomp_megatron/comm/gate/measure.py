@@ -6,7 +6,9 @@ the rank's time. One all-reduce (MAX) of all the ranks' times then gives every r
 numbers, so every rank derives the same table and the gate decides the same everywhere, whatever
 one rank's own timings were. The paths are called exactly as the runtime calls them: the exact
 path is `CompressedComm.all_reduce(x, None)` (the gate's fallback: a copy and `dist.all_reduce`),
-the compressed ones `CompressedComm.all_reduce(x, codec)` with the gate forced open.
+the compressed ones `CompressedComm.all_reduce(x, codec)` with the gate forced open. The gate
+sits below the collectives it decides for, so `tune` is handed them (`collectives`: the caller's
+`comm.CompressedComm`) rather than importing them.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..codecs import make_codec
-from ..comm import CompressedComm, GatePolicy, detect_link
-from ..comm.symm import symm_mem_available
-from ..comm.table import EXACT, GateTable, SizeRow, TableKey, path_name
+from ...codecs import make_codec
 from .config import TuneConfig
+from .links import detect_link, symm_mem_available
+from .policy import GatePolicy
+from .table import EXACT, GateTable, SizeRow, TableKey, path_name
+
+Collectives = Callable[..., object]
+"""`collectives(group, policy)` -> compressed collectives over `group` deciding by `policy`
+(`comm.CompressedComm`): `all_reduce(x, codec)` and `stats` are timed and read."""
 
 STAND_INS = ("mirror", "fake")
 """One-process stand-in groups (testing/onerank.py): one rank's host and kernel work, no link."""
@@ -101,13 +107,14 @@ def _symm_exact(c: Candidate, x: torch.Tensor, group) -> Callable[[], object]:
     return lambda: torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", name)
 
 
-def _runner(c: Candidate, x: torch.Tensor, group, link: str, comms: dict) -> Callable[[], object]:
+def _runner(c: Candidate, x: torch.Tensor, group, link: str, comms: dict, collectives: Collectives
+            ) -> Callable[[], object]:
     if c.name in SYMM_EXACT.values():
         return _symm_exact(c, x, group)
     comm = comms.get((c.algorithm, c.transport))
     if comm is None:
         policy = GatePolicy(algorithm=c.algorithm, link=link, min_bytes=0, transport=c.transport)
-        comm = comms[(c.algorithm, c.transport)] = CompressedComm(group, policy)
+        comm = comms[(c.algorithm, c.transport)] = collectives(group, policy)
     codec = None if c.codec is None else make_codec(c.codec)
     return lambda: comm.all_reduce(x, codec)
 
@@ -153,8 +160,8 @@ def _graph_ms(fn, cfg: TuneConfig, group, device, what: str, beat) -> float:
     return _samples(graph.replay, cfg.iters, cfg, group, device, beat)
 
 
-def _time(c: Candidate, x, mode: str, cfg: TuneConfig, group, link: str, comms: dict, device, notes: list,
-          progress: Callable[[str], None]) -> float:
+def _time(c: Candidate, x, mode: str, cfg: TuneConfig, group, link: str, comms: dict, collectives: Collectives,
+          device, notes: list, progress: Callable[[str], None]) -> float:
     """This rank's ms per call of `c` on `x` in `mode`. PyTorch's symmetric-memory all-reduces are
     for comparison only: where one fails (size or alignment limits of this torch) it is left out
     (inf: the MAX over ranks keeps it out everywhere); a failing compressed path is an error."""
@@ -164,7 +171,7 @@ def _time(c: Candidate, x, mode: str, cfg: TuneConfig, group, link: str, comms: 
     def beat(step: str) -> None:
         progress(f"{what}: {step} done")
     try:
-        fn = _runner(c, x, group, link, comms)
+        fn = _runner(c, x, group, link, comms, collectives)
         if mode == "eager":
             return _eager_ms(fn, cfg, group, device, beat)
         return _graph_ms(fn, cfg, group, device, f"{c.name} at {x.shape[0]} tokens", beat)
@@ -175,10 +182,12 @@ def _time(c: Candidate, x, mode: str, cfg: TuneConfig, group, link: str, comms: 
         return float("inf")
 
 
-def tune(cfg: TuneConfig, group=None, *, progress: Callable[[str], None] | None = None) -> TuneResult:
-    """Measure every path of `cfg` over `group` (default: the world); collective: every rank of
-    the group calls it with the same `cfg`. `progress(where)` is called after every timed sample
-    and before every collective step (tpcomp-tune's watchdog, watchdog.py)."""
+def tune(cfg: TuneConfig, group=None, *, collectives: Collectives,
+         progress: Callable[[str], None] | None = None) -> TuneResult:
+    """Measure every path of `cfg` over `group` (default: the world) through `collectives`
+    (`comm.CompressedComm`); collective: every rank of the group calls it with the same `cfg`.
+    `progress(where)` is called after every timed sample and before every collective step
+    (tpcomp-tune's watchdog, tune/watchdog.py)."""
     progress = progress or (lambda where: None)
     group = group if group is not None else dist.group.WORLD
     backend = dist.get_backend(group)
@@ -200,7 +209,8 @@ def tune(cfg: TuneConfig, group=None, *, progress: Callable[[str], None] | None 
         x = torch.randn(tokens, cfg.hidden, generator=gen, device=device).to(torch.bfloat16)
         for c in cands:
             for mode in modes:
-                local[(tokens, c.name, mode)] = _time(c, x, mode, cfg, group, link, comms, device, notes, progress)
+                local[(tokens, c.name, mode)] = _time(c, x, mode, cfg, group, link, comms, collectives, device,
+                                                      notes, progress)
         del x
     for (algo, transport), comm in comms.items():  # a compressed path that fell back timed the wrong thing
         if comm.stats.fallback_reasons.keys() - {"layer left exact"}:
