@@ -8,7 +8,8 @@ One process, one run, in phases:
    `decode_sum_encode` and `decode_each` of 8, `encode_feedback`);
 2. a stand-in process group of world size 2, then 8 (`--pg`: `mirror`, one local kernel per
    collective, or torch's `fake`, whose all-gather and all-to-all launch one copy per peer): the
-   whole `CompressedComm` calls (all-reduce one-shot at 2, two-shot at 8, reduce-scatter,
+   whole `CompressedComm` calls (all-reduce one-shot at 2, two-shot at 8, also with its steps
+   launched one by one, `_stepped`, instead of replayed from a CUDA graph; reduce-scatter,
    all-gather), gate and stats included: the path's own host time plus the stand-in's call, whose
    own cost is recorded beside them;
 3. the 1-rank NCCL group again (the reference's spread across the run).
@@ -134,7 +135,11 @@ def main() -> None:
         _init(args.pg, world, device)
         rows = x.repeat(world, 1)  # reduce-scatter: rows divisible by the world size
         for spec, codec in codecs.items():
-            comm = CompressedComm(None, GatePolicy(algorithm=algo, min_bytes=0, link="pcie_class", transport="nccl"))
+            policy = GatePolicy(algorithm=algo, min_bytes=0, link="pcie_class", transport="nccl")
+            stepped = CompressedComm(None, policy, cuda_graphs=False)  # every call launches its steps
+            rec(f"all_reduce_{algo}_stepped", spec, world, args.pg,
+                per_call_us(lambda: stepped.all_reduce(x, codec), args.calls, device))
+            comm = CompressedComm(None, policy)  # eager CUDA calls replayed from graphs (comm/graphs.py)
             rec(f"all_reduce_{algo}", spec, world, args.pg,
                 per_call_us(lambda: comm.all_reduce(x, codec), args.calls, device))
             rec("reduce_scatter", spec, world, args.pg,

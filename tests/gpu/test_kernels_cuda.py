@@ -420,7 +420,7 @@ def test_collectives_replayed_from_graphs_cuda(world):
             assert stepped.graphs is None
             assert graphed.graphs.nbytes <= graphed.graphs.budget
         small = CompressedComm(policy=policy)
-        small.graphs.budget = 3 << 20  # one graph's pool (a 2 MB segment and its input): each capture evicts
+        small.graphs.budget = 2 * (8 * world * hidden * 2) + 1  # the larger graph's input and output: each capture evicts
         for rows in (4 * world, 8 * world, 4 * world, 8 * world):
             for _ in range(3):
                 x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16).cuda()

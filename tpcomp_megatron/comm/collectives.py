@@ -217,11 +217,14 @@ class CompressedComm:
         graph where it has one (`graphs.py`: eager CUDA calls), else run; into `into` when given
         and replayed (the caller's buffer, `rows`' size)."""
         graphs = self.graphs
-        if graphs is not None and mode == "eager" and rows.is_cuda and graphs.wants(rows):
-            key = (op, codec, rows.shape, rows.dtype, dtype, rows.device, stream)
-            out = graphs.run(key, rows, lambda r: body(r, "capture", 0), into)
-            if out is not None:
-                return out
+        if graphs is not None and mode == "eager" and rows.is_cuda:
+            size = rows.numel() * rows.element_size()
+            out_size = {"all_gather": size * self.world_size, "reduce_scatter": size // self.world_size}.get(op, size)
+            if graphs.wants(size, out_size):
+                key = (op, codec, rows.shape, rows.dtype, dtype, rows.device, stream)
+                out = graphs.run(key, rows, lambda r: body(r, "capture", 0), into)
+                if out is not None:
+                    return out
         return body(rows, mode, stream)
 
     def _kit(self, op: str, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int):

@@ -15,9 +15,12 @@ the rest of the forward and every later request of that length:
 * from then on a call is three host steps: copy its rows into the static input, replay, copy
   the result out (`Graphs.run`): the same kernels on the same bytes, so the same result.
 
-Graphs hold their input, payloads and output (`nbytes`); `Graphs` keeps them least recently used
-within `BUDGET_BYTES` per communicator, and a call whose input exceeds `MAX_INPUT_BYTES` stays
-eager: there the forward is GPU-bound (the host time is hidden anyway) and the two copies would
+The graphs of one stream share one memory pool: what a capture frees (the payloads) the next
+capture reuses, and an evicted graph's output goes back to the pool, so captures after the first
+few allocate nothing from CUDA and evictions free nothing (a `cudaFree` would stall the device).
+Graphs sharing a pool replay one at a time on their stream, so their payloads may overlap. Each
+graph keeps its input and output alive (`nbytes`); `Graphs` keeps them least recently used within
+`BUDGET_BYTES` per communicator, and a call whose input exceeds `MAX_INPUT_BYTES` stays eager: there the forward is GPU-bound (the host time is hidden anyway) and the two copies would
 cost GPU time. A capture that fails (a process group that cannot be captured) is logged, and the
 communicator's calls stay eager from then on. Collectives of every rank replay in the same order they would run eagerly
 (every rank sees the same calls), so graphs of NCCL collectives stay matched across ranks.
@@ -35,7 +38,7 @@ Tensor = torch.Tensor
 MAX_INPUT_BYTES = 32 << 20
 """Input bytes above which a call stays eager (GPU-bound there; the copies would cost GPU time)."""
 BUDGET_BYTES = 256 << 20
-"""Bytes of captured graphs (input, payloads, output) kept per communicator."""
+"""Bytes of captured graphs' inputs and outputs kept per communicator (the payloads they share)."""
 MAX_SEEN = 4096
 """Keys remembered as seen once (the oldest forgotten first)."""
 
@@ -55,18 +58,19 @@ class Graphs:
         self._graphs: OrderedDict = OrderedDict()  # key -> _Graph
         self._seen: OrderedDict = OrderedDict()
         self._side: dict = {}  # device index -> the side stream captures run on
+        self._pools: dict = {}  # (device index, stream) -> the memory pool its graphs share
         self.nbytes = 0
         self.captured = 0  # graphs captured so far
         self.replays = 0
 
-    def wants(self, x: Tensor) -> bool:
-        """Whether a call on `x` (an eager CUDA call) may go through a graph."""
-        return self.budget > 0 and x.numel() * x.element_size() <= min(self.max_input, self.budget // 3)
+    def wants(self, in_bytes: int, out_bytes: int) -> bool:
+        """Whether an eager CUDA call of `in_bytes` in, `out_bytes` out may go through a graph."""
+        return in_bytes <= self.max_input and in_bytes + out_bytes <= self.budget
 
     def run(self, key: tuple, x: Tensor, body: Callable[[Tensor], Tensor], into: Tensor | None = None) -> Tensor | None:
-        """`body(x)` through the graph of `key` (`body`: the collective, in capture mode), into
-        `into` (x's size) when given, else into a new tensor; None where the call must run eagerly
-        (first sight of the key, or its capture failed)."""
+        """`body(x)` through the graph of `key` (its last item the stream the call runs on; `body`:
+        the collective, in capture mode), into `into` (x's size) when given, else into a new
+        tensor; None where the call must run eagerly (first sight of the key, or its capture failed)."""
         g = self._graphs.get(key)
         if g is None:
             if key not in self._seen:
@@ -92,13 +96,15 @@ class Graphs:
         if side is None:
             side = self._side[device.index] = torch.cuda.Stream(device)
         current = torch.cuda.current_stream(device)
+        pool = self._pools.get((device.index, key[-1]))
+        if pool is None:
+            pool = self._pools[(device.index, key[-1])] = torch.cuda.graph_pool_handle()
         inp = torch.empty_like(x)
         graph = torch.cuda.CUDAGraph()
-        reserved = torch.cuda.memory_reserved(device)
         side.wait_stream(current)
         try:
             with torch.cuda.stream(side):
-                graph.capture_begin(capture_error_mode="thread_local")
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     out = body(inp)
                 finally:
@@ -111,7 +117,7 @@ class Graphs:
             return None
         finally:
             current.wait_stream(side)
-        nbytes = max(torch.cuda.memory_reserved(device) - reserved, 0) + inp.numel() * inp.element_size()
+        nbytes = inp.numel() * inp.element_size() + out.numel() * out.element_size()
         g = _Graph(graph, inp, out, nbytes)
         self._make_room(nbytes)
         self._graphs[key] = g
