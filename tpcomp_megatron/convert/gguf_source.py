@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from tpcomp_megatron.models.hf_config import GGUF_ARCHITECTURES, MAX_SIZE
+from tpcomp_megatron.models.families import by_gguf_architecture, gguf_architectures
+from tpcomp_megatron.models.hf_config import MAX_SIZE
 
 from .gguf_header import GGUFHeaderError, read_gguf_header, read_gguf_metadata
 from .hf_io import SourceError
@@ -28,8 +29,9 @@ def gguf_architecture(file: str | Path) -> tuple[str, dict[str, Any]]:
     up to the tokenizer keys; reads the header only."""
     meta = read_gguf_metadata(file, stop=lambda key: key.startswith("tokenizer."))
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        supported = ", ".join(f"{a} ({c})" for a, c in GGUF_ARCHITECTURES.items())
+    known = gguf_architectures()  # every registered family's
+    if not isinstance(arch, str) or arch not in known:
+        supported = ", ".join(f"{a} ({c})" for a, c in known.items())
         raise SourceError(f"unsupported architecture {arch!r} in the GGUF {file}; supported GGUF "
                           f"architectures: {supported}")
     return str(arch), meta
@@ -114,18 +116,18 @@ def _check_tensor_bytes(file: str | Path, tensors: dict[str, tuple[tuple[int, ..
 
 
 def _config_override(folder: str, name: str, arch: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """`config=` for transformers where its GGUF reader would get the model wrong: it does not read
-    `qwen3.attention.key_length` and takes Qwen3Config's default head_dim (128, right for every
-    released Qwen3), so a Qwen3 with another head_dim needs its config corrected."""
-    key_length = meta.get(f"{arch}.attention.key_length")
-    if arch != "qwen3" or key_length is None:
+    """`config=` for transformers where its GGUF reader would get the model wrong: the fields the
+    family's `read_gguf` gives (e.g. a Qwen3's head_dim, which transformers does not read), set on
+    the config transformers reads; {} when there are none."""
+    read_gguf = by_gguf_architecture(arch).read_gguf
+    fields = read_gguf(arch, meta) if read_gguf is not None else {}
+    if not fields:
         return {}
-    from transformers import AutoConfig, Qwen3Config
+    from transformers import AutoConfig
 
-    if int(key_length) == Qwen3Config().head_dim:
-        return {}
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    config.head_dim = int(key_length)
+    for key, value in fields.items():
+        setattr(config, key, value)
     return {"config": config}
 
 

@@ -1,8 +1,10 @@
-"""Build a Megatron-core `GPTModel` for a `LlamaModelConfig` at the current tensor-parallel size.
+"""Build a Megatron-core `GPTModel` for a model config at the current tensor-parallel size.
 
-A `GemmaModelConfig` (a subclass) builds a Gemma model: its layer specs, TransformerConfig fields
-and post-build steps come from `tpcomp_megatron.models.gemma.spec`; a `QwenModelConfig` a Qwen2/3
-model (`tpcomp_megatron.models.qwen.spec`).
+The config's family (the registry's `families.by_config`: its class, else its nearest registered
+base) gives the layer specs, final norm and post-build steps (`Family.model_parts`) and the
+TransformerConfig fields that differ from the Llama defaults set here
+(`Family.transformer_overrides`): `llama_model_parts` below for the Llama family,
+`gemma/spec.py` and `qwen/spec.py` for the others. This module imports no family.
 
 Uses the local (non-Transformer-Engine) layer spec so the same model runs on CPU (inside
 `cpu_megatron()`) and on GPU, with our `RMSNorm` in every norm slot (Hugging Face arithmetic, and
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from tpcomp_megatron.megatron.cpu import cpu_megatron_active
 
+from . import families
 from .config import LlamaModelConfig
 from .norm import RMSNorm
 from .rope import rope_inv_freq, set_model_rope
@@ -42,42 +45,17 @@ class ModelParts:
     """Called on the built GPTModel (e.g. embedding scale, logit soft-cap)."""
 
 
-def _is_gemma(cfg: LlamaModelConfig) -> bool:
-    from .gemma.config import GemmaModelConfig
-
-    return isinstance(cfg, GemmaModelConfig)
-
-
-def _is_qwen(cfg: LlamaModelConfig) -> bool:
-    from .qwen.config import QwenModelConfig
-
-    return isinstance(cfg, QwenModelConfig)
-
-
-def _family_overrides(cfg: LlamaModelConfig) -> dict[str, Any]:
-    if _is_gemma(cfg):
-        from .gemma.spec import gemma_transformer_overrides
-
-        return gemma_transformer_overrides(cfg)  # type: ignore[arg-type]
-    if _is_qwen(cfg):
-        from .qwen.spec import qwen_transformer_overrides
-
-        return qwen_transformer_overrides(cfg)  # type: ignore[arg-type]
-    return {}
-
-
 def model_parts(
     cfg: LlamaModelConfig, layer_spec_transform: LayerSpecTransform | None = None
 ) -> ModelParts:
     """Layer specs, final norm and post-build steps of `cfg`'s model family."""
-    if _is_gemma(cfg):
-        from .gemma.spec import gemma_model_parts
+    return families.by_config(cfg).model_parts(cfg, layer_spec_transform)
 
-        return gemma_model_parts(cfg, layer_spec_transform)  # type: ignore[arg-type]
-    if _is_qwen(cfg):
-        from .qwen.spec import qwen_model_parts
 
-        return qwen_model_parts(cfg, layer_spec_transform)  # type: ignore[arg-type]
+def llama_model_parts(
+    cfg: LlamaModelConfig, layer_spec_transform: LayerSpecTransform | None = None
+) -> ModelParts:
+    """The Llama family's parts: one local layer spec for every layer, our RMSNorm at the end."""
     layer = llama_layer_spec(layer_spec_transform)
     return ModelParts(layer_specs=[layer] * cfg.num_layers, final_norm=RMSNorm)
 
@@ -153,7 +131,9 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
     )
-    kwargs.update(_family_overrides(cfg))
+    family_overrides = families.by_config(cfg).transformer_overrides
+    if family_overrides is not None:
+        kwargs.update(family_overrides(cfg))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

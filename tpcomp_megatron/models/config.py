@@ -1,4 +1,9 @@
-"""The Llama-family model config: everything needed to rebuild TransformerConfig + GPTModel.
+"""The model config: everything needed to rebuild TransformerConfig + GPTModel.
+
+`LlamaModelConfig` is the Llama family's config (Llama, Mistral, SmolLM2) and the base class of
+every other family's (`gemma/config.py`, `qwen/config.py`): each adds its fields and its `FORMAT`
+tag. `load_model_config` / `model_config_from_dict` read any registered family's JSON, the class
+chosen by that tag from the registry (`families`), so this module imports no family.
 
 One JSON file travels with every converted checkpoint. It records the original shapes (for the
 reverse conversion and for trimming padded logits) and the padded ones the checkpoint was written
@@ -13,6 +18,7 @@ import json
 import os
 from typing import Any, ClassVar
 
+from . import families
 from .heads import HeadLayout, plan_head_layout
 from .rope import RopeScaling
 
@@ -216,11 +222,8 @@ class LlamaModelConfig:
 
 
 def _config_classes() -> list[type[LlamaModelConfig]]:
-    # Imported here: the Gemma and Qwen configs subclass this module's class.
-    from .gemma.config import GemmaModelConfig
-    from .qwen.config import QwenModelConfig
-
-    return [LlamaModelConfig, GemmaModelConfig, QwenModelConfig]
+    """The config class of every registered family, in registration order."""
+    return [f.config_class for f in families.families()]
 
 
 def model_config_from_dict(data: dict[str, Any]) -> LlamaModelConfig:

@@ -1,43 +1,55 @@
-"""Read a Hugging Face Llama-family `config.json` into a `LlamaModelConfig`, refusing what we can't
-reproduce exactly (biases, other activations, sliding windows, unknown rope types). Gemma and Qwen
-configs go to their families' readers; `check_architecture` tells, from the config alone, whether
-any family takes a model, so a source is refused before a tensor of it is read."""
+"""Read a Hugging Face `config.json` into our config, for whichever registered family converts it.
+
+`config_from_hf` asks the registry (`families.for_hf_config`) which family and class the config
+is, reads what every family reads the same way (`common_fields`: sizes, heads, norm epsilon, dtype,
+the stored config; checked sizes), then hands the rest to the family's reader
+(`Family.read_hf`), which refuses what would change the function and adds its own fields. The
+Llama-style rope reading (`rope_fields`) and the SiLU check (`require_silu`) are here for the
+families that share them. `check_architecture` tells, from the config alone, whether any family
+takes a model, so a source is refused before a tensor of it is read. No family is imported here:
+each registers itself (see `families`).
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from . import families
 from .config import LlamaModelConfig, TokenizerRef
 from .rope import RopeScaling
-
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
-"""The Llama family's classes and model types (Gemma and Qwen have their own tables)."""
-
-GGUF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",  # Llama, SmolLM2 and Mistral GGUFs (transformers tells Mistral by name)
-    "mistral": "MistralForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3": "Gemma3ForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-"""GGUF `general.architecture` -> the Hugging Face class it converts as (the ones both we and
-transformers' GGUF loader support)."""
 
 _HF_DTYPES = ("float32", "bfloat16", "float16")
 _REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
-def _unsupported(what: str) -> ValueError:
+def unsupported(what: str) -> ValueError:
+    """The error for a config value the converter refuses because it would change the function."""
     return ValueError(f"{what} is not supported by this converter (it would change the function)")
+
+
+def require_silu(hf: dict[str, Any]) -> None:
+    """Refuse activations other than SiLU (SwiGLU MLPs: Llama, Mistral, Qwen)."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise unsupported(f"hidden_act={act!r} (only silu/SwiGLU)")
+
+
+def rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """`rope_theta` and `rope_scaling` of a config with one rope for every layer (Llama, Qwen).
+    transformers 5 nests rope settings in `rope_parameters`; 4.x used rope_theta + rope_scaling."""
+    params = hf.get("rope_parameters") or {}
+    theta = float(params["rope_theta"]) if "rope_theta" in params else float(hf.get("rope_theta", 10000.0))
+    return dict(rope_theta=theta, rope_scaling=RopeScaling.from_hf(hf.get("rope_scaling") or params or None))
 
 
 def common_fields(hf: dict[str, Any], *, arch: str, params_dtype: str | None, max_positions: int,
                   tie_default: bool, **passthrough) -> dict[str, Any]:
     """The fields every family reads the same way (sizes, heads, norm, dtype, the stored HF config),
-    as keyword arguments of `LlamaModelConfig` and its subclasses; rope is the family's own.
-    `params_dtype` None keeps the source dtype (`torch_dtype`/`dtype`, float32 if absent or odd)."""
+    as keyword arguments of `LlamaModelConfig` and its subclasses; rope is the family's reader's
+    (`rope_fields` for most). `max_positions` / `tie_default` are the family's defaults for absent
+    fields. `params_dtype` None keeps the source dtype (`torch_dtype`/`dtype`, float32 if absent or
+    odd)."""
     missing = [k for k in _REQUIRED if hf.get(k) is None]
     if missing:
         raise ValueError(f"config.json is missing {missing}")
@@ -86,39 +98,14 @@ def _check_size(key: str, value: Any) -> None:
 
 
 def supported_architectures() -> list[str]:
-    """Every Hugging Face class name the converter takes."""
-    from .gemma.hf_config import GEMMA_ARCHITECTURES
-    from .qwen.hf_config import QWEN_ARCHITECTURES
-
-    return sorted([*SUPPORTED_ARCHITECTURES, *GEMMA_ARCHITECTURES, *QWEN_ARCHITECTURES])
-
-
-def unsupported_architecture(what: object) -> ValueError:
-    return ValueError(f"unsupported architecture {what!r}; supported: {', '.join(supported_architectures())}")
-
-
-def _family(hf: dict[str, Any]) -> str | None:
-    """The family ("gemma", "qwen" or "llama") that converts `hf`, else None."""
-    from .gemma.hf_config import gemma_architecture
-    from .qwen.hf_config import qwen_architecture
-
-    if gemma_architecture(hf) is not None:
-        return "gemma"
-    if qwen_architecture(hf) is not None:
-        return "qwen"
-    archs = hf.get("architectures") or []
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        return "llama"
-    if not archs and hf.get("model_type") in SUPPORTED_ARCHITECTURES.values():
-        return "llama"
-    return None
+    """Every Hugging Face class name the converter takes (over every registered family)."""
+    return families.hf_architectures()
 
 
 def check_architecture(hf: dict[str, Any]) -> None:
     """Raise ValueError naming the supported classes unless some family converts `hf` (a config
     dict); cheap, so sources check it before reading any tensor."""
-    if _family(hf) is None:
-        raise unsupported_architecture(hf.get("architectures") or hf.get("model_type"))
+    families.for_hf_config(hf)
 
 
 def config_from_hf(
@@ -129,65 +116,25 @@ def config_from_hf(
     tokenizer: TokenizerRef | None = None,
     source: str | None = None,
     make_vocab_size_divisible_by: int = 128,
+    family: str | None = None,
 ) -> LlamaModelConfig:
     """Build our config from a Hugging Face config dict (as in config.json or `to_dict()`).
 
+    The family that converts `hf` decides the class: `LlamaModelConfig` for Llama, Mistral and
+    SmolLM2, `GemmaModelConfig` for Gemma 1/2/3, `QwenModelConfig` for Qwen2/3 (see
+    `families.families()`); `family` (a registered name) refuses any other family's config.
     `params_dtype` None keeps the source dtype (`torch_dtype`/`dtype`, float32 if absent).
-    Gemma 1/2/3 configs give a `GemmaModelConfig`, Qwen2/3 ones a `QwenModelConfig`.
     Any bad value raises ValueError.
     """
     try:
-        return _config_from_hf(hf, tensor_parallel_size=tensor_parallel_size, params_dtype=params_dtype,
+        found, arch = families.for_hf_config(hf)
+        if family is not None and found is not families.by_name(family):
+            raise ValueError(f"not a {family} config: {hf.get('architectures') or hf.get('model_type')!r} "
+                             f"is a {found.name} model")
+        fields = common_fields(hf, arch=arch, params_dtype=params_dtype, max_positions=found.max_positions,
+                               tie_default=found.tie_embeddings, tensor_parallel_size=tensor_parallel_size,
                                tokenizer=tokenizer, source=source,
                                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        return found.read_hf(hf, arch, fields)
     except (TypeError, AttributeError, KeyError, OverflowError, ZeroDivisionError) as e:  # a value of the wrong type
         raise ValueError(f"config.json holds a value of the wrong type or size ({type(e).__name__}: {e})") from None
-
-
-def _config_from_hf(hf: dict[str, Any], *, tensor_parallel_size: int, params_dtype: str | None,
-                    tokenizer: TokenizerRef | None, source: str | None, make_vocab_size_divisible_by: int
-                    ) -> LlamaModelConfig:
-    from .gemma.hf_config import gemma_config_from_hf
-    from .qwen.hf_config import qwen_config_from_hf
-
-    check_architecture(hf)
-    family_reader = {"gemma": gemma_config_from_hf, "qwen": qwen_config_from_hf}.get(str(_family(hf)))
-    if family_reader is not None:
-        return family_reader(
-            hf,
-            tensor_parallel_size=tensor_parallel_size,
-            params_dtype=params_dtype,
-            tokenizer=tokenizer,
-            source=source,
-            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        )
-    archs = hf.get("architectures") or []
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        arch = next(a for a, t in SUPPORTED_ARCHITECTURES.items() if t == hf.get("model_type"))
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise _unsupported(f"hidden_act={act!r} (only silu/SwiGLU)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise _unsupported(f"{flag}=True")
-    window = hf.get("sliding_window")
-    if window is not None and hf.get("use_sliding_window", True):
-        raise _unsupported(f"sliding_window={window}")
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported(f"partial_rotary_factor={hf['partial_rotary_factor']}")
-
-    # transformers 5 nests rope settings in `rope_parameters`; 4.x used rope_theta + rope_scaling.
-    rope_params = hf.get("rope_parameters") or {}
-    if "rope_theta" in rope_params:
-        theta = float(rope_params["rope_theta"])
-    else:
-        theta = float(hf.get("rope_theta", 10000.0))
-    scaling = RopeScaling.from_hf(hf.get("rope_scaling") or rope_params or None)
-    return LlamaModelConfig(
-        rope_theta=theta,
-        rope_scaling=scaling,
-        **common_fields(hf, arch=arch, params_dtype=params_dtype, max_positions=4096, tie_default=False,
-                        tensor_parallel_size=tensor_parallel_size, tokenizer=tokenizer, source=source,
-                        make_vocab_size_divisible_by=make_vocab_size_divisible_by),
-    )

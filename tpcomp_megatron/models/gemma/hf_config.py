@@ -1,16 +1,17 @@
 """Read a Hugging Face Gemma / Gemma 2 / Gemma 3 (text) config into a `GemmaModelConfig`.
 
-Accepts both the transformers 5 layout (`rope_parameters`, per layer type for Gemma 3) and the
-4.x one (`rope_theta`, `rope_local_base_freq`, `rope_scaling`), and refuses what would change the
-function: biases, bidirectional attention, activations other than GELU.
+`read_gemma` is the family's `Family.read_hf`: `hf_config.config_from_hf` has read the fields every
+family shares; this adds Gemma's own. Accepts both the transformers 5 layout (`rope_parameters`, per
+layer type for Gemma 3) and the 4.x one (`rope_theta`, `rope_local_base_freq`, `rope_scaling`), and
+refuses what would change the function: biases, bidirectional attention, activations other than
+GELU.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..config import TokenizerRef
-from ..hf_config import common_fields
+from ..hf_config import config_from_hf, unsupported
 from ..rope import RopeScaling
 from .config import FULL, SLIDING, GemmaModelConfig
 
@@ -19,20 +20,7 @@ GEMMA_ARCHITECTURES = {
     "Gemma2ForCausalLM": ("gemma2", 2),
     "Gemma3ForCausalLM": ("gemma3_text", 3),
 }
-
-
-def gemma_architecture(hf: dict[str, Any]) -> str | None:
-    """The Gemma class name `hf` describes, or None if it is not a Gemma text model."""
-    for arch in hf.get("architectures") or []:
-        if arch in GEMMA_ARCHITECTURES:
-            return arch
-        if arch == "Gemma3ForConditionalGeneration":
-            raise ValueError(
-                "Gemma3ForConditionalGeneration (vision + text) is not supported; convert a "
-                "text-only Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text)"
-            )
-    model_type = hf.get("model_type")
-    return next((a for a, (t, _) in GEMMA_ARCHITECTURES.items() if t == model_type), None)
+"""Gemma class name -> (model_type, Gemma version)."""
 
 
 def _rope(params: dict[str, Any] | None, fallback_theta: float) -> tuple[float, RopeScaling | None]:
@@ -41,27 +29,18 @@ def _rope(params: dict[str, Any] | None, fallback_theta: float) -> tuple[float, 
     return theta, RopeScaling.from_hf(params)
 
 
-def gemma_config_from_hf(
-    hf: dict[str, Any],
-    *,
-    tensor_parallel_size: int,
-    params_dtype: str | None = None,
-    tokenizer: TokenizerRef | None = None,
-    source: str | None = None,
-    make_vocab_size_divisible_by: int = 128,
-) -> GemmaModelConfig:
-    """Our config from a Gemma config dict (config.json or `to_dict()`)."""
-    arch = gemma_architecture(hf)
-    if arch is None:
-        raise ValueError(
-            f"not a Gemma text config: {hf.get('architectures') or hf.get('model_type')!r}"
-        )
+def gemma_config_from_hf(hf: dict[str, Any], **options: Any) -> GemmaModelConfig:
+    """Our config from a Gemma config dict (config.json or `to_dict()`): `config_from_hf` (same
+    options), refusing any other family's config."""
+    return config_from_hf(hf, family="gemma", **options)  # type: ignore[return-value]
+
+
+def read_gemma(hf: dict[str, Any], arch: str, fields: dict[str, Any]) -> GemmaModelConfig:
+    """Gemma's `Family.read_hf`: version, activation, rope per layer type, windows, soft-caps."""
     version = GEMMA_ARCHITECTURES[arch][1]
     for flag in ("attention_bias", "use_bidirectional_attention"):
         if hf.get(flag):
-            raise ValueError(
-                f"{flag}=True is not supported by this converter (it would change the function)"
-            )
+            raise unsupported(f"{flag}=True")
     if version == 1:
         act = hf.get("hidden_act") or hf.get("hidden_activation") or "gelu_pytorch_tanh"
         # transformers maps Gemma 1's legacy "gelu" to the tanh approximation (the released
@@ -71,9 +50,6 @@ def gemma_config_from_hf(
         act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu"):
         raise ValueError(f"hidden activation {act!r} is not supported (gelu_pytorch_tanh, gelu)")
-    fields = common_fields(hf, arch=arch, params_dtype=params_dtype, max_positions=8192, tie_default=True,
-                           tensor_parallel_size=tensor_parallel_size, tokenizer=tokenizer, source=source,
-                           make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     layers, head_dim = fields["num_layers"], fields["head_dim"]
 
     rope = hf.get("rope_parameters") or {}

@@ -1,4 +1,5 @@
-"""Gemma layer specs and TransformerConfig settings for `build_gpt_model`.
+"""Gemma layer specs and TransformerConfig settings for `build_gpt_model` (the family record in
+`family.py` imports this module when a Gemma model is built).
 
 Every layer is Megatron's local `TransformerLayer` with Gemma's modules in its slots: the
 attention block and MLP keep Megatron's `linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2`

@@ -1,4 +1,5 @@
-"""Qwen layer specs and TransformerConfig settings for `build_gpt_model`.
+"""Qwen layer specs and TransformerConfig settings for `build_gpt_model` (through the family
+record in `family.py`).
 
 Everything is megatron-core's own: `add_qkv_bias` gives `linear_qkv` its bias (Qwen2), and
 `qk_layernorm` puts a norm over each query / key head between the QKV split and rope (Qwen3), as
