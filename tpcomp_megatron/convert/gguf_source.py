@@ -20,8 +20,8 @@ import torch
 from tpcomp_megatron.models.families import by_gguf_architecture, gguf_architectures
 from tpcomp_megatron.models.hf_config import MAX_SIZE
 
+from .errors import SourceError
 from .gguf_header import GGUFHeaderError, read_gguf_header, read_gguf_metadata
-from .hf_io import SourceError
 
 
 def gguf_architecture(file: str | Path) -> tuple[str, dict[str, Any]]:

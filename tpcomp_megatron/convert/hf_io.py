@@ -24,11 +24,9 @@ import torch
 from tpcomp_megatron.models.config import TokenizerRef
 from tpcomp_megatron.models.hf_config import check_architecture
 
+from .errors import SourceError
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
-class SourceError(ValueError):
-    """The source checkpoint cannot be read (missing, truncated, or of an unsupported kind)."""
 
 
 @dataclasses.dataclass
@@ -157,7 +155,7 @@ def _tokenizer_ref(folder: Path) -> TokenizerRef | None:
 
 
 def _open_gguf(file: Path) -> HFSource:
-    from .gguf_source import load_gguf_model  # it raises this module's SourceError
+    from .gguf_source import load_gguf_model  # it raises SourceError too (errors.py)
 
     model = load_gguf_model(file)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
