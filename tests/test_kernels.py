@@ -219,7 +219,7 @@ def test_custom_ops_trace_with_fake_tensors(spec):
     p = torch.stack([codec.encode(x)] * 2)
     utils = ("test_schema", "test_faketensor")
     if spec.startswith("outlier_int4"):
-        t = K.api.outlier_tables(codec, x.device)
+        t = K.tables.outlier_tables(codec, x.device)
         torch.library.opcheck(torch.ops.tpcomp.static_encode.default, (x, t.lo, t.inv, t.chan, 0), test_utils=utils)
         for mode in ("sum", "each", "encode"):
             args = (p, 64, t.lo, t.step, t.lo, t.inv, t.slot, t.chan, t.first, list(t.window_max), 0, 1, mode, 2,
@@ -429,3 +429,88 @@ def test_decode_sum_list_reads_separate_buffers(spec):
             got = K.decode_sum_list(codec, listed, hidden, sources=order, dtype=dtype)
             assert same(got, want), (spec, call, dtype)
             assert same(got, codec.decode_sum(torch.stack(listed), hidden, order, dtype=dtype))
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "outlier+fp4_e2m1/b32/k32", "outlier_int4/k32",
+                                  "lowrank+fp4_e2m1/b32/e6m2/r4", "lowrank+lloyd4/b32/e6m2/r32/cfp4_e2m1"])
+def test_custom_ops_launch_the_eager_plans_launches(monkeypatch, spec):
+    """One route: an eager call and the same call through the custom ops (what torch.compile
+    records, `api._traced_*`) run the very same prepared launches (`launch.Launcher` objects),
+    with the same bytes."""
+    gen = _gen("one-route", spec)
+    hidden, n = 256, 2
+    if spec.startswith("lowrank"):
+        bases = lowrank_bases(hidden, n, parse_codec_spec(spec).rank, gen)
+        codec = make_codec(spec, bases)
+        xs = [lowrank_input(5, bases, s, torch.bfloat16, gen) for s in range(n)]
+    else:
+        params = outlier_params(hidden, n, 32, gen)
+        codec = make_codec(spec, params)
+        xs = [outlier_input(5, params, s, torch.bfloat16, gen) for s in range(n)]
+    launched: list = []
+    run = K.launch.Launcher.run
+    monkeypatch.setattr(K.launch.Launcher, "run", lambda self, rows, *t: (launched.append(self), run(self, rows, *t)))
+
+    def launches(fn):
+        launched.clear()
+        result = fn()
+        return result, {id(x) for x in launched}
+
+    p = torch.stack([K.encode(codec, x, source=s) for s, x in enumerate(xs)])
+    calls = [(lambda: K.encode(codec, xs[1], source=1), lambda: K.api._traced_encode(codec, xs[1], 1))]
+    for mode, dtype in (("sum", torch.bfloat16), ("each", torch.float32), ("encode", torch.float32)):
+        calls.append((lambda mode=mode, dtype=dtype: K.api._decode(codec, p, hidden, range(n), dtype, mode, REDUCED),
+                      lambda mode=mode, dtype=dtype: K.api._traced_decode(codec, p, hidden, range(n), dtype, mode,
+                                                                          REDUCED)))
+    for eager, traced in calls:
+        want, eager_launches = launches(eager)
+        got, traced_launches = launches(traced)
+        assert eager_launches and traced_launches == eager_launches, spec
+        assert same(got, want), spec
+
+
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "outlier+fp4_e2m1/b32/k32", "outlier_int4/k32",
+                                  "lowrank+lloyd4/b32/e6m2/r32/cfp4_e2m1"])
+def test_torch_compile_records_the_custom_ops(spec):
+    """Traced by torch.compile (fullgraph), the public functions build their plans over the custom
+    ops (`steps.TRACED`): the graph holds `torch.ops.tpcomp.*` calls, and running it gives the eager
+    calls' bytes (encode, the three decodes, and the fused error-feedback encode)."""
+    gen = _gen("compile", spec)
+    hidden, n = 256, 2
+    if spec.startswith("lowrank"):
+        bases = lowrank_bases(hidden, n, parse_codec_spec(spec).rank, gen)
+        codec = make_codec(spec, bases)
+        xs = [lowrank_input(5, bases, s, torch.bfloat16, gen) for s in range(n)]
+    else:
+        params = outlier_params(hidden, n, 32, gen)
+        codec = make_codec(spec, params)
+        xs = [outlier_input(5, params, s, torch.bfloat16, gen, nonfinite=False) for s in range(n)]
+    feedback = isinstance(codec, K.FEEDBACK_CODECS)
+
+    def fn(a, b, debt):
+        p = torch.stack([K.encode(codec, a, source=0), K.encode(codec, b, source=1)])
+        out = [p, K.decode_sum(codec, p, hidden, sources=[0, 1], dtype=torch.bfloat16),
+               K.decode_each(codec, p, hidden, sources=[0, 1], dtype=torch.float32),
+               K.decode_sum_encode(codec, p, hidden, sources=[0, 1], out_source=REDUCED)]
+        if feedback:
+            out.append(K.encode_feedback(codec, a, debt, source=0))
+        return out
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    debt = feedback_debt(xs[0], gen).nan_to_num()
+    want_debt = debt.clone()
+    want = fn(*xs, want_debt)  # eager first: it builds the codec's device tables, which do not trace
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(fn, backend=backend, fullgraph=True)(*xs, debt)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1 and "torch.ops.tpcomp." in graphs[0]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert same(g, w), (spec, i)
+    assert same(debt, want_debt)

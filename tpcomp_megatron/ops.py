@@ -2,6 +2,10 @@
 
 CUDA tensors go to the fused Triton kernels (`tpcomp_megatron.kernels`); everything else, and
 any codec the kernels do not cover, to the codec's PyTorch reference. Both produce the same bytes.
+This module only dispatches: the kernels' one route (a per-codec plan, run with prepared launches
+eagerly and over the custom ops `torch.ops.tpcomp.*` under torch.compile) is in
+`kernels/plans.py` and `kernels/steps.py`, which registers the ops. The kernels never import this
+module (imported lazily here, so a machine without Triton runs the reference).
 """
 
 from __future__ import annotations

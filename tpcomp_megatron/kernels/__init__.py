@@ -15,11 +15,18 @@ PyTorch reference (`tpcomp_megatron.codecs`):
 * `prepare_encode` / `prepare_decode`: the validated launch plan of one of these for tensors of
   one row bucket, to call again and again (the collectives' kits, `comm/engine.py`).
 
-Files by idea: `numerics.py` (bit-exact rounding and scales), `pack.py` (codes and scales <->
-bytes), `block.py` (block and hybrid codec kernels), `outlier.py` (static outlier codec kernels),
-`tables.py` (per-codec device tables), `launch.py` (tiles), `api.py` (custom ops `torch.ops.tpcomp.*`
-and the validated public functions). Built while TRITON_INTERPRET=1 is set, the kernels run on
-CPU tensors in Triton's interpreter (that is how CI tests them).
+One route for eager calls and torch.compile: every call runs its codec's plan (`plans.py`),
+eager with prepared launches, traced with the custom ops `torch.ops.tpcomp.*` whose
+implementations are those same launches (`steps.py`).
+
+Files by layer, each importing only those before it: `numerics.py` (bit-exact rounding and
+scales), `pack.py` (codes and scales <-> bytes), `tables.py` (per-codec device tables),
+`launch.py` (tiles, `Launcher`), `block.py`
+(block, hybrid and low-rank kernels) and `outlier.py` (static outlier codec kernels) with their
+launchers, `checks.py` (validation), `steps.py` (kernel steps: prepared launches, and the custom
+ops), `plans.py` (per-codec plans), `api.py` (the validated public functions). README.md has the
+details. Built while TRITON_INTERPRET=1 is set, the kernels run on CPU tensors in Triton's
+interpreter (that is how CI tests them).
 """
 
 from .api import (FEEDBACK_CODECS, INTERPRETED, SUPPORTED_CODECS, decode_each, decode_sum, decode_sum_encode,

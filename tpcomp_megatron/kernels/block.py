@@ -207,7 +207,8 @@ def _block_decode_kernel(p_ptr, out_ptr, slot_ptr, first_ptr, chan_ptr, lr_ptr, 
 # -- launchers --------------------------------------------------------------------------------
 # A launch's grid, scalars and constexprs depend only on shapes, dtypes and the codec's constants,
 # so each distinct launch is built once (`Launcher`, launch.py) and reused: per call only the
-# tensors change.
+# tensors change. `run_encode` / `run_decode` hand a launch its tensors in the kernel's order (the
+# one place that knows it); the kernel steps (steps.py) and `launch_block_*` go through them.
 @lru_cache(maxsize=None)
 def _constexprs(element, block, scale) -> dict:
     from tpcomp_megatron.codecs.formats import FORMATS
@@ -227,7 +228,8 @@ def _choose(rows: int, hidden: int, block: int, scale: str, on_gpu: bool, outlie
     return choose_tiles(rows, hidden, unit, on_gpu, elems=2 * GPU_TILE_ELEMS if outliers else GPU_TILE_ELEMS)
 
 
-def _check_lowrank(lowrank: torch.Tensor | None, rows: int, hidden: int) -> None:
+def check_lowrank(lowrank: torch.Tensor | None, rows: int, hidden: int) -> None:
+    """A low-rank part handed to the kernels: a contiguous float32 [rows, hidden] tensor, or None."""
     if lowrank is not None and (lowrank.dtype != torch.float32 or tuple(lowrank.shape) != (rows, hidden)
                                 or not lowrank.is_contiguous()):
         raise ValueError(f"low-rank part: a contiguous float32 [{rows}, {hidden}] tensor; "
@@ -284,49 +286,67 @@ def decode_launcher(n: int, rows: int, hidden: int, row_bytes: int, out_dtype: t
                     row_scalars=((0, 1), (5, row_bytes)))
 
 
+def run_encode(launch: Launcher, rows: int, x: torch.Tensor, out: torch.Tensor, tables: tuple | None = None,
+               lowrank: torch.Tensor | None = None, debt: torch.Tensor | None = None) -> None:
+    """Launch an `encode_launcher` for `rows` rows: x -> out, with the hybrid's `tables` (slot,
+    first, chan), the low-rank part, the error-feedback debt, each only where the launch was
+    built for it (absent ones: `out` as a dummy, never read)."""
+    slot, first, chan = (out, out, out) if tables is None else tables
+    launch.run(rows, x, out, slot, first, chan, out if lowrank is None else lowrank, out if debt is None else debt)
+
+
+def run_decode(launch: Launcher, rows: int, payloads: torch.Tensor, out: torch.Tensor, tables: tuple | None = None,
+               lowrank: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> None:
+    """Launch a `decode_launcher` for `rows` rows (n * rows for 'each'): payloads -> out (bf16
+    stored as its bits), with the hybrid's `tables`, the low-rank part, the source table
+    (`offsets`), each only where the launch was built for it (absent ones: `payloads`)."""
+    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
+    slot, first, chan = (payloads, payloads, payloads) if tables is None else tables
+    launch.run(rows, payloads, dst, slot, first, chan, payloads if lowrank is None else lowrank,
+               payloads if offsets is None else offsets)
+
+
 def launch_block_encode(x: torch.Tensor, out: torch.Tensor, *, element: str, block: int, scale: str,
                         data_bytes: int, outliers, slots_off: int, lowrank=None, debt: torch.Tensor | None = None,
                         tiles: Tiles | None = None) -> None:
-    """x [rows, hidden] (contiguous) -> out [rows, row_bytes] uint8. `outliers`: the hybrid's
-    tables (slot, first, chan, window_max), None for a block codec. `lowrank`: the low-rank part
-    L, float32 [rows, hidden]: code x - L. `debt` float32
-    [rows, hidden] (error feedback, not with outliers): code x + debt, and overwrite debt with
-    x + debt minus what the payload decodes to. `tiles` overrides the tile policy
-    (tools/bench_kernels.py --tune)."""
+    """One launch, set up for this call's exact rows, with `tiles` overriding the tile policy
+    (tools/bench_kernels.py --tune; the codec operations run plans, `plans.py`). x [rows, hidden]
+    (contiguous) -> out [rows, row_bytes] uint8. `outliers`: the hybrid's tables (slot, first,
+    chan, window_max), None for a block codec. `lowrank`: the low-rank part L, float32 [rows,
+    hidden]: code x - L. `debt` float32 [rows, hidden] (error feedback, not with outliers): code
+    x + debt, and overwrite debt with x + debt minus what the payload decodes to."""
     rows, hidden = x.shape
     if debt is not None and (outliers is not None or debt.dtype != torch.float32 or debt.shape != x.shape
                              or not debt.is_contiguous()):
         raise ValueError("error-feedback encode: a contiguous float32 debt of the input's shape, and no outliers")
     if rows == 0:
         return
-    _check_lowrank(lowrank, rows, hidden)
-    slot, first, chan, window_max = outliers if outliers is not None else (out, out, out, None)
-    window_max = None if window_max is None else tuple(window_max)
+    check_lowrank(lowrank, rows, hidden)
+    window_max = None if outliers is None else tuple(outliers[3])
     launch = encode_launcher(rows, hidden, out.shape[1], x.dtype, x.device, element=element, block=block,
                              scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,
                              lowrank=lowrank is not None, feedback=debt is not None, even=out.data_ptr() % 2 == 0,
                              tiles=tiles)
-    launch(x, out, slot, first, chan, out if lowrank is None else lowrank, out if debt is None else debt)
+    run_encode(launch, rows, x, out, None if outliers is None else tuple(outliers[:3]), lowrank, debt)
 
 
 def launch_block_decode(payloads: torch.Tensor, out: torch.Tensor, *, hidden: int, element: str,
                         block: int, scale: str, data_bytes: int, outliers,
                         slots_off: int, encode: bool, each: bool = False, lowrank: torch.Tensor | None = None,
                         tiles: Tiles | None = None) -> None:
-    """payloads [n, rows, row_bytes] -> out [rows, hidden] (float dtypes) or, with `encode`,
-    the requantized sum [rows, row_bytes] uint8. `lowrank`: the payloads' low-rank part, all
-    sources together, float32 [rows, hidden] (`encode` not supported)."""
+    """One launch, as `launch_block_encode`: payloads [n, rows, row_bytes] -> out [rows, hidden]
+    (float dtypes) or, with `encode`, the requantized sum [rows, row_bytes] uint8 (`each`: n = 1).
+    `lowrank`: the payloads' low-rank part, all sources together, float32 [rows, hidden]
+    (`encode` not supported)."""
     n, rows, row_bytes = payloads.shape
     if lowrank is not None and encode:
         raise ValueError("low-rank decode: no requantization in the kernel")
-    _check_lowrank(lowrank, rows, hidden)
+    check_lowrank(lowrank, rows, hidden)
     if rows == 0:
         return
-    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
-    slot, first, chan, window_max = outliers if outliers is not None else (payloads, payloads, payloads, None)
-    window_max = None if window_max is None else tuple(window_max)
+    window_max = None if outliers is None else tuple(outliers[3])
     even = payloads.data_ptr() % 2 == 0 and (not encode or out.data_ptr() % 2 == 0)
     launch = decode_launcher(n, rows, hidden, row_bytes, out.dtype, payloads.device, element=element, block=block,
                              scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,
                              encode=encode, each=each, lowrank=lowrank is not None, even=even, tiles=tiles)
-    launch(payloads, dst, slot, first, chan, payloads if lowrank is None else lowrank, payloads)
+    run_decode(launch, rows, payloads, out, None if outliers is None else tuple(outliers[:3]), lowrank)

@@ -236,21 +236,34 @@ def static_decode_launcher(n: int, rows: int, hidden: int, row_bytes: int, k: in
                     row_scalars=((0, 1), (5, row_bytes)))
 
 
+def run_static_encode(launch: Launcher, rows: int, x, out, lo, inv, chan) -> None:
+    """Launch a `static_encode_launcher` for `rows` rows: x -> out."""
+    launch.run(rows, x, out, lo, inv, chan)
+
+
+def run_static_decode(launch: Launcher, rows: int, payloads, out, lo, step, lo_out, inv, slot, chan, first) -> None:
+    """Launch a `static_decode_launcher` for `rows` rows: payloads -> out (bf16 stored as its bits)."""
+    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
+    launch.run(rows, payloads, dst, lo, step, lo_out, inv, slot, chan, first)
+
+
 def launch_static_encode(x, out, *, lo, inv, chan, src_row: int, tiles: Tiles | None = None) -> None:
+    """One launch, set up for this call's exact rows, with `tiles` overriding the tile policy
+    (tools/bench_kernels.py --tune; the codec operations run plans, `plans.py`)."""
     rows, hidden = x.shape
     if rows == 0:
         return
     launch = static_encode_launcher(rows, hidden, out.shape[1], chan.numel(), x.dtype, x.device, src_row,
                                     out.data_ptr() % 2 == 0, tiles)
-    launch(x, out, lo, inv, chan)
+    run_static_encode(launch, rows, x, out, lo, inv, chan)
 
 
 def launch_static_decode(payloads, out, *, hidden: int, lo, step, lo_out, inv, slot, chan, first, window_max,
                          src_start: int, src_step: int, each: bool, out_row: int = 0,
                          tiles: Tiles | None = None) -> None:
-    """Payload i uses table row `src_start + i * src_step`. `out` is
-    [rows, hidden] (sum), [n * rows, hidden] (each) or a payload [rows, row_bytes] when `out`
-    is uint8 (the requantized sum, table row `out_row`)."""
+    """One launch, as `launch_static_encode`. Payload i uses table row `src_start + i * src_step`.
+    `out` is [rows, hidden] (sum), [n * rows, hidden] (each) or a payload [rows, row_bytes] when
+    `out` is uint8 (the requantized sum, table row `out_row`)."""
     n, rows, row_bytes = payloads.shape
     if rows == 0:
         return
@@ -258,5 +271,4 @@ def launch_static_decode(payloads, out, *, hidden: int, lo, step, lo_out, inv, s
     launch = static_decode_launcher(n, rows, hidden, row_bytes, chan.numel(), lo.shape[0], out.dtype,
                                     payloads.device, tuple(window_max), src_start, src_step, each, out_row, even,
                                     tiles)
-    dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out  # bf16 stored as bits
-    launch(payloads, dst, lo, step, lo_out, inv, slot, chan, first)
+    run_static_decode(launch, rows, payloads, out, lo, step, lo_out, inv, slot, chan, first)

@@ -1,19 +1,33 @@
-"""Eager launch plans: each distinct codec operation validated and set up once, then replayed.
+"""Per-codec kernel plans: each codec operation set up once, then run again and again; the one
+route of eager calls and torch.compile alike.
 
 A compressed collective calls the same few operations over and over (two per layer, per
 forward), with a row count that changes with every prompt. Everything about such a call but its
 tensors and its row count is fixed by (codec, operation, row bucket, hidden size, dtype, device,
-sources): validation, the codec's constants, device tables, tile choice, index width, the Triton
-binary (`launch.Launcher`, launched for the call's rows). A plan holds all of that, memoized on the
-codec instance (as its device tables are, `tables.py`), so a call costs a dict lookup, the
-output's allocation and the kernel launches, for a prompt length never seen as for one seen
-before. The custom ops in `api.py` (for torch.compile) run the same kernels with the same
-arguments: the same bytes (tested).
+sources): the codec's constants, device tables, low-rank bases, tile choice, index width, the
+Triton binary. A plan holds all of that and, per call, runs the codec's torch steps (low-rank
+coordinates and GEMMs) and its kernel steps (`steps.py`) for the call's rows.
 
-A row bucket (`row_bucket`) is the power of two at or above the row count: the tiles depend on the
-rows only through it, and the index width is chosen for its largest count. A plan is keyed on
-what it was validated for; a tensor of any other bucket, width, dtype, device, address parity or
-source list gets (and caches) a plan of its own, so no stale configuration is reused.
+The plan of an operation is built by one function per operation (`encode_plan`, `decode_plan`)
+from one of two sets of kernel steps with the same interface:
+
+* `steps.DIRECT` (eager calls): prepared launches (`launch.Launcher`); `api.py` validates the
+  call and memoizes the plan on the codec instance (`memo`: plans live and die with the codec, as
+  its device tables do, `tables.py`), so a call costs a dict lookup, the output's allocation and
+  the kernel launches, for a prompt length never seen as for one seen before.
+* `steps.TRACED` (under torch.compile): the custom ops `torch.ops.tpcomp.*`, whose
+  implementations are the `DIRECT` steps of the same launches; the plan is built per trace and
+  kept nowhere (torch.compile records what it calls).
+
+A row bucket (`codecs.base.row_bucket`) is the power of two at or above the row count: the tiles
+depend on the rows only through it, and the index width is chosen for its largest count. A plan
+is keyed on what it was validated for (`api.py`); a tensor of any other bucket, width, dtype,
+device, address parity or source list gets (and caches) a plan of its own, so no stale
+configuration is reused. A traced plan has no bucket (None): the custom ops read the rows from
+their tensors.
+
+Imports only lower modules (`steps`, `block`, `tables`, the codecs); `api.py` is the front that
+validates and dispatches to these plans.
 """
 
 from __future__ import annotations
@@ -27,7 +41,7 @@ from tpcomp_megatron.codecs.lowrank import LowRankCodec, coordinates, lowrank_su
 from tpcomp_megatron.codecs.outlier import HybridCodec, StaticOutlierCodec
 
 from . import block as _block
-from . import outlier as _outlier
+from .steps import DIRECT, Steps
 from .tables import outlier_tables, source_progression, source_row
 
 Tensor = torch.Tensor
@@ -62,7 +76,7 @@ def block_args(codec, hidden: int, device: torch.device) -> tuple:
     return (spec.element, spec.block, spec.scale, base.data_bytes(hidden), *tabs, base.row_bytes(hidden))
 
 
-# -- low-rank helpers (shared with api.py) ------------------------------------------------------
+# -- low-rank helpers ---------------------------------------------------------------------------
 @functools.cache
 def bf16_gemm_f32_out() -> bool:
     """Whether `torch.mm(bf16, bf16, out_dtype=torch.float32)` runs on CUDA (torch >= 2.8)."""
@@ -92,143 +106,149 @@ def static_sources(tables, sources: Sequence[int]):
     return tables.lo.index_select(0, idx), tables.step.index_select(0, idx), 0, 1
 
 
+def _coordinate_coder(codec: LowRankCodec, rows, device: torch.device, steps: Steps) -> Callable:
+    """`code(coef)` -> (the bytes of bf16 coordinates [m, K] in the payload, the float32 values
+    the decoder reads back): `LowRankCodec.code_coordinates`, coded coordinates through their
+    block codec's plans (m in the row bucket `rows`)."""
+    if codec.coords is None:  # bf16 coordinates: plain tensor ops, any device
+        return codec.code_coordinates
+    coords, k = codec.coords, codec.spec.rank
+    why = coords.ineligible(k)
+    if why:
+        raise ValueError(f"{codec.spec}: coordinates: {why}")
+    encode = encode_plan(coords, rows, k, torch.bfloat16, device, 0, feedback=False, odd=False, steps=steps)
+    decode = decode_plan(coords, 1, rows, coords.row_bytes(k), k, torch.float32, device, (0,), "each", 0, odd=False,
+                         steps=steps)
+
+    def code(coef: Tensor) -> tuple[Tensor, Tensor]:
+        tail = encode(coef.contiguous(), None)
+        return tail, decode(tail.unsqueeze(0))
+    return _plan(code, steps, encode, decode)
+
+
+def _coordinate_reader(codec: LowRankCodec, n: int, rows, slots_off: int, device: torch.device,
+                       steps: Steps) -> Callable:
+    """`read(payloads)` -> the coordinates of payloads [n, m, row_bytes] (their tails), float32
+    [n, m, K] (m in the row bucket `rows`)."""
+    if codec.coords is None:  # bf16 coordinates: plain tensor ops, any device
+        return lambda p: codec.coordinate_values(p[:, :, slots_off:].contiguous())
+    coords, k = codec.coords, codec.spec.rank
+    decode = decode_plan(coords, 1, None if rows is None else n * rows, coords.row_bytes(k), k, torch.float32, device,
+                         (0,), "each", 0, odd=False, steps=steps)
+
+    def read(p: Tensor) -> Tensor:
+        m = p.shape[1]
+        tails = p[:, :, slots_off:].contiguous()
+        return decode(tails.view(1, n * m, -1)).view(n, m, k)
+    return _plan(read, steps, decode)
+
+
 # -- plans --------------------------------------------------------------------------------------
-def _plan(fn: Callable, *launches) -> Callable:
-    fn.launches = launches  # the plan's kernel launches (tests check they run direct on CUDA)
+def _plan(fn: Callable, steps: Steps, *parts) -> Callable:
+    """`fn`, with (direct plans) `launches`: the kernel launches of its steps and nested plans
+    (tests check they run straight through the compiled binary on CUDA)."""
+    if steps.direct:
+        fn.launches = tuple(launch for part in parts if part is not None
+                            for launch in getattr(part, "launches", ()))
     return fn
 
 
-def _out(shape: tuple, dtype: torch.dtype, device: torch.device, out: Tensor | None) -> Tensor:
-    """`out`, checked by the caller when the plan was made for it (`check_out`), or a new tensor."""
-    return torch.empty(shape, dtype=dtype, device=device) if out is None else out
-
-
-def check_out(out: Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    """A buffer a plan will write into as it is: contiguous, of this shape, dtype and device."""
-    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {device}; "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-
-
-def encode_plan(codec, rows: int, hidden: int, dtype: torch.dtype, device: torch.device, source: int, *,
-                feedback: bool, odd: bool) -> Callable:
-    """`plan(x, out[, debt])` -> payload [m, row_bytes] for a validated x [m, hidden] of this dtype,
-    m in the row bucket `rows` (`out`: a buffer to write the payload into, or None; `debt`: the
-    float32 error-feedback debt, with `feedback`; `odd`: `out` sits at an odd address)."""
+def encode_plan(codec, rows: int | None, hidden: int, dtype: torch.dtype, device: torch.device, source: int, *,
+                feedback: bool, odd: bool, steps: Steps = DIRECT) -> Callable:
+    """`plan(x, out[, debt])` -> payload [m, row_bytes] for a validated contiguous x [m, hidden] of
+    this dtype, m in the row bucket `rows` (None: traced), written into `out` (or a new tensor when
+    None); `debt`: the float32 error-feedback debt, with `feedback`; `odd`: `out` sits at an odd
+    address."""
     row_bytes = codec.row_bytes(hidden)
     if rows == 0:
-        return _plan(lambda x, out, debt=None: _out((0, row_bytes), torch.uint8, device, out))
+        return _plan(lambda x, out, debt=None: torch.empty((0, row_bytes), dtype=torch.uint8, device=device)
+                     if out is None else out, steps)
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, device)
-        launch = _outlier.static_encode_launcher(rows, hidden, row_bytes, t.chan.numel(), dtype, device,
-                                                 source_row(source, t.sources), not odd)
+        step = steps.static_encode(rows, hidden, row_bytes, t.chan.numel(), dtype, device,
+                                   source_row(source, t.sources), not odd)
 
         def static(x, out, debt=None):
-            m = x.shape[0]
-            out = _out((m, row_bytes), torch.uint8, device, out)
-            launch.run(m, x, out, t.lo, t.inv, t.chan)
-            return out
-        return _plan(static, launch)
+            return step(x, out, t.lo, t.inv, t.chan)
+        return _plan(static, steps, step)
     element, block, scale, data_bytes, slot, first, chan, window_max, slots_off = block_args(codec, hidden, device)
-    launch = _block.encode_launcher(rows, hidden, row_bytes, dtype, device, element=element, block=block,
-                                    scale=scale, data_bytes=data_bytes, window_max=window_max or None,
-                                    slots_off=slots_off, lowrank=isinstance(codec, LowRankCodec), feedback=feedback,
-                                    even=not odd)
-    if isinstance(codec, LowRankCodec):  # coordinates by one matmul, the rest in the block kernel
-        from .api import code_coordinates
-
+    lowrank = isinstance(codec, LowRankCodec)
+    step = steps.block_encode(rows, hidden, row_bytes, dtype, device, element=element, block=block, scale=scale,
+                              data_bytes=data_bytes, window_max=window_max, slots_off=slots_off, lowrank=lowrank,
+                              feedback=feedback, even=not odd)
+    if lowrank:  # coordinates by one matmul, the low-rank part by one GEMM, the rest in the block kernel
         basis = codec.basis(source, device)
         bases = lowrank_bases(codec, [source], device)
+        code = _coordinate_coder(codec, rows, device, steps)
 
-        def lowrank(x, out, debt=None):
-            m = x.shape[0]
-            out = _out((m, row_bytes), torch.uint8, device, out)
-            tail, coef = code_coordinates(codec, coordinates(x if debt is None else x.float() + debt, basis))
-            low = lowrank_sum(coef[None], bases)
-            launch.run(m, x, out, out, out, out, low, out if debt is None else debt)
-            out[:, slots_off:] = tail
-            return out
-        return _plan(lowrank, launch)
+        def low(x, out, debt=None):
+            tail, coef = code(coordinates(x if debt is None else x.float() + debt, basis))
+            return step(x, out, None, lowrank_sum(coef[None], bases), debt, tail)
+        return _plan(low, steps, step, code)
     if slot is not None:
+        tables = (slot, first, chan)
+
         def hybrid(x, out, debt=None):
-            m = x.shape[0]
-            out = _out((m, row_bytes), torch.uint8, device, out)
-            launch.run(m, x, out, slot, first, chan, out, out)
-            return out
-        return _plan(hybrid, launch)
+            return step(x, out, tables)
+        return _plan(hybrid, steps, step)
 
     def plain(x, out, debt=None):
-        m = x.shape[0]
-        out = _out((m, row_bytes), torch.uint8, device, out)
-        launch.run(m, x, out, out, out, out, out, out if debt is None else debt)
-        return out
-    return _plan(plain, launch)
+        return step(x, out, None, None, debt)
+    return _plan(plain, steps, step)
 
 
-def decode_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: torch.dtype, device: torch.device,
-                sources: tuple, mode: str, out_source: int, *, odd: bool) -> Callable:
-    """`plan(payloads)` for validated payloads [n, m, row_bytes], m in the row bucket `rows`: mode
-    'sum' -> [m, hidden], 'each' -> [n * m, hidden] (both `dtype`), 'encode' -> the requantized
-    sum, a payload of source `out_source` (`odd`: the payloads sit at an odd address)."""
+def decode_plan(codec, n: int, rows: int | None, row_bytes: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                sources: tuple, mode: str, out_source: int, *, odd: bool, steps: Steps = DIRECT) -> Callable:
+    """`plan(payloads)` for validated contiguous payloads [n, m, row_bytes], m in the row bucket
+    `rows` (None: traced): mode 'sum' -> [m, hidden], 'each' -> [n * m, hidden] (both `dtype`),
+    'encode' -> the requantized sum, a payload of source `out_source` (`odd`: the payloads sit at an
+    odd address)."""
     each, encode = mode == "each", mode == "encode"
     out_dtype = torch.uint8 if encode else dtype
-
-    def shape(m: int) -> tuple:
-        return (m, row_bytes) if encode else (n * m if each else m, hidden)
     if rows == 0:
-        return _plan(lambda p: torch.empty(shape(0), dtype=out_dtype, device=device))
+        shape = (0, row_bytes) if encode else (0, hidden)
+        return _plan(lambda p: torch.empty(shape, dtype=out_dtype, device=device), steps)
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, device)
         lo, step, start, stride = static_sources(t, sources)  # gathered rows: once, for this plan
-        launch = _outlier.static_decode_launcher(n, rows, hidden, row_bytes, t.chan.numel(), lo.shape[0], out_dtype,
-                                                 device, tuple(t.window_max), start, stride, each,
-                                                 source_row(out_source, t.sources), not odd)
+        kernel = steps.static_decode(n, rows, hidden, row_bytes, t.chan.numel(), lo.shape[0], out_dtype, device,
+                                     tuple(t.window_max), start, stride, mode, source_row(out_source, t.sources),
+                                     not odd)
 
         def static(p):
-            m = p.shape[1]
-            out = torch.empty(shape(m), dtype=out_dtype, device=device)
-            launch.run(m, p, out.view(torch.int16) if out_dtype == torch.bfloat16 else out, lo, step, t.lo, t.inv, t.slot,
-                   t.chan, t.first)
-            return out
-        return _plan(static, launch)
+            return kernel(p, lo, step, t.lo, t.inv, t.slot, t.chan, t.first)
+        return _plan(static, steps, kernel)
     element, block, scale, data_bytes, slot, first, chan, window_max, slots_off = block_args(codec, hidden, device)
-    lowrank = isinstance(codec, LowRankCodec)
-    kind = torch.float32 if lowrank and encode else out_dtype  # low-rank: sum in float32, then encode
-    launch = _block.decode_launcher(1 if each else n, n * rows if each else rows, hidden, row_bytes, kind, device,
+    if isinstance(codec, LowRankCodec):
+        # The low-rank parts come from one GEMM over every source's coordinates (one per payload
+        # for 'each'), which the block kernel adds to the block parts; a requantized sum needs the
+        # full rows' coordinates first, so 'encode' is a decode in float32 and an encode.
+        kernel = steps.block_decode(n, rows, hidden, row_bytes, torch.float32 if encode else dtype, device,
                                     element=element, block=block, scale=scale, data_bytes=data_bytes,
-                                    window_max=window_max or None, slots_off=slots_off, encode=encode and not lowrank,
-                                    each=each, lowrank=lowrank, even=not odd)
-    if lowrank:
-        from .api import coordinate_values, encode as encode_payload
-
+                                    window_max=window_max, slots_off=slots_off, mode="each" if each else "sum",
+                                    lowrank=True, even=not odd)
+        read = _coordinate_reader(codec, n, rows, slots_off, device, steps)
         bases = [lowrank_bases(codec, [s], device) for s in sources] if each else lowrank_bases(codec, sources, device)
+        requantize = (encode_plan(codec, rows, hidden, torch.float32, device, out_source, feedback=False, odd=False,
+                                  steps=steps) if encode else None)
 
         def low(p):
-            m = p.shape[1]
-            coefs = coordinate_values(codec, p, slots_off)
+            coefs = read(p)
             if each:
                 part = torch.cat([lowrank_sum(coefs[i:i + 1], b) for i, b in enumerate(bases)])
-                out = torch.empty(shape(m), dtype=out_dtype, device=device)
             else:
                 part = lowrank_sum(coefs, bases)
-                out = torch.empty((m, hidden), dtype=kind, device=device)
-            launch.run(n * m if each else m, p, out.view(torch.int16) if out.dtype == torch.bfloat16 else out, p, p, p, part, p)
-            return encode_payload(codec, out, source=out_source) if encode else out
-        return _plan(low, launch)
-    slot, first, chan = (slot, first, chan) if slot is not None else (None, None, None)
+            out = kernel(p, None, part)
+            return out if requantize is None else requantize(out, None)
+        return _plan(low, steps, kernel, read, requantize)
+    kernel = steps.block_decode(n, rows, hidden, row_bytes, out_dtype, device, element=element, block=block,
+                                scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,
+                                mode=mode, lowrank=False, even=not odd)
+    tables = (slot, first, chan) if slot is not None else None
 
     def block_decode(p):
-        m = p.shape[1]
-        out = torch.empty(shape(m), dtype=out_dtype, device=device)
-        dst = out.view(torch.int16) if out_dtype == torch.bfloat16 else out  # bf16 stored as bits
-        rows = n * m if each else m
-        if slot is None:
-            launch.run(rows, p, dst, p, p, p, p, p)
-        else:
-            launch.run(rows, p, dst, slot, first, chan, p, p)
-        return out
-    return _plan(block_decode, launch)
-
+        return kernel(p, tables)
+    return _plan(block_decode, steps, kernel)
 
 
 MAX_TABLES = 64
@@ -237,18 +257,19 @@ MAX_TABLES = 64
 
 def decode_list_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtype: torch.dtype,
                      device: torch.device, *, even: bool) -> Callable:
-    """`plan(payloads)` for n separate validated payloads [m, row_bytes] (m in the bucket `rows`) of a block or hybrid
-    codec (e.g. peers' symmetric-memory slots): their sum [rows, hidden] in `dtype`, read where
-    they lie, with no stacked copy. The kernel reads payload i at the lowest payload's address
-    plus a byte offset from a device table, built on the first call with each set of addresses
-    (a host-to-device copy: warm up before CUDA-graph capture) and kept (`even`: every payload
-    sits at an even address)."""
+    """`plan(payloads)` for n separate validated payloads [m, row_bytes] (m in the bucket `rows`) of
+    a block or hybrid codec (e.g. peers' symmetric-memory slots): their sum [m, hidden] in `dtype`,
+    read where they lie, with no stacked copy (eager only; traced, they are stacked). The kernel
+    reads payload i at the lowest payload's address plus a byte offset from a device table, built
+    on the first call with each set of addresses (a host-to-device copy: warm up before CUDA-graph
+    capture) and kept (`even`: every payload sits at an even address)."""
     element, block, scale, data_bytes, slot, first, chan, window_max, slots_off = block_args(codec, hidden, device)
     launch = _block.decode_launcher(n, rows, hidden, row_bytes, dtype, device, element=element, block=block,
                                     scale=scale, data_bytes=data_bytes, window_max=window_max or None,
                                     slots_off=slots_off, encode=False, each=False, lowrank=False, even=even,
                                     table=True)
-    tables: dict = {}
+    tables = (slot, first, chan) if slot is not None else None
+    offsets_by_ptrs: dict = {}
 
     def block_list(payloads: Sequence[Tensor]) -> Tensor:
         m = payloads[0].shape[0]
@@ -256,19 +277,15 @@ def decode_list_plan(codec, n: int, rows: int, row_bytes: int, hidden: int, dtyp
         if m == 0:
             return out
         ptrs = tuple(p.data_ptr() for p in payloads)
-        got = tables.get(ptrs)
+        got = offsets_by_ptrs.get(ptrs)
         if got is None:
             lo = min(range(n), key=ptrs.__getitem__)
             offsets = torch.tensor([q - ptrs[lo] for q in ptrs], dtype=torch.int64).to(device)
-            if len(tables) >= MAX_TABLES:
-                tables.clear()
-            got = tables[ptrs] = (lo, offsets)
+            if len(offsets_by_ptrs) >= MAX_TABLES:
+                offsets_by_ptrs.clear()
+            got = offsets_by_ptrs[ptrs] = (lo, offsets)
         lo, offsets = got
-        base = payloads[lo]
-        dst = out.view(torch.int16) if dtype == torch.bfloat16 else out  # bf16 stored as bits
-        if slot is None:
-            launch.run(m, base, dst, base, base, base, base, offsets)
-        else:
-            launch.run(m, base, dst, slot, first, chan, base, offsets)
+        _block.run_decode(launch, m, payloads[lo], out, tables, None, offsets)
         return out
-    return _plan(block_list, launch)
+    block_list.launches = (launch,)
+    return block_list
