@@ -8,6 +8,7 @@ Hugging Face's `kernels` package, which transformers (5.x) requires and imports 
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["tpcomp_megatron", "tpcomp_megatron.*"])
+TRITON = "triton>=3.0,<3.10"  # see extras_require["triton"]
 
 setup(
     name="tpcomp-megatron",
@@ -29,7 +30,9 @@ setup(
     ],
     extras_require={
         # Triton ships with CUDA builds of torch; CPU machines need it for TRITON_INTERPRET=1 tests.
-        "triton": ["triton>=3.0"],
+        # Up to the newest Triton tested: 3.9.0 (CPU, interpreter, torch 2.13); on GPUs 3.6.0 (torch
+        # 2.11), the only range where launches skip the JIT (kernels/launch.py, fast_launch_supported).
+        "triton": [TRITON],
         "tools": [
             "transformers>=4.46",
             "gguf>=0.10",
@@ -40,7 +43,7 @@ setup(
         "test": [
             "pytest>=7.4",
             "pytest-timeout>=2.2",
-            "triton>=3.0",
+            TRITON,
             "transformers>=4.46",
             "gguf>=0.10",
             "accelerate>=0.30",

@@ -469,6 +469,61 @@ def test_custom_ops_launch_the_eager_plans_launches(monkeypatch, spec):
         assert same(got, want), spec
 
 
+def test_fast_launch_off_outside_the_tested_triton(monkeypatch):
+    """The capability check behind the fast launch (launch.fast_launch_supported): any Triton
+    outside the tested range (>= 3.6, < 3.7) turns it off, whatever internals it has."""
+    import triton
+
+    L = K.launch
+    try:
+        for version in ("3.9.0", "3.5.1", "3.7.0", "4.0.0", "2.3.1", "", "unknown"):
+            monkeypatch.setattr(triton, "__version__", version)
+            assert "outside the versions the fast launch was tested on" in L.fast_launch_problem(), version
+            L.fast_launch_supported.cache_clear()
+            assert not L.fast_launch_supported(), version
+        for version in ("3.6.0", "3.6.1", "3.6.0+git1234abc"):  # in range: only the internals can turn it off
+            monkeypatch.setattr(triton, "__version__", version)
+            problem = L.fast_launch_problem()
+            assert problem is None or "outside" not in problem, (version, problem)
+        assert L.triton_version("3.6.0+git1234abc") == (3, 6, 0) and L.triton_version("3.10") == (3, 10)
+    finally:
+        monkeypatch.undo()
+        L.fast_launch_supported.cache_clear()
+
+
+def test_launcher_falls_back_to_the_jit_without_the_fast_launch(monkeypatch):
+    """With the capability check off, `Launcher.run` launches through Triton's JIT on every call
+    (it consults the check, keeps no binary) and the launches give the reference's bytes, for
+    row counts across the launcher's bucket. (Under the interpreter the fast launch is off
+    anyway: CPU tensors.)"""
+    codec = make_codec("fp4_e2m1/b32/e6m2")
+    hidden, rb = 128, codec.row_bytes(128)
+    element, block, scale, data_bytes, *_, slots_off = K.plans.block_args(codec, hidden, torch.device("cpu"))
+    base = K.block.encode_launcher(8, hidden, rb, torch.bfloat16, torch.device("cpu"), element=element, block=block,
+                                   scale=scale, data_bytes=data_bytes, window_max=None, slots_off=slots_off,
+                                   lowrank=False, feedback=False, even=True)
+    asked, jit = [], []
+    monkeypatch.setattr(K.launch, "fast_launch_supported", lambda: asked.append(1) or False)
+
+    class CountingJit:  # the kernel, counting its JIT launches
+        arg_names = base.kernel.arg_names
+
+        def __getitem__(self, grid):
+            jit.append(grid)
+            return base.kernel[grid]
+
+    launch = K.launch.Launcher(CountingJit(), base.grid, base.scalars, base.constexprs, base.options, rows=base.rows,
+                               row_tile=base.row_tile, row_scalars=base.row_scalars)
+    gen = _gen("jit-fallback")
+    for call, rows in enumerate((8, 5, 8, 7)):
+        x = hard_input(rows, hidden, 32, torch.bfloat16, gen, fmt="fp4_e2m1")
+        out = torch.empty(rows, rb, dtype=torch.uint8)
+        K.block.run_encode(launch, rows, x, out)
+        assert same(out, codec.encode(x, source=0)), rows
+        assert len(jit) == len(asked) == call + 1
+    assert launch.binaries == {} and launch.compiled is None
+
+
 @pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "outlier+fp4_e2m1/b32/k32", "outlier_int4/k32",
                                   "lowrank+lloyd4/b32/e6m2/r32/cfp4_e2m1"])
 def test_torch_compile_records_the_custom_ops(spec):

@@ -21,7 +21,7 @@ implementations are those same launches (`steps.py`).
 
 Files by layer, each importing only those before it: `numerics.py` (bit-exact rounding and
 scales), `pack.py` (codes and scales <-> bytes), `tables.py` (per-codec device tables),
-`launch.py` (tiles, `Launcher`), `block.py`
+`launch.py` (tiles, `Launcher`, the fast launch behind `fast_launch_supported()`), `block.py`
 (block, hybrid and low-rank kernels) and `outlier.py` (static outlier codec kernels) with their
 launchers, `checks.py` (validation), `steps.py` (kernel steps: prepared launches, and the custom
 ops), `plans.py` (per-codec plans), `api.py` (the validated public functions). README.md has the

@@ -15,11 +15,33 @@ or worse everywhere else). The hybrid and static-outlier
 kernels pass their own sizes (block.py `_choose`, outlier.py `_tiles`). Under TRITON_INTERPRET=1
 the cost is per program, not per byte, so CPU tensors get one tile as wide as the row and as
 many rows as fit `CPU_TILE_ELEMS`.
+
+Launches (`Launcher`). Every launch can go through Triton's JIT, `kernel[grid](...)`, its public
+API, on any Triton the package installs with (setup.py: `triton>=3.0,<3.10`; tested: 3.6.0 on
+H100 / H200 with torch 2.11, 3.9.0 under TRITON_INTERPRET=1 on CPU with torch 2.13). The fast
+launch hands the tensors straight to the binary the JIT compiled, skipping its per-call binding,
+specialization and cache lookup (170-345 us of host time per call down to 12-19 us,
+benchmarks/results/host_overhead_2026-12-06.md). It relies on Triton internals: the JIT
+returning the `CompiledKernel` it launched, `CompiledKernel.run` (the launcher, called as
+`(gridX, gridY, gridZ, stream, function, packed_metadata, launch_metadata, enter_hook,
+exit_hook, *every kernel argument, constexprs included, in signature order)`), `.function`,
+`.packed_metadata`, `._init_handles()`, `triton.knobs.runtime.launch_enter_hook` (a profiler's
+hook: then the JIT, which calls it), `triton.runtime.driver.active.get_current_stream`, and, where
+it matches exactly, the C function behind the CUDA launcher (`_c_launch`). So it is used only
+behind one capability check, `fast_launch_supported()`, evaluated once per process: the Triton
+version in `FAST_LAUNCH_TRITON` (>= 3.6, < 3.7: the versions it was checked on, bit for bit and
+for time, on the GPUs) and those internals present; elsewhere (another Triton, the interpreter, a
+CPU tensor, an unaligned tensor, a launch hook) every launch takes the JIT, with the same binary
+and the same bytes, only more host time. A new Triton gets the fast launch by adding its range
+here after tests/gpu/test_kernels_cuda.py passes on it (its plan tests assert the binaries are
+taken over).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -100,10 +122,48 @@ def slots_even(payload: torch.Tensor, slots_off: int) -> bool:
     return payload.data_ptr() % 2 == 0 and payload.shape[-1] % 2 == 0 and slots_off % 2 == 0
 
 
-# Triton >= 3.4 (which has `triton.knobs`) hands a compiled kernel's launcher every argument of
-# the kernel, constexprs included, in signature order; older versions pass other lists.
+# -- the fast launch: Triton internals behind one capability check (module docstring) -----------
+FAST_LAUNCH_TRITON = ((3, 6), (3, 7))
+"""Triton versions [from, to) the fast launch was tested on (3.6.0: H100 and H200, torch 2.11)."""
 _KNOBS = getattr(triton, "knobs", None)
 _ALIGN = 16  # Triton specializes pointer arguments on 16-byte alignment
+
+
+def triton_version(text: str) -> tuple[int, ...] | None:
+    """'3.6.0' (or '3.6.0+git1234', '3.7.0rc1') -> (3, 6, 0); None when it does not start with a version."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return None if m is None else tuple(int(g) for g in m.groups() if g is not None)
+
+
+def fast_launch_problem() -> str | None:
+    """Why the fast launch is off with the Triton imported now (None: it is on): a version outside
+    `FAST_LAUNCH_TRITON`, or an internal it uses missing. Evaluated afresh on each call (tests);
+    the launches ask `fast_launch_supported()`, which keeps the first answer."""
+    version = getattr(triton, "__version__", "")
+    v = triton_version(version)
+    lo, hi = FAST_LAUNCH_TRITON
+    if v is None or not lo <= v[:2] < hi:
+        return (f"Triton {version or '(no version)'} is outside the versions the fast launch was tested on "
+                f"(>= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]})")
+    knobs = getattr(triton, "knobs", None)
+    if not hasattr(getattr(knobs, "runtime", None), "launch_enter_hook"):
+        return "triton.knobs.runtime.launch_enter_hook is missing"
+    if not hasattr(getattr(triton, "runtime", None), "driver"):
+        return "triton.runtime.driver is missing"
+    try:
+        from triton.compiler.compiler import CompiledKernel
+    except ImportError:
+        return "triton.compiler.compiler.CompiledKernel is missing"
+    if not callable(getattr(CompiledKernel, "_init_handles", None)):
+        return "CompiledKernel._init_handles is missing"
+    return None
+
+
+@functools.cache
+def fast_launch_supported() -> bool:
+    """Whether `Launcher` may take over the binaries the JIT compiles (`fast_launch_problem`),
+    decided once per process."""
+    return fast_launch_problem() is None
 
 
 def _hooked() -> bool:
@@ -131,8 +191,9 @@ class Launcher:
     of a launch's host time; same binary, same arguments, so the same bytes). Triton specializes
     integer arguments on being 1 and on divisibility by 16, and pointers on 16-byte alignment: a
     binary is kept per specialization of the row-dependent scalars, and a call with an unaligned
-    tensor, with a launch hook set (a profiler), under the interpreter, or on a Triton without
-    `knobs` takes the JIT again.
+    tensor, with a launch hook set (a profiler), under the interpreter or on CPU tensors takes the
+    JIT again. Without `fast_launch_supported()` (another Triton) no binary is taken over: every
+    call takes the JIT.
     """
 
     __slots__ = ("kernel", "grid", "scalars", "constexprs", "options", "rows", "row_tile", "row_scalars", "binaries",
@@ -188,12 +249,12 @@ class Launcher:
 
     def _jit(self, tensors: tuple, scalars: tuple, grid: tuple, spec: int) -> None:
         result = self.kernel[grid](*tensors, *scalars, **self.constexprs, **self.options)
-        if spec in self.binaries or _KNOBS is None or not tensors[0].is_cuda:
+        if not fast_launch_supported() or spec in self.binaries or not tensors[0].is_cuda:
             return
         aligned = 0
         for t in tensors:
             aligned |= t.data_ptr()
-        if aligned % _ALIGN or not hasattr(result, "packed_metadata"):
+        if aligned % _ALIGN or not all(hasattr(result, a) for a in ("packed_metadata", "function", "run")):
             return
         names = self.kernel.arg_names[len(tensors) + len(scalars):]
         self.tail_const = tuple(self.constexprs[n] for n in names)
