@@ -123,7 +123,7 @@ def run(args) -> None:
     from tpcomp_megatron.inference.finite import check_generation, check_logits
     from tpcomp_megatron.inference.loop import full_logits, greedy_generate
     from tpcomp_megatron.inference.tokenizer import load_tokenizer
-    from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
+    from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression, read_inputs, resolve
     from tpcomp_megatron.megatron.cpu import megatron_device_context
     from tpcomp_megatron.models.config import TokenizerRef
     from tpcomp_megatron.provenance import source_model_name
@@ -131,6 +131,7 @@ def run(args) -> None:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     config = config_from_args(args)  # validate flags before any heavy work
+    inputs = read_inputs(config)  # and the files they name (recipe, calibration), read once
     rank, world = init_distributed(device)
     say = console.say if rank == 0 else (lambda line: None)  # flushed: to a pipe, lines come as they happen
     if rank != 0 and not args.verbose:  # rank 0 alone speaks (its peers' lines would repeat it)
@@ -155,7 +156,8 @@ def run(args) -> None:
         tp_group = parallel_state.get_tensor_model_parallel_group()
         for label, cfg_run in runs:
             spec = f"recipe {cfg_run.recipe}" if cfg_run.recipe else cfg_run.reduce_spec or "none"
-            handle = apply_tp_compression(model, cfg_run, model_config=cfg)
+            deployment = resolve(cfg_run, model, inputs=inputs if cfg_run is config else None, model_config=cfg)
+            handle = apply_tp_compression(model, deployment)
             gen = greedy_generate(model, prompt, args.max_new_tokens, vocab_size=cfg.vocab_size,
                                   eos_id=getattr(tok, "eos_token_id", None))
             # NaN logits decode to text that looks like a result: refuse it, naming the layer

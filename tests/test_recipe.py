@@ -172,8 +172,12 @@ def test_recipe_config_survives_replace_and_refuses_a_contradiction(recipe, tmp_
     assert not cfg.error_feedback and cfg.enabled
     again = dataclasses.replace(cfg, model="tiny")  # as generate.py names the model
     assert again.describe() == cfg.describe()
+    from tpcomp_megatron.megatron.deploy import _recipe_settings
+    from tpcomp_megatron.recipe import load_recipe
+
+    contradicting = CompressionConfig(recipe=path, error_feedback=True)  # the config reads no file
     with pytest.raises(ValueError, match="sets error_feedback=False, but error_feedback=True"):
-        CompressionConfig(recipe=path, error_feedback=True)
+        _recipe_settings(contradicting, load_recipe(path))  # the deployment step, which reads it, refuses
 
 
 def test_calibrate_regenerates_the_same_recipe_bytes(tmp_path):

@@ -13,7 +13,7 @@ import argparse
 
 from .codecs import GRAMMAR, PRESETS, parse_codec_spec, parse_point
 from .comm import ALGORITHMS, LINKS, TRANSPORTS
-from .megatron.apply import ROW_LAYERS, CompressionConfig
+from .megatron.config import ROW_LAYERS, CompressionConfig
 
 
 def _checked(parse):
