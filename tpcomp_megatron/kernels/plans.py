@@ -183,18 +183,12 @@ def encode_plan(codec, rows: int | None, hidden: int, dtype: torch.dtype, device
 
         def low(x, out, debt=None):
             tail, coef = code(coordinates(x if debt is None else x.float() + debt, basis))
-            return step(x, out, None, lowrank_sum(coef[None], bases), debt, tail)
+            return step(x, out, debt, None, lowrank_sum(coef[None], bases), tail)
         return _plan(low, steps, step, code)
+    # a block codec's step is its plan, a hybrid's with its tables bound (no frame of their own)
     if slot is not None:
-        tables = (slot, first, chan)
-
-        def hybrid(x, out, debt=None):
-            return step(x, out, tables)
-        return _plan(hybrid, steps, step)
-
-    def plain(x, out, debt=None):
-        return step(x, out, None, None, debt)
-    return _plan(plain, steps, step)
+        return _plan(functools.partial(step, tables=(slot, first, chan)), steps, step)
+    return _plan(step, steps, step)
 
 
 def decode_plan(codec, n: int, rows: int | None, row_bytes: int, hidden: int, dtype: torch.dtype, device: torch.device,
@@ -244,11 +238,9 @@ def decode_plan(codec, n: int, rows: int | None, row_bytes: int, hidden: int, dt
     kernel = steps.block_decode(n, rows, hidden, row_bytes, out_dtype, device, element=element, block=block,
                                 scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,
                                 mode=mode, lowrank=False, even=not odd)
-    tables = (slot, first, chan) if slot is not None else None
-
-    def block_decode(p):
-        return kernel(p, tables)
-    return _plan(block_decode, steps, kernel)
+    if slot is not None:
+        return _plan(functools.partial(kernel, tables=(slot, first, chan)), steps, kernel)
+    return _plan(kernel, steps, kernel)
 
 
 MAX_TABLES = 64

@@ -46,13 +46,14 @@ def _decode_shape(n: int, rows: int, hidden: int, row_bytes: int, mode: str) -> 
 def direct_block_encode(rows: int, hidden: int, row_bytes: int, dtype: torch.dtype, device: torch.device, *,
                         element: str, block: int, scale: str, data_bytes: int, window_max: tuple, slots_off: int,
                         lowrank: bool, feedback: bool, even: bool) -> Callable:
-    """`step(x, out, tables, low, debt, tail)` -> the payload [m, row_bytes] of a contiguous x
+    """`step(x, out, debt, tables, low, tail)` -> the payload [m, row_bytes] of a contiguous x
     [m, hidden] of `dtype`, m in the row bucket `rows`, written into `out` (or a new tensor when
     None): block, hybrid (`tables` (slot, first, chan); `window_max` non-empty) or low-rank
     (`low`, the float32 low-rank part; `tail`, the coordinates' bytes, written at `slots_off`)
-    codec, error feedback with `debt` (`even`: `out` sits at an even address)."""
+    codec, error feedback with `debt` (`even`: `out` sits at an even address). `step(x, out[,
+    debt])` is a block codec's whole encode plan (plans.py)."""
     if rows == 0:
-        def empty(x, out, tables=None, low=None, debt=None, tail=None):
+        def empty(x, out, debt=None, tables=None, low=None, tail=None):
             return torch.empty((0, row_bytes), dtype=torch.uint8, device=device) if out is None else out
         empty.launches = ()
         return empty
@@ -60,7 +61,7 @@ def direct_block_encode(rows: int, hidden: int, row_bytes: int, dtype: torch.dty
                                     scale=scale, data_bytes=data_bytes, window_max=window_max or None,
                                     slots_off=slots_off, lowrank=lowrank, feedback=feedback, even=even)
 
-    def step(x, out, tables=None, low=None, debt=None, tail=None):
+    def step(x, out, debt=None, tables=None, low=None, tail=None):
         m = x.shape[0]
         if out is None:
             out = torch.empty((m, row_bytes), dtype=torch.uint8, device=device)
@@ -80,7 +81,8 @@ def direct_block_decode(n: int, rows: int, hidden: int, row_bytes: int, out_dtyp
     the row bucket `rows`: mode 'sum' -> [m, hidden], 'each' -> [n * m, hidden] (`out_dtype`),
     'encode' -> the requantized sum [m, row_bytes] (`out_dtype` uint8; not low-rank). `tables`:
     the hybrid's (slot, first, chan); `low`: the low-rank part, float32 [m, hidden] for 'sum',
-    [n * m, hidden] for 'each' (`even`: the payloads sit at an even address)."""
+    [n * m, hidden] for 'each' (`even`: the payloads sit at an even address). `step(payloads)` is
+    a block codec's whole decode plan (plans.py)."""
     each = mode == "each"
     if rows == 0:
         def empty(p, tables=None, low=None):
@@ -177,7 +179,7 @@ def block_encode(x: Tensor, element: str, block: int, scale: str, data_bytes: in
     step = direct_block_encode(row_bucket(rows), hidden, row_bytes, x.dtype, x.device, element=element, block=block,
                                scale=scale, data_bytes=data_bytes, window_max=tuple(window_max), slots_off=slots_off,
                                lowrank=lowrank is not None, feedback=False, even=True)
-    return step(x, None, _tables(slot, first, chan), lowrank, None, tail)
+    return step(x, None, None, _tables(slot, first, chan), lowrank, tail)
 
 
 @block_encode.register_fake
@@ -199,7 +201,7 @@ def block_encode_feedback(x: Tensor, debt: Tensor, element: str, block: int, sca
     step = direct_block_encode(row_bucket(rows), hidden, row_bytes, x.dtype, x.device, element=element, block=block,
                                scale=scale, data_bytes=data_bytes, window_max=(), slots_off=slots_off,
                                lowrank=lowrank is not None, feedback=True, even=True)
-    return step(x, None, None, lowrank, debt, tail)
+    return step(x, None, debt, None, lowrank, tail)
 
 
 @block_encode_feedback.register_fake
@@ -273,7 +275,7 @@ def traced_block_encode(rows, hidden: int, row_bytes: int, dtype, device, *, ele
                         data_bytes: int, window_max: tuple, slots_off: int, lowrank: bool, feedback: bool,
                         even: bool) -> Callable:
     """`direct_block_encode`'s step through `tpcomp::block_encode` (`..._feedback` with a debt)."""
-    def step(x, out, tables=None, low=None, debt=None, tail=None):
+    def step(x, out, debt=None, tables=None, low=None, tail=None):
         if debt is not None:
             return _with_out(torch.ops.tpcomp.block_encode_feedback(x, debt, element, block, scale, data_bytes,
                                                                     slots_off, row_bytes, low, tail), out)
