@@ -125,7 +125,7 @@ def run(args) -> None:
     from tpcomp_megatron.inference.tokenizer import load_tokenizer
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression, read_inputs, resolve
     from tpcomp_megatron.megatron.cpu import megatron_device_context
-    from tpcomp_megatron.models.config import TokenizerRef
+    from tpcomp_megatron.models.core.config import TokenizerRef
     from tpcomp_megatron.provenance import source_model_name
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")

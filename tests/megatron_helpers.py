@@ -52,7 +52,7 @@ def tiny_gpt(tp: int, *, sp: bool = False, vocab: int = 256, core_attention=None
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from tpcomp_megatron.models.norm import RMSNorm
+    from tpcomp_megatron.models.core.norm import RMSNorm
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     # The local spec's torch norm refuses sequence parallelism; ours marks its params for it.

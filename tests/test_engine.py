@@ -42,8 +42,8 @@ def test_deep_model_with_new_prompt_lengths_sets_up_per_bucket_not_per_layer():
     bucket (64, then 128) and shared by all 160 collectives of a forward, gate answers once per
     length, and a repeated length builds nothing."""
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
-    from tpcomp_megatron.models.builder import build_gpt_model
-    from tpcomp_megatron.models.config import LlamaModelConfig
+    from tpcomp_megatron.models.core.builder import build_gpt_model
+    from tpcomp_megatron.models.core.config import LlamaModelConfig
     from tpcomp_megatron.testing.onerank import one_rank_tp
 
     tp, layers = 8, 80

@@ -14,7 +14,7 @@ from tpcomp_megatron.codecs import make_codec
 from tpcomp_megatron.comm import CompressedComm, GatePolicy
 from tpcomp_megatron.comm.feedback import ErrorFeedback, PostNorm
 from tpcomp_megatron.models.gemma.layers import ZeroCenteredRMSNorm
-from tpcomp_megatron.models.norm import RMSNorm
+from tpcomp_megatron.models.core.norm import RMSNorm
 from tpcomp_megatron.quality.simtp import exact_sum, simulated_all_reduce
 from tpcomp_megatron.testing import run_ranks
 

@@ -291,7 +291,7 @@ def test_apply_uses_the_cached_table_and_refuses_mismatches_on_every_rank(tmp_pa
 
 
 def test_model_shape_reads_a_converted_checkpoint(tmp_path):
-    from tpcomp_megatron.models.config import LlamaModelConfig
+    from tpcomp_megatron.models.core.config import LlamaModelConfig
 
     LlamaModelConfig(num_layers=3, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_kv_heads=4,
                      head_dim=64, vocab_size=512, max_position_embeddings=64, tensor_parallel_size=2,

@@ -39,7 +39,7 @@ def _all_logits(rank: int, world: int, jobs: list[tuple]) -> dict:
     from tpcomp_megatron.convert import load_megatron_model
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
     from tpcomp_megatron.megatron.cpu import cpu_megatron
-    from tpcomp_megatron.models.sdpa import use_sdpa
+    from tpcomp_megatron.models.core.sdpa import use_sdpa
 
     out = {}
     with cpu_megatron():

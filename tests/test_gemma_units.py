@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tpcomp_megatron.models.config import load_model_config
+from tpcomp_megatron.models.core.config import load_model_config
 from tpcomp_megatron.models.gemma import GemmaModelConfig, gemma_config_from_hf
 from tpcomp_megatron.models.gemma.attention import CappedWindowSoftmax
 from tpcomp_megatron.models.gemma.layers import ZeroCenteredRMSNorm

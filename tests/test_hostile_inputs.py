@@ -23,7 +23,7 @@ from tpcomp_megatron.convert import cli, convert_hf_to_megatron
 from tpcomp_megatron.convert.gguf_header import GGUFHeaderError, read_gguf_metadata
 from tpcomp_megatron.convert.hf_io import open_hf_source
 from tpcomp_megatron.convert.mapping import check_hf_tensors
-from tpcomp_megatron.models.hf_config import config_from_hf
+from tpcomp_megatron.models.core.hf_config import config_from_hf
 
 from convert_helpers import make_hf_model
 

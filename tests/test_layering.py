@@ -1,5 +1,6 @@
 """The package's layering, drawn from its imports (tools/import_graph.py): no import cycle
-anywhere; the runtime (what a serving process imports: codecs, kernels, ops, comm, megatron)
+anywhere, between modules or between packages (a package's modules and its `__init__` taken as
+one, a top-level module alone: no arrow runs back up); the runtime (what a serving process imports: codecs, kernels, ops, comm, megatron)
 imports no tool (tune/, quality/, convert/); the gate (comm/gate/) sits below the collectives it
 decides for and imports none of them."""
 
@@ -27,6 +28,23 @@ def _under(name: str, prefixes: tuple) -> bool:
 
 def test_no_import_cycle_in_the_package(capsys):
     assert _tool().main(["--cycles", "tpcomp_megatron"]) == 0, capsys.readouterr().out
+
+
+def test_no_cycle_between_packages():
+    tool = _tool()
+    graph = tool.import_graph()
+    modules = set(graph)
+
+    def package(m: str) -> str:  # a package's __init__ is its own module name; a top-level module is its own
+        parent = m.rsplit(".", 1)[0]
+        return m if parent == "tpcomp_megatron" or any(o.startswith(m + ".") for o in modules) else parent
+
+    rooms: dict = {}
+    for m, ts in graph.items():
+        rooms.setdefault(package(m), set()).update(package(t) for t in ts if package(t) != package(m))
+    assert len(rooms) > 10  # the check sees the packages
+    assert [c for c in tool.strongly_connected(rooms) if len(c) > 1] == []
+    assert [c for c in tool.strongly_connected({"a": {"b"}, "b": {"a"}}) if len(c) > 1]  # and would see one
 
 
 def test_the_runtime_imports_no_tool():

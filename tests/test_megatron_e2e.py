@@ -82,7 +82,7 @@ def test_tiny_gpt_compressed_matches_tp1(reference, world, sp):
 
 
 def _sdpa(rank, world, sd, tokens):
-    from tpcomp_megatron.models.sdpa import SDPADotProductAttention
+    from tpcomp_megatron.models.core.sdpa import SDPADotProductAttention
     from tpcomp_megatron.inference.loop import greedy_generate
 
     _ctx = init_megatron(world)  # noqa: F841

@@ -26,7 +26,7 @@ SPEC = "fp4_e2m1/b32/e6m2"
 
 
 def _tiny_cfg(tp: int):
-    from tpcomp_megatron.models.config import LlamaModelConfig
+    from tpcomp_megatron.models.core.config import LlamaModelConfig
 
     return LlamaModelConfig(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
                             num_kv_heads=4, head_dim=64, vocab_size=512, max_position_embeddings=64,
@@ -37,7 +37,7 @@ def _record_forward(tp: int, algorithm: str, skip_gather: bool = False) -> list[
     """Rank 0's compressed all-reduces in one forward of the tiny model under the mirror group."""
     from tpcomp_megatron.comm import transport
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
-    from tpcomp_megatron.models.builder import build_gpt_model
+    from tpcomp_megatron.models.core.builder import build_gpt_model
     from tpcomp_megatron.testing.onerank import one_rank_tp
 
     calls = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tpcomp_megatron.calibration import save_calibration
-from tpcomp_megatron.models.config import LlamaModelConfig
+from tpcomp_megatron.models.core.config import LlamaModelConfig
 from tpcomp_megatron.quality.calib import build_calibration
 from tpcomp_megatron.recipe import FORMAT_KEY, Recipe, load_recipe, model_fingerprint, save_recipe
 from tpcomp_megatron.testing import run_ranks
@@ -202,7 +202,7 @@ def test_calibrate_regenerates_the_same_recipe_bytes(tmp_path):
     assert got.made_by["command"] and got.made_by["commit"]
     # the converted checkpoint's config (what generate.py passes as model_config) has the same fingerprint
     from tpcomp_megatron.convert import CONFIG_NAME
-    from tpcomp_megatron.models.config import load_model_config
+    from tpcomp_megatron.models.core.config import load_model_config
     from tpcomp_megatron.quality.realtp import convert_checkpoint
 
     ckpt = convert_checkpoint(tmp_path / "hf", 2, model_id="tiny", out=tmp_path / "ckpt")
@@ -270,7 +270,7 @@ def _installed_smollm2_fingerprint():
 
     from transformers import AutoConfig
 
-    from tpcomp_megatron.models.hf_config import config_from_hf
+    from tpcomp_megatron.models.core.hf_config import config_from_hf
     from tpcomp_megatron.quality.models import MODELS
 
     spec = importlib.util.find_spec(MODELS["smollm2-135m"].package)  # locates without importing

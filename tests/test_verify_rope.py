@@ -18,8 +18,8 @@ import pytest
 
 from tpcomp_megatron.convert import cli, pipeline
 from tpcomp_megatron.convert.rope_check import RopeMismatch, check_rope
-from tpcomp_megatron.models.hf_config import config_from_hf
-from tpcomp_megatron.models.rope import RopeScaling
+from tpcomp_megatron.models.core.hf_config import config_from_hf
+from tpcomp_megatron.models.core.rope import RopeScaling
 
 import convert_helpers
 import gemma_helpers

@@ -150,9 +150,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
-    from tpcomp_megatron.models.builder import build_gpt_model
-    from tpcomp_megatron.models.config import LlamaModelConfig
-    from tpcomp_megatron.models.sdpa import use_sdpa
+    from tpcomp_megatron.models.core.builder import build_gpt_model
+    from tpcomp_megatron.models.core.config import LlamaModelConfig
+    from tpcomp_megatron.models.core.sdpa import use_sdpa
     from tpcomp_megatron.testing.onerank import one_rank_tp
 
     device = torch.device(args.device)

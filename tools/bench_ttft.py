@@ -62,9 +62,9 @@ def main() -> None:
     from tpcomp_megatron.inference.loop import greedy_generate
     from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
     from tpcomp_megatron.megatron.cpu import megatron_device_context
-    from tpcomp_megatron.models.builder import build_gpt_model
-    from tpcomp_megatron.models.config import LlamaModelConfig
-    from tpcomp_megatron.models.sdpa import use_sdpa
+    from tpcomp_megatron.models.core.builder import build_gpt_model
+    from tpcomp_megatron.models.core.config import LlamaModelConfig
+    from tpcomp_megatron.models.core.sdpa import use_sdpa
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

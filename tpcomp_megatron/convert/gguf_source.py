@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from tpcomp_megatron.models.families import by_gguf_architecture, gguf_architectures
-from tpcomp_megatron.models.hf_config import MAX_SIZE
+from tpcomp_megatron.models.core.families import by_gguf_architecture, gguf_architectures
+from tpcomp_megatron.models.core.hf_config import MAX_SIZE
 
 from .errors import SourceError
 from .gguf_header import GGUFHeaderError, read_gguf_header, read_gguf_metadata

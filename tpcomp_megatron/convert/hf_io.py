@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-from tpcomp_megatron.models.config import TokenizerRef
-from tpcomp_megatron.models.hf_config import check_architecture
+from tpcomp_megatron.models.core.config import TokenizerRef
+from tpcomp_megatron.models.core.hf_config import check_architecture
 
 from .errors import SourceError
 

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tpcomp_megatron.models.builder import LayerSpecTransform, build_gpt_model
-from tpcomp_megatron.models.config import LlamaModelConfig, load_model_config
+from tpcomp_megatron.models.core.builder import LayerSpecTransform, build_gpt_model
+from tpcomp_megatron.models.core.config import LlamaModelConfig, load_model_config
 
 from .mapping import MappingError
 from .writers import (

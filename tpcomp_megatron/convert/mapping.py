@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from tpcomp_megatron.models.config import LlamaModelConfig
+from tpcomp_megatron.models.core.config import LlamaModelConfig
 
 # Split dimension of each Megatron tensor kind; "glu" is fc1's per-half row split.
 _ROW, _COL, _GLU, _REPL = "row", "col", "glu", "replicated"
@@ -205,7 +205,7 @@ def hf_to_megatron(
 
     Tensors are cast to `cfg.params_dtype`. `on_layer(i)` is called after each layer (progress).
     """
-    from tpcomp_megatron.models.builder import torch_dtype
+    from tpcomp_megatron.models.core.builder import torch_dtype
 
     dtype = torch_dtype(cfg.params_dtype)
 

@@ -8,8 +8,8 @@ from typing import Sequence
 
 import torch
 
-from tpcomp_megatron.models.config import LlamaModelConfig
-from tpcomp_megatron.models.hf_config import config_from_hf
+from tpcomp_megatron.models.core.config import LlamaModelConfig
+from tpcomp_megatron.models.core.hf_config import config_from_hf
 
 from .hf_io import HFSource, open_hf_source, write_hf_folder
 from .load import available_formats, load_config

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tpcomp_megatron.models.config import LlamaModelConfig
-from tpcomp_megatron.models.rope import RopeScaling
+from tpcomp_megatron.models.core.config import LlamaModelConfig
+from tpcomp_megatron.models.core.rope import RopeScaling
 
 _FULL, _SLIDING = "full_attention", "sliding_attention"
 _FIELDS = ("rope_theta", "rope_type", "factor", "low_freq_factor", "high_freq_factor",

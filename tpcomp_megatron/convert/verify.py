@@ -93,7 +93,7 @@ def megatron_logits(
     checkpoint: str, tokens: torch.Tensor, fmt: str | None, device: str = "cpu", **build_kwargs: Any
 ) -> torch.Tensor:
     """Full-vocab fp32 logits `[b, s, padded_vocab]` on this rank (parallel state must be set up)."""
-    from tpcomp_megatron.models.builder import causal_attention_mask
+    from tpcomp_megatron.models.core.builder import causal_attention_mask
 
     model, _ = load_megatron_model(
         checkpoint, fmt=fmt, parallel_output=False, params_dtype=torch.float32, **build_kwargs

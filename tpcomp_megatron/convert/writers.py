@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from tpcomp_megatron.models.config import LlamaModelConfig
+from tpcomp_megatron.models.core.config import LlamaModelConfig
 
 from .mapping import EXTRA_STATE_LINEARS, MappingError, merge_shards, shard_for_rank
 from .safe_load import check_torch_dist
@@ -253,7 +253,7 @@ def write_torch_dist(
     """A dist_checkpointing checkpoint, written by one TP=1 process with the padded shapes."""
     from megatron.core import dist_checkpointing
 
-    from tpcomp_megatron.models.builder import build_gpt_model
+    from tpcomp_megatron.models.core.builder import build_gpt_model
 
     from .megatron_env import single_rank_megatron
 
@@ -279,7 +279,7 @@ def write_torch_dist(
 
 def read_torch_dist(folder: Path, cfg: LlamaModelConfig) -> dict[str, torch.Tensor]:
     """Global tensors of a torch_dist checkpoint, loaded in one TP=1 process."""
-    from tpcomp_megatron.models.builder import build_gpt_model
+    from tpcomp_megatron.models.core.builder import build_gpt_model
 
     from .megatron_env import single_rank_megatron
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..models.config import TokenizerRef
+from ..models.core.config import TokenizerRef
 
 
 class SentencePieceTokenizer:

@@ -12,7 +12,7 @@ It refuses to start when CUDA is available: on a GPU Megatron must run as it is,
 never leak into the GPU path. Code that runs on both uses `megatron_device_context(device)`.
 
 The local spec's `WrappedTorchNorm` refuses `sequence_parallel=True`; models that need sequence
-parallelism on CPU use `tpcomp_megatron.models.norm.RMSNorm` (the model builder does).
+parallelism on CPU use `tpcomp_megatron.models.core.norm.RMSNorm` (the model builder does).
 """
 
 from __future__ import annotations

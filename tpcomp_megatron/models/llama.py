@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .builder import llama_model_parts
-from .config import LlamaModelConfig
-from .families import Family, register
-from .hf_config import require_silu, rope_fields, unsupported
+from .core.builder import llama_model_parts
+from .core.config import LlamaModelConfig
+from .core.families import Family, register
+from .core.hf_config import require_silu, rope_fields, unsupported
 
 LLAMA_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 """The Llama family's classes and model types."""

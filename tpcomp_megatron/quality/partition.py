@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.heads import plan_head_layout
+from ..models.core.heads import plan_head_layout
 
 KINDS = ("linear_proj", "linear_fc2")
 

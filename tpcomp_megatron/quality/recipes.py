@@ -13,7 +13,7 @@ from ..recipe import Recipe, model_fingerprint, save_recipe
 def hf_fingerprint(model, name: str) -> dict:
     """`recipe.model_fingerprint` of a Hugging Face model, through the converter's own config
     mapping: the same fingerprint the converted Megatron checkpoint's config gives."""
-    from ..models.hf_config import config_from_hf
+    from ..models.core.hf_config import config_from_hf
 
     return model_fingerprint(config_from_hf(model.config.to_dict(), tensor_parallel_size=1), name=name)
 

@@ -24,8 +24,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
 
-from ..rope import RopeScaling, rope_inv_freq
-from ..sdpa import SDPADotProductAttention
+from ..core.rope import RopeScaling, rope_inv_freq
+from ..core.sdpa import SDPADotProductAttention
 from .layers import softcap as _softcap
 
 

@@ -19,8 +19,8 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
-from ..config import LlamaModelConfig
-from ..rope import RopeScaling
+from ..core.config import LlamaModelConfig
+from ..core.rope import RopeScaling
 
 GEMMA_FORMAT = "tpcomp-gemma-config/1"
 SLIDING, FULL = "sliding_attention", "full_attention"

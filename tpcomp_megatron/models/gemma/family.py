@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..families import Family, register
+from ..core.families import Family, register
 from .config import GemmaModelConfig
 from .hf_config import GEMMA_ARCHITECTURES, read_gemma
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..hf_config import config_from_hf, unsupported
-from ..rope import RopeScaling
+from ..core.hf_config import config_from_hf, unsupported
+from ..core.rope import RopeScaling
 from .config import FULL, SLIDING, GemmaModelConfig
 
 GEMMA_ARCHITECTURES = {

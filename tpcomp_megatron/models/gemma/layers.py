@@ -19,7 +19,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
 )
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
-from ..norm import RMSNorm
+from ..core.norm import RMSNorm
 
 
 class ZeroCenteredRMSNorm(RMSNorm):

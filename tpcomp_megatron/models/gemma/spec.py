@@ -19,8 +19,8 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from ..builder import LayerSpecTransform, ModelParts
-from ..sdpa import SDPADotProductAttention
+from ..core.builder import LayerSpecTransform, ModelParts
+from ..core.sdpa import SDPADotProductAttention
 from .attention import (
     GemmaDotProductAttention,
     GemmaMLP,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from ..config import LlamaModelConfig
+from ..core.config import LlamaModelConfig
 
 QWEN_FORMAT = "tpcomp-qwen-config/1"
 

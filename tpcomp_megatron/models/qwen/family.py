@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..families import Family, register
+from ..core.families import Family, register
 from .config import QwenModelConfig
 from .hf_config import QWEN_ARCHITECTURES, qwen_gguf_fields, read_qwen
 from .spec import qwen_model_parts, qwen_transformer_overrides

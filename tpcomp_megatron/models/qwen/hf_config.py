@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ..hf_config import config_from_hf, require_silu, rope_fields, unsupported
+from ..core.hf_config import config_from_hf, require_silu, rope_fields, unsupported
 from .config import QwenModelConfig
 
 QWEN_ARCHITECTURES = {"Qwen2ForCausalLM": ("qwen2", 2), "Qwen3ForCausalLM": ("qwen3", 3)}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..builder import LayerSpecTransform, ModelParts, llama_layer_spec
-from ..norm import RMSNorm
+from ..core.builder import LayerSpecTransform, ModelParts, llama_layer_spec
+from ..core.norm import RMSNorm
 from .config import QwenModelConfig
 
 

@@ -116,7 +116,7 @@ def set_model_rope(model: torch.nn.Module, inv_freq: torch.Tensor) -> None:
     if not isinstance(old, torch.Tensor):
         raise RuntimeError(
             "this megatron-core has no GPTModel.rotary_pos_emb.inv_freq tensor (known in 0.16.1 "
-            "to 0.19.x); update tpcomp_megatron/models/rope.py for it"
+            "to 0.19.x); update tpcomp_megatron/models/core/rope.py for it"
         )
     if old.shape != inv_freq.shape:
         raise ValueError(
