@@ -3,11 +3,11 @@
 
 from .apply import CompressionHandle, apply_tp_compression, compressed_layer_spec
 from .config import CompressionConfig
-from .deploy import Deployment, read_inputs, resolve
+from .deploy import Deployment, read_inputs, resolve, to_recipe
 from .layers import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from .mappings import LayerCompression
 
 __all__ = [
     "CompressedColumnParallelLinear", "CompressedRowParallelLinear", "CompressionConfig",
-    "CompressionHandle", "Deployment", "LayerCompression", "apply_tp_compression", "compressed_layer_spec", "read_inputs", "resolve",
+    "CompressionHandle", "Deployment", "LayerCompression", "apply_tp_compression", "compressed_layer_spec", "read_inputs", "resolve", "to_recipe",
 ]

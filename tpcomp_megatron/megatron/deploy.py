@@ -6,13 +6,15 @@ group)` reads them where not given, and the gate's table, checks it all against 
 its hidden and TP sizes, layer classes) and returns a `Deployment`: the codec of every compressed
 layer by its exact module name, the gate policy, the error-feedback choices, and the digest of
 everything the ranks must agree on. A recipe is a saved deployment: its exact-name map becomes the
-deployment's map as it is. `resolve` is collective (every rank of the group calls it): ranks whose
+deployment's map as it is, and `to_recipe` turns a deployment back into one (`recipe.save_recipe`
+writes it). `resolve` is collective (every rank of the group calls it): ranks whose
 configuration, data or gate differ get a ValueError naming the difference instead of a hang, and
 only then may the gate probe the group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 from dataclasses import dataclass
@@ -47,6 +49,11 @@ class Deployment:
     cuda_graphs: bool = True
     digest: str = ""
     """sha256 (16 hex) of what the ranks agreed on: configuration, data, gate."""
+    plan: dict = dataclasses.field(default_factory=dict)
+    """Every row-parallel layer name -> its codec spec ('none': exact), as a recipe records it."""
+    outlier_rule: str | None = None
+    calibration: Calibration | None = None
+    """The calibration the plan's codecs were made from (None when none needs one)."""
 
     @property
     def enabled(self) -> bool:
@@ -208,6 +215,27 @@ def resolve(config: CompressionConfig, model: torch.nn.Module, group=None, *, in
     hidden = next((modules[n].output_size for n in rows if isinstance(modules[n], RowParallelLinear)), None)
     planned = [config.reduce_spec, *dict.fromkeys(s for s in specs.values() if s is not None)]
     policy = gate.finish(group, hidden=hidden, codecs=planned, collectives=CompressedComm)  # every rank alike: their settings matched above
+    plan = {n: str(specs.get(n) or "none") for n in rows}
+    uses_calibration = any(needs_calibration(s) for s in specs.values() if s is not None)
     return Deployment(group, policy, reductions, gathers, norms, error_feedback=feedback,
-                      cuda_graphs=config.cuda_graphs, digest=digest)
+                      cuda_graphs=config.cuda_graphs, digest=digest, plan=plan, outlier_rule=rule,
+                      calibration=calibration if uses_calibration else None)
+
+
+def to_recipe(deployment: Deployment, model_config, *, name: str | None = None, made_by: dict | None = None):
+    """`deployment` as a `recipe.Recipe` for the model `model_config` describes (the checkpoint's
+    `LlamaModelConfig`, `name` as calibration files record it): its plan by exact layer name, error
+    feedback, outlier rule and calibration; `recipe.save_recipe` writes it, `CompressionConfig(recipe=...)`
+    deploys it again."""
+    from ..recipe import Recipe, model_fingerprint
+
+    if not deployment.enabled:
+        raise ValueError("a deployment that compresses nothing has no recipe")
+    if deployment.gathers:
+        raise ValueError("a recipe records the row-parallel reductions only; this deployment also compresses "
+                         "sequence-parallel all-gathers (gather_spec)")
+    return Recipe(model=model_fingerprint(model_config, name), tp_size=dist.get_world_size(deployment.group),
+                  layers=dict(deployment.plan), error_feedback=deployment.error_feedback,
+                  outlier_rule=deployment.outlier_rule, calibration=deployment.calibration,
+                  made_by=dict(made_by or {}))
 
