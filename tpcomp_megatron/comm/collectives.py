@@ -31,7 +31,6 @@ peer died, a timeout) raise `CollectiveError` naming the operation and the group
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 
 import torch
@@ -39,6 +38,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..codecs.base import Codec
+from ..log import log_once
 from .feedback import ErrorFeedback, PostNorm, feedback_cost
 from .gate import GatePolicy, ineligible
 from .gate.links import symm_mem_available
@@ -52,13 +52,6 @@ from .transport import CollectiveError, ring_bytes as _ring_bytes, run as _run
 
 EXACT_LAYER = "layer left exact"
 _MAX_ANSWERS = 4096  # cached gate answers (exact shapes) per communicator
-_LOGGED: set = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logging.getLogger("tpcomp_megatron").warning(message)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +78,7 @@ class CompressedComm:
         if self._symm_wanted:
             why = symm_mem_available(self.group)  # the same answer on every rank (backend, torch)
             if why:
-                _log_once(f"symmetric-memory transport unavailable ({why}): one-shot payloads go through "
+                log_once(f"symmetric-memory transport unavailable ({why}): one-shot payloads go through "
                           "NCCL's all-gather")
                 self._symm_wanted = False
         self._gate: OrderedDict = OrderedDict()  # (op, shape, dtype, codec, cost) -> the gate's answer

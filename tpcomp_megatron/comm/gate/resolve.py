@@ -20,25 +20,17 @@ collective goes exact.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch.distributed as dist
 
+from ...log import log_once
 from .links import detect_link
 from .measure import Collectives
 from .policy import GatePolicy
 from .probe import probe_codecs, probe_table
 from .table import SEED, TableKey, choose_table
-
-_LOGGED: set = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logging.getLogger("tpcomp_megatron").warning(message)
 
 
 @dataclass(frozen=True)
@@ -66,15 +58,15 @@ class GateResolution:
             raise ValueError(self.refusal)
         if not self.probes:
             if self.policy.min_bytes is None:  # (a size override consults no table)
-                _log_once(f"tpcomp-megatron gate: {self.source}")
+                log_once(f"tpcomp-megatron gate: {self.source}")
             return self.policy
         specs = probe_codecs(codecs, hidden or 0)
         if not hidden or not specs:
-            _log_once(f"tpcomp-megatron gate: {self.source}")
+            log_once(f"tpcomp-megatron gate: {self.source}")
             return self.policy
         table = probe_table(group, hidden=hidden, codecs=specs, link=self.policy.link, collectives=collectives,
                             algorithm=self.policy.choose_algorithm(dist.get_world_size(group)))
-        _log_once(f"tpcomp-megatron gate: probed {len(table.rows)} message sizes of hidden {hidden} over the group "
+        log_once(f"tpcomp-megatron gate: probed {len(table.rows)} message sizes of hidden {hidden} over the group "
                   f"({table.digest}, {', '.join(specs)}); tpcomp-tune measures this machine in full")
         return dataclasses.replace(self.policy, table=table)
 
