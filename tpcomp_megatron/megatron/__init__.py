@@ -9,5 +9,6 @@ from .mappings import LayerCompression
 
 __all__ = [
     "CompressedColumnParallelLinear", "CompressedRowParallelLinear", "CompressionConfig",
-    "CompressionHandle", "Deployment", "LayerCompression", "apply_tp_compression", "compressed_layer_spec", "read_inputs", "resolve", "to_recipe",
+    "CompressionHandle", "Deployment", "LayerCompression", "apply_tp_compression", "compressed_layer_spec",
+    "read_inputs", "resolve", "to_recipe",
 ]

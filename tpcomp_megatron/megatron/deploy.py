@@ -2,8 +2,8 @@
 
 `read_inputs(config)` reads the files the configuration names, once (recipe, calibration: a
 tool calls it before any heavy work, so a bad file is refused at once); `resolve(config, model,
-group)` reads them where not given, and the gate's table, checks it all against the model (recipe made for it, calibration of
-its hidden and TP sizes, layer classes) and returns a `Deployment`: the codec of every compressed
+group)` reads them where not given, and the gate's table, checks it all against the model (recipe
+made for it, calibration of its hidden and TP sizes, layer classes) and returns a `Deployment`: the codec of every compressed
 layer by its exact module name, the gate policy, the error-feedback choices, and the digest of
 everything the ranks must agree on. A recipe is a saved deployment: its exact-name map becomes the
 deployment's map as it is, and `to_recipe` turns a deployment back into one (`recipe.save_recipe`
@@ -131,8 +131,8 @@ def resolve(config: CompressionConfig, model: torch.nn.Module, group=None, *, in
             calibration: Calibration | None = None, model_config=None) -> Deployment:
     """`config` deployed on `model` over `group` (default: Megatron's tensor-parallel group);
     collective. `inputs`: `read_inputs(config)` done earlier (else done here, with `calibration`
-    already loaded if given); `model_config` (the checkpoint's `models.config.LlamaModelConfig`, optional): a recipe's model
-    fingerprint is then checked in full (architecture, vocab, config hash), not only the hidden
+    already loaded if given); `model_config` (the checkpoint's `models.LlamaModelConfig`,
+    optional): a recipe's model fingerprint is then checked in full (architecture, vocab, config hash), not only the hidden
     size, layer count and layer names the built model shows."""
     if group is None:
         from megatron.core import parallel_state
@@ -152,8 +152,8 @@ def resolve(config: CompressionConfig, model: torch.nn.Module, group=None, *, in
                      num_layers=getattr(mc, "num_layers", None), model_name=config.model,
                      fingerprint=None if model_config is None else model_fingerprint(model_config),
                      where=f"recipe {config.recipe}")
-        planned = {name: parse_codec_spec(spec) for name, spec in recipe.layers.items()}  # exact names
-        specs = {n: planned[n] for n in rows if n.rpartition(".")[2] in config.layers}
+        # exact names (recipe.check: the recipe names every row-parallel layer)
+        specs = {n: parse_codec_spec(recipe.layers[n]) for n in rows if n.rpartition(".")[2] in config.layers}
     else:
         specs = {n: config.layer_spec(n) for n in rows if n.rpartition(".")[2] in config.layers}
         unused = [p for p, _ in config.override_specs if not any(fnmatch.fnmatchcase(n, p) for n in specs)]
@@ -213,8 +213,9 @@ def resolve(config: CompressionConfig, model: torch.nn.Module, group=None, *, in
         raise ValueError("no tensor-parallel layer to compress was found: expected modules named "
                          "'...self_attention.linear_proj' / '...mlp.linear_fc2' (Megatron GPTModel)")
     hidden = next((modules[n].output_size for n in rows if isinstance(modules[n], RowParallelLinear)), None)
-    planned = [config.reduce_spec, *dict.fromkeys(s for s in specs.values() if s is not None)]
-    policy = gate.finish(group, hidden=hidden, codecs=planned, collectives=CompressedComm)  # every rank alike: their settings matched above
+    used = dict.fromkeys(s for s in specs.values() if s is not None)  # the run's codec specs, once each
+    # every rank alike: their settings matched above
+    policy = gate.finish(group, hidden=hidden, codecs=[config.reduce_spec, *used], collectives=CompressedComm)
     plan = {n: str(specs.get(n) or "none") for n in rows}
     uses_calibration = any(needs_calibration(s) for s in specs.values() if s is not None)
     return Deployment(group, policy, reductions, gathers, norms, error_feedback=feedback,

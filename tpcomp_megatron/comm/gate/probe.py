@@ -3,11 +3,12 @@
 The gate's resolution (`resolve.py`) calls `probe_table` when it finds no table for this machine
 (no `--tp-comm-gate-table`, nothing in the cache) and probing is asked for or the default: a short
 `tune` over the real group, at a few message sizes of the model's hidden size, of the exact
-all-reduce and the configured codecs' paths, eager only. Every rank gets the slowest rank's times (the tune's MAX all-reduce), so every rank builds
-the same table and the gate decides the same everywhere. Conservative when unsure: few samples,
-so a path must be measured `PROBE_MARGIN` faster (not the tune's 5%); below the smallest probed
-size, between sizes where either neighbour lost, and for codecs not probed (calibrated ones) the
-gate stays with the exact path or the seed thresholds. The table lives in memory for this run;
+all-reduce and the configured codecs' paths, eager only. Every rank gets the slowest rank's times
+(the tune's MAX all-reduce), so every rank builds the same table and the gate decides the same
+everywhere. Conservative when unsure: few samples, so a path must be measured `PROBE_MARGIN`
+faster (not the tune's 5%); below the smallest probed size, between sizes where either neighbour
+lost, and for codecs not probed (calibrated ones) the gate stays with the exact path or the seed
+thresholds. The table lives in memory for this run;
 `tpcomp-tune` measures more (every size, graph replay) and is cached.
 """
 
