@@ -68,6 +68,18 @@ def _gen(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
+def _codec_and_inputs(spec: str, hidden: int, n: int, gen: torch.Generator, *, nonfinite: bool = True):
+    """A codec of `spec` calibrated for `n` sources (low-rank bases, or outlier parameters for the
+    rest) and 5 bf16 rows per source inside its calibration (`nonfinite`: outlier rows may hold
+    NaN/Inf)."""
+    if spec.startswith("lowrank"):
+        bases = lowrank_bases(hidden, n, parse_codec_spec(spec).rank, gen)
+        return make_codec(spec, bases), [lowrank_input(5, bases, s, torch.bfloat16, gen) for s in range(n)]
+    params = outlier_params(hidden, n, 32, gen)
+    return make_codec(spec, params), [outlier_input(5, params, s, torch.bfloat16, gen, nonfinite=nonfinite)
+                                      for s in range(n)]
+
+
 @pytest.mark.parametrize("element", sorted(FORMATS))
 @pytest.mark.parametrize("case", range(len(BLOCK_CASES)))
 def test_block_codec_bit_exact(element, case):
@@ -283,14 +295,7 @@ def test_eager_plans_match_custom_ops(spec):
 
     gen = _gen("plans", spec)
     hidden, n = 256, 3
-    if spec.startswith("lowrank"):
-        bases = lowrank_bases(hidden, n, parse_codec_spec(spec).rank, gen)
-        codec = make_codec(spec, bases)
-        xs = [lowrank_input(5, bases, s, torch.bfloat16, gen) for s in range(n)]
-    else:
-        params = outlier_params(hidden, n, 32, gen)
-        codec = make_codec(spec, params)
-        xs = [outlier_input(5, params, s, torch.bfloat16, gen) for s in range(n)]
+    codec, xs = _codec_and_inputs(spec, hidden, n, gen)
     check_eager_matches_custom_ops(K, codec, xs, hidden, "cpu", feedback=isinstance(codec, K.FEEDBACK_CODECS))
 
 
@@ -328,15 +333,11 @@ def test_collectives_through_kits_match_the_reference(monkeypatch, world):
     after call with fresh inputs and row counts that change within a bucket, split unevenly over
     the ranks (two-shot padding) or not, for every codec family and operation. One process, the
     mirror process group (every peer holds this rank's input)."""
-    import torch.distributed as dist
-
     from tpcomp_megatron import ops
     from tpcomp_megatron.comm import CompressedComm, GatePolicy
-    from tpcomp_megatron.testing.onerank import register_mirror_backend
+    from tpcomp_megatron.testing.onerank import mirror_group
 
-    register_mirror_backend()
-    dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world)
-    try:
+    with mirror_group(world):
         gen = _gen("kits", world)
         hidden = 128
         params = outlier_params(hidden, world, 32, gen)
@@ -368,8 +369,6 @@ def test_collectives_through_kits_match_the_reference(monkeypatch, world):
                     assert same(a, b), (codec.spec, rows, i)
             assert kernels.stats.calls_fallback == 0
             assert kernels.kits.built <= 2 * 4, "a kit per operation and row bucket (4, 8), not per row count"
-    finally:
-        dist.destroy_process_group()
 
 
 def test_direct_c_launch_only_for_the_known_launcher():
@@ -439,14 +438,7 @@ def test_custom_ops_launch_the_eager_plans_launches(monkeypatch, spec):
     with the same bytes."""
     gen = _gen("one-route", spec)
     hidden, n = 256, 2
-    if spec.startswith("lowrank"):
-        bases = lowrank_bases(hidden, n, parse_codec_spec(spec).rank, gen)
-        codec = make_codec(spec, bases)
-        xs = [lowrank_input(5, bases, s, torch.bfloat16, gen) for s in range(n)]
-    else:
-        params = outlier_params(hidden, n, 32, gen)
-        codec = make_codec(spec, params)
-        xs = [outlier_input(5, params, s, torch.bfloat16, gen) for s in range(n)]
+    codec, xs = _codec_and_inputs(spec, hidden, n, gen)
     launched: list = []
     run = K.launch.Launcher.run
     monkeypatch.setattr(K.launch.Launcher, "run", lambda self, rows, *t: (launched.append(self), run(self, rows, *t)))
@@ -532,14 +524,7 @@ def test_torch_compile_records_the_custom_ops(spec):
     calls' bytes (encode, the three decodes, and the fused error-feedback encode)."""
     gen = _gen("compile", spec)
     hidden, n = 256, 2
-    if spec.startswith("lowrank"):
-        bases = lowrank_bases(hidden, n, parse_codec_spec(spec).rank, gen)
-        codec = make_codec(spec, bases)
-        xs = [lowrank_input(5, bases, s, torch.bfloat16, gen) for s in range(n)]
-    else:
-        params = outlier_params(hidden, n, 32, gen)
-        codec = make_codec(spec, params)
-        xs = [outlier_input(5, params, s, torch.bfloat16, gen, nonfinite=False) for s in range(n)]
+    codec, xs = _codec_and_inputs(spec, hidden, n, gen, nonfinite=False)
     feedback = isinstance(codec, K.FEEDBACK_CODECS)
 
     def fn(a, b, debt):

@@ -321,10 +321,8 @@ def test_collectives_through_kits_cuda(world):
     after call with fresh inputs and row counts that change within a bucket or split unevenly,
     on the default stream and a side stream; a CUDA graph captured around the same calls (buffers
     from the graph's pool) replays those bytes. One GPU, the mirror process group."""
-    import torch.distributed as dist
-
     from tpcomp_megatron.comm import CompressedComm, GatePolicy
-    from tpcomp_megatron.testing.onerank import register_mirror_backend
+    from tpcomp_megatron.testing.onerank import mirror_group
 
     def results(comm, codec, x):
         out = [comm.all_reduce(x, codec, algorithm="one_shot"), comm.all_reduce(x, codec, algorithm="two_shot"),
@@ -333,9 +331,7 @@ def test_collectives_through_kits_cuda(world):
             out.append(comm.reduce_scatter(x, codec))
         return out
 
-    register_mirror_backend()
-    dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world)
-    try:
+    with mirror_group(world):
         gen = _gen("kits", world)
         hidden = 640
         params = outlier_params(hidden, world, 32, gen)
@@ -378,8 +374,6 @@ def test_collectives_through_kits_cuda(world):
             graph.replay()
             torch.cuda.synchronize()
             assert all(same(a.cpu(), b) for a, b in zip(outs, want)), codec.spec
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 8])
@@ -389,10 +383,8 @@ def test_collectives_replayed_from_graphs_cuda(world):
     fresh inputs each call, with row counts that split unevenly, written into the caller's tensor
     where the all-reduce may (in place); the graphs stay within a budget that forces eviction,
     and under an outer capture the collectives are captured as before. One GPU, the mirror group."""
-    import torch.distributed as dist
-
     from tpcomp_megatron.comm import CompressedComm, GatePolicy
-    from tpcomp_megatron.testing.onerank import register_mirror_backend
+    from tpcomp_megatron.testing.onerank import mirror_group
 
     def results(comm, codec, x):
         out = [comm.all_reduce(x.clone(), codec, algorithm="one_shot"),
@@ -401,9 +393,7 @@ def test_collectives_replayed_from_graphs_cuda(world):
             out.append(comm.reduce_scatter(x, codec))
         return out
 
-    register_mirror_backend()
-    dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world)
-    try:
+    with mirror_group(world):
         gen = _gen("graphs", world)
         hidden = 640
         params = outlier_params(hidden, world, 32, gen)
@@ -442,8 +432,6 @@ def test_collectives_replayed_from_graphs_cuda(world):
         graph.replay()
         torch.cuda.synchronize()
         assert all(same(a.cpu(), b) for a, b in zip(outs, want))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2d", "outlier+fp4_e2m1/b32/k32"])

@@ -115,6 +115,18 @@ def register_mirror_backend() -> None:
 
 
 @contextlib.contextmanager
+def mirror_group(world_size: int) -> Iterator[None]:
+    """The default process group of this process: rank 0 of `world_size` in a mirror group (no
+    Megatron state; `one_rank_tp` adds it), torn down on exit."""
+    register_mirror_backend()
+    dist.init_process_group("mirror", store=dist.HashStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
 def one_rank_tp(world_size: int, *, backend: str = "mirror", device: torch.device | str = "cpu",
                 seed: int = 1234) -> Iterator[None]:
     """Rank 0 of a TP group of `world_size` in this process: the default process group and
