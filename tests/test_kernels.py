@@ -371,6 +371,36 @@ def test_collectives_through_kits_match_the_reference(monkeypatch, world):
             assert kernels.kits.built <= 2 * 4, "a kit per operation and row bucket (4, 8), not per row count"
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_padded_calls_through_kits_equal_unpadded(monkeypatch, world):
+    """What a CUDA graph of a padded row count computes (comm/graphs.py: the rows copied into a
+    static input whose other rows hold earlier calls' values, the result cut back) equals the
+    call on the rows themselves, through the interpreted kernels, for every operation and for row
+    counts padded by a few rows (37 -> 38, 45 -> 46, 70 -> 72). Not the two-shot all-reduce: the
+    mirror group hands this rank its own reduced chunk for every peer's, so its output depends on
+    where the chunks split (test_graphs.py checks it on real gloo ranks)."""
+    from graph_cases import OPS, call, padded_call
+    from tpcomp_megatron import ops
+    from tpcomp_megatron.comm import CompressedComm, GatePolicy
+    from tpcomp_megatron.testing.onerank import mirror_group
+
+    monkeypatch.setattr(ops, "_use_kernels", lambda t: K)
+    with mirror_group(world):
+        gen = _gen("padded", world)
+        hidden = 128
+        params = outlier_params(hidden, world, 32, gen)
+        comm = CompressedComm(policy=GatePolicy(min_bytes=0, link="cpu"))
+        for codec in (make_codec("fp4_e2m1/b32/e6m2"), make_codec("outlier+fp4_e2m1/b32/k32", params),
+                      make_codec("lloyd4/b32/e6m2d")):
+            fill = hard_input(80 * world, hidden, 32, torch.bfloat16, gen, nonfinite=False)
+            for rows in (37, 45, 70):
+                x = (torch.randn(rows * world, hidden, generator=gen) * rows).to(torch.bfloat16)
+                for op in (op for op in OPS if op != "two_shot"):
+                    r = x if op == "reduce_scatter" else x[:rows]
+                    want = call(comm, op, codec, r)
+                    assert same(padded_call(comm, op, codec, r, fill), want.reshape(-1, hidden)), (codec.spec, rows, op)
+
+
 def test_direct_c_launch_only_for_the_known_launcher():
     """`launch._c_launch` calls Triton's C launch function directly only for a launcher whose
     `__call__` is the known `(gridX, gridY, gridZ, stream, function, *args)` without scratch

@@ -378,17 +378,26 @@ def test_collectives_through_kits_cuda(world):
 
 @pytest.mark.parametrize("world", [2, 8])
 def test_collectives_replayed_from_graphs_cuda(world):
-    """Eager collectives replayed from their CUDA graphs (comm/graphs.py: the second call of a
-    shape captures, later ones replay) give the bytes of the same calls launched step by step, on
-    fresh inputs each call, with row counts that split unevenly, written into the caller's tensor
-    where the all-reduce may (in place); the graphs stay within a budget that forces eviction,
-    and under an outer capture the collectives are captured as before. One GPU, the mirror group."""
+    """Eager collectives replayed from CUDA graphs of their padded row count (comm/graphs.py: the
+    first call of a graph row count runs on the padded input, the second captures, later ones
+    replay) give the bytes of the same calls launched step by step, on fresh inputs each call,
+    with row counts that split unevenly and that share a graph (297 and 300 rows: 304), written
+    into the caller's tensor where the all-reduce may (in place). Growing a collective's static
+    buffers drops its graphs; at most `max_graphs` are kept; buffers over the budget leave the
+    call stepped; under an outer capture the collectives are captured as before. One GPU, the
+    mirror group (so the two-shot is compared with the stepped call of the same padded rows)."""
     from tpcomp_megatron.comm import CompressedComm, GatePolicy
+    from tpcomp_megatron.comm.graphs import padded_rows
     from tpcomp_megatron.testing.onerank import mirror_group
 
     def results(comm, codec, x):
-        out = [comm.all_reduce(x.clone(), codec, algorithm="one_shot"),
-               comm.all_reduce(x.clone(), codec, algorithm="two_shot", in_place=True), comm.all_gather(x, codec)]
+        out = [comm.all_reduce(x.clone(), codec, algorithm="one_shot"), comm.all_gather(x, codec)]
+        if comm is not stepped:
+            out.append(comm.all_reduce(x.clone(), codec, algorithm="two_shot", in_place=True))
+        else:  # the mirror group's two-shot output depends on where the chunks split: the padded rows'
+            rows = padded_rows("two_shot", x.shape[0], world, True)
+            padded = torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
+            out.append(comm.all_reduce(padded, codec, algorithm="two_shot")[:x.shape[0]])
         if x.shape[0] % world == 0:
             out.append(comm.reduce_scatter(x, codec))
         return out
@@ -398,26 +407,40 @@ def test_collectives_replayed_from_graphs_cuda(world):
         hidden = 640
         params = outlier_params(hidden, world, 32, gen)
         policy = GatePolicy(min_bytes=0, link="pcie_class", transport="nccl")
+        stepped = CompressedComm(policy=policy, cuda_graphs=False)
+        assert stepped.graphs is None
         for codec in (make_codec("fp4_e2m1/b32/e6m2"), make_codec("outlier+fp4_e2m1/b32/k32", params)):
-            graphed, stepped = CompressedComm(policy=policy), CompressedComm(policy=policy, cuda_graphs=False)
-            for rows in (8 * world, 7, 8 * world, 13, 7, 300):
+            graphed = CompressedComm(policy=policy)
+            for rows in (8 * world, 7, 8 * world, 13, 7, 300, 297, 300, 297):
                 for _ in range(3):
                     x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16).cuda()
                     got, want = results(graphed, codec, x), results(stepped, codec, x)
                     torch.cuda.synchronize()
                     assert all(same(a.cpu(), b.cpu()) for a, b in zip(got, want)), (codec.spec, rows)
-            assert graphed.graphs.captured >= 4 * 3 and graphed.graphs.replays > graphed.graphs.captured
-            assert stepped.graphs is None
+                if rows == 300:
+                    captured = graphed.graphs.captured
+            assert graphed.graphs.captured == captured, "297 rows replay the graphs of 300 (both 304)"
+            assert graphed.graphs.replays > graphed.graphs.captured >= 4 * 3
+            assert graphed.graphs.nbytes == sum(s.nbytes for s in graphed.graphs._statics.values())
             assert graphed.graphs.nbytes <= graphed.graphs.budget
         small = CompressedComm(policy=policy)
-        small.graphs.budget = 2 * (8 * world * hidden * 2) + 1  # the larger graph's input and output: each capture evicts
-        for rows in (4 * world, 8 * world, 4 * world, 8 * world):
+        small.graphs.max_graphs = 1  # each capture drops the other graph
+        for rows in (4 * world, 2 * world, 4 * world, 2 * world):
             for _ in range(3):
                 x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16).cuda()
-                got = small.all_reduce(x, codec)
-                want = stepped.all_reduce(x, codec)
-                assert same(got.cpu(), want.cpu()), rows
+                assert same(small.all_reduce(x, codec).cpu(), stepped.all_reduce(x, codec).cpu()), rows
         assert small.graphs.captured == 4 and len(small.graphs._graphs) == 1
+        grow = CompressedComm(policy=policy)
+        for rows in (2 * world, 2 * world, 8 * world, 8 * world):  # the second size grows the static buffers
+            x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16).cuda()
+            assert same(grow.all_reduce(x, codec).cpu(), stepped.all_reduce(x, codec).cpu()), rows
+        assert grow.graphs.captured == 2 and len(grow.graphs._graphs) == 1, "the growth dropped the first graph"
+        tight = CompressedComm(policy=policy)
+        tight.graphs.budget = 2 * hidden * 2 * world - 1  # not even 2 * world rows' input and output
+        for _ in range(3):
+            x = torch.randn(2 * world, hidden, generator=gen).to(torch.bfloat16).cuda()
+            assert same(tight.all_reduce(x, codec).cpu(), stepped.all_reduce(x, codec).cpu())
+        assert tight.graphs.captured == 0 and tight.graphs.nbytes == 0
         static = torch.randn(5 * world, hidden, generator=gen).to(torch.bfloat16).cuda()
         want = [w.cpu() for w in results(stepped, codec, static)]
         graphed = CompressedComm(policy=policy)

@@ -53,6 +53,11 @@ class Codec(ABC):
     kernel_cost: float = 1.0
     """GPU time of encode + decode_sum relative to the block codec of the same width (measured;
     the gate asks more bytes of a costlier codec before compressing)."""
+    pads_rows_exactly: bool = True
+    """Whether a row's payload (and a sum's row) is the same bytes whatever other rows the call
+    holds, on every device: true of the codecs' own kernels, which code rows independently, so a
+    call may be padded with extra rows (`comm/graphs.py`); false where a library GEMM over the
+    rows may choose another algorithm for another row count."""
 
     @abstractmethod
     def row_bytes(self, hidden: int) -> int:

@@ -104,6 +104,10 @@ class LowRankCodec(Codec):
     r128 (coded), 2.6-4x at 8 MB; the per-direction loop this replaced took 5x at r4 and 70x
     at r128."""
 
+    pads_rows_exactly = False
+    """The coordinates are a cuBLAS GEMM over the call's rows, which may choose another algorithm
+    (other rounding) for another row count."""
+
     def __init__(self, spec: LowRankSpec, bases: torch.Tensor):
         if not isinstance(bases, torch.Tensor) or bases.dim() != 3 or bases.shape[1] != spec.rank:
             got = tuple(bases.shape) if isinstance(bases, torch.Tensor) else type(bases).__name__

@@ -21,8 +21,8 @@ collective for one (codec value, hidden, dtypes, stream, row bucket), kernel pla
 buffers, shared by every layer and every prompt length of the bucket; the same code runs eager,
 under CUDA-graph capture (buffers allocated per call) and under torch.compile (traced ops). Per
 exact shape the gate's answer is cached (`_MAX_ANSWERS`, the oldest dropped first), and eager
-CUDA calls without error feedback replay a CUDA graph of their collective from the second call
-of a shape on (`graphs.py`: a forward's layers share one).
+CUDA calls without error feedback replay a CUDA graph of their collective, one per padded row
+count, from its second call on (`graphs.py`: a forward's layers and nearby prompt lengths share one).
 
 Sums run in float32 in rank order, and every rank decodes the same payloads (its own included),
 so all-reduce results are bit-identical on every rank. Failures of the underlying collective (a
@@ -65,8 +65,8 @@ class CompressedComm:
                  cuda_graphs: bool = True):
         """`keep_buffers`: keep payload buffers between calls within `engine.BUDGET_BYTES`; False:
         allocate them per call (the same bytes). `cuda_graphs`: eager CUDA calls replay a CUDA
-        graph of their collective from the second call of an exact shape on (`graphs.py`; the
-        same kernels, the same result); False: every call launches its steps."""
+        graph of their collective, one per padded row count, from its second call on (`graphs.py`;
+        the same kernels, the same result); False: every call launches its steps."""
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
@@ -84,7 +84,7 @@ class CompressedComm:
         self._gate: OrderedDict = OrderedDict()  # (op, shape, dtype, codec, cost) -> the gate's answer
         self._algorithm = self._policy.choose_algorithm(self.world_size)
         self.kits = Kits(self.world_size, self.rank, budget=BUDGET_BYTES if keep_buffers else 0)
-        self.graphs = Graphs() if cuda_graphs else None
+        self.graphs = Graphs(self.world_size) if cuda_graphs else None
 
     @property
     def policy(self) -> GatePolicy:
@@ -195,7 +195,7 @@ class CompressedComm:
         if feedback is None and not (algo == "one_shot" and self._symm_wanted):
             into = rows if in_place and rows.data_ptr() == x.data_ptr() else None
             out = self._graphed(algo, rows, codec, x.dtype, mode, stream, into,
-                                lambda r, m, s: run(r, codec, x.dtype, False, None, m, s)[0])
+                                lambda r, mode, s: run(r, codec, x.dtype, False, None, mode, s)[0])
             self.stats.record_compressed(sent, exact)
             return out.view(x.shape)
         out, own = run(send, codec, x.dtype, want_own, debt, mode, stream)
@@ -206,18 +206,13 @@ class CompressedComm:
 
     def _graphed(self, op: str, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int,
                  into: torch.Tensor | None, body) -> torch.Tensor:
-        """`body(rows, mode, stream)` (a collective without error feedback), replayed from its CUDA
-        graph where it has one (`graphs.py`: eager CUDA calls), else run; into `into` when given
-        and replayed (the caller's buffer, `rows`' size)."""
-        graphs = self.graphs
-        if graphs is not None and mode == "eager" and rows.is_cuda:
-            size = rows.numel() * rows.element_size()
-            out_size = {"all_gather": size * self.world_size, "reduce_scatter": size // self.world_size}.get(op, size)
-            if graphs.wants(size, out_size):
-                key = (op, codec, rows.shape, rows.dtype, dtype, rows.device, stream)
-                out = graphs.run(key, rows, lambda r: body(r, "capture", 0), into)
-                if out is not None:
-                    return out
+        """`body(rows, mode, stream)` (a collective without error feedback), replayed from the CUDA
+        graph of its padded row count where it can be (`graphs.py`: eager CUDA calls), else run;
+        into `into` when given and replayed (the caller's buffer, `rows`' size)."""
+        if self.graphs is not None and mode == "eager" and rows.is_cuda:
+            out = self.graphs.run(op, codec, rows, dtype, stream, body, into)
+            if out is not None:
+                return out
         return body(rows, mode, stream)
 
     def _kit(self, op: str, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int):
@@ -315,7 +310,7 @@ class CompressedComm:
         mode, stream = call_mode(x)
         if feedback is None:
             out = self._graphed("reduce_scatter", rows, codec, x.dtype, mode, stream, None,
-                                lambda r, m, s: self._reduce_scatter(r, codec, x.dtype, None, m, s))
+                                lambda r, mode, s: self._reduce_scatter(r, codec, x.dtype, None, mode, s))
         else:  # feedback (pre-norm here) folds into the encode
             out = self._reduce_scatter(rows, codec, x.dtype, feedback.debt_buffer(rows), mode, stream)
         self.stats.record_compressed(sent, exact)
@@ -344,7 +339,7 @@ class CompressedComm:
         rows = _rows(x)
         mode, stream = call_mode(x)
         out = self._graphed("all_gather", rows, codec, x.dtype, mode, stream, None,
-                            lambda r, m, s: self._all_gather(r, codec, x.dtype, m, s))
+                            lambda r, mode, s: self._all_gather(r, codec, x.dtype, mode, s))
         self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] * n,) + tuple(x.shape[1:]))
 

@@ -1,33 +1,46 @@
-"""Eager compressed collectives replayed from CUDA graphs, one graph per exact call.
+"""Eager compressed collectives replayed from CUDA graphs, one graph per padded row count.
 
 An eager prefill below a few thousand tokens is host-bound: the GPU waits for the launches, so
 every microsecond of host time a collective adds is a microsecond of TTFT. A compressed
 collective is three to five host steps (encode, one or two process-group calls, one or two
-decodes: about 150 us for a two-shot all-reduce), where the exact one is one. But within one
-forward every layer calls the same collective with the same row count (80 layers: 160 calls of
-one or two kinds), so a CUDA graph of the whole collective, captured once per exact call, serves
-the rest of the forward and every later request of that length:
+decodes: about 150 us for a two-shot all-reduce), where the exact one is one. A CUDA graph of
+the whole collective makes it three host steps: copy the rows into a static input, replay, copy
+the result out. The same kernels run on the same bytes, so the result is the same.
 
-* the first call of a key (operation, codec value, rows, hidden, dtypes, device, stream) runs
-  eagerly (it compiles and loads whatever kernels the row count specializes);
+A server sees a new prompt length on nearly every request, so a graph per exact row count would
+be captured on nearly every request. Graphs are instead kept per *graph row count*
+(`graph_rows`): the row count itself up to `EXACT_ROWS`, above it rounded up to one of
+`GRAPH_STEPS` steps per octave (at most 6.25% padding rows, 3% on average), as vLLM pads a batch
+to its captured sizes. Rows are coded independently (`codecs.base.row_bucket`), so the first m
+rows of a padded call are the m rows of the unpadded one, bit for bit; the padding rows hold
+whatever the static input held (earlier calls' rows, zeros at first) and are dropped. A codec
+whose rows go through a library GEMM (`Codec.pads_rows_exactly` False: the low-rank codec, whose
+cuBLAS matmul may pick another algorithm for another row count) gets graphs per exact row count.
+A reduce-scatter pads each rank's chunk, so every rank keeps its own rows.
+
+* the first call of a (collective, graph row count) runs eagerly on the padded static input (it
+  compiles and loads whatever kernels the row count specializes);
 * the second captures the collective (the same code, `collectives.py`, in capture mode: its
-  buffers from the graph's private pool) on a side stream, reading a static input;
-* from then on a call is three host steps: copy its rows into the static input, replay, copy
-  the result out (`Graphs.run`): the same kernels on the same bytes, so the same result.
+  payload buffers from the graph memory pool) on a side stream, reading the static input and
+  writing the static output;
+* from then on a call is copy in, replay, copy out (`Graphs.run`).
 
-The graphs of one stream share one memory pool: what a capture frees (the payloads) the next
-capture reuses, and an evicted graph's output goes back to the pool, so captures after the first
-few allocate nothing from CUDA and evictions free nothing (a `cudaFree` would stall the device).
-Graphs sharing a pool replay one at a time on their stream, so their payloads may overlap. Each
-graph keeps its input and output alive (`nbytes`); `Graphs` keeps them least recently used within
-`BUDGET_BYTES` per communicator, and a call whose input exceeds `MAX_INPUT_BYTES` stays eager:
-there the forward is GPU-bound (the host time is hidden anyway) and the two copies would cost GPU
-time. A capture that fails (a process group that cannot be captured) is logged, and the
-communicator's calls stay eager from then on. Every rank sees the same calls, so every rank
-captures and replays at the same calls, and graphs of NCCL collectives stay matched across ranks.
+The graphs of one collective (operation, codec value, hidden, dtypes, device, stream) share one
+static input and one static output, sized for the largest graph captured (grown by doubling: a
+growth drops the collective's graphs, recaptured on later calls). Graphs of one stream share one
+memory pool: they replay one at a time on their stream, so their payloads may overlap, and a
+capture after the first few allocates nothing from CUDA (an eviction frees nothing: a `cudaFree`
+would stall the device). Kept: the static buffers within `BUDGET_BYTES` per communicator (the
+least recently used collective's dropped first) and at most `MAX_GRAPHS` graphs (least recently
+used first). A call whose padded input exceeds `MAX_INPUT_BYTES` stays eager: there the forward
+is GPU-bound (the host time is hidden anyway) and the copies would cost GPU time. A capture that
+fails (a process group that cannot be captured) is logged, and the communicator's calls stay
+eager from then on. Every rank sees the same calls, so every rank captures and replays at the
+same calls, and graphs of NCCL collectives stay matched across ranks.
 
-Measured on one H100 (`benchmarks/results/serving_h100_2026-12-07-graphs.md`, private pools then):
-TTFT overhead of a 200-request trace +22% -> +6% at 70B x80 TP=8, +11% -> +8% at 13B x40 TP=2.
+Measured on one H100 (`benchmarks/results/serving_h100_2026-12-07-graphs.md`: a graph per exact
+row count, private pools then): TTFT overhead of a 200-request trace +22% -> +6% at 70B x80
+TP=8, +11% -> +8% at 13B x40 TP=2.
 """
 
 from __future__ import annotations
@@ -39,101 +52,201 @@ from typing import Callable
 import torch
 
 Tensor = torch.Tensor
+EXACT_ROWS = 32
+"""Row counts up to which a graph serves one row count (no padding)."""
+GRAPH_STEPS = 16
+"""Graph row counts per octave above `EXACT_ROWS` (padding at most 1/16 of the rows)."""
 MAX_INPUT_BYTES = 32 << 20
-"""Input bytes above which a call stays eager (GPU-bound there; the copies would cost GPU time)."""
+"""Padded input bytes above which a call stays eager (GPU-bound there; the copies would cost GPU time)."""
 BUDGET_BYTES = 256 << 20
-"""Bytes of captured graphs' inputs and outputs kept per communicator (the payloads they share)."""
+"""Bytes of static inputs and outputs kept per communicator."""
+MAX_GRAPHS = 1024
+"""Captured graphs kept per communicator (least recently used dropped first)."""
 MAX_SEEN = 4096
-"""Keys remembered as seen once (the oldest forgotten first)."""
+"""Graph keys remembered as seen once (the oldest forgotten first)."""
+
+
+def graph_rows(m: int) -> int:
+    """The row count of the graph that serves calls of `m` rows: m up to `EXACT_ROWS`, above it m
+    rounded up to a multiple of 1/`GRAPH_STEPS` of its octave's lower end (33-64 rows: even
+    counts; 65-128: multiples of 4; ...)."""
+    if m <= EXACT_ROWS:
+        return m
+    step = max(1, (1 << ((m - 1).bit_length() - 1)) // GRAPH_STEPS)
+    return -(-m // step) * step
+
+
+def padded_rows(op: str, m: int, n: int, pads: bool) -> int:
+    """Rows of the padded call of `op` on m rows at world size n (`pads`: the codec's rows may
+    be padded); a reduce-scatter pads each of its n chunks."""
+    if not pads:
+        return m
+    if op == "reduce_scatter":
+        return n * graph_rows(m // n)
+    return graph_rows(m)
+
+
+def out_rows(op: str, rows: int, n: int) -> int:
+    """Output rows of `op` on `rows` input rows at world size n."""
+    return {"reduce_scatter": rows // n, "all_gather": rows * n}.get(op, rows)
+
+
+def pad_into(op: str, x: Tensor, dst: Tensor, n: int) -> None:
+    """Write `x` [m, hidden] into the padded input `dst` [M, hidden] (`padded_rows`): its first m
+    rows, or for a reduce-scatter the first m/n rows of each of the n chunks; the rest untouched."""
+    m, hidden = x.shape
+    if op == "reduce_scatter":
+        dst.view(n, dst.shape[0] // n, hidden)[:, :m // n].copy_(x.view(n, m // n, hidden))
+    else:
+        dst[:m].copy_(x)
+
+
+def unpad(op: str, y: Tensor, m: int, n: int, into: Tensor | None = None) -> Tensor:
+    """The result of `op` on m rows from `y`, the result on the padded rows, copied into a new
+    tensor (or into `into`, an all-reduce's own input, m rows)."""
+    hidden = y.shape[-1]
+    if op == "all_gather":
+        out = y.new_empty((n * m, hidden))
+        out.view(n, m, hidden).copy_(y.view(n, -1, hidden)[:, :m])
+        return out
+    rows = out_rows(op, m, n)
+    if into is not None:
+        return into.view(rows, hidden).copy_(y[:rows])
+    return y[:rows].clone()
 
 
 class _Graph:
-    __slots__ = ("graph", "inp", "out", "nbytes")
+    __slots__ = ("graph", "family")
 
-    def __init__(self, graph, inp: Tensor, out: Tensor, nbytes: int):
-        self.graph, self.inp, self.out, self.nbytes = graph, inp, out, nbytes
+    def __init__(self, graph, family: tuple):
+        self.graph, self.family = graph, family
+
+
+class _Statics:
+    """The static input and output of one collective's graphs (`rows` input rows at most)."""
+
+    __slots__ = ("inp", "out", "rows", "nbytes", "graphs")
+
+    def __init__(self, inp: Tensor, out: Tensor, rows: int):
+        self.inp, self.out, self.rows = inp, out, rows
+        self.nbytes = inp.numel() * inp.element_size() + out.numel() * out.element_size()
+        self.graphs: set = set()  # keys of the graphs that read and write these buffers
 
 
 class Graphs:
     """One communicator's captured collectives (see the module docstring)."""
 
-    def __init__(self, budget: int = BUDGET_BYTES, max_input: int = MAX_INPUT_BYTES):
-        self.budget, self.max_input = budget, max_input
-        self._graphs: OrderedDict = OrderedDict()  # key -> _Graph
+    def __init__(self, n: int, budget: int = BUDGET_BYTES, max_input: int = MAX_INPUT_BYTES,
+                 max_graphs: int = MAX_GRAPHS):
+        self.n, self.budget, self.max_input, self.max_graphs = n, budget, max_input, max_graphs
+        self._graphs: OrderedDict = OrderedDict()  # (family key, padded rows) -> _Graph
+        self._statics: OrderedDict = OrderedDict()  # family key -> _Statics
         self._seen: OrderedDict = OrderedDict()
         self._side: dict = {}  # device index -> the side stream captures run on
         self._pools: dict = {}  # (device index, stream) -> the memory pool its graphs share
-        self.nbytes = 0
+        self.nbytes = 0  # static buffers kept
         self.captured = 0  # graphs captured so far
         self.replays = 0
 
-    def wants(self, in_bytes: int, out_bytes: int) -> bool:
-        """Whether an eager CUDA call of `in_bytes` in, `out_bytes` out may go through a graph."""
-        return in_bytes <= self.max_input and in_bytes + out_bytes <= self.budget
-
-    def run(self, key: tuple, x: Tensor, body: Callable[[Tensor], Tensor], into: Tensor | None = None) -> Tensor | None:
-        """`body(x)` through the graph of `key` (its last item the stream the call runs on; `body`:
-        the collective, in capture mode), into `into` (x's size) when given, else into a new
-        tensor; None where the call must run eagerly (first sight of the key, or its capture failed)."""
+    def run(self, op: str, codec, x: Tensor, out_dtype: torch.dtype, stream: int,
+            body: Callable[[Tensor, str, int], Tensor], into: Tensor | None = None) -> Tensor | None:
+        """`body(rows, mode, stream)` (the collective `op` on `x` [m, hidden], an eager CUDA call
+        on `stream`) through the graph of its padded row count, into `into` (an all-reduce's input,
+        when the caller allows) or a new tensor; None where the call must run as it is (the padded
+        input over `max_input`, its buffers over the budget, or a failed capture)."""
+        n, (m, hidden) = self.n, x.shape
+        rows = padded_rows(op, m, n, getattr(codec, "pads_rows_exactly", True))
+        if m == 0 or rows * hidden * x.element_size() > self.max_input:
+            return None
+        family = (op, codec, hidden, x.dtype, out_dtype, x.device, stream)
+        statics = self._statics_for(family, rows, x, out_dtype)
+        if statics is None:
+            return None
+        inp = statics.inp[:rows]
+        pad_into(op, x, inp, n)
+        key = (family, rows)
         g = self._graphs.get(key)
         if g is None:
-            if key not in self._seen:
+            if key not in self._seen:  # first sight: eagerly, on the padded input (compiles its kernels)
                 if len(self._seen) >= MAX_SEEN:
                     self._seen.popitem(last=False)
                 self._seen[key] = True
-                return None
+                return unpad(op, body(inp, "eager", stream), m, n, into)
             del self._seen[key]
-            g = self._capture(key, x, body)
+            g = self._capture(key, statics, inp, body)
             if g is None:
-                return None
-        self._graphs.move_to_end(key)
-        g.inp.copy_(x)
+                return unpad(op, body(inp, "eager", stream), m, n, into)
+        else:
+            self._graphs.move_to_end(key)
         g.graph.replay()
         self.replays += 1
-        if into is None:
-            return g.out.clone()
-        return into.view(g.out.shape).copy_(g.out)
+        return unpad(op, statics.out[:out_rows(op, rows, n)], m, n, into)
 
-    def _capture(self, key: tuple, x: Tensor, body: Callable[[Tensor], Tensor]):
-        device = x.device
+    def _statics_for(self, family: tuple, rows: int, x: Tensor, out_dtype: torch.dtype) -> _Statics | None:
+        """The static buffers of `family`, holding at least `rows` input rows (grown by doubling,
+        up to `max_input`; a growth drops the family's graphs); None where they cannot fit the budget."""
+        statics = self._statics.get(family)
+        if statics is not None and statics.rows >= rows:
+            self._statics.move_to_end(family)
+            return statics
+        hidden, size = x.shape[1], x.element_size()
+        cap = max(rows, self.max_input // (hidden * size))
+        if self.n > 1 and family[0] == "reduce_scatter":
+            cap -= cap % self.n
+        grown = max(rows, min(cap, 2 * statics.rows)) if statics is not None else rows
+        nbytes = grown * hidden * size + out_rows(family[0], grown, self.n) * hidden * out_dtype.itemsize
+        if nbytes > self.budget:
+            return None
+        if statics is not None:
+            self._drop_family(family)
+        for old in list(self._statics):  # least recently used first
+            if self.nbytes + nbytes <= self.budget:
+                break
+            self._drop_family(old)
+        inp = torch.zeros((grown, hidden), dtype=x.dtype, device=x.device)
+        out = torch.empty((out_rows(family[0], grown, self.n), hidden), dtype=out_dtype, device=x.device)
+        statics = self._statics[family] = _Statics(inp, out, grown)
+        self.nbytes += statics.nbytes
+        return statics
+
+    def _drop_family(self, family: tuple) -> None:
+        statics = self._statics.pop(family)
+        for key in statics.graphs:
+            self._graphs.pop(key).graph.reset()
+        self.nbytes -= statics.nbytes
+
+    def _capture(self, key: tuple, statics: _Statics, inp: Tensor, body: Callable) -> _Graph | None:
+        device = inp.device
         side = self._side.get(device.index)
         if side is None:
             side = self._side[device.index] = torch.cuda.Stream(device)
         current = torch.cuda.current_stream(device)
-        pool = self._pools.get((device.index, key[-1]))
+        pool = self._pools.get((device.index, key[0][-1]))
         if pool is None:
-            pool = self._pools[(device.index, key[-1])] = torch.cuda.graph_pool_handle()
-        inp = torch.empty_like(x)
+            pool = self._pools[(device.index, key[0][-1])] = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         side.wait_stream(current)
         try:
             with torch.cuda.stream(side):
                 graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
-                    out = body(inp)
+                    y = body(inp, "capture", 0)
+                    statics.out[:y.numel() // y.shape[-1]].copy_(y.view(-1, y.shape[-1]))
                 finally:
                     graph.capture_end()
         except Exception as e:  # noqa: BLE001 (the calls run eagerly from now on)
             logging.getLogger("tpcomp_megatron").warning(
                 "compressed collective %s: CUDA-graph capture failed (%s: %s); this communicator's "
-                "collectives run eagerly from now on", key[0], type(e).__name__, e)
-            self.budget = 0
+                "collectives run eagerly from now on", key[0][0], type(e).__name__, e)
+            self.max_input = -1
             return None
         finally:
             current.wait_stream(side)
-        nbytes = inp.numel() * inp.element_size() + out.numel() * out.element_size()
-        g = _Graph(graph, inp, out, nbytes)
-        self._make_room(nbytes)
-        self._graphs[key] = g
-        self.nbytes += nbytes
+        if len(self._graphs) >= self.max_graphs:
+            old_key, old = self._graphs.popitem(last=False)
+            self._statics[old.family].graphs.discard(old_key)
+            old.graph.reset()
+        g = self._graphs[key] = _Graph(graph, key[0])
+        statics.graphs.add(key)
         self.captured += 1
         return g
-
-    def _make_room(self, nbytes: int) -> None:
-        """Drop the least recently used graphs until `nbytes` more fit the budget."""
-        for key in list(self._graphs):
-            if self.nbytes + nbytes <= self.budget:
-                break
-            old = self._graphs.pop(key)
-            self.nbytes -= old.nbytes
-            old.graph.reset()

@@ -1,0 +1,29 @@
+"""A collective called on padded rows, as `comm/graphs.py` calls it, for the tests that check it
+equals the unpadded call (CPU: gloo ranks with the reference codecs, the interpreted kernels)."""
+
+from __future__ import annotations
+
+import torch
+
+from tpcomp_megatron.comm.graphs import pad_into, padded_rows, unpad
+
+OPS = ("one_shot", "two_shot", "reduce_scatter", "all_gather")
+
+
+def call(comm, op: str, codec, x: torch.Tensor) -> torch.Tensor:
+    """The public collective `op` on `x` [rows, hidden]."""
+    if op in ("one_shot", "two_shot"):
+        return comm.all_reduce(x, codec, algorithm=op)
+    if op == "reduce_scatter":
+        return comm.reduce_scatter(x, codec)
+    return comm.all_gather(x, codec)
+
+
+def padded_call(comm, op: str, codec, x: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """`op` on `x` through a padded input whose extra rows hold `fill`'s (as a graph's static
+    input holds earlier calls' rows), the result cut back to `x`'s rows (`graphs.unpad`)."""
+    n, (m, hidden) = comm.world_size, x.shape
+    rows = padded_rows(op, m, n, codec.pads_rows_exactly)
+    buf = fill[:rows].clone()
+    pad_into(op, x, buf, n)
+    return unpad(op, call(comm, op, codec, buf).reshape(-1, hidden), m, n)
