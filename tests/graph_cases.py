@@ -27,3 +27,32 @@ def padded_call(comm, op: str, codec, x: torch.Tensor, fill: torch.Tensor) -> to
     buf = fill[:rows].clone()
     pad_into(op, x, buf, n)
     return unpad(op, call(comm, op, codec, buf).reshape(-1, hidden), m, n)
+
+
+class EagerReplay:
+    """A stand-in for `graphs.CudaCapture` on the CPU: the "graph" of some work runs that work
+    eagerly at each replay (as a CUDA graph replays what its capture recorded), so the graphs'
+    bookkeeping (static buffers, padding, growth, eviction, budget) runs where CUDA does not."""
+
+    device_type = "cpu"
+
+    def __init__(self):
+        self.live = 0
+
+    def __call__(self, work, device, stream):
+        self.live += 1
+        return _Replayed(work, self)
+
+
+class _Replayed:
+    def __init__(self, work, owner: EagerReplay):
+        self.work, self.owner = work, owner
+
+    def replay(self) -> None:
+        assert self.work is not None, "replay of a graph that was reset"
+        self.work("eager", 0)
+
+    def reset(self) -> None:
+        assert self.work is not None, "a graph reset twice"
+        self.work = None
+        self.owner.live -= 1

@@ -209,7 +209,7 @@ class CompressedComm:
         """`body(rows, mode, stream)` (a collective without error feedback), replayed from the CUDA
         graph of its padded row count where it can be (`graphs.py`: eager CUDA calls), else run;
         into `into` when given and replayed (the caller's buffer, `rows`' size)."""
-        if self.graphs is not None and mode == "eager" and rows.is_cuda:
+        if self.graphs is not None and mode == "eager" and self.graphs.serves(rows):
             out = self.graphs.run(op, codec, rows, dtype, stream, body, into)
             if out is not None:
                 return out

@@ -115,13 +115,6 @@ def unpad(op: str, y: Tensor, m: int, n: int, into: Tensor | None = None) -> Ten
     return y[:rows].clone()
 
 
-class _Graph:
-    __slots__ = ("graph", "family")
-
-    def __init__(self, graph, family: tuple):
-        self.graph, self.family = graph, family
-
-
 class _Statics:
     """The static input and output of one collective's graphs (`rows` input rows at most)."""
 
@@ -133,25 +126,62 @@ class _Statics:
         self.graphs: set = set()  # keys of the graphs that read and write these buffers
 
 
+class CudaCapture:
+    """Captures work into CUDA graphs: on a side stream per device, into one memory pool per
+    (device, stream the graphs replay on)."""
+
+    device_type = "cuda"
+
+    def __init__(self):
+        self._side: dict = {}
+        self._pools: dict = {}
+
+    def __call__(self, work: Callable[[str, int], None], device: torch.device, stream: int):
+        """A CUDA graph of `work("capture", 0)`, to replay on `stream` (the current stream)."""
+        side = self._side.get(device.index)
+        if side is None:
+            side = self._side[device.index] = torch.cuda.Stream(device)
+        pool = self._pools.get((device.index, stream))
+        if pool is None:
+            pool = self._pools[(device.index, stream)] = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(device)
+        graph = torch.cuda.CUDAGraph()
+        side.wait_stream(current)
+        try:
+            with torch.cuda.stream(side):
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    work("capture", 0)
+                finally:
+                    graph.capture_end()
+        finally:
+            current.wait_stream(side)
+        return graph
+
+
 class Graphs:
-    """One communicator's captured collectives (see the module docstring)."""
+    """One communicator's captured collectives (see the module docstring). `capture`: how work is
+    captured into a graph (`CudaCapture`; tests replay it eagerly on the CPU instead)."""
 
     def __init__(self, n: int, budget: int = BUDGET_BYTES, max_input: int = MAX_INPUT_BYTES,
-                 max_graphs: int = MAX_GRAPHS):
+                 max_graphs: int = MAX_GRAPHS, capture=None):
         self.n, self.budget, self.max_input, self.max_graphs = n, budget, max_input, max_graphs
-        self._graphs: OrderedDict = OrderedDict()  # (family key, padded rows) -> _Graph
+        self.capture = capture if capture is not None else CudaCapture()
+        self._graphs: OrderedDict = OrderedDict()  # (family key, padded rows) -> the graph
         self._statics: OrderedDict = OrderedDict()  # family key -> _Statics
         self._seen: OrderedDict = OrderedDict()
-        self._side: dict = {}  # device index -> the side stream captures run on
-        self._pools: dict = {}  # (device index, stream) -> the memory pool its graphs share
         self.nbytes = 0  # static buffers kept
         self.captured = 0  # graphs captured so far
         self.replays = 0
 
+    def serves(self, x: Tensor) -> bool:
+        """Whether calls on `x` (eager) may go through graphs."""
+        return x.device.type == self.capture.device_type and self.max_input >= 0
+
     def run(self, op: str, codec, x: Tensor, out_dtype: torch.dtype, stream: int,
             body: Callable[[Tensor, str, int], Tensor], into: Tensor | None = None) -> Tensor | None:
-        """`body(rows, mode, stream)` (the collective `op` on `x` [m, hidden], an eager CUDA call
-        on `stream`) through the graph of its padded row count, into `into` (an all-reduce's input,
+        """`body(rows, mode, stream)` (the collective `op` on `x` [m, hidden], an eager call on
+        `stream`) through the graph of its padded row count, into `into` (an all-reduce's input,
         when the caller allows) or a new tensor; None where the call must run as it is (the padded
         input over `max_input`, its buffers over the budget, or a failed capture)."""
         n, (m, hidden) = self.n, x.shape
@@ -165,20 +195,20 @@ class Graphs:
         inp = statics.inp[:rows]
         pad_into(op, x, inp, n)
         key = (family, rows)
-        g = self._graphs.get(key)
-        if g is None:
+        graph = self._graphs.get(key)
+        if graph is None:
             if key not in self._seen:  # first sight: eagerly, on the padded input (compiles its kernels)
                 if len(self._seen) >= MAX_SEEN:
                     self._seen.popitem(last=False)
                 self._seen[key] = True
                 return unpad(op, body(inp, "eager", stream), m, n, into)
             del self._seen[key]
-            g = self._capture(key, statics, inp, body)
-            if g is None:
+            graph = self._capture(key, statics, inp, body)
+            if graph is None:
                 return unpad(op, body(inp, "eager", stream), m, n, into)
         else:
             self._graphs.move_to_end(key)
-        g.graph.replay()
+        graph.replay()
         self.replays += 1
         return unpad(op, statics.out[:out_rows(op, rows, n)], m, n, into)
 
@@ -189,12 +219,12 @@ class Graphs:
         if statics is not None and statics.rows >= rows:
             self._statics.move_to_end(family)
             return statics
-        hidden, size = x.shape[1], x.element_size()
-        cap = max(rows, self.max_input // (hidden * size))
-        if self.n > 1 and family[0] == "reduce_scatter":
-            cap -= cap % self.n
-        grown = max(rows, min(cap, 2 * statics.rows)) if statics is not None else rows
-        nbytes = grown * hidden * size + out_rows(family[0], grown, self.n) * hidden * out_dtype.itemsize
+        op, hidden, size = family[0], x.shape[1], x.element_size()
+        grown = rows
+        if statics is not None:  # double, within max_input (a reduce-scatter's rows: a multiple of n)
+            cap = self.max_input // (hidden * size)
+            grown = max(rows, min(cap - cap % self.n if op == "reduce_scatter" else cap, 2 * statics.rows))
+        nbytes = grown * hidden * size + out_rows(op, grown, self.n) * hidden * out_dtype.itemsize
         if nbytes > self.budget:
             return None
         if statics is not None:
@@ -204,7 +234,7 @@ class Graphs:
                 break
             self._drop_family(old)
         inp = torch.zeros((grown, hidden), dtype=x.dtype, device=x.device)
-        out = torch.empty((out_rows(family[0], grown, self.n), hidden), dtype=out_dtype, device=x.device)
+        out = torch.empty((out_rows(op, grown, self.n), hidden), dtype=out_dtype, device=x.device)
         statics = self._statics[family] = _Statics(inp, out, grown)
         self.nbytes += statics.nbytes
         return statics
@@ -212,41 +242,27 @@ class Graphs:
     def _drop_family(self, family: tuple) -> None:
         statics = self._statics.pop(family)
         for key in statics.graphs:
-            self._graphs.pop(key).graph.reset()
+            self._graphs.pop(key).reset()
         self.nbytes -= statics.nbytes
 
-    def _capture(self, key: tuple, statics: _Statics, inp: Tensor, body: Callable) -> _Graph | None:
-        device = inp.device
-        side = self._side.get(device.index)
-        if side is None:
-            side = self._side[device.index] = torch.cuda.Stream(device)
-        current = torch.cuda.current_stream(device)
-        pool = self._pools.get((device.index, key[0][-1]))
-        if pool is None:
-            pool = self._pools[(device.index, key[0][-1])] = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        side.wait_stream(current)
+    def _capture(self, key: tuple, statics: _Statics, inp: Tensor, body: Callable):
+        def work(mode: str, stream: int) -> None:  # the collective, its result into the static output
+            y = body(inp, mode, stream)
+            statics.out[:y.numel() // y.shape[-1]].copy_(y.reshape(-1, y.shape[-1]))
+
         try:
-            with torch.cuda.stream(side):
-                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-                try:
-                    y = body(inp, "capture", 0)
-                    statics.out[:y.numel() // y.shape[-1]].copy_(y.view(-1, y.shape[-1]))
-                finally:
-                    graph.capture_end()
+            graph = self.capture(work, inp.device, key[0][-1])
         except Exception as e:  # noqa: BLE001 (the calls run eagerly from now on)
             logging.getLogger("tpcomp_megatron").warning(
                 "compressed collective %s: CUDA-graph capture failed (%s: %s); this communicator's "
                 "collectives run eagerly from now on", key[0][0], type(e).__name__, e)
             self.max_input = -1
             return None
-        finally:
-            current.wait_stream(side)
         if len(self._graphs) >= self.max_graphs:
             old_key, old = self._graphs.popitem(last=False)
-            self._statics[old.family].graphs.discard(old_key)
-            old.graph.reset()
-        g = self._graphs[key] = _Graph(graph, key[0])
+            self._statics[old_key[0]].graphs.discard(old_key)
+            old.reset()
+        self._graphs[key] = graph
         statics.graphs.add(key)
         self.captured += 1
-        return g
+        return graph
