@@ -36,6 +36,10 @@ def test_padded_rows_per_operation(n):
         assert padded_rows("reduce_scatter", m * n, n, True) == n * graph_rows(m)
 
 
+def _same(a, b):
+    return a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
 SPECS = ["fp4_e2m1/b32/e8m0", "int4/b16/bf16", "outlier_int4/k32", "outlier+fp5_e2m2/b32", "lloyd4/b32/e6m2d",
          "lowrank+fp4_e2m1/b32/e6m2/r2"]
 
@@ -55,8 +59,7 @@ def _check_padded(rank, world):
                 rows = x if op == "reduce_scatter" else x[:m]
                 want = call(comm, op, codec, rows)
                 got = padded_call(comm, op, codec, rows, fill)
-                if not (got.shape == want.reshape(got.shape).shape and torch.equal(got.view(torch.int16),
-                                                                                   want.reshape(got.shape).view(torch.int16))):
+                if not _same(got, want.reshape(got.shape)):
                     bad.append((spec, m, op))
     return bad
 
@@ -73,10 +76,6 @@ def _graphed_comm(policy, **kw):
     comm = CompressedComm(policy=policy)
     comm.graphs = Graphs(comm.world_size, capture=EagerReplay(), **kw)
     return comm
-
-
-def _same(a, b):
-    return a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
 def _check_replayed(rank, world):
@@ -96,8 +95,10 @@ def _check_replayed(rank, world):
                     r = x if op == "reduce_scatter" else x[:rows]
                     want = call(stepped, op, codec, r)
                     mine = r.clone()
-                    got = (graphed.all_reduce(mine, codec, algorithm=op, in_place=True) if op in ("one_shot", "two_shot")
-                           else call(graphed, op, codec, r))
+                    if op in ("one_shot", "two_shot"):
+                        got = graphed.all_reduce(mine, codec, algorithm=op, in_place=True)
+                    else:
+                        got = call(graphed, op, codec, r)
                     if not _same(got, want):
                         errors.append((spec, rows, op))
                     if op == "two_shot" and got.data_ptr() != mine.data_ptr():
@@ -150,3 +151,38 @@ def test_graph_memory_bounded_under_1000_lengths():
         distinct = len({graph_rows(m) for m in lengths.tolist()})
         assert distinct < 250 and g.captured > 0 and g.replays > 0
         assert g.captured + g.replays + len(g._seen) <= 2 * 1000
+
+
+def test_start_up_capture_serves_every_later_prompt_length():
+    """`CompressionHandle.capture_graphs(max_tokens)` on a tiny Megatron model at TP=2 (one rank,
+    mirror group; graphs replayed eagerly on the CPU): one graph per graph row count up to
+    max_tokens, and afterwards forwards at lengths never seen capture nothing, replay every
+    collective and give the stepped model's logits bit for bit; the counters are untouched."""
+    from graph_cases import EagerReplay
+    from test_onerank import _tiny_cfg
+    from tpcomp_megatron.comm.graphs import Graphs, graph_row_counts
+    from tpcomp_megatron.megatron import CompressionConfig, apply_tp_compression
+    from tpcomp_megatron.models.core.builder import build_gpt_model
+    from tpcomp_megatron.testing.onerank import one_rank_tp
+
+    gen = torch.Generator().manual_seed(3)
+    lengths = [37, 50, 61, 33, 64]
+    prompts = [(torch.randint(0, 512, (1, n), generator=gen), torch.arange(n).unsqueeze(0)) for n in lengths]
+    with one_rank_tp(2, backend="mirror"), torch.no_grad():
+        torch.manual_seed(0)
+        model = build_gpt_model(_tiny_cfg(2), use_cpu_initialization=True).eval()
+        stepped = apply_tp_compression(model, CompressionConfig(spec="fp4_e2m1/b32/e6m2", min_bytes=0,
+                                                                cuda_graphs=False))
+        want = [model(t, p, attention_mask=None) for t, p in prompts]
+        stepped.remove()
+        handle = apply_tp_compression(model, CompressionConfig(spec="fp4_e2m1/b32/e6m2", min_bytes=0))
+        assert handle.capture_graphs(64) == 0, "no CUDA graphs on the CPU"
+        handle.comm.graphs = graphs = Graphs(2, capture=EagerReplay())
+        assert handle.capture_graphs(64) == len(graph_row_counts(64)) == graphs.captured
+        assert handle.stats.calls_compressed == 0
+        replays = graphs.replays
+        for (t, p), w in zip(prompts, want):
+            assert torch.equal(model(t, p, attention_mask=None), w)
+        assert graphs.captured == len(graph_row_counts(64)), "a length never seen captured a graph"
+        assert graphs.replays - replays == 2 * 2 * len(lengths) == handle.stats.calls_compressed
+        handle.remove()

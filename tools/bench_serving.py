@@ -16,8 +16,10 @@ compression off (the torch side's first sight of the shape: allocator, attention
 pair off / on (the order alternating request by request; the compressed path sees the length for
 the first time: its gate answer, and a kit where the row bucket is new), then a second pair on the
 same length (repeated length). Every prefill collective is compressed (`min_bytes=0`: the most
-host work the compressed path can add). Before the trace, a few untimed forwards at lengths outside
-it compile the kernels, as a server's start-up does. The overhead of a request is its pair's
+host work the compressed path can add). Before the trace, as a server's start-up does, a few
+untimed forwards at lengths outside it compile the kernels, and `capture_graphs` captures the
+CUDA graphs of every graph row count up to the longest prompt (`comm/graphs.py`; their number
+and the seconds it took are recorded). The overhead of a request is its pair's
 on/off ratio minus one (wall time, the host-bound TTFT; and GPU time from CUDA events around the
 same forward); p50 and p90 over the requests.
 
@@ -133,6 +135,9 @@ def main() -> None:
                     help="CompressionConfig.cuda_graphs: collectives replayed from CUDA graphs (comm/graphs.py)")
     ap.add_argument("--tag", default="", help="free text stored in each record (e.g. which build)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after each model's trace, write torch.profiler traces (Chrome JSON) of one forward off "
+                         "and on at the trace's median length into DIR: where the overhead goes")
     ap.add_argument("--md", help="also write the Markdown page of --out (every record in it)")
     args = ap.parse_args()
 
@@ -213,6 +218,14 @@ def _prefill(model, apply, config, lengths, forward_of, cuda, layers, args) -> d
             for on in (False, True):
                 toggle(on)
                 forward()
+    toggle(True)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    captured0 = handle.capture_graphs(max(lengths))  # start-up: every graph row count of the trace's range
+    if cuda:
+        torch.cuda.synchronize()
+    capture_s = time.perf_counter() - t0
     built0, _ = comm_state(handle.comm)
     first, repeat, bad = [], [], 0
     t0 = time.perf_counter()
@@ -229,6 +242,8 @@ def _prefill(model, apply, config, lengths, forward_of, cuda, layers, args) -> d
             print(f"  {i + 1}/{len(lengths)} requests, {time.perf_counter() - t0:.0f} s", flush=True)
     built, kept = comm_state(handle.comm)
     graphs = getattr(handle.comm, "graphs", None)
+    if args.profile:
+        _profile(forward_of(1, int(statistics.median(lengths))), toggle, args.profile, f"{layers}x")
     handle.remove()
     wall_first, gpu_first = overheads(first, 0), overheads(first, 1)
     wall_rep, gpu_rep = overheads(repeat, 0), overheads(repeat, 1)
@@ -244,6 +259,7 @@ def _prefill(model, apply, config, lengths, forward_of, cuda, layers, args) -> d
             "by_length": _by_length(lengths, wall_first),
             "kept_payload_bytes": kept, "plans_built": built, "plans_built_in_trace": None if built is None else built - built0,
             "requests_not_all_compressed": bad, "collectives_per_request": 2 * layers,
+            "graphs_captured_at_start_up": captured0, "start_up_capture_s": capture_s,
             "graphs_captured": None if graphs is None else graphs.captured,
             "graphs_replayed": None if graphs is None else graphs.replays,
             "graph_bytes_kept": None if graphs is None else graphs.nbytes}
@@ -279,19 +295,46 @@ def _decode(model, apply, config, batch, forward_of, cuda, layers, args) -> dict
             "compressed_per_step": compressed, "exact_per_step": exact}
 
 
+def _profile(forward, toggle, folder: str, name: str) -> None:
+    """torch.profiler traces of `forward` with compression off and on (after a warm call each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(folder, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for on in (False, True):
+        toggle(on)
+        forward()
+        with profile(activities=activities) as prof:
+            forward()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        prof.export_chrome_trace(os.path.join(folder, f"serving_{name}_{'on' if on else 'off'}.json"))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    toggle(True)
+
+
 def _print(rec: dict) -> None:
     head = f"{rec['model']} x{rec['layers']} TP={rec['world_size']} {rec['tag']:6s} {rec['phase']:7s}"
     if rec["phase"] == "prefill":
         print(f"{head} {rec['requests']} requests: TTFT overhead p50 {rec['overhead_pct_p50']:+.1f}% "
               f"p90 {rec['overhead_pct_p90']:+.1f}% (GPU {rec['gpu_overhead_pct_p50']:+.1f}%); repeated length p50 "
               f"{rec['repeat_overhead_pct_p50']:+.1f}%; baseline p50 {rec['baseline_ms_p50']:.1f} ms; set-ups built "
-              f"{rec['plans_built']}, kept {rec['kept_payload_bytes']} B; graphs captured {rec.get('graphs_captured')}, "
+              f"{rec['plans_built']}, kept {rec['kept_payload_bytes']} B; graphs captured {rec.get('graphs_captured')} "
+              f"({rec.get('graphs_captured_at_start_up')} at start-up, {rec.get('start_up_capture_s', 0):.1f} s), "
               f"replayed {rec.get('graphs_replayed')}, kept {rec.get('graph_bytes_kept')} B", flush=True)
     else:
         print(f"{head} batch {rec['batch']:3d}: overhead p50 {rec['overhead_pct_p50']:+.1f}% p90 "
               f"{rec['overhead_pct_p90']:+.1f}% (GPU {rec['gpu_overhead_pct_p50']:+.1f}%), baseline "
               f"{rec['baseline_ms_p50']:.2f} ms; per step {rec['compressed_per_step']} compressed, "
               f"{rec['exact_per_step']} exact", flush=True)
+
+
+def _graph_cell(r: dict) -> str:
+    if r.get("graphs_captured") is None:
+        return "off"
+    start = r.get("graphs_captured_at_start_up")
+    at = "" if start is None else f" ({start}, {r.get('start_up_capture_s', 0):.1f} s)"
+    return f"{r['graphs_captured']}{at} / {r.get('graphs_replayed')}"
 
 
 def write_page(jsonl: str, md: str) -> None:
@@ -308,8 +351,9 @@ def write_page(jsonl: str, md: str) -> None:
              f"Commands: {sorted({r['command'] for r in recs})}", "",
              "## Prefill (every collective compressed)", "",
              "| build (commit) | model | layers | TP | requests | overhead p50 | p90 | first-seen / repeated length p50 "
-             "| GPU p50 | baseline TTFT p50 | set-ups built | kept payload bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| GPU p50 | baseline TTFT p50 | set-ups built | kept payload bytes | graphs captured (at start-up, s) / "
+             "replayed | graph buffers kept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         if r["phase"] != "prefill":
             continue
@@ -317,7 +361,7 @@ def write_page(jsonl: str, md: str) -> None:
                      f"{r['overhead_pct_p50']:+.1f}% | {r['overhead_pct_p90']:+.1f}% | "
                      f"{r['first_request_overhead_pct']:+.1f}% / {r['repeat_overhead_pct_p50']:+.1f}% | "
                      f"{r['gpu_overhead_pct_p50']:+.1f}% | {r['baseline_ms_p50']:.1f} ms | {r['plans_built']} | "
-                     f"{r['kept_payload_bytes']} |")
+                     f"{r['kept_payload_bytes']} | {_graph_cell(r)} | {r.get('graph_bytes_kept')} |")
     lines += ["", "Prompt lengths: " + "; ".join(sorted({r["length_distribution"] for r in recs if "length_distribution" in r})),
               "", "## Decode steps (the gate decides; seed thresholds)", "",
               "| build (commit) | model | TP | link | batch | steps | overhead p50 | p90 | GPU p50 | baseline step "

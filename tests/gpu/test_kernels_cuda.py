@@ -441,6 +441,14 @@ def test_collectives_replayed_from_graphs_cuda(world):
             x = torch.randn(2 * world, hidden, generator=gen).to(torch.bfloat16).cuda()
             assert same(tight.all_reduce(x, codec).cpu(), stepped.all_reduce(x, codec).cpu())
         assert tight.graphs.captured == 0 and tight.graphs.nbytes == 0
+        warm = CompressedComm(policy=policy)  # start-up capture: later lengths capture nothing
+        count = warm.capture_graphs("all_reduce", codec, hidden, torch.bfloat16, torch.device("cuda"), 200)
+        assert count == warm.graphs.captured > 0
+        # one-shot at 2 ranks; at 8, two-shot under the mirror group: the same chunks padded or not
+        for rows in (199, 150, 37, 3, 77):
+            x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16).cuda()
+            assert same(warm.all_reduce(x, codec).cpu(), stepped.all_reduce(x, codec).cpu()), rows
+        assert warm.graphs.captured == count and warm.stats.calls_compressed == 5
         static = torch.randn(5 * world, hidden, generator=gen).to(torch.bfloat16).cuda()
         want = [w.cpu() for w in results(stepped, codec, static)]
         graphed = CompressedComm(policy=policy)

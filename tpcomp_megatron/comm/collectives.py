@@ -45,7 +45,7 @@ from .gate.links import symm_mem_available
 from . import transport
 from .reduce import reduce_payloads
 from .engine import BUDGET_BYTES, Kits, call_mode
-from .graphs import Graphs
+from .graphs import Graphs, graph_row_counts
 from .stats import CommStats
 from .transport import CollectiveError, ring_bytes as _ring_bytes, run as _run
 
@@ -197,7 +197,7 @@ class CompressedComm:
             out = self._graphed(algo, rows, codec, x.dtype, mode, stream, into,
                                 lambda r, mode, s: run(r, codec, x.dtype, False, None, mode, s)[0])
             self.stats.record_compressed(sent, exact)
-            return out.view(x.shape)
+            return x if out is into else out.view(x.shape)  # (replayed in place: x holds the sum)
         out, own = run(send, codec, x.dtype, want_own, debt, mode, stream)
         if want_own:
             feedback.settle(send, own, out)
@@ -214,6 +214,40 @@ class CompressedComm:
             if out is not None:
                 return out
         return body(rows, mode, stream)
+
+    def capture_graphs(self, op: str, codec: Codec, hidden: int, dtype: torch.dtype, device: torch.device,
+                       max_rows: int) -> int:
+        """Capture now the CUDA graphs of `op` ('all_reduce', 'reduce_scatter', 'all_gather') with
+        `codec` on `hidden`-wide `dtype` rows, for every graph row count up to `max_rows` input
+        rows (a reduce-scatter's whole input; an all-gather's shard), as a server's start-up does,
+        so no request pays a capture; returns how many were captured (0 without graphs, or on the CPU). Largest
+        first, so the static buffers are sized once. Collective: every rank calls it alike (the
+        calls run the collective on zeros); the counters are left as they were."""
+        graphs = self.graphs
+        probe = torch.empty(0, device=device)
+        if graphs is None or self.world_size == 1 or not graphs.serves(probe):
+            return 0
+        n, before, stats = self.world_size, graphs.captured, self.stats
+        self.stats = CommStats()
+        try:
+            chunked = op == "reduce_scatter"  # its graphs are per rank's chunk
+            for rows in graph_row_counts(max_rows // n if chunked else max_rows):
+                if (n if chunked else 1) * rows * hidden * dtype.itemsize > graphs.max_input:
+                    continue  # stays stepped
+                x = torch.zeros((n * rows if op == "reduce_scatter" else rows, hidden), dtype=dtype, device=device)
+                for _ in range(2):  # the first sight, then the capture
+                    if op == "all_reduce":
+                        self.all_reduce(x, codec)
+                    elif op == "reduce_scatter":
+                        self.reduce_scatter(x, codec)
+                    elif op == "all_gather":
+                        self.all_gather(x, codec)
+                    else:
+                        raise ValueError(f"unknown collective {op!r}; valid: 'all_reduce', 'reduce_scatter', "
+                                         "'all_gather'")
+        finally:
+            self.stats = stats
+        return graphs.captured - before
 
     def _kit(self, op: str, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int):
         return self.kits.get(op, codec, rows.shape[0], rows.shape[1], rows.dtype, dtype, rows.device, stream,

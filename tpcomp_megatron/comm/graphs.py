@@ -23,7 +23,11 @@ A reduce-scatter pads each rank's chunk, so every rank keeps its own rows.
 * the second captures the collective (the same code, `collectives.py`, in capture mode: its
   payload buffers from the graph memory pool) on a side stream, reading the static input and
   writing the static output;
-* from then on a call is copy in, replay, copy out (`Graphs.run`).
+* from then on a call is copy in, replay, copy out (`Graphs.run`), through the views of the
+  static buffers set up once per exact call (`_Call`: about 2 us of Python besides the copies).
+
+The result reaches the static output through one more copy inside the graph (GPU time only, hidden
+where the forward is host-bound; the decode kernels do not write into a given buffer yet).
 
 The graphs of one collective (operation, codec value, hidden, dtypes, device, stream) share one
 static input and one static output, sized for the largest graph captured (grown by doubling: a
@@ -31,12 +35,15 @@ growth drops the collective's graphs, recaptured on later calls). Graphs of one 
 memory pool: they replay one at a time on their stream, so their payloads may overlap, and a
 capture after the first few allocates nothing from CUDA (an eviction frees nothing: a `cudaFree`
 would stall the device). Kept: the static buffers within `BUDGET_BYTES` per communicator (the
-least recently used collective's dropped first) and at most `MAX_GRAPHS` graphs (least recently
-used first). A call whose padded input exceeds `MAX_INPUT_BYTES` stays eager: there the forward
-is GPU-bound (the host time is hidden anyway) and the copies would cost GPU time. A capture that
-fails (a process group that cannot be captured) is logged, and the communicator's calls stay
-eager from then on. Every rank sees the same calls, so every rank captures and replays at the
-same calls, and graphs of NCCL collectives stay matched across ranks.
+least recently used collective's dropped first, with its graphs and calls) and at most
+`MAX_GRAPHS` graphs (least recently used first). A call whose padded input exceeds
+`MAX_INPUT_BYTES` stays eager: there the forward is GPU-bound (the host time is hidden anyway)
+and the copies would cost GPU time. A capture that fails (a process group that cannot be
+captured) is logged, and the communicator's calls stay eager from then on. Every rank sees the
+same calls, so every rank captures and replays at the same calls, and graphs of NCCL collectives
+stay matched across ranks. A server captures them all at start-up instead
+(`CompressedComm.capture_graphs`, `CompressionHandle.capture_graphs(max_tokens)`: largest first,
+so the static buffers are sized once), as vLLM captures its batch sizes.
 
 Measured on one H100 (`benchmarks/results/serving_h100_2026-12-07-graphs.md`: a graph per exact
 row count, private pools then): TTFT overhead of a 200-request trace +22% -> +6% at 70B x80
@@ -74,6 +81,11 @@ def graph_rows(m: int) -> int:
         return m
     step = max(1, (1 << ((m - 1).bit_length() - 1)) // GRAPH_STEPS)
     return -(-m // step) * step
+
+
+def graph_row_counts(max_rows: int) -> list[int]:
+    """Every graph row count of 1 to `max_rows` rows (`graph_rows`), largest first."""
+    return sorted({graph_rows(m) for m in range(1, max_rows + 1)}, reverse=True)
 
 
 def padded_rows(op: str, m: int, n: int, pads: bool) -> int:
@@ -118,12 +130,35 @@ def unpad(op: str, y: Tensor, m: int, n: int, into: Tensor | None = None) -> Ten
 class _Statics:
     """The static input and output of one collective's graphs (`rows` input rows at most)."""
 
-    __slots__ = ("inp", "out", "rows", "nbytes", "graphs")
+    __slots__ = ("inp", "out", "rows", "nbytes", "graphs", "calls")
 
     def __init__(self, inp: Tensor, out: Tensor, rows: int):
         self.inp, self.out, self.rows = inp, out, rows
         self.nbytes = inp.numel() * inp.element_size() + out.numel() * out.element_size()
         self.graphs: set = set()  # keys of the graphs that read and write these buffers
+        self.calls: set = set()  # keys of the calls holding views of them
+
+
+class _Graph:
+    __slots__ = ("graph", "live")
+
+    def __init__(self, graph):
+        self.graph, self.live = graph, True
+
+    def reset(self) -> None:
+        self.live = False
+        self.graph.reset()
+
+
+class _Call:
+    """One exact call's way through a graph: its graph key, its rows' place in the static input
+    (`dst`) and its result's in the static output (`src`), and the graph once captured."""
+
+    __slots__ = ("key", "statics", "dst", "src", "chunks", "graph")
+
+    def __init__(self, key: tuple, statics: _Statics, dst: Tensor, src: Tensor, chunks: tuple | None):
+        self.key, self.statics, self.dst, self.src, self.chunks = key, statics, dst, src, chunks
+        self.graph: _Graph | None = None
 
 
 class CudaCapture:
@@ -167,8 +202,9 @@ class Graphs:
                  max_graphs: int = MAX_GRAPHS, capture=None):
         self.n, self.budget, self.max_input, self.max_graphs = n, budget, max_input, max_graphs
         self.capture = capture if capture is not None else CudaCapture()
-        self._graphs: OrderedDict = OrderedDict()  # (family key, padded rows) -> the graph
+        self._graphs: OrderedDict = OrderedDict()  # (family key, padded rows) -> _Graph
         self._statics: OrderedDict = OrderedDict()  # family key -> _Statics
+        self._calls: OrderedDict = OrderedDict()  # exact call key -> _Call, or None (never served)
         self._seen: OrderedDict = OrderedDict()
         self.nbytes = 0  # static buffers kept
         self.captured = 0  # graphs captured so far
@@ -184,33 +220,82 @@ class Graphs:
         `stream`) through the graph of its padded row count, into `into` (an all-reduce's input,
         when the caller allows) or a new tensor; None where the call must run as it is (the padded
         input over `max_input`, its buffers over the budget, or a failed capture)."""
-        n, (m, hidden) = self.n, x.shape
-        rows = padded_rows(op, m, n, getattr(codec, "pads_rows_exactly", True))
-        if m == 0 or rows * hidden * x.element_size() > self.max_input:
-            return None
-        family = (op, codec, hidden, x.dtype, out_dtype, x.device, stream)
-        statics = self._statics_for(family, rows, x, out_dtype)
-        if statics is None:
-            return None
-        inp = statics.inp[:rows]
-        pad_into(op, x, inp, n)
-        key = (family, rows)
-        graph = self._graphs.get(key)
+        ckey = (op, codec, x.shape, x.dtype, out_dtype, x.device, stream)
+        call = self._calls.get(ckey)
+        if call is None:
+            if ckey in self._calls:  # never served (over max_input, or over the budget alone)
+                return None
+            call = self._call(ckey, x, out_dtype)
+            if call is None:
+                return None
+        graph = call.graph
+        if graph is not None and graph.live:  # the hot path: copy in, replay, copy out
+            self._graphs.move_to_end(call.key)
+            call.dst.copy_(x if call.chunks is None else x.view(call.chunks))
+            graph.graph.replay()
+            self.replays += 1
+            return self._take(op, call.src, into)
+        call.dst.copy_(x if call.chunks is None else x.view(call.chunks))
+        inp = call.statics.inp[:call.key[1]]
+        graph = self._graphs.get(call.key)
         if graph is None:
-            if key not in self._seen:  # first sight: eagerly, on the padded input (compiles its kernels)
+            if call.key not in self._seen:  # first sight: eagerly, on the padded input (compiles its kernels)
                 if len(self._seen) >= MAX_SEEN:
                     self._seen.popitem(last=False)
-                self._seen[key] = True
-                return unpad(op, body(inp, "eager", stream), m, n, into)
-            del self._seen[key]
-            graph = self._capture(key, statics, inp, body)
+                self._seen[call.key] = True
+                return unpad(op, body(inp, "eager", stream), x.shape[0], self.n, into)
+            del self._seen[call.key]
+            graph = self._capture(call.key, call.statics, inp, body)
             if graph is None:
-                return unpad(op, body(inp, "eager", stream), m, n, into)
-        else:
-            self._graphs.move_to_end(key)
-        graph.replay()
+                return unpad(op, body(inp, "eager", stream), x.shape[0], self.n, into)
+        call.graph = graph
+        self._graphs.move_to_end(call.key)
+        graph.graph.replay()
         self.replays += 1
-        return unpad(op, statics.out[:out_rows(op, rows, n)], m, n, into)
+        return self._take(op, call.src, into)
+
+    @staticmethod
+    def _take(op: str, src: Tensor, into: Tensor | None) -> Tensor:
+        """The call's result (`src`, its view of the static output) copied out."""
+        if into is not None:  # an all-reduce's input: its rows, as `src`
+            return into.copy_(src)
+        if op == "all_gather":  # [n, m, hidden] of [n, rows, hidden]
+            return src.clone(memory_format=torch.contiguous_format).view(-1, src.shape[-1])
+        return src.clone()
+
+    def _call(self, ckey: tuple, x: Tensor, out_dtype: torch.dtype) -> _Call | None:
+        """Set up the exact call `ckey` (its padded rows, static buffers and their views); None
+        where it cannot be served (its padded input over `max_input`, its buffers over the whole
+        budget: remembered)."""
+        op, codec, n, (m, hidden) = ckey[0], ckey[1], self.n, x.shape
+        rows = padded_rows(op, m, n, getattr(codec, "pads_rows_exactly", True))
+        if m == 0 or rows * hidden * x.element_size() > self.max_input:
+            self._remember(ckey, None)
+            return None
+        family = (op, codec, hidden, x.dtype, out_dtype, x.device, ckey[-1])
+        statics = self._statics_for(family, rows, x, out_dtype)
+        if statics is None:
+            self._remember(ckey, None)
+            return None
+        inp, out, chunks = statics.inp[:rows], statics.out[:out_rows(op, rows, n)], None
+        if op == "reduce_scatter":
+            chunks = (n, m // n, hidden)
+            dst, src = inp.view(n, rows // n, hidden)[:, :m // n], out[:m // n]
+        elif op == "all_gather":
+            dst, src = inp[:m], out.view(n, rows, hidden)[:, :m]
+        else:
+            dst, src = inp[:m], out[:m]
+        call = _Call((family, rows), statics, dst, src, chunks)
+        self._remember(ckey, call)
+        statics.calls.add(ckey)
+        return call
+
+    def _remember(self, ckey: tuple, call: _Call | None) -> None:
+        if len(self._calls) >= MAX_SEEN:
+            old_key, old = self._calls.popitem(last=False)
+            if old is not None:
+                old.statics.calls.discard(old_key)
+        self._calls[ckey] = call
 
     def _statics_for(self, family: tuple, rows: int, x: Tensor, out_dtype: torch.dtype) -> _Statics | None:
         """The static buffers of `family`, holding at least `rows` input rows (grown by doubling,
@@ -240,18 +325,21 @@ class Graphs:
         return statics
 
     def _drop_family(self, family: tuple) -> None:
+        """Drop a collective's static buffers, its graphs and the calls holding views of them."""
         statics = self._statics.pop(family)
         for key in statics.graphs:
             self._graphs.pop(key).reset()
+        for ckey in statics.calls:
+            del self._calls[ckey]
         self.nbytes -= statics.nbytes
 
-    def _capture(self, key: tuple, statics: _Statics, inp: Tensor, body: Callable):
+    def _capture(self, key: tuple, statics: _Statics, inp: Tensor, body: Callable) -> _Graph | None:
         def work(mode: str, stream: int) -> None:  # the collective, its result into the static output
             y = body(inp, mode, stream)
             statics.out[:y.numel() // y.shape[-1]].copy_(y.reshape(-1, y.shape[-1]))
 
         try:
-            graph = self.capture(work, inp.device, key[0][-1])
+            graph = _Graph(self.capture(work, inp.device, key[0][-1]))
         except Exception as e:  # noqa: BLE001 (the calls run eagerly from now on)
             logging.getLogger("tpcomp_megatron").warning(
                 "compressed collective %s: CUDA-graph capture failed (%s: %s); this communicator's "

@@ -47,6 +47,28 @@ class CompressionHandle:
     def attached(self) -> set[str]:
         return set(self._names)
 
+    def capture_graphs(self, max_tokens: int) -> int:
+        """Capture now the CUDA graphs of every compressed collective the attached layers make,
+        for prompts (or batches) of up to `max_tokens` tokens, as a server's start-up does
+        (`CompressedComm.capture_graphs`): after it, a prompt length never seen replays a graph
+        captured here instead of capturing one. Returns the graphs captured (0 on the CPU or
+        with graphs off). Collective: every rank of the group calls it with the same
+        `max_tokens`. Layers with error feedback take no graph."""
+        if self.comm is None:
+            return 0
+        wanted = {}
+        for module, _ in self._changed:
+            lc = module.tp_compression
+            if lc is None or lc.codec is None or lc.feedback is not None:
+                continue
+            if isinstance(module, CompressedRowParallelLinear):
+                op = "reduce_scatter" if module.sequence_parallel else "all_reduce"
+                hidden, rows = module.output_size, max_tokens
+            else:  # a sequence-parallel gather: each rank holds 1/n of the tokens
+                op, hidden, rows = "all_gather", module.input_size, max_tokens // self.comm.world_size
+            wanted[(op, lc.codec, hidden, module.weight.dtype, module.weight.device)] = rows
+        return sum(self.comm.capture_graphs(*key, rows) for key, rows in wanted.items())
+
     def _attach(self, module: torch.nn.Module, compressed_cls: type, lc: LayerCompression, name: str = "") -> None:
         self._changed.append((module, type(module)))
         self._names.append(name)
