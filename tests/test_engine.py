@@ -6,7 +6,7 @@ holds). What is set up (kits: kernel plans and payload buffers) must be built on
 codec value, row bucket), not per layer or per prompt length; kept bytes stay within the budget
 whatever the lengths; codecs of equal value share, codecs of other calibration data do not. That
 the engine's results are the reference codecs' bit for bit is tested on real gloo ranks
-(test_collectives.py, uneven two-shot rows included) and through the kernels (test_kernels.py).
+(test_collectives.py, uneven two-shot rows included) and through the kernels (test_kernel_plans.py).
 """
 
 from __future__ import annotations
