@@ -28,10 +28,12 @@ def test_graph_rows_pad_at_most_one_step_per_octave():
 
 @pytest.mark.parametrize("n", [2, 3, 8])
 def test_padded_rows_per_operation(n):
-    """A reduce-scatter pads each rank's chunk (so each rank keeps its own rows); a codec whose
-    rows are not padded exactly keeps its row count."""
+    """A reduce-scatter pads each rank's chunk (so each rank keeps its own rows), a two-shot to
+    equal chunks; a codec whose rows are not padded exactly keeps its row count."""
     for m in (1, 31, 33, 97, 1000, 4099):
-        assert padded_rows("one_shot", m, n, True) == padded_rows("two_shot", m, n, True) == graph_rows(m)
+        assert padded_rows("one_shot", m, n, True) == padded_rows("all_gather", m, n, True) == graph_rows(m)
+        two = padded_rows("two_shot", m, n, True)
+        assert two % n == 0 and graph_rows(m) <= two < graph_rows(m) + n
         assert padded_rows("all_gather", m, n, False) == m
         assert padded_rows("reduce_scatter", m * n, n, True) == n * graph_rows(m)
 
@@ -166,7 +168,7 @@ def test_start_up_capture_serves_every_later_prompt_length():
     from tpcomp_megatron.testing.onerank import one_rank_tp
 
     gen = torch.Generator().manual_seed(3)
-    lengths = [37, 50, 61, 33, 64]
+    lengths = [37, 50, 5, 61, 33, 17, 64]
     prompts = [(torch.randint(0, 512, (1, n), generator=gen), torch.arange(n).unsqueeze(0)) for n in lengths]
     with one_rank_tp(2, backend="mirror"), torch.no_grad():
         torch.manual_seed(0)
@@ -178,7 +180,7 @@ def test_start_up_capture_serves_every_later_prompt_length():
         handle = apply_tp_compression(model, CompressionConfig(spec="fp4_e2m1/b32/e6m2", min_bytes=0))
         assert handle.capture_graphs(64) == 0, "no CUDA graphs on the CPU"
         handle.comm.graphs = graphs = Graphs(2, capture=EagerReplay())
-        assert handle.capture_graphs(64) == len(graph_row_counts(64)) == graphs.captured
+        assert handle.capture_graphs(64) == len(graph_row_counts(64)) == graphs.captured == len(graphs._graphs)
         assert handle.stats.calls_compressed == 0
         replays = graphs.replays
         for (t, p), w in zip(prompts, want):

@@ -42,6 +42,25 @@ def test_eager_plans_match_custom_ops(spec):
     check_eager_matches_custom_ops(K, codec, xs, hidden, "cpu", feedback=isinstance(codec, K.FEEDBACK_CODECS))
 
 
+@pytest.mark.parametrize("spec", ["fp4_e2m1/b32/e6m2", "lloyd4/b32/e6m2d", "outlier_int4/k32",
+                                  "outlier+fp4_e2m1/b32/k32", "lowrank+fp4_e2m1/b32/e6m2/r4"])
+def test_decode_plans_write_into_a_given_output(spec):
+    """A decode plan given `out` (as a CUDA graph's static output, comm/graphs.py) writes the
+    bytes it would return, into `out` itself, for every mode; a view into a larger buffer too."""
+    gen = _gen("out", spec)
+    hidden, n = 256, 3
+    codec, xs = _codec_and_inputs(spec, hidden, n, gen, nonfinite=False)
+    p = torch.stack([K.encode(codec, x, source=s) for s, x in enumerate(xs)])
+    for mode, dtype in (("sum", torch.bfloat16), ("each", torch.float32), ("encode", torch.float32)):
+        plan = K.api.prepare_decode(codec, p, hidden, sources=list(range(n)), dtype=dtype, mode=mode,
+                                    out_source=REDUCED if mode == "encode" else 0)
+        want = plan(p)
+        big = torch.full((want.shape[0] + 3,) + tuple(want.shape[1:]), 7, dtype=want.dtype)
+        got = plan(p, out=big[1:1 + want.shape[0]])
+        assert got.data_ptr() == big[1:].data_ptr() and same(got, want), (spec, mode)
+        assert (big[0] == 7).all() and (big[1 + want.shape[0]:] == 7).all(), "wrote outside out"
+
+
 def test_plans_never_reuse_a_stale_configuration():
     """A plan is built per (codec, shape, dtype, device, sources): calls that change rows, hidden,
     dtype, codec, source or the payloads' sources each get the reference's bytes, in any order."""

@@ -115,9 +115,10 @@ _DECODES = {"sum": decode_sum, "each": decode_each}
 
 def prepare_decode(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
                    dtype: torch.dtype, mode: str, out_source: int = 0) -> Callable:
-    """`fn(payloads)` -> a new tensor: `decode_sum` (`mode` 'sum'), `decode_each` ('each') or
-    `decode_sum_encode` ('encode', to source `out_source`) of contiguous payloads `[n, m, row_bytes]`
-    on this device, m in the row bucket of `payloads`' rows, validated once, here."""
+    """`fn(payloads, out=None)` -> a new tensor (or `out`, written): `decode_sum` (`mode` 'sum'),
+    `decode_each` ('each') or `decode_sum_encode` ('encode', to source `out_source`) of contiguous
+    payloads `[n, m, row_bytes]` on this device, m in the row bucket of `payloads`' rows, validated
+    once, here."""
     if mode not in ("sum", "each", "encode"):
         raise ValueError(f"unknown decode mode {mode!r}; valid: 'sum', 'each', 'encode'")
     sources = tuple(sources)
@@ -126,6 +127,11 @@ def prepare_decode(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources
         return k.prepare_decode(codec, payloads, hidden, sources=sources, dtype=dtype, mode=mode,
                                 out_source=out_source)
     if mode == "encode":
-        return lambda p: decode_sum_encode(codec, p, hidden, sources=sources, out_source=out_source)
+        return lambda p, out=None: _into(out, decode_sum_encode(codec, p, hidden, sources=sources,
+                                                                out_source=out_source))
     fn = _DECODES[mode]
-    return lambda p: fn(codec, p, hidden, sources=sources, dtype=dtype)
+    return lambda p, out=None: _into(out, fn(codec, p, hidden, sources=sources, dtype=dtype))
+
+
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    return result if out is None else out.copy_(result)

@@ -195,7 +195,7 @@ class CompressedComm:
         if feedback is None and not (algo == "one_shot" and self._symm_wanted):
             into = rows if in_place and rows.data_ptr() == x.data_ptr() else None
             out = self._graphed(algo, rows, codec, x.dtype, mode, stream, into,
-                                lambda r, mode, s: run(r, codec, x.dtype, False, None, mode, s)[0])
+                                lambda r, mode, s, out=None: run(r, codec, x.dtype, False, None, mode, s, out)[0])
             self.stats.record_compressed(sent, exact)
             return x if out is into else out.view(x.shape)  # (replayed in place: x holds the sum)
         out, own = run(send, codec, x.dtype, want_own, debt, mode, stream)
@@ -206,7 +206,7 @@ class CompressedComm:
 
     def _graphed(self, op: str, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int,
                  into: torch.Tensor | None, body) -> torch.Tensor:
-        """`body(rows, mode, stream)` (a collective without error feedback), replayed from the CUDA
+        """`body(rows, mode, stream, out=None)` (a collective without error feedback), replayed from the CUDA
         graph of its padded row count where it can be (`graphs.py`: eager CUDA calls), else run;
         into `into` when given and replayed (the caller's buffer, `rows`' size)."""
         if self.graphs is not None and mode == "eager" and self.graphs.serves(rows):
@@ -263,9 +263,11 @@ class CompressedComm:
         return ops.encode_feedback(codec, rows, debt, source=self.rank, out=out)
 
     def _one_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
-                  debt: torch.Tensor | None, mode: str, stream: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the sum, and with `want_own` what this rank's payload decodes to in float32). With a
-        `debt` (pre-norm error feedback), `rows + debt` is sent and the debt updated in place."""
+                  debt: torch.Tensor | None, mode: str, stream: int,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the sum, into `out` when given (not over symmetric memory), and with `want_own` what this
+        rank's payload decodes to in float32). With a `debt` (pre-norm error feedback), `rows + debt`
+        is sent and the debt updated in place."""
         m, hidden = rows.shape
         symm = self._symm_transport() if self._symm_wanted and rows.is_cuda else None
         if symm is not None:  # payloads written into peers' symmetric memory, read where they lie
@@ -285,14 +287,16 @@ class CompressedComm:
         self._encode(kit, codec, rows, payload, debt)
         own = self._own(codec, payload, hidden, self.rank) if want_own else None
         _run("all-reduce (one-shot all-gather)", self.group, transport.gather_fn(mode == "traced"), flat, payload)
-        return kit.decode_sum(gathered), own
+        return kit.decode_sum(gathered, out=out), own
 
     def _two_shot(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, want_own: bool,
-                  debt: torch.Tensor | None, mode: str, stream: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As `_one_shot`; this rank's own share also carries its chunk's requantization error
-        (with `debt`: taken off the debt after the fused encode has settled the rest). Rows that
-        do not split evenly are padded to n equal chunks: the padding rows' payloads (whatever the
-        buffer holds: rows are coded independently) are reduced and decoded, then dropped."""
+                  debt: torch.Tensor | None, mode: str, stream: int,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `_one_shot` (`out` used where the rows split evenly); this rank's own share also
+        carries its chunk's requantization error (with `debt`: taken off the debt after the fused
+        encode has settled the rest). Rows that do not split evenly are padded to n equal chunks:
+        the padding rows' payloads (whatever the buffer holds: rows are coded independently) are
+        reduced and decoded, then dropped."""
         n, (m, hidden) = self.world_size, rows.shape
         chunk = -(-m // n)
         kit = self._kit("two_shot", rows, codec, dtype, mode, stream)
@@ -315,8 +319,9 @@ class CompressedComm:
                 if hi > lo:
                     own[lo:hi] += requant[:hi - lo]
         _run("all-reduce (two-shot all-gather)", self.group, transport.gather_fn(traced), gathered_flat, reduced)
-        out = kit.decode_each(gathered)
-        return (out if chunk * n == m else out[:m]), own
+        if chunk * n == m:
+            return kit.decode_each(gathered, out=out), own
+        return kit.decode_each(gathered)[:m], own
 
     def reduce_scatter(self, x: torch.Tensor, codec: Codec | None, *, feedback: ErrorFeedback | None = None,
                        norm: PostNorm | None = None) -> torch.Tensor:
@@ -344,20 +349,21 @@ class CompressedComm:
         mode, stream = call_mode(x)
         if feedback is None:
             out = self._graphed("reduce_scatter", rows, codec, x.dtype, mode, stream, None,
-                                lambda r, mode, s: self._reduce_scatter(r, codec, x.dtype, None, mode, s))
+                                lambda r, mode, s, out=None: self._reduce_scatter(r, codec, x.dtype, None, mode, s,
+                                                                                  out))
         else:  # feedback (pre-norm here) folds into the encode
             out = self._reduce_scatter(rows, codec, x.dtype, feedback.debt_buffer(rows), mode, stream)
         self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] // n,) + tuple(x.shape[1:]))
 
     def _reduce_scatter(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, debt: torch.Tensor | None,
-                        mode: str, stream: int) -> torch.Tensor:
+                        mode: str, stream: int, out: torch.Tensor | None = None) -> torch.Tensor:
         kit = self._kit("reduce_scatter", rows, codec, dtype, mode, stream)
         payload, received_flat, received = kit.buffers(rows.shape[0], fresh=mode != "eager")
         self._encode(kit, codec, rows, payload, debt)
         _run("reduce-scatter (all-to-all)", self.group, transport.all_to_all_fn(mode == "traced"), received_flat,
              payload)
-        return kit.decode_sum(received)
+        return kit.decode_sum(received, out=out)
 
     def all_gather(self, x: torch.Tensor, codec: Codec) -> torch.Tensor:
         """Concatenation along dim 0 of every rank's `x` (each rank's shard is decoded too, so all
@@ -373,13 +379,14 @@ class CompressedComm:
         rows = _rows(x)
         mode, stream = call_mode(x)
         out = self._graphed("all_gather", rows, codec, x.dtype, mode, stream, None,
-                            lambda r, mode, s: self._all_gather(r, codec, x.dtype, mode, s))
+                            lambda r, mode, s, out=None: self._all_gather(r, codec, x.dtype, mode, s, out))
         self.stats.record_compressed(sent, exact)
         return out.view((x.shape[0] * n,) + tuple(x.shape[1:]))
 
-    def _all_gather(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int) -> torch.Tensor:
+    def _all_gather(self, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         kit = self._kit("all_gather", rows, codec, dtype, mode, stream)
         payload, flat, gathered = kit.buffers(rows.shape[0], fresh=mode != "eager")
         kit.encode(rows, payload)
         _run("all-gather", self.group, transport.gather_fn(mode == "traced"), flat, payload)
-        return kit.decode_each(gathered)
+        return kit.decode_each(gathered, out=out)

@@ -16,7 +16,8 @@ rows of a padded call are the m rows of the unpadded one, bit for bit; the paddi
 whatever the static input held (earlier calls' rows, zeros at first) and are dropped. A codec
 whose rows go through a library GEMM (`Codec.pads_rows_exactly` False: the low-rank codec, whose
 cuBLAS matmul may pick another algorithm for another row count) gets graphs per exact row count.
-A reduce-scatter pads each rank's chunk, so every rank keeps its own rows.
+A reduce-scatter pads each rank's chunk, so every rank keeps its own rows; a two-shot all-reduce
+pads to a multiple of the ranks (equal chunks).
 
 * the first call of a (collective, graph row count) runs eagerly on the padded static input (it
   compiles and loads whatever kernels the row count specializes);
@@ -26,8 +27,9 @@ A reduce-scatter pads each rank's chunk, so every rank keeps its own rows.
 * from then on a call is copy in, replay, copy out (`Graphs.run`), through the views of the
   static buffers set up once per exact call (`_Call`: about 2 us of Python besides the copies).
 
-The result reaches the static output through one more copy inside the graph (GPU time only, hidden
-where the forward is host-bound; the decode kernels do not write into a given buffer yet).
+The collective's last decode writes the static output itself (the decode plans' `out`), so a
+replayed call moves the message's bytes twice more than a stepped one (the copies in and out),
+GPU time that is hidden where the forward is host-bound.
 
 The graphs of one collective (operation, codec value, hidden, dtypes, device, stream) share one
 static input and one static output, sized for the largest graph captured (grown by doubling: a
@@ -71,6 +73,8 @@ MAX_GRAPHS = 1024
 """Captured graphs kept per communicator (least recently used dropped first)."""
 MAX_SEEN = 4096
 """Graph keys remembered as seen once (the oldest forgotten first)."""
+MAX_CALLS = 4096
+"""Exact calls whose set-up (`_Call`) is kept (the oldest dropped first)."""
 
 
 def graph_rows(m: int) -> int:
@@ -90,11 +94,13 @@ def graph_row_counts(max_rows: int) -> list[int]:
 
 def padded_rows(op: str, m: int, n: int, pads: bool) -> int:
     """Rows of the padded call of `op` on m rows at world size n (`pads`: the codec's rows may
-    be padded); a reduce-scatter pads each of its n chunks."""
+    be padded); a reduce-scatter pads each of its n chunks, a two-shot all-reduce to n equal ones."""
     if not pads:
         return m
     if op == "reduce_scatter":
         return n * graph_rows(m // n)
+    if op == "two_shot":  # n equal chunks, so the last decode writes the static output itself
+        return -(-graph_rows(m) // n) * n
     return graph_rows(m)
 
 
@@ -215,11 +221,12 @@ class Graphs:
         return x.device.type == self.capture.device_type and self.max_input >= 0
 
     def run(self, op: str, codec, x: Tensor, out_dtype: torch.dtype, stream: int,
-            body: Callable[[Tensor, str, int], Tensor], into: Tensor | None = None) -> Tensor | None:
-        """`body(rows, mode, stream)` (the collective `op` on `x` [m, hidden], an eager call on
-        `stream`) through the graph of its padded row count, into `into` (an all-reduce's input,
-        when the caller allows) or a new tensor; None where the call must run as it is (the padded
-        input over `max_input`, its buffers over the budget, or a failed capture)."""
+            body: Callable[..., Tensor], into: Tensor | None = None) -> Tensor | None:
+        """`body(rows, mode, stream, out=None)` (the collective `op` on `x` [m, hidden], an eager
+        call on `stream`, into `out` when given) through the graph of its padded row count, into
+        `into` (an all-reduce's input, when the caller allows) or a new tensor; None where the call
+        must run as it is (the padded input over `max_input`, its buffers over the budget, or a
+        failed capture)."""
         ckey = (op, codec, x.shape, x.dtype, out_dtype, x.device, stream)
         call = self._calls.get(ckey)
         if call is None:
@@ -291,7 +298,7 @@ class Graphs:
         return call
 
     def _remember(self, ckey: tuple, call: _Call | None) -> None:
-        if len(self._calls) >= MAX_SEEN:
+        if len(self._calls) >= MAX_CALLS:
             old_key, old = self._calls.popitem(last=False)
             if old is not None:
                 old.statics.calls.discard(old_key)
@@ -334,9 +341,12 @@ class Graphs:
         self.nbytes -= statics.nbytes
 
     def _capture(self, key: tuple, statics: _Statics, inp: Tensor, body: Callable) -> _Graph | None:
+        target = statics.out[:out_rows(key[0][0], inp.shape[0], self.n)]
+
         def work(mode: str, stream: int) -> None:  # the collective, its result into the static output
-            y = body(inp, mode, stream)
-            statics.out[:y.numel() // y.shape[-1]].copy_(y.reshape(-1, y.shape[-1]))
+            y = body(inp, mode, stream, target)
+            if y.data_ptr() != target.data_ptr():  # (a codec whose two-shot rows pad inside the collective)
+                target.copy_(y.reshape(target.shape))
 
         try:
             graph = _Graph(self.capture(work, inp.device, key[0][-1]))

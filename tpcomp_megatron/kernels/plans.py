@@ -193,15 +193,16 @@ def encode_plan(codec, rows: int | None, hidden: int, dtype: torch.dtype, device
 
 def decode_plan(codec, n: int, rows: int | None, row_bytes: int, hidden: int, dtype: torch.dtype, device: torch.device,
                 sources: tuple, mode: str, out_source: int, *, odd: bool, steps: Steps = DIRECT) -> Callable:
-    """`plan(payloads)` for validated contiguous payloads [n, m, row_bytes], m in the row bucket
-    `rows` (None: traced): mode 'sum' -> [m, hidden], 'each' -> [n * m, hidden] (both `dtype`),
-    'encode' -> the requantized sum, a payload of source `out_source` (`odd`: the payloads sit at an
-    odd address)."""
+    """`plan(payloads, out=None)` for validated contiguous payloads [n, m, row_bytes], m in the row
+    bucket `rows` (None: traced): mode 'sum' -> [m, hidden], 'each' -> [n * m, hidden] (both
+    `dtype`), 'encode' -> the requantized sum, a payload of source `out_source`; a new tensor, or
+    `out` (contiguous, that shape and dtype) written (`odd`: the payloads sit at an odd address)."""
     each, encode = mode == "each", mode == "encode"
     out_dtype = torch.uint8 if encode else dtype
     if rows == 0:
         shape = (0, row_bytes) if encode else (0, hidden)
-        return _plan(lambda p: torch.empty(shape, dtype=out_dtype, device=device), steps)
+        return _plan(lambda p, out=None: torch.empty(shape, dtype=out_dtype, device=device) if out is None else out,
+                     steps)
     if isinstance(codec, StaticOutlierCodec):
         t = outlier_tables(codec, device)
         lo, step, start, stride = static_sources(t, sources)  # gathered rows: once, for this plan
@@ -209,8 +210,8 @@ def decode_plan(codec, n: int, rows: int | None, row_bytes: int, hidden: int, dt
                                      tuple(t.window_max), start, stride, mode, source_row(out_source, t.sources),
                                      not odd)
 
-        def static(p):
-            return kernel(p, lo, step, t.lo, t.inv, t.slot, t.chan, t.first)
+        def static(p, out=None):
+            return kernel(p, lo, step, t.lo, t.inv, t.slot, t.chan, t.first, out=out)
         return _plan(static, steps, kernel)
     element, block, scale, data_bytes, slot, first, chan, window_max, slots_off = block_args(codec, hidden, device)
     if isinstance(codec, LowRankCodec):
@@ -226,14 +227,15 @@ def decode_plan(codec, n: int, rows: int | None, row_bytes: int, hidden: int, dt
         requantize = (encode_plan(codec, rows, hidden, torch.float32, device, out_source, feedback=False, odd=False,
                                   steps=steps) if encode else None)
 
-        def low(p):
+        def low(p, out=None):
             coefs = read(p)
             if each:
                 part = torch.cat([lowrank_sum(coefs[i:i + 1], b) for i, b in enumerate(bases)])
             else:
                 part = lowrank_sum(coefs, bases)
-            out = kernel(p, None, part)
-            return out if requantize is None else requantize(out, None)
+            if requantize is None:
+                return kernel(p, None, part, out=out)
+            return requantize(kernel(p, None, part), out)
         return _plan(low, steps, kernel, read, requantize)
     kernel = steps.block_decode(n, rows, hidden, row_bytes, out_dtype, device, element=element, block=block,
                                 scale=scale, data_bytes=data_bytes, window_max=window_max, slots_off=slots_off,

@@ -77,7 +77,8 @@ def direct_block_encode(rows: int, hidden: int, row_bytes: int, dtype: torch.dty
 def direct_block_decode(n: int, rows: int, hidden: int, row_bytes: int, out_dtype: torch.dtype,
                         device: torch.device, *, element: str, block: int, scale: str, data_bytes: int,
                         window_max: tuple, slots_off: int, mode: str, lowrank: bool, even: bool) -> Callable:
-    """`step(payloads, tables, low)` -> a new tensor, for contiguous payloads [n, m, row_bytes], m in
+    """`step(payloads, tables, low, out=None)` -> a new tensor (or `out`, contiguous, of that shape
+    and dtype), for contiguous payloads [n, m, row_bytes], m in
     the row bucket `rows`: mode 'sum' -> [m, hidden], 'each' -> [n * m, hidden] (`out_dtype`),
     'encode' -> the requantized sum [m, row_bytes] (`out_dtype` uint8; not low-rank). `tables`:
     the hybrid's (slot, first, chan); `low`: the low-rank part, float32 [m, hidden] for 'sum',
@@ -85,7 +86,7 @@ def direct_block_decode(n: int, rows: int, hidden: int, row_bytes: int, out_dtyp
     a block codec's whole decode plan (plans.py)."""
     each = mode == "each"
     if rows == 0:
-        def empty(p, tables=None, low=None):
+        def empty(p, tables=None, low=None, out=None):
             return torch.empty(_decode_shape(n, 0, hidden, row_bytes, mode), dtype=out_dtype, device=device)
         empty.launches = ()
         return empty
@@ -95,9 +96,10 @@ def direct_block_decode(n: int, rows: int, hidden: int, row_bytes: int, out_dtyp
                                     window_max=window_max or None, slots_off=slots_off, encode=mode == "encode",
                                     each=each, lowrank=lowrank, even=even)
 
-    def step(p, tables=None, low=None):
+    def step(p, tables=None, low=None, out=None):
         m = p.shape[1]
-        out = torch.empty(_decode_shape(n, m, hidden, row_bytes, mode), dtype=out_dtype, device=device)
+        if out is None:
+            out = torch.empty(_decode_shape(n, m, hidden, row_bytes, mode), dtype=out_dtype, device=device)
         _block.run_decode(launch, n * m if each else m, p, out, tables, low)
         return out
     step.launches = (launch,)
@@ -130,22 +132,23 @@ def direct_static_encode(rows: int, hidden: int, row_bytes: int, k: int, dtype: 
 def direct_static_decode(n: int, rows: int, hidden: int, row_bytes: int, k: int, sources: int, out_dtype: torch.dtype,
                          device: torch.device, window_max: tuple, src_start: int, src_step: int, mode: str,
                          out_row: int, even: bool) -> Callable:
-    """`step(payloads, lo, step, lo_out, inv, slot, chan, first)` -> a new tensor, the static
+    """`step(payloads, lo, step, lo_out, inv, slot, chan, first, out=None)` -> a new tensor (or `out`), the static
     outlier codec's decode of payloads [n, m, row_bytes] (m in the row bucket `rows`; payload i
     uses table row `src_start + i * src_step` of `lo` / `step`, which have `sources` rows; mode as
     `direct_block_decode`, 'encode' to table row `out_row`)."""
     each = mode == "each"
     if rows == 0:
-        def empty(p, lo, step, lo_out, inv, slot, chan, first):
+        def empty(p, lo, step, lo_out, inv, slot, chan, first, out=None):
             return torch.empty(_decode_shape(n, 0, hidden, row_bytes, mode), dtype=out_dtype, device=device)
         empty.launches = ()
         return empty
     launch = _outlier.static_decode_launcher(n, rows, hidden, row_bytes, k, sources, out_dtype, device, window_max,
                                              src_start, src_step, each, out_row, even)
 
-    def step(p, lo, step_, lo_out, inv, slot, chan, first):
+    def step(p, lo, step_, lo_out, inv, slot, chan, first, out=None):
         m = p.shape[1]
-        out = torch.empty(_decode_shape(n, m, hidden, row_bytes, mode), dtype=out_dtype, device=device)
+        if out is None:
+            out = torch.empty(_decode_shape(n, m, hidden, row_bytes, mode), dtype=out_dtype, device=device)
         _outlier.run_static_decode(launch, m, p, out, lo, step_, lo_out, inv, slot, chan, first)
         return out
     step.launches = (launch,)
@@ -285,14 +288,19 @@ def traced_block_encode(rows, hidden: int, row_bytes: int, dtype, device, *, ele
     return step
 
 
+def _into(out: Tensor | None, result: Tensor) -> Tensor:
+    """`result`, or (a traced op allocates its own) copied into `out` when one is given."""
+    return result if out is None else out.copy_(result)
+
+
 def traced_block_decode(n: int, rows, hidden: int, row_bytes: int, out_dtype: torch.dtype, device, *, element: str,
                         block: int, scale: str, data_bytes: int, window_max: tuple, slots_off: int, mode: str,
                         lowrank: bool, even: bool) -> Callable:
     """`direct_block_decode`'s step through `tpcomp::block_decode`."""
-    def step(p, tables=None, low=None):
+    def step(p, tables=None, low=None, out=None):
         slot, first, chan = (None, None, None) if tables is None else tables
-        return torch.ops.tpcomp.block_decode(p, hidden, element, block, scale, data_bytes, slot, first, chan,
-                                             list(window_max), slots_off, mode, out_dtype, low)
+        return _into(out, torch.ops.tpcomp.block_decode(p, hidden, element, block, scale, data_bytes, slot, first,
+                                                        chan, list(window_max), slots_off, mode, out_dtype, low))
     return step
 
 
@@ -308,9 +316,10 @@ def traced_static_decode(n: int, rows, hidden: int, row_bytes: int, k: int, sour
                          device, window_max: tuple, src_start: int, src_step: int, mode: str, out_row: int,
                          even: bool) -> Callable:
     """`direct_static_decode`'s step through `tpcomp::static_decode`."""
-    def step(p, lo, step_, lo_out, inv, slot, chan, first):
-        return torch.ops.tpcomp.static_decode(p, hidden, lo, step_, lo_out, inv, slot, chan, first, list(window_max),
-                                              src_start, src_step, mode, out_row, out_dtype)
+    def step(p, lo, step_, lo_out, inv, slot, chan, first, out=None):
+        return _into(out, torch.ops.tpcomp.static_decode(p, hidden, lo, step_, lo_out, inv, slot, chan, first,
+                                                         list(window_max), src_start, src_step, mode, out_row,
+                                                         out_dtype))
     return step
 
 

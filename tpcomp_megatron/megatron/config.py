@@ -77,9 +77,10 @@ class CompressionConfig:
     None: probe on NCCL groups when the gate decides by size (no `min_bytes`, no 'seed' table);
     True: also elsewhere (gloo); False: never (the seed thresholds)."""
     cuda_graphs: bool = True
-    """Eager CUDA collectives replay a CUDA graph of themselves from the second call of a shape on
-    (comm/graphs.py: a prefill's layers share one; same kernels, same result); False: every call
-    launches its kernels and process-group calls."""
+    """Eager CUDA collectives replay a CUDA graph of themselves, one per padded row count, from its
+    second call on, or from start-up with `CompressionHandle.capture_graphs` (comm/graphs.py: a
+    prefill's layers and nearby prompt lengths share one; same kernels, same result); False:
+    every call launches its kernels and process-group calls."""
     reduce_spec: object = field(init=False, repr=False, compare=False)
     override_specs: tuple = field(init=False, repr=False, compare=False)
     gather_codec_spec: object = field(init=False, repr=False, compare=False)
