@@ -8,7 +8,7 @@ import torch
 
 from graph_cases import OPS, call, padded_call
 from tpcomp_megatron.comm import CompressedComm, GatePolicy
-from tpcomp_megatron.comm.graphs import EXACT_ROWS, GRAPH_STEPS, graph_rows, padded_rows
+from tpcomp_megatron.comm.graphs import EXACT_ROWS, GRAPH_STEPS, graph_row_counts, graph_rows, padded_rows
 from tpcomp_megatron.testing import run_ranks
 from test_collectives import _codec, _inputs
 
@@ -180,11 +180,40 @@ def test_start_up_capture_serves_every_later_prompt_length():
         handle = apply_tp_compression(model, CompressionConfig(spec="fp4_e2m1/b32/e6m2", min_bytes=0))
         assert handle.capture_graphs(64) == 0, "no CUDA graphs on the CPU"
         handle.comm.graphs = graphs = Graphs(2, capture=EagerReplay())
-        assert handle.capture_graphs(64) == len(graph_row_counts(64)) == graphs.captured == len(graphs._graphs)
+        count = len(graph_row_counts("one_shot", 64, 2))  # one-shot: the all-reduce at 2 ranks
+        assert handle.capture_graphs(64) == count == graphs.captured == len(graphs._graphs)
         assert handle.stats.calls_compressed == 0
         replays = graphs.replays
         for (t, p), w in zip(prompts, want):
             assert torch.equal(model(t, p, attention_mask=None), w)
-        assert graphs.captured == len(graph_row_counts(64)), "a length never seen captured a graph"
+        assert graphs.captured == count, "a length never seen captured a graph"
         assert graphs.replays - replays == 2 * 2 * len(lengths) == handle.stats.calls_compressed
         handle.remove()
+
+
+def test_capture_graphs_for_every_operation():
+    """`CompressedComm.capture_graphs` for the all-reduce, the reduce-scatter (rows per rank's
+    chunk) and the all-gather (mirror group of 4, graphs replayed eagerly): later calls of any
+    length up to the maximum capture nothing and equal the stepped calls; an unknown operation is
+    refused by name."""
+    from tpcomp_megatron.testing.onerank import mirror_group
+
+    with mirror_group(4):
+        policy = GatePolicy(min_bytes=0, link="cpu")
+        codec = _codec("fp4_e2m1/b32/e6m2", 4, 0, (4, 16, 32))
+        graphed, stepped = _graphed_comm(policy), CompressedComm(policy=policy)
+        with pytest.raises(ValueError, match="unknown collective 'all_to_all'.*all_gather"):
+            graphed.capture_graphs("all_to_all", codec, 32, torch.bfloat16, torch.device("cpu"), 64)
+        counts = {"two_shot" if op == "all_reduce" else op:  # two-shot: the all-reduce at 4 ranks
+                  graphed.capture_graphs(op, codec, 32, torch.bfloat16, torch.device("cpu"), 96)
+                  for op in ("all_reduce", "reduce_scatter", "all_gather")}
+        assert counts == {op: len(graph_row_counts(op, 96, 4)) for op in ("two_shot", "reduce_scatter", "all_gather")}
+        assert graphed.graphs.captured == sum(counts.values()) == len(graphed.graphs._graphs)
+        assert graphed.stats.calls_compressed == 0
+        captured, gen = graphed.graphs.captured, torch.Generator().manual_seed(5)
+        for m in (96, 71, 40, 9, 1):
+            x = torch.randn(4 * m, 32, generator=gen).to(torch.bfloat16)
+            for op in ("two_shot", "reduce_scatter", "all_gather"):
+                r = x[:4 * min(m, 24)] if op == "reduce_scatter" else x[:m]
+                assert _same(call(graphed, op, codec, r), call(stepped, op, codec, r)), (m, op)
+        assert graphed.graphs.captured == captured

@@ -45,7 +45,7 @@ from .gate.links import symm_mem_available
 from . import transport
 from .reduce import reduce_payloads
 from .engine import BUDGET_BYTES, Kits, call_mode
-from .graphs import Graphs, graph_row_counts
+from .graphs import Graphs, graph_row_counts, padded_rows
 from .stats import CommStats
 from .transport import CollectiveError, ring_bytes as _ring_bytes, run as _run
 
@@ -206,9 +206,9 @@ class CompressedComm:
 
     def _graphed(self, op: str, rows: torch.Tensor, codec: Codec, dtype: torch.dtype, mode: str, stream: int,
                  into: torch.Tensor | None, body) -> torch.Tensor:
-        """`body(rows, mode, stream, out=None)` (a collective without error feedback), replayed from the CUDA
-        graph of its padded row count where it can be (`graphs.py`: eager CUDA calls), else run;
-        into `into` when given and replayed (the caller's buffer, `rows`' size)."""
+        """`body(rows, mode, stream, out=None)` (a collective without error feedback), replayed from
+        the CUDA graph of its padded row count where it can be (`graphs.py`: eager CUDA calls), else
+        run; into `into` when given and replayed (the caller's buffer, `rows`' size)."""
         if self.graphs is not None and mode == "eager" and self.graphs.serves(rows):
             out = self.graphs.run(op, codec, rows, dtype, stream, body, into)
             if out is not None:
@@ -220,31 +220,26 @@ class CompressedComm:
         """Capture now the CUDA graphs of `op` ('all_reduce', 'reduce_scatter', 'all_gather') with
         `codec` on `hidden`-wide `dtype` rows, for every graph row count up to `max_rows` input
         rows (a reduce-scatter's whole input; an all-gather's shard), as a server's start-up does,
-        so no request pays a capture; returns how many were captured (0 without graphs, or on the CPU). Largest
-        first, so the static buffers are sized once. Collective: every rank calls it alike (the
-        calls run the collective on zeros); the counters are left as they were."""
+        so no request pays a capture; returns how many were captured (0 without graphs, on the CPU,
+        or for a codec not padded). Largest first, so the static buffers are sized once. Collective: every rank calls it
+        alike (the calls run the collective on zeros); the counters are left as they were."""
+        calls = {"all_reduce": self.all_reduce, "reduce_scatter": self.reduce_scatter, "all_gather": self.all_gather}
+        if op not in calls:
+            raise ValueError(f"unknown collective {op!r}; valid: {sorted(calls)}")
         graphs = self.graphs
-        probe = torch.empty(0, device=device)
-        if graphs is None or self.world_size == 1 or not graphs.serves(probe):
-            return 0
-        n, before, stats = self.world_size, graphs.captured, self.stats
+        if (graphs is None or self.world_size == 1 or not codec.pads_rows_exactly
+                or not graphs.serves(torch.empty(0, device=device))):
+            return 0  # (a codec whose graphs are per exact row count captures as it goes)
+        before, stats = graphs.captured, self.stats
         self.stats = CommStats()
         try:
-            chunked = op == "reduce_scatter"  # its graphs are per rank's chunk
-            for rows in graph_row_counts(max_rows // n if chunked else max_rows):
-                if (n if chunked else 1) * rows * hidden * dtype.itemsize > graphs.max_input:
+            kind = self._algorithm if op == "all_reduce" else op  # as `graphs.py` names them
+            for rows in graph_row_counts(kind, max_rows, self.world_size):
+                if padded_rows(kind, rows, self.world_size, True) * hidden * dtype.itemsize > graphs.max_input:
                     continue  # stays stepped
-                x = torch.zeros((n * rows if op == "reduce_scatter" else rows, hidden), dtype=dtype, device=device)
+                x = torch.zeros((rows, hidden), dtype=dtype, device=device)
                 for _ in range(2):  # the first sight, then the capture
-                    if op == "all_reduce":
-                        self.all_reduce(x, codec)
-                    elif op == "reduce_scatter":
-                        self.reduce_scatter(x, codec)
-                    elif op == "all_gather":
-                        self.all_gather(x, codec)
-                    else:
-                        raise ValueError(f"unknown collective {op!r}; valid: 'all_reduce', 'reduce_scatter', "
-                                         "'all_gather'")
+                    calls[op](x, codec)
         finally:
             self.stats = stats
         return graphs.captured - before

@@ -87,9 +87,15 @@ def graph_rows(m: int) -> int:
     return -(-m // step) * step
 
 
-def graph_row_counts(max_rows: int) -> list[int]:
-    """Every graph row count of 1 to `max_rows` rows (`graph_rows`), largest first."""
-    return sorted({graph_rows(m) for m in range(1, max_rows + 1)}, reverse=True)
+def graph_row_counts(op: str, max_rows: int, n: int) -> list[int]:
+    """One row count per graph of `op`'s calls on 1 to `max_rows` rows at world size n (a
+    reduce-scatter's: multiples of n): the largest that pads to each padded row count
+    (`padded_rows`), largest first."""
+    step = n if op == "reduce_scatter" else 1
+    largest = {}
+    for m in range(step, max_rows + 1, step):
+        largest[padded_rows(op, m, n, True)] = m
+    return sorted(largest.values(), reverse=True)
 
 
 def padded_rows(op: str, m: int, n: int, pads: bool) -> int:
