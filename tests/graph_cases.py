@@ -19,6 +19,16 @@ def call(comm, op: str, codec, x: torch.Tensor) -> torch.Tensor:
     return comm.all_gather(x, codec)
 
 
+def every_op(comm, codec, x: torch.Tensor) -> list[torch.Tensor]:
+    """`x` through one-shot and two-shot all-reduce, all-gather and, where its rows split evenly
+    over the ranks, reduce-scatter (the results in that order)."""
+    out = [comm.all_reduce(x, codec, algorithm="one_shot"), comm.all_reduce(x, codec, algorithm="two_shot"),
+           comm.all_gather(x, codec)]
+    if x.shape[0] % comm.world_size == 0:
+        out.append(comm.reduce_scatter(x, codec))
+    return out
+
+
 def padded_call(comm, op: str, codec, x: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """`op` on `x` through a padded input whose extra rows hold `fill`'s (as a graph's static
     input holds earlier calls' rows), the result cut back to `x`'s rows (`graphs.unpad`)."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from interpreted import K, gen_for as _gen, quiet_numpy  # noqa: F401 (quiet_numpy: an autouse fixture)
+from graph_cases import OPS, call as call_op, every_op, padded_call
 from kernel_cases import (feedback_debt, hard_input, lowrank_bases, lowrank_input, outlier_input,
                           outlier_params, same)
 
@@ -107,13 +108,7 @@ def test_collectives_through_kits_match_the_reference(monkeypatch, world):
                   make_codec("outlier_int4/k32", params),
                   make_codec("lowrank+fp4_e2m1/b32/e6m2/r4", lowrank_bases(hidden, world, 4, gen))]
         policy = GatePolicy(min_bytes=0, link="cpu")
-
-        def results(comm, codec, x):
-            out = [comm.all_reduce(x, codec, algorithm="one_shot"), comm.all_reduce(x, codec, algorithm="two_shot"),
-                   comm.all_gather(x, codec)]
-            if x.shape[0] % world == 0:
-                out.append(comm.reduce_scatter(x, codec))
-            return out
+        results = every_op
 
         reference = CompressedComm(policy=policy)  # reference codecs (ops' CPU dispatch)
         for codec in codecs:
@@ -141,7 +136,6 @@ def test_padded_calls_through_kits_equal_unpadded(monkeypatch, world):
     counts padded by a few rows (37 -> 38, 45 -> 46, 70 -> 72). Not the two-shot all-reduce: the
     mirror group hands this rank its own reduced chunk for every peer's, so its output depends on
     where the chunks split (test_graphs.py checks it on real gloo ranks)."""
-    from graph_cases import OPS, call, padded_call
     from tpcomp_megatron import ops
     from tpcomp_megatron.comm import CompressedComm, GatePolicy
     from tpcomp_megatron.testing.onerank import mirror_group
@@ -159,7 +153,7 @@ def test_padded_calls_through_kits_equal_unpadded(monkeypatch, world):
                 x = (torch.randn(rows * world, hidden, generator=gen) * rows).to(torch.bfloat16)
                 for op in (op for op in OPS if op != "two_shot"):
                     r = x if op == "reduce_scatter" else x[:rows]
-                    want = call(comm, op, codec, r)
+                    want = call_op(comm, op, codec, r)
                     assert same(padded_call(comm, op, codec, r, fill), want.reshape(-1, hidden)), (codec.spec, rows, op)
 
 

@@ -321,15 +321,9 @@ def test_collectives_through_kits_cuda(world):
     after call with fresh inputs and row counts that change within a bucket or split unevenly,
     on the default stream and a side stream; a CUDA graph captured around the same calls (buffers
     from the graph's pool) replays those bytes. One GPU, the mirror process group."""
+    from graph_cases import every_op as results
     from tpcomp_megatron.comm import CompressedComm, GatePolicy
     from tpcomp_megatron.testing.onerank import mirror_group
-
-    def results(comm, codec, x):
-        out = [comm.all_reduce(x, codec, algorithm="one_shot"), comm.all_reduce(x, codec, algorithm="two_shot"),
-               comm.all_gather(x, codec)]
-        if x.shape[0] % world == 0:
-            out.append(comm.reduce_scatter(x, codec))
-        return out
 
     with mirror_group(world):
         gen = _gen("kits", world)
