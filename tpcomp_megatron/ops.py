@@ -27,6 +27,10 @@ def _kernels():
     return kernels
 
 
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
+
+
 def _use_kernels(t: torch.Tensor):
     if not t.is_cuda:
         return None
@@ -58,12 +62,13 @@ def encode_feedback(codec: Codec, x: torch.Tensor, debt: torch.Tensor, *, source
 
 
 def decode_sum(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
-               dtype: torch.dtype) -> torch.Tensor:
-    """`[n, rows, row_bytes]` -> `[rows, hidden]` sum in float32, returned in `dtype`."""
+               dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`[n, rows, row_bytes]` -> `[rows, hidden]` sum in float32, returned in `dtype` (copied into
+    `out` when given)."""
     k = _use_kernels(payloads)
     if k is not None:
-        return k.decode_sum(codec, payloads, hidden, sources=sources, dtype=dtype)
-    return codec.decode_sum(payloads, hidden, sources, dtype=dtype)
+        return _into(out, k.decode_sum(codec, payloads, hidden, sources=sources, dtype=dtype))
+    return _into(out, codec.decode_sum(payloads, hidden, sources, dtype=dtype))
 
 
 def decode_sum_list(codec: Codec, payloads: Sequence[torch.Tensor], hidden: int, *,
@@ -76,22 +81,23 @@ def decode_sum_list(codec: Codec, payloads: Sequence[torch.Tensor], hidden: int,
 
 
 def decode_sum_encode(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
-                      out_source: int) -> torch.Tensor:
-    """Sum n payloads in float32 and requantize the sum (no rounding to bf16 in between)."""
+                      out_source: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum n payloads in float32 and requantize the sum (no rounding to bf16 in between; copied
+    into `out` when given)."""
     k = _use_kernels(payloads)
     if k is not None:
-        return k.decode_sum_encode(codec, payloads, hidden, sources=sources, out_source=out_source)
-    return codec.encode(codec.decode_sum_f32(payloads, hidden, sources), source=out_source)
+        return _into(out, k.decode_sum_encode(codec, payloads, hidden, sources=sources, out_source=out_source))
+    return _into(out, codec.encode(codec.decode_sum_f32(payloads, hidden, sources), source=out_source))
 
 
 def decode_each(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources: Sequence[int],
-                dtype: torch.dtype) -> torch.Tensor:
-    """`[n, rows, row_bytes]` -> `[n * rows, hidden]`: each payload decoded, concatenated."""
+                dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`[n, rows, row_bytes]` -> `[n * rows, hidden]`: each payload decoded, concatenated (copied
+    into `out` when given)."""
     k = _use_kernels(payloads)
     if k is not None:
-        return k.decode_each(codec, payloads, hidden, sources=sources, dtype=dtype)
-    n, rows, rb = payloads.shape
-    return torch.cat([codec.decode(p, hidden, source=s, dtype=dtype) for p, s in zip(payloads, sources)])
+        return _into(out, k.decode_each(codec, payloads, hidden, sources=sources, dtype=dtype))
+    return _into(out, torch.cat([codec.decode(p, hidden, source=s, dtype=dtype) for p, s in zip(payloads, sources)]))
 
 
 # -- prepared operations: set up once for tensors of one shape, then called again and again ------
@@ -127,11 +133,7 @@ def prepare_decode(codec: Codec, payloads: torch.Tensor, hidden: int, *, sources
         return k.prepare_decode(codec, payloads, hidden, sources=sources, dtype=dtype, mode=mode,
                                 out_source=out_source)
     if mode == "encode":
-        return lambda p, out=None: _into(out, decode_sum_encode(codec, p, hidden, sources=sources,
-                                                                out_source=out_source))
+        return lambda p, out=None: decode_sum_encode(codec, p, hidden, sources=sources, out_source=out_source,
+                                                     out=out)
     fn = _DECODES[mode]
-    return lambda p, out=None: _into(out, fn(codec, p, hidden, sources=sources, dtype=dtype))
-
-
-def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
-    return result if out is None else out.copy_(result)
+    return lambda p, out=None: fn(codec, p, hidden, sources=sources, dtype=dtype, out=out)

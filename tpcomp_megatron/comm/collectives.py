@@ -209,7 +209,7 @@ class CompressedComm:
         """`body(rows, mode, stream, out=None)` (a collective without error feedback), replayed from
         the CUDA graph of its padded row count where it can be (`graphs.py`: eager CUDA calls), else
         run; into `into` when given and replayed (the caller's buffer, `rows`' size)."""
-        if self.graphs is not None and mode == "eager" and self.graphs.serves(rows):
+        if self.graphs is not None and mode == "eager" and self.graphs.serves(rows.device):
             out = self.graphs.run(op, codec, rows, dtype, stream, body, into)
             if out is not None:
                 return out
@@ -227,8 +227,7 @@ class CompressedComm:
         if op not in calls:
             raise ValueError(f"unknown collective {op!r}; valid: {sorted(calls)}")
         graphs = self.graphs
-        if (graphs is None or self.world_size == 1 or not codec.pads_rows_exactly
-                or not graphs.serves(torch.empty(0, device=device))):
+        if graphs is None or self.world_size == 1 or not codec.pads_rows_exactly or not graphs.serves(device):
             return 0  # (a codec whose graphs are per exact row count captures as it goes)
         before, stats = graphs.captured, self.stats
         self.stats = CommStats()

@@ -66,10 +66,6 @@ def _layout(op: str, n: int, m: int) -> tuple[int, tuple]:
     return m // n, (m, m)  # reduce_scatter: own, received
 
 
-def _into(out: Tensor | None, result: Tensor) -> Tensor:
-    return result if out is None else out.copy_(result)
-
-
 class Kit:
     """The set-up state of one collective for one (codec value, hidden, dtypes, device, stream,
     row bucket): prepared codec steps and payload buffers (see the module docstring)."""
@@ -87,10 +83,10 @@ class Kit:
         each_sources = _sources(n, REDUCED) if op == "two_shot" else _sources(n)
         if traced:  # the traced custom ops (torch.compile)
             self.encode = lambda x, out: ops.encode(codec, x, source=rank, out=out)
-            self.decode_sum = lambda p, out=None: _into(out, ops.decode_sum(codec, p, hidden, sources=_sources(n),
-                                                                            dtype=out_dtype))
-            self.decode_each = lambda p, out=None: _into(out, ops.decode_each(codec, p, hidden, sources=each_sources,
-                                                                              dtype=out_dtype))
+            self.decode_sum = lambda p, out=None: ops.decode_sum(codec, p, hidden, sources=_sources(n),
+                                                                 dtype=out_dtype, out=out)
+            self.decode_each = lambda p, out=None: ops.decode_each(codec, p, hidden, sources=each_sources,
+                                                                   dtype=out_dtype, out=out)
             self.reduce = lambda p: ops.decode_sum_encode(codec, p, hidden, sources=_sources(n), out_source=REDUCED)
             return
         # Plans for the bucket's largest tensors (index width), from stand-ins of its shape that

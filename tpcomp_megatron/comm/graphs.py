@@ -222,9 +222,9 @@ class Graphs:
         self.captured = 0  # graphs captured so far
         self.replays = 0
 
-    def serves(self, x: Tensor) -> bool:
-        """Whether calls on `x` (eager) may go through graphs."""
-        return x.device.type == self.capture.device_type and self.max_input >= 0
+    def serves(self, device: torch.device) -> bool:
+        """Whether eager calls on `device` may go through graphs."""
+        return device.type == self.capture.device_type and self.max_input >= 0
 
     def run(self, op: str, codec, x: Tensor, out_dtype: torch.dtype, stream: int,
             body: Callable[..., Tensor], into: Tensor | None = None) -> Tensor | None:
@@ -241,27 +241,22 @@ class Graphs:
             call = self._call(ckey, x, out_dtype)
             if call is None:
                 return None
-        graph = call.graph
-        if graph is not None and graph.live:  # the hot path: copy in, replay, copy out
-            self._graphs.move_to_end(call.key)
-            call.dst.copy_(x if call.chunks is None else x.view(call.chunks))
-            graph.graph.replay()
-            self.replays += 1
-            return self._take(op, call.src, into)
         call.dst.copy_(x if call.chunks is None else x.view(call.chunks))
-        inp = call.statics.inp[:call.key[1]]
-        graph = self._graphs.get(call.key)
-        if graph is None:
-            if call.key not in self._seen:  # first sight: eagerly, on the padded input (compiles its kernels)
-                if len(self._seen) >= MAX_SEEN:
-                    self._seen.popitem(last=False)
-                self._seen[call.key] = True
-                return unpad(op, body(inp, "eager", stream), x.shape[0], self.n, into)
-            del self._seen[call.key]
-            graph = self._capture(call.key, call.statics, inp, body)
+        graph = call.graph
+        if graph is None or not graph.live:  # (the hot path skips this: copy in, replay, copy out)
+            graph = self._graphs.get(call.key)
             if graph is None:
-                return unpad(op, body(inp, "eager", stream), x.shape[0], self.n, into)
-        call.graph = graph
+                inp = call.statics.inp[:call.key[1]]
+                if call.key not in self._seen:  # first sight: eagerly, on the padded input (compiles its kernels)
+                    if len(self._seen) >= MAX_SEEN:
+                        self._seen.popitem(last=False)
+                    self._seen[call.key] = True
+                    return unpad(op, body(inp, "eager", stream), x.shape[0], self.n, into)
+                del self._seen[call.key]
+                graph = self._capture(call.key, call.statics, inp, body)
+                if graph is None:
+                    return unpad(op, body(inp, "eager", stream), x.shape[0], self.n, into)
+            call.graph = graph
         self._graphs.move_to_end(call.key)
         graph.graph.replay()
         self.replays += 1
